@@ -1,0 +1,368 @@
+"""Datasets on preprocessed arrays: overlapping patch pairs with exact voxel correspondences
+(pretraining, Sec. 2.1-2.2), labelled patches and sliding-window inference (downstream, Sec. 3.2).
+
+Reads the folder written by preprocess.py (layout in its docstring; every array is (X, Y, Z) in
+canonical RAS voxel order, opened with np.load(mmap_mode="r") so only the touched region is read):
+    DATA_DIR/dataset.json, DATA_DIR/cases/<id>/{image.npy, body.npy, label.npy, meta.json}
+
+Shape notation: volumes (B, C, X, Y, Z), a single volume (X, Y, Z), voxel coordinates (N, 3) =
+(x, y, z) in one patch's frame, or (N, 4) = (pair index in the batch, x, y, z) after collation.
+
+Pairs (Sec. 2.1-2.2, vox2vec): pick an anchor body voxel, crop two patches that both contain it
+(pure shifts, no spatial transform), sample n voxels that lie in the body and in both crops. A
+positive pair is the same volume voxel seen at coords_a in patch A and coords_b in patch B. The
+reference does this bookkeeping over every body voxel of the scan (~4 s per batch); here only the
+body mask inside the crops' intersection box is read, so the cost scales with the patch.
+Augmentation is left to augment.py (batched on the training device): items are un-augmented.
+
+Determinism: item i of a dataset draws everything from np.random.default_rng([seed, i]). A worker
+process therefore produces the same item whoever runs it, so batches do not depend on the number
+of DataLoader workers, and no worker_init_fn is needed to avoid workers sharing one random state.
+
+Run `python data.py --data DIR` to print the dataset summary and the time per pair (expect a few
+ms per 128x128x32 pair with 1024 voxels on a CPU core).
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1              # must match preprocess.FORMAT_VERSION (not imported: stays standalone)
+ANCHOR_TRIES = 200              # rejection-sampling draws before the argwhere fallback
+ANCHOR_STRIDE = 4               # subsampling of the body mask for the fallback (1/64 of the voxels)
+OVERLAP_RETRIES = 10            # new crops tried when the overlap has < num_voxels body voxels
+MAX_CLASS_VOXELS = 10_000       # per-class voxel coordinates cached for foreground oversampling
+WEIGHT_FLOOR = 1e-3             # min Gaussian weight (of max 1) so border voxels still count
+
+
+# ------------------------------------------------------------------------ the data folder
+def load_dataset_json(data_dir):
+    """Read and validate DATA_DIR/dataset.json; ValueError naming the path and the fix."""
+    data_dir = Path(data_dir)
+    path = data_dir / "dataset.json"
+    if not data_dir.is_dir():
+        raise ValueError(f"{data_dir}: no such data folder; create it with preprocess.py")
+    if not path.is_file():
+        raise ValueError(f"{path}: missing (an unfinished or foreign folder); run preprocess.py on it")
+    with open(path) as f:
+        info = json.load(f)
+    version = info.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version}, this code reads {FORMAT_VERSION}; "
+                         "re-run preprocess.py")
+    if not info.get("cases"):
+        raise ValueError(f"{path}: lists no cases; re-run preprocess.py on a folder with scans")
+    return info
+
+
+def list_cases(data_dir, labelled=None, split=None):
+    """Case ids in dataset.json order, optionally only (un)labelled ones or one split."""
+    if split not in (None, "train", "test", "unlabelled"):
+        raise ValueError(f"split must be 'train', 'test', 'unlabelled' or None, got {split!r}")
+    return [c["id"] for c in load_dataset_json(data_dir)["cases"]
+            if (labelled is None or c["labelled"] == labelled) and (split is None or c["split"] == split)]
+
+
+def load_case(data_dir, case_id):
+    """dict(image memmap float16 (X,Y,Z), body memmap bool, label memmap uint8 or None, meta)."""
+    case_dir = Path(data_dir) / "cases" / str(case_id)
+    if not (case_dir / "meta.json").is_file():  # meta.json is written last: absent = incomplete
+        raise ValueError(f"{case_dir}: case {case_id!r} not found or incomplete; "
+                         f"list_cases({str(data_dir)!r}) gives the ids, re-run preprocess.py to finish it")
+    with open(case_dir / "meta.json") as f:
+        meta = json.load(f)
+    image = np.load(case_dir / "image.npy", mmap_mode="r")
+    body = np.load(case_dir / "body.npy", mmap_mode="r")
+    label = np.load(case_dir / "label.npy", mmap_mode="r") if (case_dir / "label.npy").is_file() else None
+    for name, a in (("body", body), ("label", label)):
+        if a is not None and a.shape != image.shape:
+            raise ValueError(f"{case_dir}/{name}.npy: shape {a.shape} != image {image.shape}; re-run preprocess.py")
+    return dict(image=image, body=body, label=label, meta=meta)
+
+
+def check_case_ids(data_dir, case_ids, labelled=None):
+    """Validate user-given case ids against dataset.json (all cases of that kind if None)."""
+    known = list_cases(data_dir, labelled=labelled)
+    case_ids = known if case_ids is None else list(case_ids)
+    missing = [c for c in case_ids if c not in set(known)]
+    if missing or not case_ids:
+        kind = "labelled " if labelled else ""
+        raise ValueError(f"{Path(data_dir) / 'dataset.json'}: no {kind}case(s) {missing or ''}; "
+                         "pick ids from list_cases(data_dir)")
+    return case_ids
+
+
+# ------------------------------------------------------------------------ patches
+def read_patch(array, start, size, fill=0):
+    """array[start : start + size] of a (X,Y,Z) array/memmap, `fill` outside the volume.
+
+    start may be negative or run past the end. Only the in-volume part is sliced (a memmap reads
+    just those pages) and copied into a new array of shape `size`."""
+    start, size, shape = np.asarray(start, np.int64), np.asarray(size, np.int64), np.asarray(array.shape)
+    lo, hi = np.maximum(start, 0), np.minimum(start + size, shape)
+    out = np.full(tuple(size), fill, dtype=array.dtype)
+    if np.all(hi > lo):
+        src = tuple(slice(a, b) for a, b in zip(lo, hi))
+        dst = tuple(slice(a, b) for a, b in zip(lo - start, hi - start))
+        out[dst] = np.asarray(array[src])
+    return out
+
+
+def start_range(center, dim, patch):
+    """Inclusive (lo, hi) of patch starts along one axis that contain voxel `center` and stay in
+    the volume; when the volume is shorter than the patch, the patch covers the whole axis and
+    the start is negative (zero padding)."""
+    lo = np.maximum(center - patch + 1, np.minimum(0, dim - patch))
+    hi = np.minimum(center, np.maximum(0, dim - patch))
+    return lo, hi
+
+
+def sample_anchor(body, rng):
+    """A random body voxel (3,) int64: rejection sampling touches a few voxels of the memmap
+    (uniform over the body); if the body is sparse, fall back to np.argwhere on a strided
+    subsample (uniform over the subsample), then on the whole mask."""
+    shape = np.asarray(body.shape)
+    for _ in range(ANCHOR_TRIES):
+        v = rng.integers(0, shape)
+        if body[tuple(v)]:
+            return v.astype(np.int64)
+    s = ANCHOR_STRIDE
+    for stride in (s, 1):
+        found = np.argwhere(np.asarray(body[::stride, ::stride, ::stride]))  # (M, 3)
+        if len(found):
+            return found[rng.integers(len(found))].astype(np.int64) * stride
+    raise ValueError("sample_pair: the body mask has no voxel; check body.npy (re-run preprocess.py)")
+
+
+def sample_pair(image, body, patch_size, num_voxels, rng):
+    """Two overlapping patches of one volume and up to num_voxels positive voxel pairs (Sec. 2.2).
+
+    image (X,Y,Z) float array/memmap, body (X,Y,Z) bool. Returns dict with patch_a, patch_b
+    float32 `patch_size`; coords_a, coords_b int64 (n, 3) in each patch's frame; start_a, start_b
+    int64 (3,): voxel c of patch_a is image[start_a + c], and row k of coords_a and coords_b is
+    the same volume voxel. 1 <= n <= num_voxels: if after OVERLAP_RETRIES new crops the overlap
+    holds fewer body voxels, all of them are used (once each: a duplicate would be a negative of
+    itself in InfoNCE); the anchor guarantees n >= 1."""
+    patch, shape = np.asarray(patch_size, np.int64), np.asarray(image.shape, np.int64)
+    if image.shape != body.shape or patch.shape != (3,):
+        raise ValueError(f"sample_pair: image {image.shape}, body {body.shape}, patch {tuple(patch)}")
+    best = None
+    for _ in range(OVERLAP_RETRIES):
+        anchor = sample_anchor(body, rng)
+        lo, hi = start_range(anchor, shape, patch)
+        start_a, start_b = rng.integers(lo, hi + 1), rng.integers(lo, hi + 1)  # (3,) each
+        # Intersection of both crops and the volume; contains the anchor, so never empty.
+        box_lo = np.maximum(np.maximum(start_a, start_b), 0)
+        box_hi = np.minimum(np.minimum(start_a, start_b) + patch, shape)
+        box = np.asarray(body[tuple(slice(a, b) for a, b in zip(box_lo, box_hi))])  # (hx, hy, hz)
+        flat = np.flatnonzero(box)  # body voxels of the overlap, raveled in the box
+        if best is None or len(flat) > len(best[-1]):
+            best = (start_a, start_b, box_lo, box.shape, flat)
+        if len(flat) >= num_voxels:
+            break
+    start_a, start_b, box_lo, box_shape, flat = best
+    assert len(flat) >= 1, "the anchor lies in the overlap"
+    pick = (rng.choice(len(flat), num_voxels, replace=False) if len(flat) > num_voxels
+            else rng.permutation(len(flat)))
+    voxels = np.stack(np.unravel_index(flat[pick], box_shape), 1) + box_lo  # (n, 3) volume frame
+    return dict(patch_a=read_patch(image, start_a, patch).astype(np.float32),
+                patch_b=read_patch(image, start_b, patch).astype(np.float32),
+                coords_a=voxels - start_a, coords_b=voxels - start_b,
+                start_a=start_a.astype(np.int64), start_b=start_b.astype(np.int64))
+
+
+class CaseDataset(torch.utils.data.Dataset):
+    """Base of the map-style datasets below: `length` items, item i from case_ids[i % num_cases]
+    (every case equally often; shuffle in the DataLoader), cases opened lazily in each worker."""
+
+    def __init__(self, data_dir, case_ids, length, seed, labelled=None):
+        self.data_dir, self.length, self.seed = Path(data_dir), length, seed
+        self.case_ids = check_case_ids(data_dir, case_ids, labelled)
+        self.cases = {}  # case id -> load_case() dict
+
+    def __getstate__(self):  # a pickled memmap becomes a full in-memory copy: reopen in the worker
+        return {**self.__dict__, "cases": {}}
+
+    def case(self, case_id):
+        if case_id not in self.cases:
+            self.cases[case_id] = load_case(self.data_dir, case_id)
+        return self.cases[case_id]
+
+    def __len__(self):
+        return self.length
+
+
+class PairDataset(CaseDataset):
+    """Pretraining pairs. Item i is a list of pairs_per_volume sample_pair dicts (plus case_id)
+    from case case_ids[i % num_cases], drawn with np.random.default_rng([seed, i]).
+
+    The paper's batch is 10 pairs (Sec. 3): the reference takes them from one volume
+    (pairs_per_volume=10, loader batch 1); pairs_per_volume=1 with loader batch 10 mixes volumes.
+    Set length >= steps * batch so no item is revisited (a revisited item is the same crop)."""
+
+    def __init__(self, data_dir, patch_size=(128, 128, 32), num_voxels=1024, pairs_per_volume=1,
+                 length=100_000, seed=0, case_ids=None):
+        super().__init__(data_dir, case_ids, length, seed)
+        self.patch_size, self.num_voxels, self.pairs_per_volume = tuple(patch_size), num_voxels, pairs_per_volume
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, i])
+        case_id = self.case_ids[i % len(self.case_ids)]
+        c = self.case(case_id)
+        try:
+            return [dict(sample_pair(c["image"], c["body"], self.patch_size, self.num_voxels, rng),
+                         case_id=case_id) for _ in range(self.pairs_per_volume)]
+        except ValueError as e:
+            raise ValueError(f"{self.data_dir / 'cases' / case_id}: {e}") from e
+
+
+def collate_pairs(items):
+    """Flatten items (pair dicts or lists of them) into one batch of B pairs: patches_a,
+    patches_b (B,1,X,Y,Z) float32; coords_a, coords_b (N,4) int64 = (pair index, x, y, z) with
+    N = total voxels over pairs (counts may differ per pair); row k of a and b is a positive pair."""
+    pairs = [p for item in items for p in ([item] if isinstance(item, dict) else item)]
+    out = {}
+    for v in "ab":
+        out[f"patches_{v}"] = torch.from_numpy(np.stack([p[f"patch_{v}"] for p in pairs])[:, None])
+        out[f"coords_{v}"] = torch.from_numpy(np.concatenate([  # (n_b, 4) per pair -> (N, 4)
+            np.concatenate([np.full((len(p[f"coords_{v}"]), 1), b, np.int64), p[f"coords_{v}"]], 1)
+            for b, p in enumerate(pairs)]))
+    return out
+
+
+# ------------------------------------------------------------------------ labelled patches
+def class_voxels(label, rng, max_voxels=MAX_CLASS_VOXELS):
+    """{class: (M, 3) int64 coordinates of <= max_voxels random voxels of that class} for every
+    foreground class present in label (X,Y,Z). One pass over the volume."""
+    label = np.asarray(label)
+    flat = np.flatnonzero(label)
+    values = label.reshape(-1)[flat]
+    order = np.argsort(values, kind="stable")
+    classes, first = np.unique(values[order], return_index=True)
+    out = {}
+    for c, idx in zip(classes, np.split(flat[order], first[1:])):
+        if len(idx) > max_voxels:
+            idx = rng.choice(idx, max_voxels, replace=False)
+        out[int(c)] = np.stack(np.unravel_index(idx, label.shape), 1).astype(np.int64)
+    return out
+
+
+class LabelledPatchDataset(CaseDataset):
+    """Downstream training patches (Sec. 3.2): item i (from case case_ids[i % num_cases], rng
+    np.random.default_rng([seed, i])) is dict(image (1,X,Y,Z) float32, label (X,Y,Z) int64).
+
+    Foreground oversampling as in the reference (nnU-Net style): with foreground_prob the patch
+    is centred on a voxel of a random class present in the case (clipped into the volume), else
+    its start is uniform. The per-class voxel lists are built once per case (and worker) and
+    subsampled to MAX_CLASS_VOXELS, so an item does not scan the whole label."""
+
+    def __init__(self, data_dir, case_ids, patch_size, length, seed=0, foreground_prob=0.5):
+        super().__init__(data_dir, case_ids, length, seed, labelled=True)
+        self.patch_size, self.foreground_prob = tuple(patch_size), foreground_prob
+        self.classes = {}  # case id -> class_voxels() dict, built lazily in each worker
+
+    def class_voxels(self, case_id):
+        if case_id not in self.classes:  # own seed stream, so it is the same in every worker
+            rng = np.random.default_rng([self.seed, self.case_ids.index(case_id), 0x5EED])
+            self.classes[case_id] = class_voxels(self.case(case_id)["label"], rng)
+        return self.classes[case_id]
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, i])
+        case_id = self.case_ids[i % len(self.case_ids)]
+        c, patch = self.case(case_id), np.asarray(self.patch_size)
+        shape = np.asarray(c["image"].shape)
+        lo, hi = np.minimum(0, shape - patch), np.maximum(0, shape - patch)  # starts inside the volume
+        classes = self.class_voxels(case_id) if rng.random() < self.foreground_prob else {}
+        if classes:
+            voxels = classes[list(classes)[rng.integers(len(classes))]]
+            start = np.clip(voxels[rng.integers(len(voxels))] - patch // 2, lo, hi)
+        else:
+            start = rng.integers(lo, hi + 1)
+        image = read_patch(c["image"], start, patch).astype(np.float32)
+        label = read_patch(c["label"], start, patch).astype(np.int64)
+        return dict(image=torch.from_numpy(image)[None], label=torch.from_numpy(label))
+
+
+# ------------------------------------------------------------------------ sliding window
+def tile_starts(shape, patch_size, overlap=0.5):
+    """Start tuples of patch_size tiles covering every voxel of a (X,Y,Z) `shape`: step
+    patch*(1-overlap), last tile aligned to the end; an axis shorter than the patch gets one
+    tile at 0 (the caller pads)."""
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    axes = []
+    for dim, p in zip(shape, patch_size):
+        step = max(1, int(p * (1 - overlap)))
+        starts = list(range(0, max(dim - p, 0) + 1, step))
+        if starts[-1] < dim - p:
+            starts.append(dim - p)
+        axes.append(starts)
+    return [(x, y, z) for x in axes[0] for y in axes[1] for z in axes[2]]
+
+
+def gaussian_weights(patch_size, device=None):
+    """(X,Y,Z) importance map (nnU-Net): Gaussian with sigma = patch/8 per axis, max 1, floored
+    at WEIGHT_FLOOR so no voxel gets zero weight (a border-only voxel would divide by 0)."""
+    w = 1.0
+    for i, p in enumerate(patch_size):
+        x = torch.arange(p, dtype=torch.float32, device=device) - (p - 1) / 2
+        g = torch.exp(-0.5 * (x / (p / 8)) ** 2)
+        w = w * g.view([-1 if j == i else 1 for j in range(3)])
+    return (w / w.max()).clamp_min(WEIGHT_FLOOR)
+
+
+@torch.no_grad()
+def sliding_window_inference(image, predict_fn, patch_size, overlap=0.5, batch_size=4):
+    """Predict a whole volume tile by tile (Sec. 3.2 evaluation). image (C,X,Y,Z) tensor;
+    predict_fn maps (b,C,*patch_size) -> (b,K,*patch_size). Returns (K,X,Y,Z) float32 on
+    image.device: the Gaussian-weighted average of overlapping tile predictions. Autocast and
+    model.eval() are the caller's choice."""
+    shape, patch = tuple(image.shape[1:]), tuple(int(p) for p in patch_size)
+    if image.dim() != 4 or len(patch) != 3:
+        raise ValueError(f"sliding_window_inference: image must be (C,X,Y,Z), patch 3 ints; "
+                         f"got {tuple(image.shape)}, {patch}")
+    padded = tuple(max(d, p) for d, p in zip(shape, patch))  # zero-pad axes shorter than the patch
+    pad = [0, padded[2] - shape[2], 0, padded[1] - shape[1], 0, padded[0] - shape[0]]
+    image = torch.nn.functional.pad(image, pad)
+    weights = gaussian_weights(patch, image.device)  # (X,Y,Z) of the patch
+    starts = tile_starts(padded, patch, overlap)
+    out, norm = None, torch.zeros(padded, device=image.device)
+    for b in range(0, len(starts), batch_size):
+        boxes = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in starts[b:b + batch_size]]
+        pred = predict_fn(torch.stack([image[(slice(None),) + bx] for bx in boxes])).float()  # (b,K,*patch)
+        if pred.shape[0] != len(boxes) or tuple(pred.shape[2:]) != patch:
+            raise ValueError(f"predict_fn returned {tuple(pred.shape)} for {len(boxes)} tiles of {patch}")
+        if out is None:
+            out = torch.zeros((pred.shape[1],) + padded, device=image.device)
+        for bx, p in zip(boxes, pred):
+            out[(slice(None),) + bx] += p * weights
+            norm[bx] += weights
+    return (out / norm)[(slice(None),) + tuple(slice(0, d) for d in shape)]
+
+
+# ------------------------------------------------------------------------ main
+def main(args):
+    info = load_dataset_json(args.data)
+    print(f"{args.data}: {len(info['cases'])} cases, modality {info.get('modality')}, "
+          f"labels {info.get('labels')}")
+    ds = PairDataset(args.data, args.patch_size, args.num_voxels, length=args.pairs, seed=args.seed)
+    t0 = time.perf_counter()
+    counts = [len(ds[i][0]["coords_a"]) for i in range(args.pairs)]
+    ms = (time.perf_counter() - t0) / args.pairs * 1e3
+    print(f"{args.pairs} pairs of {tuple(args.patch_size)}: {ms:.1f} ms per pair, "
+          f"voxels per pair min {min(counts)} mean {np.mean(counts):.0f} (asked {args.num_voxels})")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", required=True, help="folder written by preprocess.py")
+    parser.add_argument("--patch-size", type=int, nargs=3, default=[128, 128, 32], help="(X, Y, Z) voxels")
+    parser.add_argument("--num-voxels", type=int, default=1024, help="positive pairs per patch pair")
+    parser.add_argument("--pairs", type=int, default=20, help="pairs to time")
+    parser.add_argument("--seed", type=int, default=0)
+    main(parser.parse_args())

@@ -1,0 +1,327 @@
+"""3D FPN backbone, balanced voxel representation, pretraining heads and segmentation heads.
+
+Implements the network side of Kats, Hirsch & Heinrich 2024 (built on vox2vec, Goncharov et
+al. 2023):
+- FPN3d: a U-Net-like 3D feature pyramid network; the decoder output at every scale forms the
+  pyramid (Sec. 2.2). Pre-activation residual blocks, max-pool down, nearest up.
+  Presets (ARCHS): "balanced" = 32 base channels, 5 levels (Sec. 2.2, "fewer levels, doubled
+  channels"); "vox2vec" = 16 base channels, 6 levels (the baseline).
+- Balanced voxel representation (Sec. 2.2): every level is projected to the same width (32)
+  and the vectors sampled at a voxel's location at every level are concatenated (5 x 32 = 160
+  dims). arch="vox2vec" concatenates the raw levels instead (16 + 32 + ... + 512 = 1008 dims).
+- Projection head (Sec. 2.3): 3-layer MLP to 128 dims, L2-normalised (input of Eq. 1).
+- Reconstruction head (Sec. 2.3): two convolutions on the finest level -> 1 channel (Eq. 2).
+- LinearHead (Sec. 3.2 linear evaluation) and NonLinearHead (Sec. 3.2 fine-tuning).
+
+Measured sizes (`python model.py` prints them): FPN3d "balanced" 47,477,408 parameters (the
+reference: about 47.6 M), "vox2vec" 47,533,648; with heads (PretrainModel) 47,949,825 and
+48,387,569. Forward cost of one 128 x 128 x 32 patch (count_flops): balanced backbone 0.444
+TFLOP (0.473 with the reconstruction head), about 3x that with the backward pass, matching the
+reference's 1.34 TFLOP per patch; vox2vec backbone 0.114 TFLOP.
+
+Deviations from the authors' code, each on purpose:
+- The per-level projections are registered modules (nn.ModuleList). The reference keeps them
+  in a plain Python list, so they are never trained or saved (a random fixed projection).
+- The reconstruction head has two convolutions, Conv3^3 -> ReLU -> Conv1^3, as the paper says
+  (Sec. 2.3); the reference uses a single 1x1x1 convolution.
+- The reconstruction output is raw (no sigmoid) and compared by MSE with targets in [0, 1]: a
+  sigmoid's vanishing slope near 0 and 1 (much of a CT patch is air, near 0) slows MSE learning.
+- The heads upsample by nearest neighbour (see LinearHead); NonLinearHead's layout is ours, the
+  paper does not specify it.
+
+Shape notation: volumes (B, C, X, Y, Z) with (X, Y, Z) the canonical RAS voxel axes; sampled
+voxels (N, C); voxel coordinates (N, 4) = (batch_index, x, y, z), int64. Level l of a pyramid
+has shape (B, C_l, X / 2**l, Y / 2**l, Z / 2**l) with C_l = base_channels * 2**l.
+
+Use: `from model import FPN3d, PretrainModel, SegmentationModel, sample_voxels` (importing runs
+nothing). `python model.py` prints the parameter counts and FLOPs of the presets.
+"""
+import math
+from typing import List, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ARCHS = {
+    "balanced": dict(base_channels=32, num_levels=5),  # Sec. 2.2: ours
+    "vox2vec": dict(base_channels=16, num_levels=6),   # the vox2vec baseline
+}
+BLOCKS_PER_STAGE = 2  # residual blocks per encoder level and per decoder level
+PAPER_PATCH = (128, 128, 32)  # (X, Y, Z) voxels, Sec. 3.2 / vox2vec
+
+
+# ----------------------------------------------------------------------------- backbone
+
+class ResBlock3d(nn.Module):
+    """Pre-activation residual block: x + Conv3(ReLU(BN(Conv3(ReLU(BN(x)))))).
+    (B, C_in, X, Y, Z) -> (B, C_out, X, Y, Z); a 1x1x1 conv on the skip where C_in != C_out."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.BatchNorm3d(in_channels), nn.ReLU(inplace=True),
+            nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False),  # a BN follows: bias redundant
+            nn.BatchNorm3d(out_channels), nn.ReLU(inplace=True),
+            nn.Conv3d(out_channels, out_channels, 3, padding=1))
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.body(x)
+
+
+def stage(channels: int) -> nn.Sequential:
+    return nn.Sequential(*[ResBlock3d(channels, channels) for _ in range(BLOCKS_PER_STAGE)])
+
+
+class FPN3d(nn.Module):
+    """U-Net-like 3D feature pyramid network.
+
+    forward(x (B, C_in, X, Y, Z)) -> list of num_levels tensors, level l:
+    (B, base_channels * 2**l, X / 2**l, Y / 2**l, Z / 2**l). X, Y, Z must be divisible by
+    2**(num_levels - 1). Encoder level l: max-pool 2 (l > 0), 1x1x1 conv C_{l-1} -> C_l, two
+    residual blocks. Decoder level l (coarse to fine): the level above, 1x1x1 conv to C_l and
+    nearest-upsampled x2, plus the encoder output of level l, two residual blocks. The coarsest
+    pyramid level is the encoder's last output. Works under torch.autocast and keeps
+    channels_last_3d inputs channels-last.
+    """
+
+    def __init__(self, in_channels: int = 1, base_channels: int = 32, num_levels: int = 5):
+        super().__init__()
+        if num_levels < 1 or base_channels < 1:
+            raise ValueError(f"model.py FPN3d: need num_levels >= 1 and base_channels >= 1, "
+                             f"got {num_levels}, {base_channels}")
+        self.in_channels, self.num_levels = in_channels, num_levels
+        self.channels = [base_channels * 2 ** l for l in range(num_levels)]
+        c = self.channels
+        self.stem = nn.Conv3d(in_channels, c[0], 3, padding=1)
+        self.down = nn.ModuleList(nn.Conv3d(c[l - 1], c[l], 1) for l in range(1, num_levels))
+        self.encoder = nn.ModuleList(stage(c[l]) for l in range(num_levels))
+        self.lateral = nn.ModuleList(nn.Conv3d(c[l + 1], c[l], 1) for l in range(num_levels - 1))
+        self.decoder = nn.ModuleList(stage(c[l]) for l in range(num_levels - 1))
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"model.py FPN3d: expected input (B, {self.in_channels}, X, Y, Z), "
+                             f"got {tuple(x.shape)}")
+        m = 2 ** (self.num_levels - 1)
+        if any(s % m for s in x.shape[2:]):
+            raise ValueError(f"model.py FPN3d: spatial shape {tuple(x.shape[2:])} must be divisible by "
+                             f"2**(num_levels-1) = {m} along every axis (num_levels={self.num_levels}); "
+                             f"pad or crop the patch")
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        self.check_input(x)
+        h = self.stem(x)                                   # (B, C_0, X, Y, Z)
+        skips = []
+        for l in range(self.num_levels):
+            if l > 0:
+                h = self.down[l - 1](F.max_pool3d(h, 2))   # (B, C_l, X/2**l, Y/2**l, Z/2**l)
+            h = self.encoder[l](h)
+            skips.append(h)
+        pyramid = [h]
+        for l in reversed(range(self.num_levels - 1)):
+            # The 1x1x1 conv commutes with nearest upsampling (both act per voxel), so run it at
+            # the coarse scale: the same result at 1/8 of the cost.
+            up = F.interpolate(self.lateral[l](h), scale_factor=2, mode="nearest")  # (B, C_l, X/2**l, ...)
+            h = self.decoder[l](up + skips[l])
+            pyramid.insert(0, h)
+        return pyramid
+
+
+def count_flops(backbone_config: dict, patch_size: Sequence[int], recon_head: bool = False) -> int:
+    """Forward FLOPs (2 x multiply-adds, over all convolutions) of FPN3d(**backbone_config) on one
+    patch (X, Y, Z), the convention of torch.utils.flop_counter; pooling, BN, ReLU, upsampling
+    and additions are not counted. recon_head=True adds PretrainModel's reconstruction head.
+    Backward is about twice the forward."""
+    cfg = dict(dict(in_channels=1, base_channels=32, num_levels=5), **backbone_config)
+    c = [cfg["base_channels"] * 2 ** l for l in range(cfg["num_levels"])]
+    m = 2 ** (len(c) - 1)
+    if len(patch_size) != 3 or any(s % m for s in patch_size):
+        raise ValueError(f"model.py count_flops: patch size {tuple(patch_size)} must be 3 sizes divisible by {m}")
+    voxels = [math.prod(patch_size) // 8 ** l for l in range(len(c))]  # voxels at level l
+
+    def conv(c_in, c_out, k, v):
+        return 2 * c_in * c_out * k ** 3 * v
+
+    def block(l):                                                   # one ResBlock3d at level l
+        return 2 * conv(c[l], c[l], 3, voxels[l])
+
+    total = conv(cfg["in_channels"], c[0], 3, voxels[0])            # stem
+    for l in range(len(c)):
+        total += BLOCKS_PER_STAGE * block(l)                        # encoder
+        if l > 0:
+            total += conv(c[l - 1], c[l], 1, voxels[l])             # down 1x1x1
+    for l in range(len(c) - 1):
+        total += conv(c[l + 1], c[l], 1, voxels[l + 1]) + BLOCKS_PER_STAGE * block(l)  # lateral + decoder
+    if recon_head:
+        total += conv(c[0], c[0], 3, voxels[0]) + conv(c[0], 1, 1, voxels[0])
+    return total
+
+
+# ----------------------------------------------------------------------------- voxel sampling
+
+def sample_voxels(pyramid: Sequence[torch.Tensor], coords: torch.Tensor) -> List[torch.Tensor]:
+    """Feature vectors of N voxels at every pyramid level.
+
+    pyramid: level l (B, C_l, X/2**l, Y/2**l, Z/2**l); coords: (N, 4) int64 = (b, x, y, z) in
+    full-resolution voxels. Returns a list of (N, C_l): level l read at (b, x>>l, y>>l, z>>l),
+    i.e. the coarse voxel whose 2**l-cube footprint contains the voxel, which is the geometry
+    that max-pool 2 down and nearest upsampling define. One gather per level for the whole
+    batch; runs unchanged on any device.
+    """
+    if coords.dim() != 2 or coords.shape[1] != 4 or coords.is_floating_point():
+        raise ValueError(f"model.py sample_voxels: coords must be integer (N, 4) = (b, x, y, z), "
+                         f"got {coords.dtype} {tuple(coords.shape)}")
+    b, x, y, z = coords.unbind(1)                                   # each (N,)
+    out = []
+    for l, feature in enumerate(pyramid):
+        # (B, C, X_l, Y_l, Z_l) -> (B, X_l, Y_l, Z_l, C): a view, contiguous under channels_last_3d,
+        # so each voxel's C channels are one contiguous row.
+        out.append(feature.permute(0, 2, 3, 4, 1)[b, x >> l, y >> l, z >> l])  # (N, C_l)
+    return out
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """3-layer projector (Sec. 2.3, after SimCLR): (N, in_dim) -> (N, out_dim)."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim))
+
+
+class PretrainModel(nn.Module):
+    """FPN + voxel representation + projector + reconstruction head (Fig. 2).
+
+    arch: "balanced" (Sec. 2.2: each level projected to projection_dim before concatenation) or
+    "vox2vec" (raw levels concatenated). forward(x (B, 1, X, Y, Z), coords (N, 4)) ->
+    (z (N, embedding_dim) float32, unit L2 norm (Eq. 1 input), recon (B, 1, X, Y, Z) raw, Eq. 2).
+    """
+
+    def __init__(self, backbone_config: dict, arch: str = "balanced", projection_dim: int = 32,
+                 embedding_dim: int = 128, hidden_dim: int = 512):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"model.py PretrainModel: arch must be one of {sorted(ARCHS)}, got {arch!r}")
+        self.config = dict(backbone_config=dict(backbone_config), arch=arch, projection_dim=projection_dim,
+                           embedding_dim=embedding_dim, hidden_dim=hidden_dim)
+        self.arch = arch
+        self.backbone = FPN3d(**backbone_config)
+        channels = self.backbone.channels
+        if arch == "balanced":
+            # Sec. 2.2: every level to the same width. A 1x1x1 conv commutes with sampling, so it
+            # is a Linear on the sampled (N, C_l) vectors instead of a conv over whole volumes.
+            # Registered (ModuleList): the reference keeps these in a plain Python list, so they
+            # are never trained or saved.
+            self.projections = nn.ModuleList(nn.Linear(c, projection_dim) for c in channels)
+            self.representation_dim = projection_dim * len(channels)
+        else:
+            self.projections = None
+            self.representation_dim = sum(channels)
+        self.projector = mlp(self.representation_dim, hidden_dim, embedding_dim)
+        # Sec. 2.3: "two convolution layers" (the reference: one 1x1x1 conv). Raw output, no sigmoid.
+        self.reconstruction_head = nn.Sequential(
+            nn.Conv3d(channels[0], channels[0], 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv3d(channels[0], 1, 1))
+
+    def voxel_features(self, pyramid: Sequence[torch.Tensor], coords: torch.Tensor) -> torch.Tensor:
+        """Voxel representation j (Sec. 2.2): (N, representation_dim), 160 (balanced) or 1008 (vox2vec)."""
+        sampled = sample_voxels(pyramid, coords)                    # list of (N, C_l)
+        if self.projections is not None:
+            sampled = [proj(s) for proj, s in zip(self.projections, sampled)]  # list of (N, projection_dim)
+        return torch.cat(sampled, dim=1)
+
+    def forward(self, x: torch.Tensor, coords: torch.Tensor):
+        pyramid = self.backbone(x)
+        h = self.projector(self.voxel_features(pyramid, coords))   # (N, embedding_dim)
+        # Normalise in float32: under bf16 autocast the unit vectors feed exp(<z, z'> / 0.1).
+        z = F.normalize(h.float(), dim=1)
+        recon = self.reconstruction_head(pyramid[0])                # (B, 1, X, Y, Z)
+        return z, recon
+
+
+# ----------------------------------------------------------------------------- downstream heads
+
+def upsample_sum(pyramid: Sequence[torch.Tensor], convs: nn.ModuleList) -> torch.Tensor:
+    """sum_l upsample(conv_l(level l)) -> (B, C_out, X, Y, Z). The 1x1x1 convs run before
+    upsampling (they commute), and nearest upsampling by 2**l reads level l at (x>>l, y>>l, z>>l),
+    the same geometry as sample_voxels."""
+    out = convs[0](pyramid[0])
+    for l in range(1, len(pyramid)):
+        out = out + F.interpolate(convs[l](pyramid[l]), scale_factor=2 ** l, mode="nearest")
+    return out
+
+
+class LinearHead(nn.Module):
+    """Linear evaluation head (Sec. 3.2): each level -> its own 1x1x1 conv to num_classes,
+    upsampled to full resolution and summed. pyramid -> logits (B, num_classes, X, Y, Z).
+
+    Nearest (not trilinear) upsampling makes the head exactly a linear classifier on the
+    voxel representation that pretraining trained (the raw levels sampled as in sample_voxels),
+    which is what a linear probe is meant to measure. Bias only at the finest level, as in the
+    reference: a bias per level would be the same constant summed five times.
+    """
+
+    def __init__(self, channels: Sequence[int], num_classes: int):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv3d(c, num_classes, 1, bias=l == 0) for l, c in enumerate(channels))
+
+    def forward(self, pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
+        return upsample_sum(pyramid, self.convs)
+
+
+class NonLinearHead(nn.Module):
+    """Fine-tuning head (Sec. 3.2; the paper does not specify it, this layout is our choice):
+    per level a 1x1x1 conv to `hidden` channels, nearest-upsampled and summed (as LinearHead),
+    then BN -> ReLU -> Conv3^3 -> BN -> ReLU -> Conv1^3 to num_classes; the 3^3 conv also smooths
+    the blocky coarse-level contributions. pyramid -> logits (B, num_classes, X, Y, Z)."""
+
+    def __init__(self, channels: Sequence[int], num_classes: int, hidden: int = 32):
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv3d(c, hidden, 1, bias=l == 0) for l, c in enumerate(channels))
+        self.refine = nn.Sequential(
+            nn.BatchNorm3d(hidden), nn.ReLU(inplace=True),
+            nn.Conv3d(hidden, hidden, 3, padding=1, bias=False),
+            nn.BatchNorm3d(hidden), nn.ReLU(inplace=True),
+            nn.Conv3d(hidden, num_classes, 1))
+
+    def forward(self, pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.refine(upsample_sum(pyramid, self.convs))
+
+
+class SegmentationModel(nn.Module):
+    """Backbone + segmentation head; forward(x (B, C_in, X, Y, Z)) -> logits (B, num_classes, X, Y, Z).
+    Rebuild from a checkpoint with SegmentationModel(**model.config)."""
+
+    def __init__(self, backbone_config: dict, num_classes: int, head: str = "linear"):
+        super().__init__()
+        heads = {"linear": LinearHead, "nonlinear": NonLinearHead}
+        if head not in heads:
+            raise ValueError(f"model.py SegmentationModel: head must be one of {sorted(heads)}, got {head!r}")
+        self.config = dict(backbone_config=dict(backbone_config), num_classes=num_classes, head=head)
+        self.backbone = FPN3d(**backbone_config)
+        self.head = heads[head](self.backbone.channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+# ----------------------------------------------------------------------------- main
+
+def main():
+    """Print parameter counts (built on the meta device: no memory, instant) and forward FLOPs."""
+    for name, cfg in ARCHS.items():
+        with torch.device("meta"):
+            backbone = FPN3d(**cfg)
+            full = PretrainModel(cfg, arch=name)
+        n_backbone = sum(p.numel() for p in backbone.parameters())
+        n_full = sum(p.numel() for p in full.parameters())
+        flops, with_recon = count_flops(cfg, PAPER_PATCH), count_flops(cfg, PAPER_PATCH, recon_head=True)
+        print(f"{name:9s} {cfg}: FPN3d {n_backbone:,} parameters, PretrainModel {n_full:,}; forward "
+              f"{flops / 1e12:.3f} TFLOP per {PAPER_PATCH} patch ({with_recon / 1e12:.3f} with the recon head)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Self-supervised pretraining of a 3D FPN with dense, hierarchically balanced voxel embeddings.
+
+Implements Kats, Hirsch & Heinrich 2024, Sec. 2 (Fig. 2), on top of vox2vec (Goncharov et al. 2023):
+two overlapping crops of a scan (Sec. 2.2), each augmented independently with local pixel
+shuffling, local in-painting and a Bezier intensity curve (Sec. 2.1), one FPN forward for both,
+balanced voxel representations sampled at n positive pairs, and the hybrid loss
+L = L_c + lambda * L_r (Eq. 1-3) with InfoNCE at tau = 0.1 and MSE reconstruction at lambda = 10.
+
+Run it:
+    python pretrain.py --data demo                          # CPU preset, builds data/demo, ~4 min on 2 cores
+    python pretrain.py --data DATA_DIR --out runs/ct        # the paper's config (one GPU; see README for speed)
+    python pretrain.py --data DATA_DIR --method vox2vec     # the vox2vec baseline (Table 1, row 1)
+    python pretrain.py --data DATA_DIR --out runs/ct --resume       # continue an interrupted run
+    torchrun --nproc_per_node=4 pretrain.py --data DATA_DIR         # several GPUs (DDP)
+
+What to expect: on the demo preset the total loss falls from ~6.5 to ~3 within a few hundred
+steps. Everything a run writes lives in --out: `log.jsonl` (one row per logged step),
+`checkpoint.pt` (resumable, written atomically every --checkpoint-every steps and at the end)
+and `backbone.pt` (the FPN alone, for linear_probe.py / finetune.py; loads with
+`torch.load(..., weights_only=True)`).
+
+Ablations of Table 1 are flags, not code copies (README maps each row to its command):
+--arch balanced|vox2vec, --aug local|vox2vec|none, --recon-weight (0 = contrastive only),
+--contrastive-weight (0 = restorative only); --method vox2vec is shorthand for the baseline.
+
+Distributed: under torchrun every process trains on its own share of the global batch
+(--batch-pairs is the GLOBAL number of patch pairs per step, split evenly over processes, so
+the learning rate means the same as on one device) and InfoNCE negatives are gathered from all
+processes, so the loss equals the single-process loss on the same global batch. Only rank 0
+logs and writes files; checkpoints are interchangeable between DDP and single-process runs.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from augment import augment_batch
+from data import PairDataset, collate_pairs
+from loss import hybrid_loss, info_nce, reconstruction_loss
+from model import ARCHS, PretrainModel
+from preprocess import resolve_data_dir
+
+CHECKPOINT_VERSION = 1
+
+# The paper's configuration (Sec. 3.2; grad clip from the reference code).
+PAPER = dict(
+    arch="balanced", base_channels=None, num_levels=None,  # None: take ARCHS[arch]
+    aug="local", recon_weight=10.0, contrastive_weight=1.0, temperature=0.1,
+    steps=50_000, batch_pairs=10, pairs_per_volume=1, num_voxels=1024, patch_size=(128, 128, 32),
+    lr=3e-4, grad_clip=1.0, log_every=50, checkpoint_every=1000,
+)
+# A CPU-sized version for `--data demo`: same method, smaller network and patches, so that
+# it finishes in minutes on 2 cores with a clearly falling loss. The vox2vec/balanced
+# relation is kept: the baseline has one more level and half the channels.
+DEMO = dict(steps=300, batch_pairs=4, num_voxels=256, patch_size=(64, 64, 32), log_every=10,
+            checkpoint_every=100)
+DEMO_ARCHS = {"balanced": dict(base_channels=8, num_levels=4),
+              "vox2vec": dict(base_channels=4, num_levels=5)}
+METHODS = {"vox2vec": dict(arch="vox2vec", aug="vox2vec", recon_weight=0.0)}
+
+
+# ----------------------------------------------------------------------------- helpers
+# (also used by linear_probe.py and finetune.py)
+
+def pick_device(name="auto"):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def setup_distributed(device_name="auto"):
+    """Initialise torch.distributed when launched by torchrun. Returns (rank, world, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to a temp file in the same folder, then rename: a killed run leaves no half file."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def log_row(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------- config
+
+def resolve_config(args):
+    """Paper defaults <- demo preset (for --data demo) <- --method <- flags the user typed."""
+    cfg = dict(PAPER)
+    demo = args.data == "demo"
+    if demo:
+        cfg.update(DEMO)
+    if args.method:
+        cfg.update(METHODS[args.method])
+    given = {k: v for k, v in vars(args).items() if k in PAPER and v is not None}
+    cfg.update(given)
+    if cfg["base_channels"] is None or cfg["num_levels"] is None:
+        preset = (DEMO_ARCHS if demo else ARCHS)[cfg["arch"]]
+        cfg["base_channels"] = cfg["base_channels"] or preset["base_channels"]
+        cfg["num_levels"] = cfg["num_levels"] or preset["num_levels"]
+    cfg["patch_size"] = tuple(cfg["patch_size"])
+    if cfg["batch_pairs"] % cfg["pairs_per_volume"]:
+        raise ValueError(f"--batch-pairs {cfg['batch_pairs']} must be a multiple of --pairs-per-volume")
+    if cfg["recon_weight"] == 0 and cfg["contrastive_weight"] == 0:
+        raise ValueError("--recon-weight and --contrastive-weight are both 0: nothing to train")
+    return cfg
+
+
+def build_model(cfg):
+    backbone_config = dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"])
+    return PretrainModel(backbone_config, arch=cfg["arch"])
+
+
+# ----------------------------------------------------------------------------- training
+
+def make_loader(data_dir, cfg, seed, start_step, rank, world, workers):
+    """Item k of the dataset is a fixed function of (seed, k), and step s of rank r reads items
+    [(s * world + r) * m, ... + m) with m pairs-items per rank, so a resumed run and a run with
+    another worker count see exactly the same data (data.py: per-item generators)."""
+    per_rank = cfg["batch_pairs"] // world
+    items = per_rank // cfg["pairs_per_volume"]
+    dataset = PairDataset(data_dir, patch_size=cfg["patch_size"], num_voxels=cfg["num_voxels"],
+                          pairs_per_volume=cfg["pairs_per_volume"], length=cfg["steps"] * world * items,
+                          seed=seed)
+    order = [(s * world + rank) * items + j for s in range(start_step, cfg["steps"]) for j in range(items)]
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=items, sampler=order, collate_fn=collate_pairs, num_workers=workers,
+        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None)
+
+
+def gather_embeddings(z):
+    """All processes' embeddings, differentiably (torch.distributed.nn), so InfoNCE sees the
+    global batch's negatives. The gradient of the gathered copy flows back to each rank's own
+    chunk; DDP's gradient averaging then gives exactly the single-process gradient."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z
+    from torch.distributed.nn.functional import all_gather
+    return torch.cat(all_gather(z.contiguous()))
+
+
+def training_step(model, batch, cfg, generator, device, amp_dtype):
+    """One forward of both augmented views. Returns (loss, loss_contrastive, loss_recon) tensors.
+    No host-device synchronisation happens in here."""
+    xa = batch["patches_a"].to(device, non_blocking=True)  # (B, 1, X, Y, Z) un-augmented: the Eq. 2 target
+    xb = batch["patches_b"].to(device, non_blocking=True)
+    ca = batch["coords_a"].to(device, non_blocking=True)   # (N, 4) = (pair, x, y, z)
+    cb = batch["coords_b"].to(device, non_blocking=True)
+    B = xa.shape[0]
+    x = torch.cat([augment_batch(xa, generator, cfg["aug"]), augment_batch(xb, generator, cfg["aug"])])  # (2B, 1, X, Y, Z)
+    cb = cb + torch.tensor([B, 0, 0, 0], device=device)     # view B's patches sit after view A's
+    coords = torch.cat([ca, cb])                           # (2N, 4)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        z, recon = model(x, coords)                        # (2N, 128), (2B, 1, X, Y, Z)
+    N = ca.shape[0]
+    za, zb = gather_embeddings(z[:N]), gather_embeddings(z[N:])
+    l_c = info_nce(za, zb, cfg["temperature"])                           # Eq. 1
+    l_r = reconstruction_loss(recon[:B], xa, recon[B:], xb)              # Eq. 2
+    loss = hybrid_loss(l_c, l_r, cfg["recon_weight"], cfg["contrastive_weight"])  # Eq. 3
+    return loss, l_c, l_r
+
+
+def save_run(run_dir, model, optimizer, cfg, args, step):
+    core = unwrap(model)
+    state = dict(version=CHECKPOINT_VERSION, step=step, config=cfg, args=vars(args),
+                 model_config=core.config, model=core.state_dict(), optimizer=optimizer.state_dict(),
+                 rng=dict(torch=torch.get_rng_state(), numpy=np.random.get_state(),
+                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+    atomic_torch_save(state, run_dir / "checkpoint.pt")
+    # The backbone alone, plain tensors and builtins only (weights_only=True loads it).
+    atomic_torch_save(dict(version=CHECKPOINT_VERSION, kind="backbone", step=step,
+                           backbone_config=dict(core.config["backbone_config"]), arch=cfg["arch"],
+                           pretrain_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+                           state_dict=core.backbone.state_dict()),
+                      run_dir / "backbone.pt")
+
+
+def load_run(run_dir, model, optimizer, cfg):
+    path = run_dir / "checkpoint.pt"
+    if not path.exists():
+        raise ValueError(f"--resume: no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {state.get('version')}, this code writes {CHECKPOINT_VERSION}")
+    keys = ("arch", "base_channels", "num_levels", "patch_size", "batch_pairs", "aug")
+    changed = [k for k in keys if tuple_or(state["config"][k]) != tuple_or(cfg[k])]
+    if changed:
+        raise ValueError(f"{path}: --resume with a different {', '.join(changed)} than the saved run")
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+def tuple_or(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def main(args):
+    rank, world, device = setup_distributed(args.device)
+    try:
+        cfg = resolve_config(args)
+        if cfg["batch_pairs"] % (world * cfg["pairs_per_volume"]):
+            raise ValueError(f"--batch-pairs {cfg['batch_pairs']} is the global batch: it must split evenly "
+                             f"over {world} processes x --pairs-per-volume {cfg['pairs_per_volume']}")
+        data_dir = resolve_data_dir(args.data)
+        run_dir = Path(args.out or ("runs/pretrain-demo" if args.data == "demo" else "runs/pretrain"))
+        torch.manual_seed(args.seed)
+        model = build_model(cfg).to(device)
+        amp_dtype = torch.bfloat16 if device.type == "cuda" and args.amp else None
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            model = model.to(memory_format=torch.channels_last_3d)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=device.type == "cuda")
+        start = 0
+        if args.resume and (run_dir / "checkpoint.pt").exists():
+            start = load_run(run_dir, model, optimizer, cfg)
+        elif args.resume:
+            raise ValueError(f"--resume: no checkpoint at {run_dir / 'checkpoint.pt'}")
+        loader = make_loader(data_dir, cfg, args.seed, start, rank, world, args.workers)
+    except ValueError as e:
+        sys.exit(f"pretrain.py: error: {e}")
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = torch.compile(model) if args.compile else model
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"pretrain: {world} process(es) on {device}, data {data_dir}, run dir {run_dir}, "
+              f"{n_params / 1e6:.2f} M parameters, starting at step {start}")
+        print("config: " + json.dumps({k: v for k, v in cfg.items()}))
+    generator = torch.Generator(device=device)
+    bad = torch.zeros((), dtype=torch.bool, device=device)       # any non-finite loss since the last check
+    sums = torch.zeros(3, device=device)
+    t0, n_logged = time.time(), 0
+    bar = tqdm(total=cfg["steps"], initial=start, disable=rank != 0, dynamic_ncols=True)
+    model.train()
+    step = start
+    for batch in loader:
+        # Augmentations are a fixed function of (seed, step, rank): resuming reproduces them.
+        generator.manual_seed((args.seed * 1_000_003 + step) * 64 + rank)
+        loss, l_c, l_r = training_step(step_model, batch, cfg, generator, device, amp_dtype)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        optimizer.step()
+        step += 1
+        bad |= ~torch.isfinite(loss.detach())
+        sums += torch.stack([loss.detach(), l_c.detach(), l_r.detach()]).float()
+        n_logged += 1
+        last = step == cfg["steps"]
+        if step % cfg["log_every"] == 0 or last or step % cfg["checkpoint_every"] == 0:
+            if world > 1:
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+                dist.all_reduce(sums)
+                sums /= world
+            if bad.item():   # the only host sync: every log_every steps
+                if rank == 0:
+                    ck = run_dir / "checkpoint.pt"
+                    where = f"the last good checkpoint is {ck}" if ck.exists() else "no checkpoint was written yet"
+                    print(f"pretrain.py: non-finite loss between steps {step - n_logged + 1} and {step}; "
+                          f"stopping. {where} (try a lower --lr).", file=sys.stderr)
+                sys.exit(1)
+            mean = (sums / n_logged).tolist()
+            row = dict(step=step, loss=mean[0], loss_contrastive=mean[1], loss_recon=mean[2],
+                       lr=optimizer.param_groups[0]["lr"], seconds=round(time.time() - t0, 3))
+            if rank == 0:
+                log_row(run_dir / "log.jsonl", row)
+                bar.set_postfix(loss=f"{mean[0]:.3f}", L_c=f"{mean[1]:.3f}", L_r=f"{mean[2]:.4f}")
+            sums.zero_()
+            n_logged = 0
+            if rank == 0 and (step % cfg["checkpoint_every"] == 0 or last):
+                save_run(run_dir, model, optimizer, cfg, args, step)
+        bar.update(1)
+    bar.close()
+    if rank == 0:
+        print(f"done: {step} steps; backbone for linear_probe.py / finetune.py: {run_dir / 'backbone.pt'}")
+    if world > 1:
+        dist.destroy_process_group()
+    return run_dir
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Data and run folder
+    p.add_argument("--data", required=True, help="preprocessed DATA_DIR (preprocess.py), or 'demo'")
+    p.add_argument("--out", help="run folder (default runs/pretrain or runs/pretrain-demo)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) - 1)),
+                   help="DataLoader processes reading memory-mapped patches")
+    # Method (Table 1 ablations). None means: the paper's value (or the demo preset's)
+    p.add_argument("--method", choices=sorted(METHODS), help="shorthand for a whole baseline")
+    p.add_argument("--arch", choices=sorted(ARCHS), help="voxel representation / FPN preset (Sec. 2.2) [balanced]")
+    p.add_argument("--base-channels", type=int, help="FPN width at full resolution [from --arch]")
+    p.add_argument("--num-levels", type=int, help="FPN levels [from --arch]")
+    p.add_argument("--aug", choices=["local", "vox2vec", "none"], help="augmentations (Sec. 2.1) [local]")
+    p.add_argument("--recon-weight", type=float, help="lambda of Eq. 3; 0 = contrastive only [10]")
+    p.add_argument("--contrastive-weight", type=float, help="weight of L_c; 0 = restorative only [1]")
+    p.add_argument("--temperature", type=float, help="tau of Eq. 1 [0.1]")
+    # Optimisation (Sec. 3.2)
+    p.add_argument("--steps", type=int, help="[50000; demo 300]")
+    p.add_argument("--batch-pairs", type=int, help="patch pairs per step, global over processes [10; demo 4]")
+    p.add_argument("--pairs-per-volume", type=int, help="pairs cropped from one scan (reference: all) [1]")
+    p.add_argument("--num-voxels", type=int, help="positive pairs sampled per patch pair [1024; demo 256]")
+    p.add_argument("--patch-size", type=int, nargs=3, help="(X, Y, Z) voxels [128 128 32; demo 64 64 32]")
+    p.add_argument("--lr", type=float, help="Adam learning rate [3e-4]")
+    p.add_argument("--grad-clip", type=float, help="gradient-norm clip [1.0]")
+    # Logging, checkpoints and speed
+    p.add_argument("--log-every", type=int, help="steps between log rows (and the only host syncs) [50; demo 10]")
+    p.add_argument("--checkpoint-every", type=int, help="[1000; demo 100]")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,359 @@
+"""Tests for preprocess.py against naive references (per-voxel affine arithmetic,
+scipy.ndimage.map_coordinates, np.percentile, brute-force loops) on tiny synthetic scans.
+
+Run: python -m pytest -q tests/test_preprocess.py
+"""
+import argparse
+import gzip
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import preprocess  # noqa: E402
+
+DEMO_SCALE = 0.6  # smaller phantoms keep the tests fast; 3 cases
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("demo")
+    return preprocess.prepare_demo(data_dir, num_cases=3, seed=1, scale=DEMO_SCALE)
+
+
+def load_case(data_dir, case_id):
+    folder = Path(data_dir) / "cases" / case_id
+    meta = json.loads((folder / "meta.json").read_text())
+    return meta, {n: np.load(folder / f"{n}.npy") for n in ("image", "body", "label")
+                  if (folder / f"{n}.npy").is_file()}
+
+
+def dice(a, b):
+    return 2 * np.sum(a & b) / (np.sum(a) + np.sum(b))
+
+
+def tiny_scan(rng, shape=(20, 18, 8)):
+    """A small CT-like scan: an ellipse of soft tissue (HU) in air, two label blobs."""
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    inside = (x / 0.8) ** 2 + (y / 0.7) ** 2 < 1
+    image = np.where(inside, 40.0, -1000.0) + rng.normal(0, 10, shape)
+    label = np.zeros(shape, np.uint8)
+    label[inside & (x > 0.2)] = 1
+    label[inside & (x < -0.3) & (y > 0)] = 2
+    return image.astype(np.int16), label
+
+
+def save(path, array, affine):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return path
+
+
+# a permuted, flipped, anisotropic, translated affine (like DICOM-derived LPS data)
+AFFINE = np.array([[0.0, -1.5, 0, 30], [0, 0, -1.5, 20], [3.0, 0, 0, -40], [0, 0, 0, 1]])
+
+
+def args(**kw):
+    base = dict(input=None, output=None, modality="ct", spacing=None, workers=1, demo=None,
+                num_cases=20, seed=0)
+    return argparse.Namespace(**{**base, **kw})
+
+
+# ------------------------------------------------------------------ geometry
+
+def test_round_trip_demo_labels(demo, tmp_path):
+    """Preprocessed demo labels mapped back match the raw labels on the original grid."""
+    for case_id in ("demo_000", "demo_001"):
+        meta, arrays = load_case(demo, case_id)
+        raw = nib.load(str(demo / "raw" / "labelsTr" / f"{case_id}.nii.gz"))
+        original = np.asarray(raw.dataobj)
+        assert not np.allclose(raw.affine[:3, :3], np.diag(np.diag(raw.affine[:3, :3])))
+        back = preprocess.to_original_grid(arrays["label"], meta)
+        assert back.shape == original.shape
+        scores = [dice(back == c, original == c) for c in range(1, 9)]
+        print(case_id, "round-trip Dice per class", np.round(scores, 3), np.mean(scores))
+        assert np.mean(scores) >= 0.95
+        assert arrays["body"][arrays["label"] > 0].all()  # gas inside organs counts as body
+    path = preprocess.save_on_original_grid(arrays["label"], meta, tmp_path / "pred.nii.gz")
+    written = nib.load(str(path))
+    assert written.shape == original.shape and np.allclose(written.affine, raw.affine)
+    assert written.get_data_dtype() == np.uint8
+    assert np.array_equal(np.asarray(written.dataobj), back)
+    assert [p.name for p in tmp_path.iterdir()] == ["pred.nii.gz"]
+
+
+def naive_original_values(array, meta, voxel, fill):
+    """The nearest preprocessed voxel's value for one original voxel, via world coordinates
+    (affines). -> set of admissible values (two on an exact tie between neighbours)."""
+    world = np.asarray(meta["original_affine"]) @ [*voxel, 1]
+    c = np.linalg.solve(np.asarray(meta["affine"]), world)[:3]  # preprocessed voxel coords
+    start = np.array([b[0] for b in meta["crop_box"]])
+    options = [{np.floor(x + 0.5)} | ({np.floor(x), np.ceil(x)} if abs(x % 1 - 0.5) < 1e-6
+                                      else set()) for x in c + start]  # resampled grid
+    values = set()
+    for m in itertools.product(*options):
+        m = np.clip(m, 0, np.array(meta["resampled_shape"]) - 1) - start
+        inside = np.all(m >= 0) and np.all(m < array.shape)
+        values.add(array[tuple(m.astype(int))] if inside else fill)
+    return values
+
+
+def check_inverse_exact(meta, rng, num=300):
+    shape = meta["shape"]
+    encoded = np.arange(1, np.prod(shape) + 1, dtype=np.int64).reshape(shape)  # voxel index
+    back = preprocess.to_original_grid(encoded, meta, fill=0)
+    assert list(back.shape) == meta["original_shape"]
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in back.shape], indexing="ij"))
+    for v in np.concatenate([corners.reshape(3, -1).T, rng.integers(0, back.shape, (num, 3))]):
+        assert back[tuple(v)] in naive_original_values(encoded, meta, v, 0), v
+    assert len(np.unique(back)) > 1
+
+
+def test_inverse_mapping_exact_demo(demo):
+    meta, _ = load_case(demo, "demo_002")
+    check_inverse_exact(meta, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("affine", [
+    AFFINE,
+    np.diag([0.7, 0.7, 5.0, 1.0]),
+    np.array([[-0.9, 0, 0, 5], [0, 0, 2.5, -3], [0, 1.1, 0, 8], [0, 0, 0, 1.0]]),
+])
+def test_inverse_mapping_exact_synthetic(affine):
+    rng = np.random.default_rng(1)
+    image, label = tiny_scan(rng, (24, 20, 10))
+    _, _, label_out, meta = preprocess.preprocess_arrays(image, affine, "ct", label=label)
+    check_inverse_exact(meta, rng)
+    # the stored affine maps each preprocessed voxel to the world position it was sampled at
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(label, affine))
+    start = np.array([b[0] for b in meta["crop_box"]])
+    for v in rng.integers(0, meta["shape"], (20, 3)):
+        world = np.asarray(meta["affine"]) @ [*v, 1]
+        c = np.linalg.solve(canonical.affine, world)[:3]
+        r = (v + start) * np.asarray(meta["spacing"]) / nib.affines.voxel_sizes(canonical.affine)
+        assert np.allclose(c, r)
+        assert label_out[tuple(v)] == np.asarray(canonical.dataobj)[
+            tuple(np.minimum(np.floor(c + 0.5).astype(int), np.array(canonical.shape) - 1))]
+
+
+def test_resample_matches_map_coordinates():
+    rng = np.random.default_rng(2)
+    image = rng.normal(size=(17, 13, 9)).astype(np.float32)
+    ratio = np.array([0.7, 1.3, 0.45])
+    new_shape = preprocess.resampled_shape(image.shape, np.ones(3), ratio)
+    assert new_shape == tuple(int((n - 1) / r) + 1 for n, r in zip(image.shape, ratio))
+    out = preprocess.resample_image(image, ratio, new_shape)
+    grid = np.meshgrid(*[np.arange(n) * r for n, r in zip(new_shape, ratio)], indexing="ij")
+    reference = ndimage.map_coordinates(image, grid, order=1, mode="nearest")
+    assert np.allclose(out, reference, atol=1e-5)
+
+
+def test_mri_preset():
+    """MRI: resample, clip to the 0.01 / 99.9 percentiles, scale, crop to > 0.3 (Sec. 3.1)."""
+    rng = np.random.default_rng(3)
+    shape = (30, 26, 14)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    image = np.where(x ** 2 + (y - 0.2) ** 2 + z ** 2 < 0.5, 400.0, 5.0) + rng.normal(0, 20, shape)
+    image[3, 4, 5] = 1e5  # an outlier, removed by the percentile clip
+    affine = np.diag([1.2, 1.2, 2.0, 1.0])
+    image01, body, label, meta = preprocess.preprocess_arrays(image, affine, "mri")
+    ratio = 1.5 / np.array([1.2, 1.2, 2.0])
+    new_shape = [int(np.floor((n - 1) / r + 1e-6)) + 1 for n, r in zip(shape, ratio)]
+    grid = np.meshgrid(*[np.arange(n) * r for n, r in zip(new_shape, ratio)], indexing="ij")
+    resampled = ndimage.map_coordinates(image, grid, order=1)
+    lo, hi = np.percentile(resampled, [0.01, 99.9])
+    scaled = (np.clip(resampled, lo, hi) - lo) / (hi - lo)
+    inside = np.argwhere(scaled > 0.3)
+    box = [[int(a), int(b) + 1] for a, b in zip(inside.min(0), inside.max(0))]
+    assert meta["crop_box"] == box and label is None
+    assert np.allclose(image01, scaled[tuple(slice(a, b) for a, b in box)], atol=1e-4)
+    assert image01.min() >= 0 and image01.max() <= 1
+    assert np.array_equal(body | (image01 > 0.3), body)
+
+
+# ------------------------------------------------------------------ folders and bad input
+
+def write_raw_folder(root, rng):
+    """Decathlon layout: 3 good cases and one of each kind of bad input."""
+    image, label = tiny_scan(rng)
+    save(root / "imagesTr" / "good_a.nii.gz", image, AFFINE)
+    save(root / "labelsTr" / "good_a.nii.gz", label, AFFINE)
+    save(root / "imagesTr" / "good_b_0000.nii.gz", image, AFFINE)  # nnU-Net channel suffix
+    save(root / "labelsTr" / "good_b.nii.gz", label, AFFINE)
+    save(root / "imagesTr" / "good_c.nii.gz", image[..., None], AFFINE)  # squeezable 4th dim
+    save(root / "labelsTr" / "good_c.nii.gz", label, AFFINE)
+    bad = {
+        "four_d": (np.stack([image, image], -1), label, "4-D image of shape (20, 18, 8, 2)"),
+        "shape": (image, label[:, :, :7], "label shape (20, 18, 7) differs"),
+        "affine": (image, label, "label affine differs"),
+        "fraction": (image, label.astype(np.float32) * 0.5, "non-integer label values"),
+        "negative": (image, label.astype(np.int16) - 1, "negative label values"),
+        "too_big": (image, label.astype(np.int16) * 300, "label values up to 600"),
+        "nan": (np.where(label > 0, np.nan, image.astype(np.float32)), label, "NaN/inf voxels"),
+    }
+    expected = {}
+    for name, (img, lab, message) in bad.items():
+        save(root / "imagesTr" / f"{name}.nii.gz", img, AFFINE)
+        lab_affine = AFFINE + np.eye(4, k=3) * 0.5 if name == "affine" else AFFINE  # shift x
+        save(root / "labelsTr" / f"{name}.nii.gz", lab, lab_affine)
+        folder = "imagesTr" if name in ("four_d", "nan") else "labelsTr"
+        expected[f"{folder}/{name}.nii.gz"] = message
+    blob = gzip.compress(nib.Nifti1Image(image, AFFINE).to_bytes())
+    (root / "imagesTr" / "truncated.nii.gz").write_bytes(blob[:len(blob) // 2])
+    save(root / "labelsTr" / "truncated.nii.gz", label, AFFINE)
+    (root / "imagesTr" / "garbage.nii").write_bytes(b"not a nifti file" * 40)
+    save(root / "labelsTr" / "garbage.nii.gz", label, AFFINE)
+    save(root / "imagesTr" / "no_label.nii.gz", image, AFFINE)
+    save(root / "imagesTr" / "good_b_0001.nii.gz", image, AFFINE)  # a second channel
+    save(root / "imagesTs" / "test_a.nii.gz", image, AFFINE)  # unlabelled test split
+    save(root / "labelsTr" / "no_image.nii.gz", label, AFFINE)
+    expected.update({"imagesTr/truncated.nii.gz": "unreadable or corrupt NIfTI",
+                     "imagesTr/garbage.nii": "unreadable or corrupt NIfTI",
+                     "imagesTr/no_label.nii.gz": "no label labelsTr/no_label.nii.gz",
+                     "imagesTr/good_b_0001.nii.gz": "only single-channel input",
+                     "labelsTr/no_image.nii.gz": "label without an image"})
+    return expected
+
+
+def test_bad_inputs_reported_and_good_cases_finish(tmp_path, capsys):
+    expected = write_raw_folder(tmp_path / "raw", np.random.default_rng(4))
+    code = preprocess.main(args(input=str(tmp_path / "raw"), output=str(tmp_path / "out")))
+    out, err = capsys.readouterr()
+    failed = [line for line in err.splitlines() if line.startswith("FAILED ")]
+    print("\n".join(failed))
+    assert code == 1
+    assert len(failed) == len(expected)
+    for name, message in expected.items():
+        lines = [line for line in failed if line.startswith(f"FAILED {name}: ")]
+        assert len(lines) == 1 and message in lines[0], (name, lines)
+    assert f"done 4 / skipped 0 / failed {len(expected)}" in out
+    info = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert [(c["id"], c["split"]) for c in info["cases"]] == [
+        ("good_a", "train"), ("good_b", "train"), ("good_c", "train"), ("test_a", "test")]
+    assert info["labels"] == {"0": "background", "1": "class_1", "2": "class_2"}
+    _, arrays = load_case(tmp_path / "out", "good_b")
+    assert arrays["image"].dtype == np.float16 and arrays["label"].dtype == np.uint8
+
+
+def test_empty_folder_is_fatal(tmp_path, capsys):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "notes.txt").write_text("no scans here")
+    assert preprocess.main(args(input=str(tmp_path / "raw"), output=str(tmp_path / "o"))) == 2
+    assert "no .nii / .nii.gz files found" in capsys.readouterr().err
+    run = subprocess.run([sys.executable, str(ROOT / "preprocess.py"), "--input",
+                          str(tmp_path / "raw"), "--output", str(tmp_path / "o"), "--modality",
+                          "ct"], capture_output=True, text=True)
+    assert run.returncode == 2 and "no .nii / .nii.gz files found" in run.stderr
+
+
+def test_rerun_skips_finished_cases_and_leaves_no_temp_files(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    for name in ("a", "b", "c"):
+        image, label = tiny_scan(rng)
+        save(tmp_path / "raw" / "imagesTr" / f"{name}.nii.gz", image, AFFINE)
+        save(tmp_path / "raw" / "labelsTr" / f"{name}.nii.gz", label, AFFINE)
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    assert preprocess.preprocess_folder(raw, out, "ct", workers=2)["done"] == 3
+    (out / "cases" / "b" / "meta.json").unlink()  # as if killed before the case finished
+    result = preprocess.preprocess_folder(raw, out, "ct", workers=1)
+    assert (result["done"], result["skipped"], result["failed"]) == (1, 2, [])
+    assert "done 1 / skipped 2 / failed 0" in capsys.readouterr().out
+    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp")]
+    assert len(json.loads((out / "dataset.json").read_text())["cases"]) == 3
+    # another spacing is another preset: nothing is skipped
+    assert preprocess.preprocess_folder(raw, out, "ct", spacing=(2, 2, 4))["skipped"] == 0
+
+
+def test_flat_folder_is_unlabelled(tmp_path):
+    rng = np.random.default_rng(6)
+    for name in ("scan1.nii.gz", "scan2.nii", "scan2.nii.gz"):
+        save(tmp_path / "raw" / name, tiny_scan(rng)[0], AFFINE)
+    result = preprocess.preprocess_folder(tmp_path / "raw", tmp_path / "out", "ct")
+    assert result["done"] == 2
+    assert result["failed"] == ["scan2.nii.gz: duplicate case id 'scan2'"]
+    info = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert info["labels"] is None
+    assert [(c["id"], c["split"], c["labelled"]) for c in info["cases"]] == [
+        ("scan1", "unlabelled", False), ("scan2", "unlabelled", False)]
+    assert not (tmp_path / "out" / "cases" / "scan1" / "label.npy").exists()
+
+
+def test_resolve_data_dir(tmp_path, demo):
+    assert preprocess.resolve_data_dir(str(demo)) == demo
+    with pytest.raises(ValueError, match="no dataset.json"):
+        preprocess.resolve_data_dir(str(tmp_path / "missing"))
+
+
+# ------------------------------------------------------------------ demo data
+
+def test_demo_generator_deterministic(tmp_path):
+    def make(folder, seed):
+        preprocess.make_demo_raw(tmp_path / folder, num_cases=1, seed=seed, scale=0.3)
+        img = nib.load(str(tmp_path / folder / "imagesTr" / "demo_000.nii.gz"))
+        lab = nib.load(str(tmp_path / folder / "labelsTr" / "demo_000.nii.gz"))
+        return np.asarray(img.dataobj).tobytes() + np.asarray(lab.dataobj).tobytes(), img.affine
+    a, b, c = make("a", 7), make("b", 7), make("c", 8)
+    assert a[0] == b[0] and np.array_equal(a[1], b[1])
+    assert a[0] != c[0]
+
+
+def test_demo_command(tmp_path, capsys):
+    """`python preprocess.py --demo DIR` at full phantom size (one case)."""
+    assert preprocess.main(args(demo=str(tmp_path / "d"), num_cases=1, workers=1)) == 0
+    out = capsys.readouterr().out
+    assert "done 1 / skipped 0 / failed 0" in out and "kidney_left" in out
+    meta, arrays = load_case(tmp_path / "d", "demo_000")
+    assert list(arrays["image"].shape) == meta["shape"] and meta["spacing"] == [1.0, 1.0, 2.0]
+    assert 0 <= arrays["image"].min() and arrays["image"].max() <= 1
+    # asking the same folder for another demo is a clear error, not a silent mix
+    assert preprocess.main(args(demo=str(tmp_path / "d"), num_cases=2)) == 2
+    assert "holds a demo made with" in capsys.readouterr().err
+
+
+def test_intensity_only_dice_needs_context(demo):
+    scores = preprocess.intensity_only_dice(demo)
+    print({k: round(v, 3) for k, v in scores.items()})
+    assert set(scores) == set(preprocess.DEMO_LABELS[1:])
+    assert scores["kidney_left"] < 0.9 and scores["kidney_right"] < 0.9  # identical intensities
+
+
+def test_intensity_only_dice_matches_naive(tmp_path):
+    rng = np.random.default_rng(9)
+    cases = []
+    for i in range(2):
+        folder = tmp_path / "cases" / f"c{i}"
+        folder.mkdir(parents=True)
+        label = rng.integers(0, 3, (6, 5, 4)).astype(np.uint8)
+        image = np.clip(0.2 * label + rng.normal(0, 0.15, label.shape), 0, 1).astype(np.float16)
+        body = rng.random(label.shape) > 0.2
+        for name, array in (("image", image), ("body", body), ("label", label)):
+            np.save(folder / f"{name}.npy", array)
+        cases.append(dict(id=f"c{i}", split="train", labelled=True, shape=list(label.shape)))
+    cases.append(dict(id="u", split="unlabelled", labelled=False, shape=[1, 1, 1]))
+    (tmp_path / "dataset.json").write_text(json.dumps(dict(
+        format_version=1, labels={"0": "background", "1": "a", "2": "b"}, cases=cases)))
+    num_bins = 10
+    counts = {}  # naive: (bin, class) -> voxel count over all body voxels of both cases
+    for case in cases[:2]:
+        folder = tmp_path / "cases" / case["id"]
+        image, body, label = (np.load(folder / f"{n}.npy") for n in ("image", "body", "label"))
+        for v in zip(*np.nonzero(body)):
+            key = (min(int(float(image[v]) * num_bins), num_bins - 1), int(label[v]))
+            counts[key] = counts.get(key, 0) + 1
+    majority = {b: max(range(3), key=lambda c: (counts.get((b, c), 0), -c))
+                for b in range(num_bins)}
+    expected = {}
+    for c, name in ((1, "a"), (2, "b")):
+        tp = sum(n for (b, k), n in counts.items() if k == c and majority[b] == c)
+        pred = sum(n for (b, k), n in counts.items() if majority[b] == c)
+        true = sum(n for (b, k), n in counts.items() if k == c)
+        expected[name] = 2 * tp / (pred + true)
+    assert preprocess.intensity_only_dice(tmp_path, num_bins=num_bins) == pytest.approx(expected)
