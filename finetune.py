@@ -35,10 +35,11 @@ from model import SegmentationModel
 from pretrain import atomic_torch_save, pick_device
 from preprocess import load_nifti, preprocess_arrays, resolve_data_dir, save_on_original_grid
 
-PAPER = dict(steps=45_000, batch_size=7, patch_size=(128, 128, 32), lr=3e-4, folds=3,
+PAPER = dict(steps=45_000, batch_size=7, patch_size=(128, 128, 32), eval_patch_size=(128, 128, 32), lr=3e-4, folds=3,
              freeze_steps=15_000, ramp_steps=1_200, ramp_start_lr=3e-5)
 # The demo keeps the paper's proportions: frozen for the first third, a short ramp.
-DEMO = dict(steps=300, batch_size=2, patch_size=(64, 64, 32), folds=3, freeze_steps=100, ramp_steps=30)
+DEMO = dict(steps=200, batch_size=2, patch_size=(48, 48, 16), eval_patch_size=(192, 176, 80), folds=3,
+            freeze_steps=60, ramp_steps=20)
 
 
 def backbone_lr(step, cfg):
@@ -67,7 +68,7 @@ def save_model(path, model, names, data_dir, cfg, fold, train_ids):
     meta = load_dataset_json(data_dir)
     atomic_torch_save(dict(kind="segmenter", version=1, model_config=model.config, state_dict=model.state_dict(),
                            labels={str(k): v for k, v in names.items()}, modality=meta["modality"],
-                           preset=meta["preset"], patch_size=list(cfg["patch_size"]), fold=fold,
+                           preset=meta["preset"], patch_size=list(cfg["eval_patch_size"]), fold=fold,
                            train_cases=list(train_ids)), path)
 
 
@@ -89,7 +90,7 @@ def load_model(path):
 def predict(scan, checkpoint, output, device, amp=True):
     """Segment one NIfTI scan; write the label map on the scan's own grid."""
     model, ckpt = load_model(checkpoint)
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last_3d)
     image, affine = load_nifti(scan)
     spacing = ckpt["preset"].get("spacing")
     image01, _, _, meta = preprocess_arrays(image, affine, ckpt["modality"], spacing=spacing)
@@ -131,7 +132,7 @@ def main(args):
     for fold, train_ids, test_ids in plan:
         torch.manual_seed(args.seed + fold)
         model, info = build_segmenter(args, len(names) - 1, "nonlinear")
-        model.to(device).train()
+        model.to(device, memory_format=torch.channels_last_3d).train()
         train_segmenter(model, data_dir, train_ids, cfg, args, device, on_step=schedule(cfg), desc=f"fold {fold}")
         save_model(out / f"model_fold{fold}.pt", model, names, data_dir, cfg, fold, train_ids)
         fold_dice[fold] = evaluate(model, test_dir or data_dir, test_ids, len(names), cfg, args, device)
@@ -152,8 +153,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p, required=False)
     # Fine-tuning schedule (Sec. 3.2)
-    p.add_argument("--freeze-steps", type=int, help="backbone frozen this long [15000; demo 100]")
-    p.add_argument("--ramp-steps", type=int, help="exponential backbone-lr ramp [1200; demo 30]")
+    p.add_argument("--freeze-steps", type=int, help="backbone frozen this long [15000; demo 60]")
+    p.add_argument("--ramp-steps", type=int, help="exponential backbone-lr ramp [1200; demo 20]")
     p.add_argument("--ramp-start-lr", type=float, help="[3e-5]")
     # Prediction
     p.add_argument("--predict", help="SCAN.nii.gz to segment with --checkpoint FINETUNED.pt")

@@ -36,8 +36,9 @@ from model import ARCHS, SegmentationModel
 from pretrain import DEMO_ARCHS, pick_device
 from preprocess import resolve_data_dir
 
-PAPER = dict(steps=45_000, batch_size=7, patch_size=(128, 128, 32), lr=3e-4, folds=3)
-DEMO = dict(steps=300, batch_size=2, patch_size=(64, 64, 32), folds=3)
+PAPER = dict(steps=45_000, batch_size=7, patch_size=(128, 128, 32), eval_patch_size=(128, 128, 32), lr=3e-4, folds=3)
+# The FPN is fully convolutional, so inference may use larger windows than training: fewer tiles.
+DEMO = dict(steps=300, batch_size=2, patch_size=(48, 48, 16), eval_patch_size=(192, 176, 80), folds=3)
 
 
 # ----------------------------------------------------------------------------- backbone
@@ -66,8 +67,12 @@ def load_backbone_weights(model, state_dict, path):
         raise ValueError(f"{path}: weights do not fit the backbone it describes: {str(e)[:500]}") from None
 
 
+def is_demo(args):
+    return (args.preset or ("demo" if args.data == "demo" else "paper")) == "demo"
+
+
 def random_backbone_config(args):
-    preset = (DEMO_ARCHS if args.data == "demo" else ARCHS)[args.arch]
+    preset = (DEMO_ARCHS if is_demo(args) else ARCHS)[args.arch]
     return dict(in_channels=1, base_channels=args.base_channels or preset["base_channels"],
                 num_levels=args.num_levels or preset["num_levels"])
 
@@ -148,7 +153,7 @@ def train_segmenter(model, data_dir, train_ids, cfg, args, device, on_step=None,
     for step, batch in enumerate(bar):
         if on_step is not None:
             on_step(step, model, optimizer)
-        x = batch["image"].to(device, non_blocking=True)   # (B, 1, X, Y, Z)
+        x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last_3d)  # (B, 1, X, Y, Z)
         y = batch["label"].to(device, non_blocking=True)   # (B, X, Y, Z)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(x)                              # (B, K-1, X, Y, Z)
@@ -176,9 +181,13 @@ def predict_volume(model, image, patch_size, device, amp=True, overlap=0.5, batc
     """Sliding-window segmentation of one preprocessed volume (X, Y, Z) -> labels (X, Y, Z) int64."""
     model.eval()
     x = torch.as_tensor(np.asarray(image, dtype=np.float32), device=device)[None]   # (1, X, Y, Z)
+    # No window larger than the volume needs: shrink it to the volume rounded up to what the FPN divides.
+    m = 2 ** (model.backbone.num_levels - 1)
+    patch_size = tuple(min(p, -(-s // m) * m) for p, s in zip(patch_size, x.shape[1:]))
 
     def probabilities(tiles):                                                      # (b, 1, *patch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            tiles = tiles.contiguous(memory_format=torch.channels_last_3d)
             return torch.sigmoid(model(tiles).float())                              # (b, K-1, *patch)
 
     probs = sliding_window_inference(x, probabilities, patch_size, overlap=overlap, batch_size=batch_size)
@@ -190,7 +199,7 @@ def evaluate(model, data_dir, test_ids, num_classes, cfg, args, device):
     rows = []
     for case_id in tqdm(test_ids, desc="evaluate", leave=False):
         case = load_case(data_dir, case_id)
-        pred = predict_volume(model, case["image"], cfg["patch_size"], device, amp=args.amp)
+        pred = predict_volume(model, case["image"], cfg["eval_patch_size"], device, amp=args.amp)
         rows.append(dice_per_class(pred.numpy(), np.asarray(case["label"]), num_classes))
     return np.stack(rows)
 
@@ -224,10 +233,10 @@ def write_json(path, obj):
 
 def resolve(args, paper, demo):
     cfg = dict(paper)
-    if args.data == "demo":
+    if is_demo(args):
         cfg.update(demo)
     cfg.update({k: v for k, v in vars(args).items() if k in paper and v is not None})
-    cfg["patch_size"] = tuple(cfg["patch_size"])
+    cfg["patch_size"], cfg["eval_patch_size"] = tuple(cfg["patch_size"]), tuple(cfg["eval_patch_size"])
     return cfg
 
 
@@ -256,7 +265,7 @@ def main(args):
     for fold, train_ids, test_ids in plan:
         torch.manual_seed(args.seed + fold)
         model, info = build_segmenter(args, len(names) - 1, "linear")
-        model.to(device).train()
+        model.to(device, memory_format=torch.channels_last_3d).train()
         set_backbone_trainable(model, False)
         before = [p.detach().clone() for p in model.backbone.parameters()]
         train_segmenter(model, data_dir, train_ids, cfg, args, device, desc=f"fold {fold}")
@@ -285,6 +294,7 @@ def add_common_args(p, required=True):
     p.add_argument("--fold", type=int, help="run only this fold")
     p.add_argument("--train-cases", type=int, help="label budget: training cases per fold [all]")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", choices=["paper", "demo"], help="defaults to start from [demo for --data demo, else paper]")
     # Backbone
     p.add_argument("--checkpoint", help="backbone.pt from pretrain.py")
     p.add_argument("--init", choices=["random"], help="random-init baseline instead of --checkpoint")
@@ -294,7 +304,8 @@ def add_common_args(p, required=True):
     # Optimisation
     p.add_argument("--steps", type=int, help="[45000; demo 300]")
     p.add_argument("--batch-size", type=int, help="[7; demo 2]")
-    p.add_argument("--patch-size", type=int, nargs=3, help="[128 128 32; demo 64 64 32]")
+    p.add_argument("--patch-size", type=int, nargs=3, help="[128 128 32; demo 48 48 16]")
+    p.add_argument("--eval-patch-size", type=int, nargs=3, help="sliding-window size at evaluation [128 128 32; demo 192 176 80: one window covers a demo volume]")
     p.add_argument("--lr", type=float, help="Adam learning rate [3e-4]")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--device", default="auto")

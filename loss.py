@@ -25,8 +25,11 @@ def _at_least_float32(*tensors):
     return [t.to(dtype) for t in tensors]
 
 
-def info_nce(z_a, z_b, temperature=0.1):
+def info_nce(z_a, z_b, temperature=0.1, valid=None):
     """Eq. 1. z_a, z_b: (N, D) L2-normalised embeddings; row i of z_a and row i of z_b are the same voxel.
+    valid: optional (N,) bool; rows marked False are padding (pretrain.py pads each process's
+    voxels to a fixed count before gathering them across processes): they are neither anchors
+    nor negatives. A mask instead of boolean indexing keeps the shapes static (no host sync).
 
     Each of the 2N voxels is an anchor; its positive is its twin in the other view, its negatives
     are the other 2(N - 1) sampled voxels of both views (the anchor itself is excluded). Returns
@@ -44,7 +47,12 @@ def info_nce(z_a, z_b, temperature=0.1):
         self_pair = torch.eye(2 * n, dtype=torch.bool, device=z.device)
         logits = logits.masked_fill(self_pair, float("-inf"))
         target = (torch.arange(2 * n, device=z.device) + n) % (2 * n)  # A_i <-> B_i
-        return F.cross_entropy(logits, target)
+        if valid is None:
+            return F.cross_entropy(logits, target)
+        keep = torch.cat([valid, valid])  # (2N,)
+        logits = logits.masked_fill(~keep[None, :], float("-inf"))
+        losses = F.cross_entropy(logits.masked_fill(~keep[:, None], 0.0), target, reduction="none")
+        return (losses * keep).sum() / keep.sum().clamp(min=1)
 
 
 def reconstruction_loss(recon_a, target_a, recon_b, target_b):

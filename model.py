@@ -274,12 +274,13 @@ class LinearHead(nn.Module):
 
 class NonLinearHead(nn.Module):
     """Fine-tuning head (Sec. 3.2; the paper does not specify it, this layout is our choice):
-    per level a 1x1x1 conv to `hidden` channels, nearest-upsampled and summed (as LinearHead),
+    per level a 1x1x1 conv to `hidden` channels (default: the finest level's width), nearest-upsampled and summed (as LinearHead),
     then BN -> ReLU -> Conv3^3 -> BN -> ReLU -> Conv1^3 to num_classes; the 3^3 conv also smooths
     the blocky coarse-level contributions. pyramid -> logits (B, num_classes, X, Y, Z)."""
 
-    def __init__(self, channels: Sequence[int], num_classes: int, hidden: int = 32):
+    def __init__(self, channels: Sequence[int], num_classes: int, hidden: int = None):
         super().__init__()
+        hidden = hidden or channels[0]  # as wide as the finest level: 32 for the paper's FPN
         self.convs = nn.ModuleList(nn.Conv3d(c, hidden, 1, bias=l == 0) for l, c in enumerate(channels))
         self.refine = nn.Sequential(
             nn.BatchNorm3d(hidden), nn.ReLU(inplace=True),

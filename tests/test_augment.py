@@ -1,6 +1,7 @@
 """augment.py: generic contract of every augmentation, then each one against a reference
 (the cell layout for shuffling, the box mask for in-painting, a 100,000-point Bezier + np.interp
-as Models Genesis for the intensity curve, scipy for the blur)."""
+as Models Genesis for the intensity curve, np.interp for the lookup tables, scipy for the blur),
+and meta tensors to show that no function reads a value back from the device."""
 import os
 import sys
 from math import comb
@@ -95,6 +96,36 @@ def test_shuffle_only_permutes_within_cells(seed):
     assert moved > 0.5 * (30 * 32) / (X * Y * Z), "too few voxels moved"
 
 
+def test_shuffle_grid_offset_is_per_patch():
+    B, C, X, Y, Z = 8, 1, 24, 24, 8
+    x = torch.rand((B, C, X, Y, Z), generator=gen(4))
+    _, cell = augment.local_pixel_shuffle(x, gen(0), prob=1.0, num_blocks=10_000,
+                                          block_fraction=(1 / 6, 1 / 6, 1 / 4), return_cells=True)
+    # All 5x5x3 cells of 4x4x2 shuffled: the covered voxels are one 20x20x6 box at the grid's offset,
+    # which leaves 24 - 20 = 4 (x, y) and 8 - 6 = 2 (z) voxels of slack.
+    origins = []
+    for b in range(B):
+        where = (cell[b] >= 0).nonzero()  # (V, 3)
+        origin = where.min(0).values
+        assert (origin <= torch.tensor([4, 4, 2])).all()
+        box = torch.zeros(X, Y, Z, dtype=torch.bool)
+        box[origin[0]:origin[0] + 20, origin[1]:origin[1] + 20, origin[2]:origin[2] + 6] = True
+        assert torch.equal(cell[b] >= 0, box)
+        origins.append(tuple(origin.tolist()))
+    assert len(set(origins)) > 1, "all patches share one grid offset"
+
+
+def test_no_host_device_sync():
+    """Meta tensors hold no data, so any read back to the host (.item(), .tolist(), nonzero, a
+    boolean mask, an `if` on a value) raises: passing means the pipelines never wait for the device."""
+    x = torch.empty(SHAPE, device="meta")
+    for kind in augment.KINDS:
+        out = augment.augment_batch(x, None, kind)  # None: the (meta) default generator
+        assert out.shape == x.shape and out.device.type == "meta"
+    out, cell = augment.local_pixel_shuffle(x, None, return_cells=True)
+    assert cell.shape == (SHAPE[0], *SHAPE[2:]) and cell.device.type == "meta"
+
+
 def test_shuffle_cell_count_capped_by_grid():
     x = random_batch()
     _, cell = augment.local_pixel_shuffle(x, gen(0), prob=1.0, num_blocks=10_000,
@@ -142,19 +173,45 @@ def test_bezier_lut_matches_dense_reference():
     points = torch.rand(20, 4, generator=gen(7), dtype=torch.float64)
     values = torch.rand(20, 500, generator=gen(8), dtype=torch.float64)
     values[:, :3] = torch.tensor([0.0, 1.0, 0.5], dtype=torch.float64)
-    ours = augment.interp_lut(values, *augment.bezier_lut(points)).numpy()
+    ours = augment.apply_lut(values, augment.bezier_lut(points)).numpy()
     for b in range(len(points)):
         reference = models_genesis_interp(points[b].numpy(), values[b].numpy())
         np.testing.assert_allclose(ours[b], reference, atol=2e-4)
 
 
-def test_interp_lut_equals_np_interp():
-    xs, ys = augment.bezier_lut(torch.rand(4, 4, generator=gen(9)), num_points=64)
+def test_interp_knots_equals_np_interp():
+    xs, ys = augment.bezier_curve(torch.rand(4, 4, generator=gen(9)), num_points=64)
     values = torch.cat([torch.rand(4, 300, generator=gen(10)), xs], dim=1)  # include the knots
-    ours = augment.interp_lut(values, xs, ys).numpy()
+    ours = augment.interp_knots(values, xs, ys).numpy()
     for b in range(4):
         reference = np.interp(values[b].double().numpy(), xs[b].double().numpy(), ys[b].double().numpy())
         np.testing.assert_allclose(ours[b], reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_apply_lut_equals_np_interp_on_uniform_grid(dtype):
+    B, T = 5, 37
+    lut = torch.rand(B, T, generator=gen(11), dtype=dtype).sort(1).values  # (B, T) non-decreasing
+    grid = torch.linspace(0, 1, T, dtype=torch.float64)
+    values = torch.cat([torch.rand(B, 400, generator=gen(12), dtype=dtype) * 1.2 - 0.1,  # some outside [0, 1]
+                        grid.to(dtype).expand(B, T)], dim=1)  # and the grid points themselves
+    ours = augment.apply_lut(values, lut)
+    assert ours.dtype == dtype
+    for b in range(B):
+        reference = np.interp(values[b].double().numpy(), grid.numpy(), lut[b].double().numpy())
+        np.testing.assert_allclose(ours[b].double().numpy(), reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_apply_lut_exactly_monotone_at_cell_edges(dtype):
+    B, T = 50, 9
+    lut = torch.rand(B, T, generator=gen(13), dtype=dtype).sort(1).values  # large steps per cell
+    edges = torch.linspace(0, 1, T, dtype=dtype)
+    down, up = edges.nextafter(torch.zeros_like(edges)), edges.nextafter(torch.ones_like(edges))
+    values = torch.cat([edges, down, down.nextafter(torch.zeros_like(edges)), up]).clamp(0, 1).sort().values
+    out = augment.apply_lut(values.expand(B, -1), lut)
+    assert (out.diff(dim=1) >= 0).all()
+    assert torch.equal(out[:, 0], lut[:, 0]) and torch.equal(out[:, -1], lut[:, -1])
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -167,7 +224,7 @@ def test_bezier_intensity_is_monotone_on_a_ramp(seed):
     assert not torch.equal(out, ramp.reshape(B, -1))
     # The same curve as bezier_lut on the generator's first draws (two control points per patch).
     points = torch.rand(B, 4, generator=gen(seed))
-    assert torch.equal(out, augment.interp_lut(ramp.reshape(B, -1), *augment.bezier_lut(points)))
+    assert torch.equal(out, augment.apply_lut(ramp.reshape(B, -1), augment.bezier_lut(points)))
 
 
 # ----------------------------------------------------------------------------- vox2vec augmentations

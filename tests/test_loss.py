@@ -126,3 +126,14 @@ def test_dice_per_class_by_hand():
 def test_dice_per_class_rejects_out_of_range_labels():
     with pytest.raises(ValueError, match="loss.py"):
         loss.dice_per_class(np.array([0, 5]), np.array([0, 1]), num_classes=3)
+
+
+def test_info_nce_padding_mask_equals_dropping_the_rows():
+    """pretrain.py pads each process's voxels before gathering; the mask must make padding invisible."""
+    g = torch.Generator().manual_seed(3)
+    za = F.normalize(torch.randn(7, 5, generator=g), dim=1)
+    zb = F.normalize(torch.randn(7, 5, generator=g), dim=1)
+    valid = torch.tensor([1, 1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    masked = loss.info_nce(za, zb, 0.1, valid)
+    dropped = loss.info_nce(za[valid], zb[valid], 0.1)
+    torch.testing.assert_close(masked, dropped)

@@ -1,0 +1,138 @@
+"""pretrain.py: a few real training steps on CPU, resume == uninterrupted, non-finite stop,
+the demo command end to end, the backbone file, config resolution, and torchrun with gloo."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pretrain
+from model import FPN3d
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--base-channels", "4", "--num-levels", "3", "--patch-size", "16", "16", "8",
+        "--batch-pairs", "2", "--num-voxels", "32", "--workers", "0", "--log-every", "1"]
+
+
+def run(data, out, *extra):
+    return pretrain.main(pretrain.parse_args(["--data", str(data), "--out", str(out), *TINY, *extra]))
+
+
+def read_log(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def test_steps_train_every_part(small_demo, tmp_path):
+    args = pretrain.parse_args(["--data", str(small_demo), *TINY])
+    cfg = pretrain.resolve_config(args)
+    torch.manual_seed(0)
+    model = pretrain.build_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = pretrain.make_loader(small_demo, cfg, seed=0, start_step=0, rank=0, world=1, workers=0)
+    g = torch.Generator().manual_seed(0)
+    for step, batch in zip(range(3), loader):
+        loss, l_c, l_r = pretrain.training_step(model, batch, cfg, g, torch.device("cpu"), None)
+        assert torch.isfinite(loss) and torch.isfinite(l_c) and torch.isfinite(l_r)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = model.state_dict()
+    weights = [k for k in before if k.endswith("weight")]
+    unchanged = [k for k in weights if torch.equal(before[k], after[k])]
+    assert not unchanged, f"parameters that did not train: {unchanged}"
+    assert any(k.startswith("projections.") for k in weights)   # the balanced projections are registered
+
+
+def test_resume_reproduces_uninterrupted_run(small_demo, tmp_path):
+    run(small_demo, tmp_path / "full", "--steps", "4", "--checkpoint-every", "2")
+    run(small_demo, tmp_path / "split", "--steps", "2", "--checkpoint-every", "2")
+    run(small_demo, tmp_path / "split", "--steps", "4", "--checkpoint-every", "2", "--resume")
+    full, split = read_log(tmp_path / "full"), read_log(tmp_path / "split")
+    assert [r["step"] for r in split] == [1, 2, 3, 4]
+    for a, b in zip(full, split):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
+    sa = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
+    sb = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["model"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_refuses_a_different_architecture(small_demo, tmp_path):
+    run(small_demo, tmp_path, "--steps", "1")
+    with pytest.raises(SystemExit, match="different base_channels"):
+        pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(tmp_path), *TINY,
+                                           "--steps", "2", "--resume", "--base-channels", "8"]))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(small_demo, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = pretrain.info_nce
+
+    def poisoned(za, zb, t, valid=None):
+        calls["n"] += 1
+        return real(za, zb, t, valid) * (float("nan") if calls["n"] >= 3 else 1.0)
+
+    monkeypatch.setattr(pretrain, "info_nce", poisoned)
+    with pytest.raises(SystemExit) as e:
+        run(small_demo, tmp_path, "--steps", "5", "--checkpoint-every", "2")
+    assert e.value.code == 1
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_demo_command_end_to_end(demo_is_small, tmp_path, capsys):
+    run_dir = pretrain.main(pretrain.parse_args(["--data", "demo", "--steps", "2", "--out", str(tmp_path),
+                                                 "--workers", "0", "--num-voxels", "64"]))
+    printed = capsys.readouterr().out
+    assert "config:" in printed and '"base_channels": 8' in printed   # the demo preset was used
+    rows = read_log(run_dir)
+    assert rows[-1]["step"] == 2
+    assert {"step", "loss", "loss_contrastive", "loss_recon", "lr", "seconds"} <= set(rows[-1])
+    backbone = torch.load(run_dir / "backbone.pt", weights_only=True)   # what the downstream stages do
+    net = FPN3d(**backbone["backbone_config"])
+    net.load_state_dict(backbone["state_dict"])
+    assert backbone["pretrain_config"]["steps"] == 2
+
+
+def test_config_resolution():
+    cfg = pretrain.resolve_config(pretrain.parse_args(["--data", "x", "--method", "vox2vec"]))
+    assert (cfg["arch"], cfg["aug"], cfg["recon_weight"]) == ("vox2vec", "vox2vec", 0.0)
+    assert (cfg["base_channels"], cfg["num_levels"], cfg["steps"]) == (16, 6, 50_000)
+    cfg = pretrain.resolve_config(pretrain.parse_args(["--data", "x", "--method", "vox2vec", "--recon-weight", "10"]))
+    assert cfg["recon_weight"] == 10.0   # a typed flag beats the shorthand
+    cfg = pretrain.resolve_config(pretrain.parse_args(["--data", "demo", "--steps", "7"]))
+    assert cfg["steps"] == 7 and cfg["base_channels"] == pretrain.DEMO_ARCHS["balanced"]["base_channels"]
+    with pytest.raises(ValueError, match="both 0"):
+        pretrain.resolve_config(pretrain.parse_args(["--data", "x", "--recon-weight", "0", "--contrastive-weight", "0"]))
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "old_version"])
+def test_bad_data_folder_is_a_clear_error(tmp_path, make):
+    data = tmp_path / "data"
+    if make != "missing":
+        data.mkdir()
+    if make == "old_version":
+        (data / "dataset.json").write_text(json.dumps(dict(format_version=0, cases=[])))
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(pretrain.parse_args(["--data", str(data), "--out", str(tmp_path / "run"), *TINY]))
+    assert str(data) in str(e.value.code)
+
+
+def test_torchrun_two_processes_gloo(small_demo, tmp_path):
+    """DDP on CPU: two ranks, a few steps; rank 0 alone writes; the checkpoint resumes in one process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "pretrain.py"), "--data", str(small_demo), "--out", str(tmp_path), *TINY,
+           "--steps", "3", "--batch-pairs", "4", "--device", "cpu"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_log(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]          # one writer: no duplicated rows
+    assert all(r["loss"] == r["loss"] for r in rows)        # finite (not NaN)
+    run(small_demo, tmp_path, "--steps", "4", "--batch-pairs", "4", "--resume")
+    assert read_log(tmp_path)[-1]["step"] == 4
