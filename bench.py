@@ -246,7 +246,7 @@ def main(args):
     return rows, extra
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", choices=["paper", "demo"], default="paper")
     p.add_argument("--device", default="auto")
@@ -256,4 +256,8 @@ if __name__ == "__main__":
     p.add_argument("--no-reference", action="store_true", help="skip the slow reference-style path")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true")
-    main(p.parse_args())
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -47,6 +47,7 @@ def main(args):
     data = ["--data", args.data]
     steps = ["--steps", "2"] if q else []      # else each script's demo preset
     small = ["--workers", "0", "--preset", "demo"] if q else []
+    one_fold = ["--fold", "0"] if q else []
     log, t0 = [], time.time()
     rows = {}
 
@@ -61,16 +62,16 @@ def main(args):
              "ours (pretrained)": ["--checkpoint", pre["ours"] / "backbone.pt"]}
     for name, init in probe.items():
         d = out / ("probe-" + name.split()[0].replace("(", ""))
-        run("linear_probe.py", *data, *init, "--out", d, *folds, *steps, *small, log=log)
+        run("linear_probe.py", *data, *init, "--out", d, *folds, *one_fold, *steps, *small, log=log)
         rows[("linear probe", name)] = result(d)
 
     # 3. fine-tune vs scratch at three label budgets
-    for budget in ["2", "4", "all"]:
+    for budget in ["2"] if q else ["2", "4", "all"]:
         limit = [] if budget == "all" else ["--train-cases", budget]
         for name, init in {"from scratch": ["--init", "random"],
                            "fine-tuned (ours)": ["--checkpoint", pre["ours"] / "backbone.pt"]}.items():
             d = out / f"finetune-{budget}-{name.split()[0]}"
-            run("finetune.py", *data, *init, "--out", d, "--folds", "2", *limit, *steps, *small,
+            run("finetune.py", *data, *init, "--out", d, "--folds", "2", *one_fold, *limit, *steps, *small,
                 *(["--freeze-steps", "1", "--ramp-steps", "1"] if q else []), log=log)
             rows[(f"fine-tune, {budget} training cases", name)] = result(d)
 
@@ -87,9 +88,13 @@ def main(args):
     return rows
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="demo")
     p.add_argument("--out", default="runs/evidence")
     p.add_argument("--quick", action="store_true", help="2 steps of everything: checks the pipeline, not the numbers")
-    main(p.parse_args())
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -19,21 +19,17 @@ preprocessing preset. --predict preprocesses the scan with that preset, segments
 sliding window and writes a label NIfTI on the scan's own grid (same shape and affine).
 """
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from linear_probe import (add_common_args, build_segmenter, check_init, evaluate, label_names, plan_folds,
-                          predict_volume, print_table, resolve, set_backbone_trainable, summarise,
-                          train_segmenter, write_json)
+from linear_probe import add_common_args, cross_validate, predict_volume, set_backbone_trainable, setup, train_segmenter
 from data import load_dataset_json
 from model import SegmentationModel
 from pretrain import atomic_torch_save, pick_device
-from preprocess import load_nifti, preprocess_arrays, resolve_data_dir, save_on_original_grid
+from preprocess import load_nifti, preprocess_arrays, save_on_original_grid
 
 PAPER = dict(steps=45_000, batch_size=7, patch_size=(128, 128, 32), eval_patch_size=(128, 128, 32), lr=3e-4, folds=3,
              freeze_steps=15_000, ramp_steps=1_200, ramp_start_lr=3e-5)
@@ -109,43 +105,17 @@ def main(args):
             return predict(args.predict, args.checkpoint, args.output, pick_device(args.device), args.amp)
         except ValueError as e:
             sys.exit(f"finetune.py: error: {e}")
-    try:
-        if not args.data or not args.out:
-            raise ValueError("training needs --data and --out (or use --predict)")
-        check_init(args)
-        cfg = resolve(args, PAPER, DEMO)
-        if args.init == "random":   # from scratch: the whole network trains at lr from step 0
-            cfg.update(freeze_steps=0, ramp_steps=0)
-        args.folds = cfg["folds"]
-        device = pick_device(args.device)
-        data_dir = resolve_data_dir(args.data)
-        test_dir = resolve_data_dir(args.test_data) if args.test_data else None
-        names = label_names(data_dir)
-        plan = plan_folds(args, data_dir, test_dir)
-        build_segmenter(args, len(names) - 1, "nonlinear")
-    except ValueError as e:
-        sys.exit(f"finetune.py: error: {e}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"fine-tune on {device}: {args.checkpoint or 'from scratch'}, config {json.dumps(cfg)}")
-    fold_dice, t0 = {}, time.time()
-    for fold, train_ids, test_ids in plan:
-        torch.manual_seed(args.seed + fold)
-        model, info = build_segmenter(args, len(names) - 1, "nonlinear")
-        model.to(device, memory_format=torch.channels_last_3d).train()
+    if not args.data or not args.out:
+        sys.exit("finetune.py: error: training needs --data and --out (or use --predict)")
+    cfg, device, data_dir, test_dir, names, plan = setup(args, PAPER, DEMO, "nonlinear", "finetune.py")
+    if args.init == "random":   # from scratch: the whole network trains at lr from step 0
+        cfg.update(freeze_steps=0, ramp_steps=0)
+
+    def train_fold(model, fold, train_ids):
         train_segmenter(model, data_dir, train_ids, cfg, args, device, on_step=schedule(cfg), desc=f"fold {fold}")
-        save_model(out / f"model_fold{fold}.pt", model, names, data_dir, cfg, fold, train_ids)
-        fold_dice[fold] = evaluate(model, test_dir or data_dir, test_ids, len(names), cfg, args, device)
-        print(f"fold {fold}: {len(train_ids)} train / {len(test_ids)} test cases, "
-              f"mean Dice {np.nanmean(np.nanmean(fold_dice[fold], axis=1)):.3f}")
-    results = summarise(fold_dice, names)
-    results.update(checkpoint=str(args.checkpoint) if args.checkpoint else None, init=args.init or "checkpoint",
-                   backbone_step=info["step"], args={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-                   config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
-                   seconds=round(time.time() - t0, 1))
-    write_json(out / "results.json", results)
-    print_table(f"fine-tune, {args.checkpoint or 'from scratch'}", results)
-    return results
+        save_model(Path(args.out) / f"model_fold{fold}.pt", model, names, data_dir, cfg, fold, train_ids)
+
+    return cross_validate(args, cfg, device, data_dir, test_dir, names, plan, "nonlinear", train_fold, "fine-tune")
 
 
 def parse_args(argv=None):

@@ -245,43 +245,59 @@ def check_init(args):
         raise ValueError("give exactly one of --checkpoint BACKBONE.pt or --init random")
 
 
-def main(args):
+def setup(args, paper, demo, head, script):
+    """Shared start of linear_probe.py and finetune.py: config, device, folds, and every input
+    problem (data, labels, checkpoint) reported as one clear line before any training."""
     try:
         check_init(args)
-        cfg = resolve(args, PAPER, DEMO)
+        cfg = resolve(args, paper, demo)
         args.folds = cfg["folds"]
-        device = pick_device(args.device)
         data_dir = resolve_data_dir(args.data)
         test_dir = resolve_data_dir(args.test_data) if args.test_data else None
         names = label_names(data_dir)
         plan = plan_folds(args, data_dir, test_dir)
-        build_segmenter(args, len(names) - 1, "linear")   # fail fast on a bad checkpoint
+        build_segmenter(args, len(names) - 1, head)   # fail fast on a bad checkpoint
     except ValueError as e:
-        sys.exit(f"linear_probe.py: error: {e}")
+        sys.exit(f"{script}: error: {e}")
+    return cfg, pick_device(args.device), data_dir, test_dir, names, plan
+
+
+def cross_validate(args, cfg, device, data_dir, test_dir, names, plan, head, train_fold, title):
+    """For each fold: a fresh segmenter, `train_fold(model, fold, train_ids)`, sliding-window
+    evaluation of its test cases. Writes OUT/results.json and prints the table."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"linear probe on {device}: {args.checkpoint or 'random init'}, config {json.dumps(cfg)}")
+    print(f"{title} on {device}: {args.checkpoint or 'random init'}, config {json.dumps(cfg)}")
     fold_dice, t0 = {}, time.time()
     for fold, train_ids, test_ids in plan:
         torch.manual_seed(args.seed + fold)
-        model, info = build_segmenter(args, len(names) - 1, "linear")
+        model, info = build_segmenter(args, len(names) - 1, head)
         model.to(device, memory_format=torch.channels_last_3d).train()
+        train_fold(model, fold, train_ids)
+        fold_dice[fold] = evaluate(model, test_dir or data_dir, test_ids, len(names), cfg, args, device)
+        print(f"fold {fold}: {len(train_ids)} train / {len(test_ids)} test cases, "
+              f"mean Dice {np.nanmean(np.nanmean(fold_dice[fold], axis=1)):.3f}")
+    plain = lambda d: {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+    results = summarise(fold_dice, names)
+    results.update(checkpoint=str(args.checkpoint) if args.checkpoint else None, init=args.init or "checkpoint",
+                   backbone_step=info["step"], args=plain(vars(args)), config=plain(cfg),
+                   seconds=round(time.time() - t0, 1))
+    write_json(out / "results.json", results)
+    print_table(f"{title}, {args.checkpoint or 'random init'}", results)
+    return results
+
+
+def main(args):
+    cfg, device, data_dir, test_dir, names, plan = setup(args, PAPER, DEMO, "linear", "linear_probe.py")
+
+    def train_fold(model, fold, train_ids):
         set_backbone_trainable(model, False)
         before = [p.detach().clone() for p in model.backbone.parameters()]
         train_segmenter(model, data_dir, train_ids, cfg, args, device, desc=f"fold {fold}")
         # The check that only the head trained (MAE's probe left its encoder in train mode).
         assert all(torch.equal(a, b) for a, b in zip(before, model.backbone.parameters()))
-        fold_dice[fold] = evaluate(model, test_dir or data_dir, test_ids, len(names), cfg, args, device)
-        print(f"fold {fold}: {len(train_ids)} train / {len(test_ids)} test cases, "
-              f"mean Dice {np.nanmean(np.nanmean(fold_dice[fold], axis=1)):.3f}")
-    results = summarise(fold_dice, names)
-    results.update(checkpoint=str(args.checkpoint) if args.checkpoint else None, init=args.init or "checkpoint",
-                   backbone_step=info["step"], args={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-                   config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
-                   seconds=round(time.time() - t0, 1))
-    write_json(out / "results.json", results)
-    print_table(f"linear probe, {args.checkpoint or 'random init'}", results)
-    return results
+
+    return cross_validate(args, cfg, device, data_dir, test_dir, names, plan, "linear", train_fold, "linear probe")
 
 
 def add_common_args(p, required=True):

@@ -18,6 +18,7 @@ from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import phantom  # noqa: E402
 import preprocess  # noqa: E402
 
 DEMO_SCALE = 0.6  # smaller phantoms keep the tests fast; 3 cases
@@ -296,7 +297,7 @@ def test_resolve_data_dir(tmp_path, demo):
 
 def test_demo_generator_deterministic(tmp_path):
     def make(folder, seed):
-        preprocess.make_demo_raw(tmp_path / folder, num_cases=1, seed=seed, scale=0.3)
+        phantom.make_demo_raw(tmp_path / folder, num_cases=1, seed=seed, scale=0.3)
         img = nib.load(str(tmp_path / folder / "imagesTr" / "demo_000.nii.gz"))
         lab = nib.load(str(tmp_path / folder / "labelsTr" / "demo_000.nii.gz"))
         return np.asarray(img.dataobj).tobytes() + np.asarray(lab.dataobj).tobytes(), img.affine
@@ -319,9 +320,9 @@ def test_demo_command(tmp_path, capsys):
 
 
 def test_intensity_only_dice_needs_context(demo):
-    scores = preprocess.intensity_only_dice(demo)
+    scores = phantom.intensity_only_dice(demo)
     print({k: round(v, 3) for k, v in scores.items()})
-    assert set(scores) == set(preprocess.DEMO_LABELS[1:])
+    assert set(scores) == set(phantom.DEMO_LABELS[1:])
     assert scores["kidney_left"] < 0.9 and scores["kidney_right"] < 0.9  # identical intensities
 
 
@@ -356,4 +357,4 @@ def test_intensity_only_dice_matches_naive(tmp_path):
         pred = sum(n for (b, k), n in counts.items() if majority[b] == c)
         true = sum(n for (b, k), n in counts.items() if k == c)
         expected[name] = 2 * tp / (pred + true)
-    assert preprocess.intensity_only_dice(tmp_path, num_bins=num_bins) == pytest.approx(expected)
+    assert phantom.intensity_only_dice(tmp_path, num_bins=num_bins) == pytest.approx(expected)

@@ -136,3 +136,46 @@ def test_torchrun_two_processes_gloo(small_demo, tmp_path):
     assert all(r["loss"] == r["loss"] for r in rows)        # finite (not NaN)
     run(small_demo, tmp_path, "--steps", "4", "--batch-pairs", "4", "--resume")
     assert read_log(tmp_path)[-1]["step"] == 4
+
+
+def test_fast_path_matches_plain_reference_path(small_demo):
+    """The speed work changes no result: (1) the sampler's intersection-box bookkeeping picks the
+    same voxels as the reference's whole-volume computation for the same random draws, and (2)
+    the training step (channels_last, one forward for both views) gives the plain step's loss."""
+    import copy
+    import numpy as np
+    import data
+    from augment import augment_batch
+    from loss import hybrid_loss, info_nce, reconstruction_loss
+
+    case = data.load_case(small_demo, data.list_cases(small_demo)[0])
+    image, body, patch, n = case["image"], case["body"], np.array([16, 16, 8]), 64
+    for seed in range(5):
+        fast = data.sample_pair(image, body, patch, n, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)                       # the same draws, done naively
+        anchor = data.sample_anchor(body, rng)
+        lo, hi = data.start_range(anchor, np.array(image.shape), patch)
+        sa, sb = rng.integers(lo, hi + 1), rng.integers(lo, hi + 1)
+        voxels = np.argwhere(np.asarray(body))                  # every body voxel of the scan
+        inside = np.all((voxels >= sa) & (voxels < sa + patch) & (voxels >= sb) & (voxels < sb + patch), axis=1)
+        candidates = voxels[inside]
+        assert len(candidates) >= n                             # (no retry happened)
+        chosen = candidates[rng.choice(len(candidates), n, replace=False)]
+        np.testing.assert_array_equal(fast["coords_a"], chosen - sa)
+        np.testing.assert_array_equal(fast["coords_b"], chosen - sb)
+
+    cfg = pretrain.resolve_config(pretrain.parse_args(["--data", str(small_demo), *TINY]))
+    torch.manual_seed(0)
+    model = pretrain.build_model(cfg).eval()                    # eval: BN uses fixed statistics
+    fast_model = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)
+    batch = next(iter(pretrain.make_loader(small_demo, cfg, 0, 0, 0, 1, 0)))
+    fast_loss = pretrain.training_step(fast_model, batch, cfg, torch.Generator().manual_seed(1),
+                                       torch.device("cpu"), None)[0]
+    g = torch.Generator().manual_seed(1)
+    xa, xb = batch["patches_a"], batch["patches_b"]
+    B, N = xa.shape[0], batch["coords_a"].shape[0]
+    za, ra = model(augment_batch(xa, g, cfg["aug"]), batch["coords_a"])   # each view on its own
+    zb, rb = model(augment_batch(xb, g, cfg["aug"]), batch["coords_b"])
+    plain = hybrid_loss(info_nce(za, zb, cfg["temperature"]), reconstruction_loss(ra, xa, rb, xb),
+                        cfg["recon_weight"], cfg["contrastive_weight"])
+    torch.testing.assert_close(fast_loss, plain, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,165 @@
+"""linear_probe.py and finetune.py: frozen probe, fine-tune schedule, results.json, clear errors,
+and prediction written back onto the scan's own grid."""
+import json
+import math
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import finetune
+import linear_probe
+import pretrain
+import preprocess
+
+TINY = ["--steps", "3", "--batch-size", "1", "--patch-size", "16", "16", "8", "--eval-patch-size", "64", "64", "32",
+        "--workers", "0", "--folds", "2", "--fold", "0", "--preset", "demo"]
+
+
+@pytest.fixture(scope="module")
+def backbone(small_demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre")
+    pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(out), "--preset", "demo",
+                                       "--steps", "1", "--patch-size", "16", "16", "16", "--batch-pairs", "2",
+                                       "--num-voxels", "16", "--workers", "0"]))
+    return out / "backbone.pt"
+
+
+def test_linear_probe_trains_only_the_head(small_demo, backbone, tmp_path, monkeypatch):
+    seen = {}
+    real = linear_probe.train_segmenter
+
+    def spy(model, *a, **k):
+        assert not any(p.requires_grad for p in model.backbone.parameters())
+        assert all(not m.training for m in model.backbone.modules())           # eval mode: BN frozen
+        seen["before"] = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+        seen["head"] = {k: v.clone() for k, v in model.head.state_dict().items()}
+        out = real(model, *a, **k)
+        seen["after"], seen["head_after"] = model.backbone.state_dict(), model.head.state_dict()
+        return out
+
+    monkeypatch.setattr(linear_probe, "train_segmenter", spy)
+    results = linear_probe.main(linear_probe.parse_args(["--data", str(small_demo), "--checkpoint", str(backbone),
+                                                         "--out", str(tmp_path), *TINY]))
+    for k, v in seen["before"].items():       # weights and BN running statistics untouched
+        assert torch.equal(v, seen["after"][k]), k
+    assert any(not torch.equal(v, seen["head_after"][k]) for k, v in seen["head"].items())
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert {"mean_dice", "std_dice", "per_class", "folds", "args", "checkpoint"} <= set(saved)
+    assert saved["checkpoint"] == str(backbone) and 0.0 <= saved["mean_dice"] <= 1.0
+    assert saved == json.loads(json.dumps(results))
+
+
+def test_linear_probe_random_init(small_demo, tmp_path):
+    r = linear_probe.main(linear_probe.parse_args(["--data", str(small_demo), "--init", "random",
+                                                   "--out", str(tmp_path), *TINY]))
+    assert r["init"] == "random" and r["checkpoint"] is None
+
+
+def test_summary_ignores_absent_classes():
+    names = {0: "bg", 1: "a", 2: "b"}
+    fold = {0: np.array([[1.0, np.nan], [0.5, 0.0]])}   # class b absent from case 0: ignored there
+    r = linear_probe.summarise(fold, names)
+    assert r["per_class"] == {"a": 0.75, "b": 0.0}
+    assert r["mean_dice"] == pytest.approx(np.mean([1.0, 0.25]))
+
+
+def test_fold_split_partitions_the_cases():
+    ids = [f"c{i}" for i in range(10)]
+    folds = linear_probe.split_folds(ids, 3, seed=0)
+    tests = sum((te for _, te in folds), [])
+    assert sorted(tests) == ids
+    for tr, te in folds:
+        assert not set(tr) & set(te) and sorted(tr + te) == ids
+
+
+@pytest.mark.parametrize("problem", ["missing", "not_a_backbone", "wrong_architecture"])
+def test_bad_checkpoint_is_a_clear_error(small_demo, backbone, tmp_path, problem):
+    path = tmp_path / "ckpt.pt"
+    if problem == "not_a_backbone":
+        shutil.copy(backbone.with_name("checkpoint.pt"), path)      # the resumable file, not the backbone
+    elif problem == "wrong_architecture":
+        ckpt = torch.load(backbone, weights_only=True)
+        ckpt["backbone_config"]["num_levels"] += 1
+        torch.save(ckpt, path)
+    with pytest.raises(SystemExit) as e:
+        linear_probe.main(linear_probe.parse_args(["--data", str(small_demo), "--checkpoint", str(path),
+                                                   "--out", str(tmp_path / "o"), *TINY]))
+    assert str(path) in str(e.value.code)
+
+
+def test_different_label_sets_are_a_clear_error(small_demo, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(small_demo, other, ignore=shutil.ignore_patterns("raw"))
+    meta = json.loads((other / "dataset.json").read_text())
+    meta["labels"]["1"] = "something_else"
+    (other / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match="label sets differ"):
+        finetune.main(finetune.parse_args(["--data", str(small_demo), "--test-data", str(other), "--init", "random",
+                                           "--out", str(tmp_path / "o"), *TINY]))
+
+
+def test_backbone_lr_schedule():
+    cfg = dict(freeze_steps=100, ramp_steps=10, ramp_start_lr=3e-5, lr=3e-4)
+    assert finetune.backbone_lr(0, cfg) == 0 and finetune.backbone_lr(99, cfg) == 0
+    assert finetune.backbone_lr(100, cfg) == pytest.approx(3e-5)
+    assert finetune.backbone_lr(105, cfg) == pytest.approx(math.sqrt(3e-5 * 3e-4))   # exponential ramp
+    assert finetune.backbone_lr(110, cfg) == finetune.backbone_lr(10_000, cfg) == 3e-4
+
+
+def test_finetune_freezes_then_trains_backbone(small_demo, backbone, tmp_path, monkeypatch):
+    snapshots = []
+    real = finetune.schedule
+
+    def recording(cfg):
+        on_step = real(cfg)
+
+        def wrapped(step, model, optimizer):
+            snapshots.append((step, model.backbone.stem.weight.detach().clone()
+                              if hasattr(model.backbone, "stem") else next(model.backbone.parameters()).detach().clone()))
+            on_step(step, model, optimizer)
+        return wrapped
+
+    monkeypatch.setattr(finetune, "schedule", recording)
+    finetune.main(finetune.parse_args(["--data", str(small_demo), "--checkpoint", str(backbone), "--out", str(tmp_path),
+                                       *TINY, "--steps", "5", "--freeze-steps", "2", "--ramp-steps", "2"]))
+    w = dict(snapshots)
+    assert torch.equal(w[0], w[2])          # frozen for steps 0 and 1
+    assert not torch.equal(w[2], w[4])      # trained after the freeze
+    saved = torch.load(tmp_path / "model_fold0.pt", weights_only=True)
+    assert saved["kind"] == "segmenter" and saved["modality"] == "ct"
+
+
+def test_predict_writes_mask_on_the_original_grid(small_demo, backbone, tmp_path, monkeypatch):
+    finetune.main(finetune.parse_args(["--data", str(small_demo), "--init", "random", "--out", str(tmp_path), *TINY,
+                                       "--steps", "1"]))
+    raw = Path(small_demo) / "raw"
+    scan = sorted((raw / "imagesTr").iterdir())[0]
+    label_file = raw / "labelsTr" / scan.name.replace("_0000", "")
+    out = tmp_path / "seg.nii.gz"
+    finetune.main(finetune.parse_args(["--predict", str(scan), "--checkpoint", str(tmp_path / "model_fold0.pt"),
+                                       "--output", str(out)]))
+    written, original = nib.load(out), nib.load(label_file)
+    assert written.shape == original.shape and np.allclose(written.affine, original.affine)
+
+    # Alignment: with an oracle in place of the network (the preprocessed label itself), the
+    # mask that --predict writes must coincide with the label on the scan's own grid.
+    image, affine = preprocess.load_nifti(scan)
+    label = np.asanyarray(original.dataobj)
+    _, _, label_pre, _ = preprocess.preprocess_arrays(image, affine, "ct", label=label)
+    monkeypatch.setattr(finetune, "predict_volume", lambda *a, **k: torch.as_tensor(label_pre.astype(np.int64)))
+    finetune.main(finetune.parse_args(["--predict", str(scan), "--checkpoint", str(tmp_path / "model_fold0.pt"),
+                                       "--output", str(out)]))
+    pred = np.asanyarray(nib.load(out).dataobj)
+    fg = [c for c in np.unique(label) if c]
+    dice = [2 * np.sum((pred == c) & (label == c)) / (np.sum(pred == c) + np.sum(label == c)) for c in fg]
+    assert np.mean(dice) >= 0.95, dice
+
+
+def test_predict_needs_a_finetuned_checkpoint(backbone, tmp_path):
+    with pytest.raises(SystemExit, match="not a fine-tuned model"):
+        finetune.main(finetune.parse_args(["--predict", "x.nii.gz", "--checkpoint", str(backbone),
+                                           "--output", str(tmp_path / "o.nii.gz")]))
