@@ -19,7 +19,6 @@ preprocessed data.
 """
 import argparse
 import json
-import math
 import tempfile
 import time
 from pathlib import Path

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from linear_probe import add_common_args, cross_validate, predict_volume, set_backbone_trainable, setup, train_segmenter
+from linear_probe import (add_common_args, cross_validate, predict_volume, set_backbone_trainable, setup,
+                          train_segmenter, world_info)
 from data import load_dataset_json
 from model import SegmentationModel
 from pretrain import atomic_torch_save, pick_device
@@ -113,7 +114,8 @@ def main(args):
 
     def train_fold(model, fold, train_ids):
         train_segmenter(model, data_dir, train_ids, cfg, args, device, on_step=schedule(cfg), desc=f"fold {fold}")
-        save_model(Path(args.out) / f"model_fold{fold}.pt", model, names, data_dir, cfg, fold, train_ids)
+        if world_info()[0] == 0:
+            save_model(Path(args.out) / f"model_fold{fold}.pt", model, names, data_dir, cfg, fold, train_ids)
 
     return cross_validate(args, cfg, device, data_dir, test_dir, names, plan, "nonlinear", train_fold, "fine-tune")
 

@@ -28,12 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from data import LabelledPatchDataset, list_cases, load_case, load_dataset_json, sliding_window_inference
 from loss import dice_per_class, predict_labels, segmentation_loss
 from model import ARCHS, SegmentationModel
-from pretrain import DEMO_ARCHS, pick_device
+from pretrain import DEMO_ARCHS, setup_distributed
 from preprocess import resolve_data_dir
 
 PAPER = dict(steps=45_000, batch_size=7, patch_size=(128, 128, 32), eval_patch_size=(128, 128, 32), lr=3e-4, folds=3)
@@ -139,24 +140,43 @@ def plan_folds(args, data_dir, test_dir):
 
 # ----------------------------------------------------------------------------- train / evaluate
 
+def world_info():
+    """(rank, world size): (0, 1) unless launched by torchrun (pretrain.setup_distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def train_segmenter(model, data_dir, train_ids, cfg, args, device, on_step=None, desc="train"):
-    """The downstream training loop. `on_step(step, model, optimizer)` applies schedules (finetune.py)."""
+    """The downstream training loop. `on_step(step, model, optimizer)` applies schedules (finetune.py).
+
+    Under torchrun, --batch-size is the global batch: rank r reads items (s * W + r) * b + j of a
+    dataset whose item i is a fixed function of (seed, i), so W processes see exactly the
+    batches of one. DDP averages the gradients; it is re-wrapped when a schedule changes which
+    parameters train (DDP fixes that set when it is built), e.g. when finetune.py unfreezes."""
+    rank, world = world_info()
+    b = cfg["batch_size"] // world
     dataset = LabelledPatchDataset(data_dir, train_ids, patch_size=cfg["patch_size"],
                                    length=cfg["steps"] * cfg["batch_size"], seed=args.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=False,
+    order = [(s * world + rank) * b + j for s in range(cfg["steps"]) for j in range(b)]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=b, sampler=order,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
                                          persistent_workers=args.workers > 0)
     optimizer = make_optimizer(model, cfg["lr"], device)
     amp = device.type == "cuda" and args.amp
     losses = torch.zeros((), device=device)
-    bar = tqdm(loader, total=cfg["steps"], desc=desc, dynamic_ncols=True, leave=False)
+    net, trains = model, None
+    bar = tqdm(loader, total=cfg["steps"], desc=desc, dynamic_ncols=True, leave=False, disable=rank != 0)
     for step, batch in enumerate(bar):
         if on_step is not None:
             on_step(step, model, optimizer)
-        x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last_3d)  # (B, 1, X, Y, Z)
-        y = batch["label"].to(device, non_blocking=True)   # (B, X, Y, Z)
+        if world > 1 and trains != (now := tuple(p.requires_grad for p in model.parameters())):
+            trains = now
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last_3d)  # (b, 1, X, Y, Z)
+        y = batch["label"].to(device, non_blocking=True)   # (b, X, Y, Z)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)                              # (B, K-1, X, Y, Z)
+            logits = net(x)                                # (b, K-1, X, Y, Z)
         loss = segmentation_loss(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -259,24 +279,37 @@ def setup(args, paper, demo, head, script):
         build_segmenter(args, len(names) - 1, head)   # fail fast on a bad checkpoint
     except ValueError as e:
         sys.exit(f"{script}: error: {e}")
-    return cfg, pick_device(args.device), data_dir, test_dir, names, plan
+    rank, world, device = setup_distributed(args.device)
+    if cfg["batch_size"] % world:
+        sys.exit(f"{script}: error: --batch-size {cfg['batch_size']} is the global batch: it must split "
+                 f"evenly over {world} processes")
+    return cfg, device, data_dir, test_dir, names, plan
 
 
 def cross_validate(args, cfg, device, data_dir, test_dir, names, plan, head, train_fold, title):
     """For each fold: a fresh segmenter, `train_fold(model, fold, train_ids)`, sliding-window
     evaluation of its test cases. Writes OUT/results.json and prints the table."""
+    rank, world = world_info()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{title} on {device}: {args.checkpoint or 'random init'}, config {json.dumps(cfg)}")
+    if rank == 0:
+        print(f"{title} on {world} x {device}: {args.checkpoint or 'random init'}, config {json.dumps(cfg)}")
     fold_dice, t0 = {}, time.time()
     for fold, train_ids, test_ids in plan:
         torch.manual_seed(args.seed + fold)
         model, info = build_segmenter(args, len(names) - 1, head)
         model.to(device, memory_format=torch.channels_last_3d).train()
         train_fold(model, fold, train_ids)
-        fold_dice[fold] = evaluate(model, test_dir or data_dir, test_ids, len(names), cfg, args, device)
-        print(f"fold {fold}: {len(train_ids)} train / {len(test_ids)} test cases, "
-              f"mean Dice {np.nanmean(np.nanmean(fold_dice[fold], axis=1)):.3f}")
+        if rank == 0:       # under torchrun, rank 0 alone evaluates and writes; the others wait
+            fold_dice[fold] = evaluate(model, test_dir or data_dir, test_ids, len(names), cfg, args, device)
+            print(f"fold {fold}: {len(train_ids)} train / {len(test_ids)} test cases, "
+                  f"mean Dice {np.nanmean(np.nanmean(fold_dice[fold], axis=1)):.3f}")
+        if world > 1:
+            dist.barrier()
+    if world > 1:
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
     plain = lambda d: {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
     results = summarise(fold_dice, names)
     results.update(checkpoint=str(args.checkpoint) if args.checkpoint else None, init=args.init or "checkpoint",

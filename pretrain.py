@@ -7,14 +7,17 @@ balanced voxel representations sampled at n positive pairs, and the hybrid loss
 L = L_c + lambda * L_r (Eq. 1-3) with InfoNCE at tau = 0.1 and MSE reconstruction at lambda = 10.
 
 Run it:
-    python pretrain.py --data demo                          # CPU preset, builds data/demo, ~4 min on 2 cores
+    python pretrain.py --data demo                          # CPU preset, builds data/demo, ~5 min on 2 cores
     python pretrain.py --data DATA_DIR --out runs/ct        # the paper's config (one GPU; see README for speed)
     python pretrain.py --data DATA_DIR --method vox2vec     # the vox2vec baseline (Table 1, row 1)
     python pretrain.py --data DATA_DIR --out runs/ct --resume       # continue an interrupted run
     torchrun --nproc_per_node=4 pretrain.py --data DATA_DIR         # several GPUs (DDP)
 
-What to expect: on the demo preset the total loss falls from ~6.5 to ~3 within a few hundred
-steps. Everything a run writes lives in --out: `log.jsonl` (one row per logged step),
+What to expect on the demo preset (300 steps of 4 pairs, 256 voxel pairs each; measured, see
+README): the loss falls from ~8.6 (step 10) to ~7.4 (step 300). L_r drops from 0.08 to ~0.01
+within 50 steps; L_c from 7.8 to 7.3, against the chance level ln(2 * 1024 - 1) = 7.62 of 1,024
+voxel pairs per view, i.e. the contrastive part has only begun to learn at this budget.
+Everything a run writes lives in --out: `log.jsonl` (one row per logged step),
 `checkpoint.pt` (resumable, written atomically every --checkpoint-every steps and at the end)
 and `backbone.pt` (the FPN alone, for linear_probe.py / finetune.py; loads with
 `torch.load(..., weights_only=True)`).
@@ -31,7 +34,6 @@ logs and writes files; checkpoints are interchangeable between DDP and single-pr
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -190,18 +192,17 @@ class _GatherRows(torch.autograd.Function):
 def training_step(model, batch, cfg, generator, device, amp_dtype):
     """One forward of both augmented views. Returns (loss, loss_contrastive, loss_recon) tensors.
     No host-device synchronisation happens in here."""
+    B = batch["patches_a"].shape[0]
     xa = batch["patches_a"].to(device, non_blocking=True)  # (B, 1, X, Y, Z) un-augmented: the Eq. 2 target
     xb = batch["patches_b"].to(device, non_blocking=True)
-    ca = batch["coords_a"].to(device, non_blocking=True)   # (N, 4) = (pair, x, y, z)
-    cb = batch["coords_b"].to(device, non_blocking=True)
-    B = xa.shape[0]
+    # View B's patches sit after view A's in the stacked batch; shifted on the host, before the copy.
+    coords = torch.cat([batch["coords_a"], batch["coords_b"] + torch.tensor([B, 0, 0, 0])])  # (2N, 4)
+    coords = coords.to(device, non_blocking=True)
     x = torch.cat([augment_batch(xa, generator, cfg["aug"]), augment_batch(xb, generator, cfg["aug"])])  # (2B, 1, X, Y, Z)
-    cb = cb + torch.tensor([B, 0, 0, 0], device=device)     # view B's patches sit after view A's
-    coords = torch.cat([ca, cb])                           # (2N, 4)
     x = x.contiguous(memory_format=torch.channels_last_3d)   # faster 3D convs on GPU and CPU alike
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         z, recon = model(x, coords)                        # (2N, 128), (2B, 1, X, Y, Z)
-    N = ca.shape[0]
+    N = batch["coords_a"].shape[0]
     za, zb, valid = gather_embeddings(z[:N], z[N:], cfg["num_voxels"] * B)
     l_c = info_nce(za, zb, cfg["temperature"], valid)                    # Eq. 1
     l_r = reconstruction_loss(recon[:B], xa, recon[B:], xb)              # Eq. 2

@@ -163,3 +163,22 @@ def test_predict_needs_a_finetuned_checkpoint(backbone, tmp_path):
     with pytest.raises(SystemExit, match="not a fine-tuned model"):
         finetune.main(finetune.parse_args(["--predict", "x.nii.gz", "--checkpoint", str(backbone),
                                            "--output", str(tmp_path / "o.nii.gz")]))
+
+
+def test_finetune_under_torchrun_two_processes(small_demo, backbone, tmp_path):
+    """DDP fine-tuning on CPU (gloo): freeze -> unfreeze re-wraps DDP; rank 0 alone evaluates and
+    writes; the saved model loads in a single process."""
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(root / "finetune.py"), "--data", str(small_demo), "--checkpoint", str(backbone), "--out", str(tmp_path),
+           *TINY, "--batch-size", "2", "--steps", "4", "--freeze-steps", "2", "--ramp-steps", "1", "--device", "cpu"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("fold 0:") == 1          # one evaluation, by rank 0
+    assert json.loads((tmp_path / "results.json").read_text())["mean_dice"] >= 0
+    model, _ = finetune.load_model(tmp_path / "model_fold0.pt")
+    assert model.config["head"] == "nonlinear"

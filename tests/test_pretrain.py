@@ -173,7 +173,6 @@ def test_fast_path_matches_plain_reference_path(small_demo):
                                        torch.device("cpu"), None)[0]
     g = torch.Generator().manual_seed(1)
     xa, xb = batch["patches_a"], batch["patches_b"]
-    B, N = xa.shape[0], batch["coords_a"].shape[0]
     za, ra = model(augment_batch(xa, g, cfg["aug"]), batch["coords_a"])   # each view on its own
     zb, rb = model(augment_batch(xb, g, cfg["aug"]), batch["coords_b"])
     plain = hybrid_loss(info_nce(za, zb, cfg["temperature"]), reconstruction_loss(ra, xa, rb, xb),
