@@ -22,9 +22,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run(script, *args, log):
+def run(script, *args, log, done=None):
+    """Run one stage's own command line; skipped when its output `done` exists (a re-run continues)."""
     cmd = [sys.executable, str(HERE / script), *map(str, args)]
     shown = "python " + " ".join([script, *map(str, args)])
+    if done is not None and Path(done).exists():
+        print(f"\n(already done: {shown})", flush=True)
+        log.append(dict(command=shown, seconds=None))
+        return
     print(f"\n$ {shown}", flush=True)
     t = time.time()
     subprocess.run(cmd, check=True, cwd=HERE)
@@ -53,8 +58,9 @@ def main(args):
 
     # 1. pretraining, same budget for both methods
     pre = {"ours": out / "pretrain-balanced", "vox2vec": out / "pretrain-vox2vec"}
-    run("pretrain.py", *data, "--out", pre["ours"], *steps, *small, log=log)
-    run("pretrain.py", *data, "--method", "vox2vec", "--out", pre["vox2vec"], *steps, *small, log=log)
+    run("pretrain.py", *data, "--out", pre["ours"], *steps, *small, log=log, done=pre["ours"] / "backbone.pt")
+    run("pretrain.py", *data, "--method", "vox2vec", "--out", pre["vox2vec"], *steps, *small, log=log,
+        done=pre["vox2vec"] / "backbone.pt")
 
     # 2. linear probe
     folds = ["--folds", "2" if q else "3"]
@@ -62,7 +68,8 @@ def main(args):
              "ours (pretrained)": ["--checkpoint", pre["ours"] / "backbone.pt"]}
     for name, init in probe.items():
         d = out / ("probe-" + name.split()[0].replace("(", ""))
-        run("linear_probe.py", *data, *init, "--out", d, *folds, *one_fold, *steps, *small, log=log)
+        run("linear_probe.py", *data, *init, "--out", d, *folds, *one_fold, *steps, *small, log=log,
+            done=d / "results.json")
         rows[("linear probe", name)] = result(d)
 
     # 3. fine-tune vs scratch at three label budgets
@@ -72,14 +79,14 @@ def main(args):
                            "fine-tuned (ours)": ["--checkpoint", pre["ours"] / "backbone.pt"]}.items():
             d = out / f"finetune-{budget}-{name.split()[0]}"
             run("finetune.py", *data, *init, "--out", d, "--folds", "2", *one_fold, *limit, *steps, *small,
-                *(["--freeze-steps", "1", "--ramp-steps", "1"] if q else []), log=log)
+                *(["--freeze-steps", "1", "--ramp-steps", "1"] if q else []), log=log, done=d / "results.json")
             rows[(f"fine-tune, {budget} training cases", name)] = result(d)
 
     minutes = (time.time() - t0) / 60
     lines = ["| experiment | model | mean Dice ± std over folds |", "|---|---|---|"]
     lines += [f"| {exp} | {name} | {fmt(r)} |" for (exp, name), r in rows.items()]
     lines += ["", f"Total {minutes:.1f} min on {os.cpu_count()} CPU cores. Commands:", ""]
-    lines += [f"    {e['command']}    # {e['seconds']:.0f} s" for e in log]
+    lines += [f"    {e['command']}" + (f"    # {e['seconds']:.0f} s" if e["seconds"] else "") for e in log]
     (out / "evidence.md").write_text("\n".join(lines) + "\n")
     (out / "evidence.json").write_text(json.dumps(dict(
         results=[dict(experiment=e, model=n, mean_dice=r[0], std_dice=r[1], folds=r[2]) for (e, n), r in rows.items()],

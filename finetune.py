@@ -35,8 +35,8 @@ from preprocess import load_nifti, preprocess_arrays, save_on_original_grid
 PAPER = dict(steps=45_000, batch_size=7, patch_size=(128, 128, 32), eval_patch_size=(128, 128, 32), lr=3e-4, folds=3,
              freeze_steps=15_000, ramp_steps=1_200, ramp_start_lr=3e-5)
 # The demo keeps the paper's proportions: frozen for the first third, a short ramp.
-DEMO = dict(steps=200, batch_size=2, patch_size=(48, 48, 16), eval_patch_size=(192, 176, 80), folds=3,
-            freeze_steps=60, ramp_steps=20)
+DEMO = dict(steps=300, batch_size=2, patch_size=(48, 48, 16), eval_patch_size=(192, 176, 80), folds=3,
+            lr=1e-3, freeze_steps=100, ramp_steps=30, ramp_start_lr=1e-4)  # lr: a short CPU budget
 
 
 def backbone_lr(step, cfg):
@@ -125,9 +125,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p, required=False)
     # Fine-tuning schedule (Sec. 3.2)
-    p.add_argument("--freeze-steps", type=int, help="backbone frozen this long [15000; demo 60]")
-    p.add_argument("--ramp-steps", type=int, help="exponential backbone-lr ramp [1200; demo 20]")
-    p.add_argument("--ramp-start-lr", type=float, help="[3e-5]")
+    p.add_argument("--freeze-steps", type=int, help="backbone frozen this long [15000; demo 100]")
+    p.add_argument("--ramp-steps", type=int, help="exponential backbone-lr ramp [1200; demo 30]")
+    p.add_argument("--ramp-start-lr", type=float, help="[3e-5; demo 1e-4]")
     # Prediction
     p.add_argument("--predict", help="SCAN.nii.gz to segment with --checkpoint FINETUNED.pt")
     p.add_argument("--output", help="SEG.nii.gz for --predict")
