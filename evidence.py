@@ -1,7 +1,7 @@
 """The evidence that pretraining helps, on the demo set: every number in the README's results
 table comes from this script, which only runs the stage scripts' own command lines.
 
-    python evidence.py                     # the full demo evidence (about an hour on 2 CPU cores)
+    python evidence.py                     # the full demo evidence (~1.5 h on 2 shared CPU cores)
     python evidence.py --quick --data DIR  # a few steps of everything (the test suite runs this)
 
 1. Pretraining (pretrain.py, demo preset): ours (balanced FPN, local augmentations, L_c + 10 L_r)
