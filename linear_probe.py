@@ -163,7 +163,7 @@ def train_segmenter(model, data_dir, train_ids, cfg, args, device, on_step=None,
     loader = torch.utils.data.DataLoader(dataset, batch_size=b, sampler=order,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
                                          persistent_workers=args.workers > 0)
-    optimizer = make_optimizer(model, cfg["lr"], device)
+    optimizer = make_optimizer(model, cfg["lr"])
     amp = device.type == "cuda" and args.amp
     losses = torch.zeros((), device=device)
     net, trains = model, None
@@ -189,7 +189,7 @@ def train_segmenter(model, data_dir, train_ids, cfg, args, device, on_step=None,
     return model
 
 
-def make_optimizer(model, lr, device):
+def make_optimizer(model, lr):
     """Adam over the head, plus a separate (possibly frozen) group for the backbone."""
     head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     groups = [dict(params=head, lr=lr, name="head"),
