@@ -1,25 +1,36 @@
-"""The evidence that pretraining helps, on the demo set: every number in the README's results
-table comes from this script, which only runs the stage scripts' own command lines.
+"""The evidence that pretraining helps, on the demo set: every number and figure in the README's
+"Results" comes from this script, which only runs the stage scripts' own command lines.
 
-    python evidence.py                     # the full demo evidence (~1.5 h on 2 shared CPU cores)
+    python evidence.py                     # the demo evidence (~1 h on 2 idle CPU cores)
+    python evidence.py --ablation          # Table 1's rows on the demo (after the above; ~30 min)
     python evidence.py --quick --data DIR  # a few steps of everything (the test suite runs this)
 
+Protocol (Sec. 3.2 of the paper, at demo scale; 3-fold cross-validation over the 20 demo cases):
 1. Pretraining (pretrain.py, demo preset): ours (balanced FPN, local augmentations, L_c + 10 L_r)
    and the vox2vec baseline (--method vox2vec), the same number of steps.
-2. Linear probe (linear_probe.py, 3-fold CV): random-init backbone vs ours vs vox2vec (Table 1-2).
-3. Fine-tuning vs training from scratch (finetune.py) with 2, 4 and all training cases per fold
-   (Table 3), 2-fold CV to stay inside the time budget.
-Results: OUT/evidence.md (a Markdown table with the commands) and OUT/evidence.json.
+2. Linear probe (linear_probe.py): random-init backbone vs vox2vec vs ours (Tables 1-2).
+3. Fine-tuning ours vs training from scratch (finetune.py) with 1, 2 and all training cases per
+   fold (Fig. 1, Table 3), the same steps for every budget.
+4. Figures (matplotlib, imported here only): Dice vs labelled cases; one held-out slice (image,
+   ground truth, scratch, fine-tuned); the first three principal components of the voxel
+   features as RGB for random init, vox2vec and ours; the pretraining curves.
+Results: OUT/evidence.md (tables with the paper's numbers beside ours, the commands and their
+wall times), OUT/evidence.json and OUT/*.png. A re-run skips every command whose output exists.
 """
 import argparse
 import json
+import math
 import os
+import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# The paper's numbers, for scale (real CT / MRI, 50,000 pretraining steps on an A100).
+PAPER = {"linear probe": "MRI (Table 1): vox2vec 58.8, ours 65.7; CT/BTCV (Table 2): vox2vec 62.0, ours 65.6",
+         "fine-tune": "MRI (Table 3): 4 cases 48.4 -> 57.7, 8 cases 63.3 -> 69.3, 42 cases 77.1 -> 78.8 (scratch -> fine-tuned)"}
 
 
 def run(script, *args, log, done=None):
@@ -37,12 +48,20 @@ def run(script, *args, log, done=None):
 
 
 def result(path):
-    r = json.loads((Path(path) / "results.json").read_text())
-    return r["mean_dice"], r["std_dice"], len(r["folds"])
+    return json.loads((Path(path) / "results.json").read_text())
 
 
 def fmt(r):
-    return f"{r[0]:.3f} ± {r[1]:.3f} ({r[2]} folds)"
+    return f"{r['mean_dice']:.3f} ± {r['std_dice']:.3f}"
+
+
+def pretrain_summary(run_dir):
+    """Last logged L_c and L_r, the chance level ln(2N - 1) of InfoNCE with N voxel pairs per view."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+    cfg = json.loads(json.dumps(__import__("torch").load(Path(run_dir) / "backbone.pt", weights_only=True)["pretrain_config"]))
+    chance = math.log(2 * cfg["num_voxels"] * cfg["batch_pairs"] - 1)
+    return dict(rows=rows, chance=chance, l_c=rows[-1]["loss_contrastive"], l_r=rows[-1]["loss_recon"],
+                steps=rows[-1]["step"], seconds=rows[-1]["seconds"])
 
 
 def main(args):
@@ -50,49 +69,213 @@ def main(args):
     out.mkdir(parents=True, exist_ok=True)
     q = args.quick
     data = ["--data", args.data]
-    steps = ["--steps", "2"] if q else []      # else each script's demo preset
-    small = ["--workers", "0", "--preset", "demo"] if q else []
-    one_fold = ["--fold", "0"] if q else []
-    log, t0 = [], time.time()
-    rows = {}
+    small = ["--workers", "0", "--preset", "demo"] if q else ["--workers", "0"]
+    log, t0, rows = [], time.time(), {}
+    pre = {"ours": out / "pretrain-balanced", "vox2vec": out / "pretrain-vox2vec"}
+    probes = {"random init": out / "probe-random", "vox2vec": out / "probe-vox2vec", "ours": out / "probe-ours"}
 
     # 1. pretraining, same budget for both methods
-    pre = {"ours": out / "pretrain-balanced", "vox2vec": out / "pretrain-vox2vec"}
+    steps = ["--steps", "2"] if q else []
     run("pretrain.py", *data, "--out", pre["ours"], *steps, *small, log=log, done=pre["ours"] / "backbone.pt")
     run("pretrain.py", *data, "--method", "vox2vec", "--out", pre["vox2vec"], *steps, *small, log=log,
         done=pre["vox2vec"] / "backbone.pt")
 
-    # 2. linear probe
-    folds = ["--folds", "2" if q else "3"]
-    probe = {"random init": ["--init", "random"], "vox2vec (pretrained)": ["--checkpoint", pre["vox2vec"] / "backbone.pt"],
-             "ours (pretrained)": ["--checkpoint", pre["ours"] / "backbone.pt"]}
-    for name, init in probe.items():
-        d = out / ("probe-" + name.split()[0].replace("(", ""))
-        run("linear_probe.py", *data, *init, "--out", d, *folds, *one_fold, *steps, *small, log=log,
-            done=d / "results.json")
-        rows[("linear probe", name)] = result(d)
+    # 2. linear probe on cached features
+    folds = ["--folds", "2", "--fold", "0", "--max-steps", "3"] if q else ["--folds", "3"]
+    inits = {"random init": ["--init", "random"], "vox2vec": ["--checkpoint", pre["vox2vec"] / "backbone.pt"],
+             "ours": ["--checkpoint", pre["ours"] / "backbone.pt"]}
+    for name, init in inits.items():
+        run("linear_probe.py", *data, *init, "--out", probes[name], *folds, *small, log=log,
+            done=probes[name] / "results.json")
+        rows[("linear probe", name)] = result(probes[name])
 
     # 3. fine-tune vs scratch at three label budgets
-    for budget in ["2"] if q else ["2", "4", "all"]:
+    budgets = ["1"] if q else ["1", "2", "all"]
+    ft_folds = ["--folds", "2", "--fold", "0", "--steps", "2", "--freeze-steps", "1", "--ramp-steps", "1"] if q \
+        else ["--folds", "3"]
+    for budget in budgets:
         limit = [] if budget == "all" else ["--train-cases", budget]
         for name, init in {"from scratch": ["--init", "random"],
                            "fine-tuned (ours)": ["--checkpoint", pre["ours"] / "backbone.pt"]}.items():
             d = out / f"finetune-{budget}-{name.split()[0]}"
-            run("finetune.py", *data, *init, "--out", d, "--folds", "2", *one_fold, *limit, *steps, *small,
-                *(["--freeze-steps", "1", "--ramp-steps", "1"] if q else []), log=log, done=d / "results.json")
-            rows[(f"fine-tune, {budget} training cases", name)] = result(d)
+            run("finetune.py", *data, *init, "--out", d, *ft_folds, *limit, *small, log=log, done=d / "results.json")
+            rows[(f"fine-tune, {budget} training case(s)", name)] = result(d)
 
-    minutes = (time.time() - t0) / 60
-    lines = ["| experiment | model | mean Dice ± std over folds |", "|---|---|---|"]
-    lines += [f"| {exp} | {name} | {fmt(r)} |" for (exp, name), r in rows.items()]
-    lines += ["", f"Total {minutes:.1f} min on {os.cpu_count()} CPU cores. Commands:", ""]
+    pretraining = {k: pretrain_summary(v) for k, v in pre.items()}
+    figures = [] if args.no_figures else make_figures(out, args.data, pre, pretraining, budgets, rows)
+    write_report(out, rows, pretraining, figures, log, (time.time() - t0) / 60)
+    return rows
+
+
+def ablation(args):
+    """Table 1's rows on the demo: which of the three changes costs or buys what (probe Dice)."""
+    out = Path(args.out)
+    log, rows = [], {}
+    variants = {
+        "vox2vec baseline": (out / "pretrain-vox2vec", None),
+        "+ local augmentations": (out / "ablation-localaug", ["--arch", "vox2vec", "--aug", "local", "--recon-weight", "0"]),
+        "L_r only (restorative)": (out / "ablation-recon", ["--arch", "vox2vec", "--aug", "local", "--contrastive-weight", "0"]),
+        "+ L_c + L_r (hybrid)": (out / "ablation-hybrid", ["--arch", "vox2vec", "--aug", "local"]),
+        "+ balanced architecture (ours)": (out / "pretrain-balanced", None),
+    }
+    for name, (run_dir, flags) in variants.items():
+        if flags is not None:
+            run("pretrain.py", "--data", args.data, "--out", run_dir, "--workers", "0", *flags, log=log,
+                done=run_dir / "backbone.pt")
+        probe = out / ("probe-" + run_dir.name.replace("pretrain-", "").replace("balanced", "ours"))
+        run("linear_probe.py", "--data", args.data, "--checkpoint", run_dir / "backbone.pt", "--out", probe,
+            "--folds", "3", "--workers", "0", log=log, done=probe / "results.json")
+        rows[name] = result(probe)
+    lines = ["| Table 1 row (demo) | linear probe, mean Dice ± std over 3 folds | paper (MRI) |", "|---|---|---|"]
+    paper = ["58.8", "62.1", "44.4", "-", "65.7"]
+    lines += [f"| {n} | {fmt(r)} | {p} |" for (n, r), p in zip(rows.items(), paper)]
+    lines += ["", "Commands:", ""] + [f"    {e['command']}" + (f"    # {e['seconds']:.0f} s" if e["seconds"] else "")
+                                      for e in log]
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
+# ----------------------------------------------------------------------------- report and figures
+
+def write_report(out, rows, pretraining, figures, log, minutes):
+    lines = ["| experiment | model | mean Dice ± std over folds | per class |", "|---|---|---|---|"]
+    for (exp, name), r in rows.items():
+        per = ", ".join(f"{k} {v:.2f}" for k, v in r["per_class"].items() if v is not None)
+        lines.append(f"| {exp} | {name} | {fmt(r)} | {per} |")
+    lines += ["", "Paper, for scale: " + PAPER["linear probe"] + "; " + PAPER["fine-tune"] + ".", ""]
+    lines += ["| pretraining | steps | final L_c | chance ln(2N-1) | L_c / chance | final L_r | wall time |",
+              "|---|---|---|---|---|---|---|"]
+    for name, p in pretraining.items():
+        lines.append(f"| {name} | {p['steps']} | {p['l_c']:.3f} | {p['chance']:.3f} | {p['l_c'] / p['chance']:.3f} | "
+                     f"{p['l_r']:.4f} | {p['seconds'] / 60:.1f} min |")
+    lines += ["", f"Total {minutes:.1f} min on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+              f"torch threads from OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}. Figures: "
+              + ", ".join(figures), "", "Commands:", ""]
     lines += [f"    {e['command']}" + (f"    # {e['seconds']:.0f} s" if e["seconds"] else "") for e in log]
     (out / "evidence.md").write_text("\n".join(lines) + "\n")
     (out / "evidence.json").write_text(json.dumps(dict(
-        results=[dict(experiment=e, model=n, mean_dice=r[0], std_dice=r[1], folds=r[2]) for (e, n), r in rows.items()],
+        results=[dict(experiment=e, model=n, mean_dice=r["mean_dice"], std_dice=r["std_dice"],
+                      folds=r["folds"], per_class=r["per_class"], seconds=r.get("seconds")) for (e, n), r in rows.items()],
+        pretraining={k: {kk: vv for kk, vv in v.items() if kk != "rows"} for k, v in pretraining.items()},
         commands=log, minutes=minutes), indent=2))
     print("\n" + "\n".join(lines))
-    return rows
+
+
+def make_figures(out, data_arg, pre, pretraining, budgets, rows):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    from downstream import load_backbone, predict_volume
+    from data import load_case
+    from finetune import load_model
+    from model import FPN3d
+    from preprocess import resolve_data_dir
+
+    data_dir = resolve_data_dir(data_arg)
+    names = []
+
+    # (a) Dice vs labelled cases (Fig. 1 of the paper)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, marker in (("from scratch", "o"), ("fine-tuned (ours)", "s")):
+        r = [rows[(f"fine-tune, {b} training case(s)", name)] for b in budgets]
+        ax.errorbar(range(len(budgets)), [x["mean_dice"] for x in r], [x["std_dice"] for x in r], marker=marker,
+                    capsize=3, label=name)
+    ax.set_xticks(range(len(budgets)), [f"{b} ({len(r['train_cases']['0'])})" if b == "all" else b
+                                        for b, r in zip(budgets, (rows[(f"fine-tune, {b} training case(s)", "from scratch")]
+                                                                  for b in budgets))])
+    ax.set_xlabel("labelled training cases per fold")
+    ax.set_ylabel("mean Dice (held-out, 3 folds)")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("Fine-tuned vs from scratch (demo)")
+    fig.tight_layout()
+    fig.savefig(out / "dice_vs_labels.png", dpi=110)
+    plt.close(fig)
+    names.append("dice_vs_labels.png")
+
+    # (b) one held-out slice: image, ground truth, scratch, fine-tuned (smallest budget, fold 0)
+    b = budgets[0]
+    models = {k: load_model(out / f"finetune-{b}-{k.split()[0]}" / "model_fold0.pt") for k in ("from scratch", "fine-tuned")}
+    test_id = result(out / f"finetune-{b}-from")["test_cases"]["0"][0]
+    case = load_case(data_dir, test_id)
+    image, label = np.asarray(case["image"], np.float32), np.asarray(case["label"])
+    z = int(np.argmax((label > 0).sum((0, 1))))
+    preds = {k: predict_volume(m, image, tuple(ck["patch_size"]), torch.device("cpu")).numpy() for k, (m, ck) in models.items()}
+    panels = {"image": None, "ground truth": label, **{f"{k} ({b} case)": p for k, p in preds.items()}}
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
+    for ax, (title, seg) in zip(axes, panels.items()):
+        ax.imshow(image[:, :, z].T, cmap="gray", origin="lower", vmin=0.4, vmax=0.7)   # ~[-400, 300] HU
+        if seg is not None:
+            ax.imshow(np.ma.masked_equal(seg[:, :, z].T, 0), cmap="tab10", vmin=0, vmax=9, origin="lower",
+                      alpha=0.55, interpolation="nearest")
+        ax.set_title(title)
+        ax.axis("off")
+    fig.suptitle(f"held-out case {test_id}, slice z={z} (RAS; patient right on the right)")
+    fig.tight_layout()
+    fig.savefig(out / "segmentation_slice.png", dpi=110)
+    plt.close(fig)
+    names.append("segmentation_slice.png")
+
+    # (c) first three principal components of the voxel features, as RGB
+    def features(backbone):
+        with torch.no_grad():
+            pyramid = backbone.eval()(torch.from_numpy(image)[None, None])
+        levels = []
+        for l, f in enumerate(pyramid):
+            f = torch.nn.functional.interpolate(f, scale_factor=2 ** l, mode="nearest")[..., :image.shape[0], :image.shape[1], :image.shape[2]]
+            f = f[0, :, :, :, z].reshape(f.shape[1], -1)                      # (C_l, X * Y)
+            f = (f - f.mean(1, keepdim=True)) / (f.std(1, keepdim=True) + 1e-6)
+            levels.append(f / f.shape[0] ** 0.5)                              # each level weighs the same
+        f = torch.cat(levels).T                                               # (X * Y, sum C_l)
+        u, s, v = torch.pca_lowrank(f - f.mean(0), q=3, center=False)
+        rgb = (f - f.mean(0)) @ v                                             # (X * Y, 3)
+        lo, hi = rgb.quantile(0.02, 0), rgb.quantile(0.98, 0)
+        return ((rgb - lo) / (hi - lo)).clamp(0, 1).reshape(image.shape[0], image.shape[1], 3).numpy()
+
+    backbones = {}
+    for name, path in (("vox2vec", pre["vox2vec"]), ("ours", pre["ours"])):
+        cfg, state, _ = load_backbone(path / "backbone.pt")
+        backbones[name] = FPN3d(**cfg)
+        backbones[name].load_state_dict(state)
+    torch.manual_seed(0)
+    backbones = {"random init": FPN3d(**load_backbone(pre["ours"] / "backbone.pt")[0]), **backbones}
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
+    axes[0].imshow(image[:, :, z].T, cmap="gray", origin="lower", vmin=0.4, vmax=0.7)
+    axes[0].set_title("image")
+    for ax, (name, bb) in zip(axes[1:], backbones.items()):
+        ax.imshow(features(bb).transpose(1, 0, 2), origin="lower")
+        ax.set_title(f"{name}: PCA of features")
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "feature_pca.png", dpi=110)
+    plt.close(fig)
+    names.append("feature_pca.png")
+
+    # (d) pretraining curves
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, p in pretraining.items():
+        steps = [r["step"] for r in p["rows"]]
+        axes[0].plot(steps, [r["loss_contrastive"] for r in p["rows"]], label=f"{name} L_c")
+        axes[0].axhline(p["chance"], ls="--", c="gray")
+        axes[0].axhline(0.85 * p["chance"], ls=":", c="gray")
+        if any(r["loss_recon"] for r in p["rows"]):
+            axes[1].plot(steps, [r["loss_recon"] for r in p["rows"]], label=f"{name} L_r")
+    axes[0].set_title("InfoNCE L_c (dashed: chance ln(2N-1); dotted: 0.85 x chance)")
+    axes[1].set_title("reconstruction L_r")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "pretraining_curves.png", dpi=110)
+    plt.close(fig)
+    names.append("pretraining_curves.png")
+    return names
 
 
 def parse_args(argv=None):
@@ -100,8 +283,11 @@ def parse_args(argv=None):
     p.add_argument("--data", default="demo")
     p.add_argument("--out", default="runs/evidence")
     p.add_argument("--quick", action="store_true", help="2 steps of everything: checks the pipeline, not the numbers")
+    p.add_argument("--ablation", action="store_true", help="Table 1's rows on the demo (reuses the main run's pretrainings)")
+    p.add_argument("--no-figures", action="store_true")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    a = parse_args()
+    ablation(a) if a.ablation else main(a)

@@ -13,10 +13,10 @@ al. 2023):
 - Reconstruction head (Sec. 2.3): two convolutions on the finest level -> 1 channel (Eq. 2).
 - LinearHead (Sec. 3.2 linear evaluation) and NonLinearHead (Sec. 3.2 fine-tuning).
 
-Measured sizes (`python model.py` prints them): FPN3d "balanced" 47,477,408 parameters (the
-reference: about 47.6 M), "vox2vec" 47,533,648; with heads (PretrainModel) 47,949,825 and
-48,387,569. Forward cost of one 128 x 128 x 32 patch (count_flops): balanced backbone 0.444
-TFLOP (0.473 with the reconstruction head), about 3x that with the backward pass, matching the
+Measured sizes (`python model.py` prints them): FPN3d "balanced" 47,567,872 parameters and
+"vox2vec" 47,624,448, exactly the authors' modules; with heads (PretrainModel) 48,040,289 and
+48,478,369. Forward cost of one 128 x 128 x 32 patch (count_flops): balanced backbone 0.446
+TFLOP (0.475 with the reconstruction head), about 3x that with the backward pass, matching the
 reference's 1.34 TFLOP per patch; vox2vec backbone 0.114 TFLOP.
 
 Deviations from the authors' code, each on purpose:
@@ -31,7 +31,7 @@ Deviations from the authors' code, each on purpose:
 
 Shape notation: volumes (B, C, X, Y, Z) with (X, Y, Z) the canonical RAS voxel axes; sampled
 voxels (N, C); voxel coordinates (N, 4) = (batch_index, x, y, z), int64. Level l of a pyramid
-has shape (B, C_l, X / 2**l, Y / 2**l, Z / 2**l) with C_l = base_channels * 2**l.
+has shape (B, C_l, X_l, Y_l, Z_l) with X_l = ceil(X / 2**l) and C_l = base_channels * 2**l.
 
 Use: `from model import FPN3d, PretrainModel, SegmentationModel, sample_voxels` (importing runs
 nothing). `python model.py` prints the parameter counts and FLOPs of the presets.
@@ -61,7 +61,7 @@ class ResBlock3d(nn.Module):
         super().__init__()
         self.body = nn.Sequential(
             nn.BatchNorm3d(in_channels), nn.ReLU(inplace=True),
-            nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=False),  # a BN follows: bias redundant
+            nn.Conv3d(in_channels, out_channels, 3, padding=1),  # bias kept: the reference has it
             nn.BatchNorm3d(out_channels), nn.ReLU(inplace=True),
             nn.Conv3d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
@@ -75,14 +75,20 @@ def stage(channels: int) -> nn.Sequential:
 
 
 class FPN3d(nn.Module):
-    """U-Net-like 3D feature pyramid network.
+    """U-Net-like 3D feature pyramid network, the same function as the authors' FPN3d.
 
     forward(x (B, C_in, X, Y, Z)) -> list of num_levels tensors, level l:
-    (B, base_channels * 2**l, X / 2**l, Y / 2**l, Z / 2**l). X, Y, Z must be divisible by
-    2**(num_levels - 1). Encoder level l: max-pool 2 (l > 0), 1x1x1 conv C_{l-1} -> C_l, two
-    residual blocks. Decoder level l (coarse to fine): the level above, 1x1x1 conv to C_l and
-    nearest-upsampled x2, plus the encoder output of level l, two residual blocks. The coarsest
-    pyramid level is the encoder's last output. Works under torch.autocast and keeps
+    (B, base_channels * 2**l, ceil(X / 2**l), ceil(Y / 2**l), ceil(Z / 2**l)); any input size.
+    Stem: 3x3x3 conv C_in -> C_0. Encoder level l: max-pool 2 in ceil mode (l > 0), 1x1x1 conv
+    C_{l-1} -> C_l, two residual blocks. Decoder level l (coarse to fine): the level above,
+    1x1x1 conv to C_l, nearest-upsampled x2 and cropped to level l's size, plus a 1x1x1 conv of
+    the encoder output of level l, then two residual blocks. The coarsest pyramid level is the
+    encoder's last output.
+
+    It matches vox2vec / hierarchical-dense-ssl's FPN3d layer for layer (same parameter count,
+    same outputs on any input size; tests/test_convert.py checks a forward pass written from
+    their layout), so their released weights load through `REFERENCE_KEYS` below, while our
+    parameter names say what each layer is. Works under torch.autocast and keeps
     channels_last_3d inputs channels-last.
     """
 
@@ -98,35 +104,37 @@ class FPN3d(nn.Module):
         self.down = nn.ModuleList(nn.Conv3d(c[l - 1], c[l], 1) for l in range(1, num_levels))
         self.encoder = nn.ModuleList(stage(c[l]) for l in range(num_levels))
         self.lateral = nn.ModuleList(nn.Conv3d(c[l + 1], c[l], 1) for l in range(num_levels - 1))
+        self.skip = nn.ModuleList(nn.Conv3d(c[l], c[l], 1) for l in range(num_levels - 1))
         self.decoder = nn.ModuleList(stage(c[l]) for l in range(num_levels - 1))
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"model.py FPN3d: expected input (B, {self.in_channels}, X, Y, Z), "
                              f"got {tuple(x.shape)}")
-        m = 2 ** (self.num_levels - 1)
-        if any(s % m for s in x.shape[2:]):
-            raise ValueError(f"model.py FPN3d: spatial shape {tuple(x.shape[2:])} must be divisible by "
-                             f"2**(num_levels-1) = {m} along every axis (num_levels={self.num_levels}); "
-                             f"pad or crop the patch")
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         self.check_input(x)
         h = self.stem(x)                                   # (B, C_0, X, Y, Z)
         skips = []
         for l in range(self.num_levels):
-            if l > 0:
-                h = self.down[l - 1](F.max_pool3d(h, 2))   # (B, C_l, X/2**l, Y/2**l, Z/2**l)
+            if l > 0:  # ceil mode: an odd size keeps its last voxel, (X_{l-1} + 1) // 2 = X_l
+                h = self.down[l - 1](F.max_pool3d(h, 2, ceil_mode=True))   # (B, C_l, X_l, Y_l, Z_l)
             h = self.encoder[l](h)
             skips.append(h)
         pyramid = [h]
         for l in reversed(range(self.num_levels - 1)):
             # The 1x1x1 conv commutes with nearest upsampling (both act per voxel), so run it at
             # the coarse scale: the same result at 1/8 of the cost.
-            up = F.interpolate(self.lateral[l](h), scale_factor=2, mode="nearest")  # (B, C_l, X/2**l, ...)
-            h = self.decoder[l](up + skips[l])
+            up = F.interpolate(self.lateral[l](h), scale_factor=2, mode="nearest")  # (B, C_l, 2 X_{l+1}, ...)
+            up = crop_to(up, skips[l].shape[2:])                                   # (B, C_l, X_l, Y_l, Z_l)
+            h = self.decoder[l](up + self.skip[l](skips[l]))
             pyramid.insert(0, h)
         return pyramid
+
+
+def crop_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """x (B, C, X', Y', Z') -> x[..., :X, :Y, :Z]: drop what upsampling added past an odd size."""
+    return x[..., :size[0], :size[1], :size[2]]
 
 
 def count_flops(backbone_config: dict, patch_size: Sequence[int], recon_head: bool = False) -> int:
@@ -136,10 +144,9 @@ def count_flops(backbone_config: dict, patch_size: Sequence[int], recon_head: bo
     Backward is about twice the forward."""
     cfg = dict(dict(in_channels=1, base_channels=32, num_levels=5), **backbone_config)
     c = [cfg["base_channels"] * 2 ** l for l in range(cfg["num_levels"])]
-    m = 2 ** (len(c) - 1)
-    if len(patch_size) != 3 or any(s % m for s in patch_size):
-        raise ValueError(f"model.py count_flops: patch size {tuple(patch_size)} must be 3 sizes divisible by {m}")
-    voxels = [math.prod(patch_size) // 8 ** l for l in range(len(c))]  # voxels at level l
+    if len(patch_size) != 3:
+        raise ValueError(f"model.py count_flops: patch size must be 3 sizes, got {tuple(patch_size)}")
+    voxels = [math.prod(-(-s // 2 ** l) for s in patch_size) for l in range(len(c))]  # ceil-mode level sizes
 
     def conv(c_in, c_out, k, v):
         return 2 * c_in * c_out * k ** 3 * v
@@ -153,7 +160,8 @@ def count_flops(backbone_config: dict, patch_size: Sequence[int], recon_head: bo
         if l > 0:
             total += conv(c[l - 1], c[l], 1, voxels[l])             # down 1x1x1
     for l in range(len(c) - 1):
-        total += conv(c[l + 1], c[l], 1, voxels[l + 1]) + BLOCKS_PER_STAGE * block(l)  # lateral + decoder
+        total += conv(c[l + 1], c[l], 1, voxels[l + 1]) + conv(c[l], c[l], 1, voxels[l])  # lateral + skip
+        total += BLOCKS_PER_STAGE * block(l)                        # decoder
     if recon_head:
         total += conv(c[0], c[0], 3, voxels[0]) + conv(c[0], 1, 1, voxels[0])
     return total
@@ -248,9 +256,10 @@ def upsample_sum(pyramid: Sequence[torch.Tensor], convs: nn.ModuleList) -> torch
     """sum_l upsample(conv_l(level l)) -> (B, C_out, X, Y, Z). The 1x1x1 convs run before
     upsampling (they commute), and nearest upsampling by 2**l reads level l at (x>>l, y>>l, z>>l),
     the same geometry as sample_voxels."""
-    out = convs[0](pyramid[0])
+    out = convs[0](pyramid[0])                                      # (B, C_out, X, Y, Z)
     for l in range(1, len(pyramid)):
-        out = out + F.interpolate(convs[l](pyramid[l]), scale_factor=2 ** l, mode="nearest")
+        up = F.interpolate(convs[l](pyramid[l]), scale_factor=2 ** l, mode="nearest")
+        out = out + crop_to(up, out.shape[2:])                      # ceil-mode levels overhang odd sizes
     return out
 
 
@@ -258,17 +267,31 @@ class LinearHead(nn.Module):
     """Linear evaluation head (Sec. 3.2): each level -> its own 1x1x1 conv to num_classes,
     upsampled to full resolution and summed. pyramid -> logits (B, num_classes, X, Y, Z).
 
-    Nearest (not trilinear) upsampling makes the head exactly a linear classifier on the
-    voxel representation that pretraining trained (the raw levels sampled as in sample_voxels),
-    which is what a linear probe is meant to measure. Bias only at the finest level, as in the
-    reference: a bias per level would be the same constant summed five times.
+    Each level is first standardised per channel, (f - mean) / sd, with fixed statistics of the
+    training volumes (set_statistics; identity until set). Like MAE's BatchNorm without affine
+    parameters before its linear probe, this is an affine map of the features, so the head stays
+    linear, but the optimiser no longer depends on the features' scale. Nearest (not trilinear)
+    upsampling makes the head exactly a linear classifier on the voxel representation that
+    pretraining trained (levels read as in sample_voxels). Bias only at the finest level, as in
+    the reference: a bias per level would be the same constant summed five times.
     """
 
     def __init__(self, channels: Sequence[int], num_classes: int):
         super().__init__()
         self.convs = nn.ModuleList(nn.Conv3d(c, num_classes, 1, bias=l == 0) for l, c in enumerate(channels))
+        for l, c in enumerate(channels):
+            self.register_buffer(f"mean{l}", torch.zeros(c))
+            self.register_buffer(f"std{l}", torch.ones(c))
+
+    @torch.no_grad()
+    def set_statistics(self, means: Sequence[torch.Tensor], stds: Sequence[torch.Tensor], eps: float = 1e-6):
+        for l, (m, s) in enumerate(zip(means, stds)):
+            getattr(self, f"mean{l}").copy_(m)
+            getattr(self, f"std{l}").copy_(s.clamp_min(eps))
 
     def forward(self, pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
+        pyramid = [(f - getattr(self, f"mean{l}").view(1, -1, 1, 1, 1)) / getattr(self, f"std{l}").view(1, -1, 1, 1, 1)
+                   for l, f in enumerate(pyramid)]
         return upsample_sum(pyramid, self.convs)
 
 

@@ -3,53 +3,52 @@
 `python preprocess.py --demo DATA_DIR` writes them as real NIfTI files in the Medical
 Segmentation Decathlon layout (int16 Hounsfield units, anisotropic ~0.8 x 0.8 x 2.5 mm spacing,
 a non-RAS affine with permuted and flipped axes) and then preprocesses them exactly like real
-data (preprocess.py). Each phantom: a trunk with a fat layer, vertebrae, bowel gas, eight
-labelled organs of varied size (down to a gallbladder and an adrenal), random smooth
-deformation, position and size, organ-specific texture, noise and a smooth intensity bias;
-deterministic per (seed, case index).
+data. This file only makes the arrays (demo_phantom) and measures the result; it imports nothing
+of the project.
 
-Context must matter, as in real anatomy: liver and spleen share one intensity distribution
-(textures of different scale), the two kidneys differ only in position. `intensity_only_dice`
-measures it: the best per-voxel intensity-only classifier cannot separate them.
+What a phantom holds (demo_phantom's docstring lists it): anatomy at several scales, so that a
+voxel is told by its surroundings, with every organ's boundary visible, as fat planes and
+enhancement show it in real CT; what needs context is telling look-alike organs apart. Liver
+and spleen share one mean intensity, the two kidneys are the same pattern mirrored.
+Two measurements, printed by `preprocess.py --demo`:
+- boundary_contrast: the mean intensity step across each organ's surface in units of the
+  noise SD measured on the images (>= 2 for every class: boundaries are seen);
+- intensity_only_dice: the best per-voxel intensity-only classifier (Bayes rule on the
+  histogram, an upper bound): poor for spleen vs liver and for the two kidneys.
+
+Scale: `scale` shrinks the anatomy (not the voxel size or the textures). The demo uses
+DEMO_SCALE = 0.3, a ~52 x 45 x 20-voxel volume at the paper's 1 x 1 x 2 mm, because the
+demo's training budget is minutes on 2 CPU cores and a 3D CNN's cost grows with the voxels.
+Organs that are a few voxels thick at that scale (adrenal, gallbladder, kidneys) are drawn
+larger relative to the body than in an adult, so that they are more than a few voxels across.
 """
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-from nibabel.orientations import apply_orientation, inv_ornt_aff
 from scipy import ndimage
-from tqdm import tqdm
 
-from preprocess import atomic_write, map_jobs, save_json
 
 DEMO_LABELS = ["background", "liver", "spleen", "kidney_right", "kidney_left", "gallbladder",
-               "aorta", "stomach", "adrenal_right"]
-# Organs as ellipsoids in body-normalised coordinates (u, v, w) = (x / Rx, y / Ry, z / Hz), RAS:
-# +u patient right, +v anterior, +w superior. Columns: class, centre, radii, in-plane angle
-# (deg), mean HU, texture field (0 fine, 1 medium, 2 coarse), texture amplitude (HU); later rows
-# overwrite earlier ones. Context must matter: liver and spleen share mean and marginal
-# distribution (unit-variance textures of different scale), the two kidneys differ only in place.
-DEMO_ORGANS = [
-    (1, (0.45, 0.05, 0.35), (0.50, 0.62, 0.65), 0, 60, 0, 10),  # liver, right lobe
-    (1, (0.00, 0.35, 0.55), (0.40, 0.28, 0.35), 0, 60, 0, 10),  # liver, left lobe
-    (2, (-0.60, -0.25, 0.45), (0.20, 0.32, 0.40), 30, 60, 2, 10),
-    (7, (-0.30, 0.35, 0.45), (0.30, 0.25, 0.35), -20, 30, 1, 12),
-    (3, (0.42, -0.45, -0.25), (0.16, 0.20, 0.40), -25, 160, 1, 12),
-    (4, (-0.42, -0.45, -0.20), (0.16, 0.20, 0.40), 25, 160, 1, 12),
-    (8, (0.28, -0.35, 0.30), (0.05, 0.15, 0.15), 40, 20, 0, 6),
-    (5, (0.30, 0.40, 0.00), (0.09, 0.12, 0.22), 10, 10, 2, 4),
-    (6, (-0.08, -0.40, 0.00), (0.09, 0.10, 99.0), 0, 200, 2, 6),  # aorta: a tube along z
-]
+                "aorta", "stomach", "adrenal_right"]
+# Mean HU of each tissue (portal-venous-phase-like CT). Liver and spleen share their mean (the
+# liver's vessels and coarser texture tell them apart, as does position); both kidneys are the
+# same cortex / medulla / sinus pattern and differ only in where they are.
+HU = dict(air=-1000, fat=-95, muscle=50, liver=100, spleen=100, kidney_cortex=185, kidney_medulla=125,
+          sinus_fat=-40, gallbladder=10, gallbladder_wall=60, aorta=200, ivc=150, liver_vessel=160,
+          stomach_wall=70, stomach_content=25, gas=-900, bowel_wall=60, bowel_content=20,
+          adrenal=45, cortical_bone=750, marrow=230, csf=15, disc=90)
+NOISE_HU = 15  # quantum noise SD of the raw phantom
+DEMO_SCALE = 0.3  # see the module docstring
 DEMO_RAW_ORNT = np.array([[1, -1], [2, -1], [0, 1]])  # RAS (x, y, z) -> stored (z, -x, -y)
 
 
-def ellipsoid(u, v, w, centre, radii, angle):
-    """Mask of a rotated (in-plane) ellipsoid; u, v, w: (X, Y, Z) normalised coordinates."""
+def ellipsoid(u, v, w, centre, radii, angle=0.0):
+    """Normalised radius (< 1 inside) of a rotated (in-plane) ellipsoid; u, v, w: (X, Y, Z)."""
     c, s = np.cos(np.radians(angle)), np.sin(np.radians(angle))
     a, b = u - centre[0], v - centre[1]
-    return (((c * a + s * b) / radii[0]) ** 2 + ((c * b - s * a) / radii[1]) ** 2
-            + ((w - centre[2]) / radii[2]) ** 2) < 1
+    return np.sqrt(((c * a + s * b) / radii[0]) ** 2 + ((c * b - s * a) / radii[1]) ** 2
+                   + ((w - centre[2]) / radii[2]) ** 2)
 
 
 def smooth_field(rng, shape, size, amplitude):
@@ -61,87 +60,122 @@ def smooth_field(rng, shape, size, amplitude):
     return ndimage.zoom(mid, np.asarray(shape) / mid.shape, order=1, mode="nearest")
 
 
+def noise(rng, shape, sigma_mm, spacing):
+    """Unit-variance Gaussian-smoothed noise (X, Y, Z), correlation length sigma_mm."""
+    t = ndimage.gaussian_filter(rng.standard_normal(shape, np.float32), sigma_mm / np.asarray(spacing))
+    return t / t.std()
+
+
 def demo_phantom(rng, scale=1.0):
-    """One synthetic abdomen CT -> (HU float32 (X, Y, Z), label uint8 (X, Y, Z), spacing (3,))."""
+    """One synthetic abdomen CT -> (HU float32 (X, Y, Z), label uint8 (X, Y, Z), spacing (3,)).
+
+    Anatomy at several scales, so a voxel is told by its surroundings: skin, subcutaneous fat,
+    an abdominal muscle wall, visceral fat around every organ (so each organ's boundary is
+    seen, as fat planes show it in real CT), a vertebra with cortex, marrow, canal and discs,
+    psoas muscles, rib cross-sections, aorta and vena cava, bowel loops with wall, content and
+    gas, and eight labelled organs with their own internal structure (liver vessels, kidney
+    cortex / medulla / sinus, stomach wall and gas, gallbladder wall). Each case varies in
+    size, position, smooth deformation, organ placement, contrast enhancement and intensity bias.
+    """
     spacing = np.array([0.8, 0.8, 2.5]) * rng.uniform(0.9, 1.1, 3)
     spacing[1] = spacing[0]
-    size = np.array([82.0, 70.0, 64.0]) * scale * rng.uniform(0.94, 1.06, 3)  # Rx, Ry, Hz (mm)
-    half = size + [15 * scale, 15 * scale, 0]  # field of view: body + air margin
+    size = np.array([82.0, 70.0, 64.0]) * scale * rng.uniform(0.92, 1.08, 3)  # Rx, Ry, Hz (mm)
+    half = size + [12 * scale, 12 * scale, 0]  # field of view: body + air margin
     shape = tuple(int(n) for n in np.round(2 * half / spacing) + 1)
-    offset = np.append(rng.uniform(-6, 6, 2) * scale, 0)  # body position in the field of view
+    offset = np.append(rng.uniform(-5, 5, 2) * scale, rng.uniform(-6, 6) * scale)
     grid = [(np.arange(n) * s - h - o).reshape([-1 if a == k else 1 for a in range(3)])
             for k, (n, s, h, o) in enumerate(zip(shape, spacing, half, offset))]
-    # random smooth deformation (mm), then normalised coordinates u, v, w, each (X, Y, Z)
-    u, v, w = [((g + smooth_field(rng, shape, (6, 6, 5), 7 * scale)) / r).astype(np.float32)
+    # random smooth deformation (mm), then normalised coordinates u (right), v (anterior), w (superior)
+    u, v, w = [((g + smooth_field(rng, shape, (5, 5, 4), 6 * scale)) / r).astype(np.float32)
                for g, r in zip(grid, size)]
-    fat = 12 * scale * rng.uniform(0.7, 1.3)
-    body = u ** 2 + v ** 2 < 1
-    inside = (u * size[0] / (size[0] - fat)) ** 2 + (v * size[1] / (size[1] - fat)) ** 2 < 1
-    textures = []  # unit-variance smooth noise of three scales (mm)
-    for sigma in (1.5, 3.0, 6.0):
-        t = ndimage.gaussian_filter(rng.standard_normal(shape, np.float32), sigma / spacing)
-        textures.append(t / t.std())
-    hu = np.full(shape, -1000.0, np.float32)  # air
-    hu[body] = -100 + 8 * textures[1][body]  # subcutaneous fat
-    tissue = np.where(textures[2] > 1.3, -90 + 8 * textures[0], 35 + 15 * textures[1])
-    hu[inside] = tissue[inside]  # muscle / viscera with islands of visceral fat
-    hu[inside & ellipsoid(u, v, w, (0, -0.72, 0), (0.17, 0.17, 99), 0)] = 450  # vertebrae
-    for _ in range(rng.integers(3, 7)):  # bowel gas (unlabelled; tests the body hole filling)
-        centre = rng.uniform([-0.5, 0.1, -0.9], [0.5, 0.7, 0.2])
-        hu[inside & ellipsoid(u, v, w, centre, rng.uniform(0.04, 0.1, 3), 0)] = -950
+    # textures keep their size in mm (they are tissue properties, not anatomy)
+    fine, medium, coarse = (noise(rng, shape, s, spacing) for s in (1.0, 2.0, 4.0))
+    loops_a, loops_b = (noise(rng, shape, 7.0 * scale, spacing) for _ in range(2))
+    enhance = rng.uniform(0.85, 1.15)  # contrast phase: scales enhancement above 40 HU
+
+    def tissue(name):
+        hu = HU[name]
+        return 40 + (hu - 40) * enhance if hu > 40 and name not in ("cortical_bone", "marrow") else hu
+
+    hu = np.full(shape, HU["air"], np.float32)
     label = np.zeros(shape, np.uint8)
-    for cls, centre, radii, angle, mean, tex, amp in DEMO_ORGANS:
-        centre = np.asarray(centre) + rng.normal(0, 0.04, 3)
-        radii = np.asarray(radii) * rng.uniform(0.88, 1.12, 3)
-        mask = inside & ellipsoid(u, v, w, centre, radii, angle + rng.normal(0, 8))
-        label[mask] = cls
-        hu[mask] = mean + amp * textures[tex][mask]
-        if DEMO_LABELS[cls] == "stomach":  # a gas pocket in the anterior part of the stomach
-            hu[mask & (v > centre[1] + 0.5 * radii[1])] = -900
-    hu += rng.normal(0, 15, shape).astype(np.float32)  # quantum noise
-    gain = 1 + 0.015 * (rng.normal() * u + rng.normal() * v + rng.normal() * w)  # smooth bias
+    r_body = np.sqrt(u ** 2 + v ** 2)
+    body = r_body < 1
+    fat_depth = 0.14 * rng.uniform(0.7, 1.3)
+    hu[body] = HU["fat"] + 10 * medium[body]                                  # subcutaneous fat
+    hu[body & (r_body > 0.985)] = 30                                          # skin
+    wall = (r_body < 1 - fat_depth) & (r_body > 1 - fat_depth - 0.06)
+    hu[wall] = tissue("muscle") + 8 * fine[wall]                              # abdominal muscle wall
+    inside = r_body < 1 - fat_depth - 0.06
+    hu[inside] = HU["fat"] + 10 * medium[inside]                              # visceral fat
+
+    def put(mask, value, cls=None, region=inside):
+        mask = mask & region
+        hu[mask] = value if np.isscalar(value) else value[mask]
+        if cls is not None:
+            label[mask] = cls
+        return mask
+
+    jitter = lambda c, sd=0.03: np.asarray(c) + rng.normal(0, sd, 3)
+    grow = lambda r: np.asarray(r) * rng.uniform(0.9, 1.1, 3)
+    # bowel loops (unlabelled): tubes where two smooth fields are both near zero, lower and anterior
+    gut = ellipsoid(u, v, w, jitter((0.0, 0.25, -0.45)), (0.75, 0.55, 0.7)) < 1
+    tube = np.maximum(np.abs(loops_a), np.abs(loops_b))
+    put(gut & (tube < 0.32), HU["bowel_wall"] + 8 * fine)
+    put(gut & (tube < 0.22), np.where(coarse > 0.8, HU["gas"], HU["bowel_content"] + 8 * fine))
+    # spine: vertebral body (cortex + marrow, discs every ~25 mm), canal, posterior arch; psoas
+    spine = ellipsoid(u, v, w, (0, -0.62, 0), (0.16, 0.16, 99))
+    disc = np.cos(2 * np.pi * (w * size[2] / (25 * scale) + rng.uniform())) > 0.75
+    put(spine < 1, np.where(disc, HU["disc"], np.where(spine > 0.78, HU["cortical_bone"],
+                                                        HU["marrow"] + 40 * medium)))
+    arch = ellipsoid(u, v, w, (0, -0.88, 0), (0.13, 0.1, 99))
+    put(arch < 1, HU["cortical_bone"] * 0.8)
+    put(arch < 0.5, HU["csf"] + 5 * fine)
+    for side in (-1, 1):
+        psoas = ellipsoid(u, v, w, (side * 0.24, -0.6, -0.3), (0.1, 0.1, 0.9 * rng.uniform(0.9, 1.1)))
+        put(psoas < 1, tissue("muscle") + 8 * fine)
+    # ribs: cross-sections along the posterolateral wall, upper half (cortex + marrow)
+    for angle in np.radians(np.arange(-160, -10, 28) + rng.normal(0, 4)):
+        rib = ellipsoid(u, v, w, ((0.96 - fat_depth) * np.cos(angle), (0.96 - fat_depth) * np.sin(angle), 0.55),
+                        (0.045, 0.045, 0.5))
+        put(rib < 1, np.where(rib > 0.6, HU["cortical_bone"], HU["marrow"]), region=body)
+    # great vessels along z: aorta (labelled) left of midline, vena cava right
+    put(ellipsoid(u, v, w, jitter((0.13, -0.38, 0), 0.02), (0.09, 0.07, 99)) < 1, tissue("ivc") + 6 * fine)
+    aorta = ellipsoid(u, v, w, jitter((-0.09, -0.40, 0), 0.02), grow((0.085, 0.085, 99)))
+    put(aorta < 1, tissue("aorta") + 8 * fine, 6)
+    # liver: two lobes, portal vessels (labelled liver, as in real ground truth), coarse texture
+    liver = np.minimum(ellipsoid(u, v, w, jitter((0.40, 0.08, 0.38)), grow((0.45, 0.55, 0.6)), rng.normal(0, 6)),
+                       ellipsoid(u, v, w, jitter((0.08, 0.35, 0.6)), grow((0.32, 0.24, 0.3))))
+    vessels = np.abs(medium) < 0.12
+    put((liver < 1) & (spine > 1.3), np.where(vessels, tissue("liver_vessel"), tissue("liver") + 9 * coarse), 1)
+    # spleen: same mean as the liver, fine homogeneous texture, no vessels
+    spleen = ellipsoid(u, v, w, jitter((-0.58, -0.22, 0.45)), grow((0.2, 0.3, 0.38)), 30 + rng.normal(0, 8))
+    put(spleen < 1, tissue("spleen") + 9 * fine, 2)
+    # stomach: wall, fluid content, gas pocket anteriorly
+    st_c, st_r = jitter((-0.36, 0.3, 0.3)), grow((0.26, 0.23, 0.3))
+    stomach = ellipsoid(u, v, w, st_c, st_r, -20 + rng.normal(0, 8))
+    put(stomach < 1, np.where(stomach > 0.8, tissue("stomach_wall") + 6 * fine,
+                              np.where(v > st_c[1] + 0.6 * st_r[1], HU["gas"], HU["stomach_content"] + 6 * fine)), 7)
+    # kidneys: identical cortex / medulla / sinus, mirrored; they differ only in position
+    for cls, side in ((3, 1), (4, -1)):
+        k_c = jitter((side * 0.43, -0.45, -0.22 + (0.05 if side < 0 else 0)))
+        kidney = ellipsoid(u, v, w, k_c, grow((0.18, 0.22, 0.42)), side * -25 + rng.normal(0, 8))
+        sinus = ellipsoid(u, v, w, k_c - (side * 0.08, 0, 0), (0.07, 0.08, 0.18))
+        put(kidney < 1, np.where(kidney > 0.72, tissue("kidney_cortex"), tissue("kidney_medulla")) + 8 * fine, cls)
+        put((kidney < 1) & (sinus < 1), HU["sinus_fat"] + 8 * fine, cls)
+    # gallbladder: bile with a thin wall, under the liver
+    gb = ellipsoid(u, v, w, jitter((0.32, 0.55, -0.2)), grow((0.14, 0.17, 0.3)), 10 + rng.normal(0, 8))
+    put(gb < 1, np.where(gb > 0.82, tissue("gallbladder_wall"), HU["gallbladder"] + 5 * fine), 5)
+    # right adrenal: a thin plate in the fat above-medial to the right kidney
+    ad = ellipsoid(u, v, w, jitter((0.27, -0.33, 0.32), 0.02), grow((0.11, 0.17, 0.3)), 40 + rng.normal(0, 8))
+    put(ad < 1.7, HU["fat"] + 10 * medium, 0)                               # periadrenal fat
+    put(ad < 1, tissue("adrenal") + 6 * fine, 8)
+
+    hu += rng.normal(0, NOISE_HU, shape).astype(np.float32)                   # quantum noise
+    hu += rng.normal(0, 8)                                                   # calibration offset
+    gain = 1 + 0.02 * (rng.normal() * u + rng.normal() * v + rng.normal() * w)  # smooth bias
     hu = (hu + 1000) * gain - 1000 + smooth_field(rng, shape, (3, 3, 3), 8)
     return np.clip(hu, -1024, 3071), label, spacing
-
-
-def write_demo_case(job):
-    """Worker: phantom (seed, index) -> imagesTr/ + labelsTr/ NIfTI with a non-RAS affine."""
-    rng = np.random.default_rng([job["seed"], job["index"]])
-    hu, label, spacing = demo_phantom(rng, job["scale"])
-    canonical_affine = np.diag([*spacing, 1.0])
-    canonical_affine[:3, 3] = rng.uniform(-150, 150, 3)  # scanner-style translation
-    affine = canonical_affine @ inv_ornt_aff(DEMO_RAW_ORNT, hu.shape)
-    name = f"demo_{job['index']:03d}.nii.gz"
-    for folder, array in (("labelsTr", label), ("imagesTr", np.round(hu).astype(np.int16))):
-        img = nib.Nifti1Image(apply_orientation(array, DEMO_RAW_ORNT), affine)
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        atomic_write(Path(job["raw_dir"]) / folder / name, lambda tmp: nib.save(img, str(tmp)))
-
-
-def make_demo_raw(raw_dir, num_cases=20, seed=0, *, scale=1.0, workers=1):
-    """Synthetic abdomen-like CTs in the Decathlon layout (missing cases only) -> raw_dir."""
-    raw_dir, params = Path(raw_dir), dict(seed=seed, num_cases=num_cases, scale=scale)
-    if (raw_dir / "dataset.json").is_file():
-        old = json.loads((raw_dir / "dataset.json").read_text()).get("demo")
-        if old != params:
-            raise ValueError(f"{raw_dir}: holds a demo made with {old}, not {params}; "
-                             "use another folder or delete this one")
-    for folder in ("imagesTr", "labelsTr"):
-        (raw_dir / folder).mkdir(parents=True, exist_ok=True)
-    names = [f"demo_{i:03d}.nii.gz" for i in range(num_cases)]
-    jobs = [dict(raw_dir=str(raw_dir), seed=seed, index=i, scale=scale) for i, n in
-            enumerate(names) if not all((raw_dir / f / n).is_file() for f in ("imagesTr",
-                                                                               "labelsTr"))]
-    for _ in tqdm(map_jobs(jobs, workers, write_demo_case), total=len(jobs), desc="demo"):
-        pass
-    save_json(raw_dir / "dataset.json", dict(
-        name="demo", description="synthetic abdomen CT (preprocess.py)", modality={"0": "CT"},
-        labels={str(i): n for i, n in enumerate(DEMO_LABELS)}, demo=params,
-        numTraining=num_cases, training=[dict(image=f"./imagesTr/{n}", label=f"./labelsTr/{n}")
-                                         for n in names], test=[]))
-    return raw_dir
-
 
 
 def intensity_only_dice(data_dir, num_bins=1000):
@@ -168,3 +202,28 @@ def intensity_only_dice(data_dir, num_bins=1000):
         total = size + counts[:, c].sum()
         dice[names[str(c)]] = float(2 * overlap / total) if total else float("nan")
     return dice
+
+
+def boundary_contrast(data_dir, shell=2):
+    """Visibility of each organ's boundary -> ({class name: step / noise SD}, noise SD in HU).
+
+    Step: mean HU inside the organ minus mean HU in a `shell`-voxel shell just outside it (a
+    dilation of the mask minus the mask), averaged over the labelled cases where the organ is
+    present. Noise SD: robust (median absolute deviation) SD of the air voxels of the cropped
+    volumes (outside body.npy), i.e. measured on the preprocessed images, not assumed."""
+    info = json.loads((Path(data_dir) / "dataset.json").read_text())
+    names, lo, hi = info["labels"], *info["preset"]["clip"]
+    steps, air = {}, []
+    for case in (c for c in info["cases"] if c["labelled"]):
+        folder = Path(data_dir) / "cases" / case["id"]
+        image = np.load(folder / "image.npy").astype(np.float32) * (hi - lo) + lo   # (X, Y, Z) HU
+        label, body = np.load(folder / "label.npy"), np.load(folder / "body.npy")
+        outside = image[~body & (image < -900)]
+        air.append(outside - np.median(outside))
+        for c in range(1, len(names)):
+            mask = label == c
+            if mask.any():
+                ring = ndimage.binary_dilation(mask, iterations=shell) & ~mask
+                steps.setdefault(names[str(c)], []).append(abs(image[mask].mean() - image[ring].mean()))
+    noise_sd = 1.4826 * float(np.median(np.abs(np.concatenate(air))))
+    return {n: float(np.mean(v)) / noise_sd for n, v in steps.items()}, noise_sd

@@ -43,6 +43,8 @@ from nibabel.orientations import ornt_transform
 from scipy import ndimage
 from tqdm import tqdm
 
+import phantom
+
 FORMAT_VERSION = 1
 PRESETS = {  # Sec. 3.1
     "ct": {"spacing": [1.0, 1.0, 2.0], "clip": [-1350.0, 1000.0], "body_threshold_hu": -500.0},
@@ -423,9 +425,48 @@ def preprocess_folder(raw_dir, out_dir, modality, spacing=None, workers=1):
 
 # ---------------------------------------------------------------- the demo set
 
-def prepare_demo(data_dir, num_cases=20, seed=0, workers=1, *, scale=1.0):
+def write_demo_case(job):
+    """Worker: phantom (seed, index) -> imagesTr/ + labelsTr/ NIfTI with a non-RAS affine."""
+    rng = np.random.default_rng([job["seed"], job["index"]])
+    hu, label, spacing = phantom.demo_phantom(rng, job["scale"])
+    canonical_affine = np.diag([*spacing, 1.0])
+    canonical_affine[:3, 3] = rng.uniform(-150, 150, 3)  # scanner-style translation
+    affine = canonical_affine @ inv_ornt_aff(phantom.DEMO_RAW_ORNT, hu.shape)
+    name = f"demo_{job['index']:03d}.nii.gz"
+    for folder, array in (("labelsTr", label), ("imagesTr", np.round(hu).astype(np.int16))):
+        img = nib.Nifti1Image(apply_orientation(array, phantom.DEMO_RAW_ORNT), affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        atomic_write(Path(job["raw_dir"]) / folder / name, lambda tmp: nib.save(img, str(tmp)))
+
+
+def make_demo_raw(raw_dir, num_cases=20, seed=0, *, scale=phantom.DEMO_SCALE, workers=1):
+    """Synthetic abdomen-like CTs in the Decathlon layout (missing cases only) -> raw_dir."""
+    raw_dir, params = Path(raw_dir), dict(seed=seed, num_cases=num_cases, scale=scale)
+    if (raw_dir / "dataset.json").is_file():
+        old = json.loads((raw_dir / "dataset.json").read_text()).get("demo")
+        if old != params:
+            raise ValueError(f"{raw_dir}: holds a demo made with {old}, not {params}; "
+                             "use another folder or delete this one")
+    for folder in ("imagesTr", "labelsTr"):
+        (raw_dir / folder).mkdir(parents=True, exist_ok=True)
+    names = [f"demo_{i:03d}.nii.gz" for i in range(num_cases)]
+    jobs = [dict(raw_dir=str(raw_dir), seed=seed, index=i, scale=scale) for i, n in
+            enumerate(names) if not all((raw_dir / f / n).is_file() for f in ("imagesTr",
+                                                                               "labelsTr"))]
+    for _ in tqdm(map_jobs(jobs, workers, write_demo_case), total=len(jobs), desc="demo"):
+        pass
+    save_json(raw_dir / "dataset.json", dict(
+        name="demo", description="synthetic abdomen CT (preprocess.py)", modality={"0": "CT"},
+        labels={str(i): n for i, n in enumerate(phantom.DEMO_LABELS)}, demo=params,
+        numTraining=num_cases, training=[dict(image=f"./imagesTr/{n}", label=f"./labelsTr/{n}")
+                                         for n in names], test=[]))
+    return raw_dir
+
+
+
+def prepare_demo(data_dir, num_cases=20, seed=0, workers=1, *, scale=phantom.DEMO_SCALE):
     """Demo raw NIfTI under data_dir/raw, preprocessed into data_dir like real data."""
-    from phantom import make_demo_raw  # not at the top: phantom.py imports this module's writers
     data_dir = Path(data_dir)
     make_demo_raw(data_dir / "raw", num_cases, seed, scale=scale, workers=workers)
     result = preprocess_folder(data_dir / "raw", data_dir, "ct", workers=workers)
@@ -458,12 +499,14 @@ def main(args):
     """-> exit code: 0 ok, 1 some case failed, 2 nothing could be done."""
     try:
         if args.demo:
-            from phantom import intensity_only_dice
             data_dir = prepare_demo(args.demo, args.num_cases, args.seed, args.workers)
-            print(f"demo data in {data_dir}\nintensity-only Dice (Bayes rule on the histogram; "
-                  "< 1 where context is needed):")
-            for name, dice in intensity_only_dice(data_dir).items():
-                print(f"  {name:<14} {dice:.3f}")
+            contrast, noise_sd = phantom.boundary_contrast(data_dir)
+            print(f"demo data in {data_dir}\n"
+                  f"{'class':<14} {'boundary step / noise SD':>25} {'intensity-only Dice':>20}")
+            for name, dice in phantom.intensity_only_dice(data_dir).items():
+                print(f"  {name:<14} {contrast[name]:>23.1f} {dice:>20.3f}")
+            print(f"(noise SD measured in the air around the body: {noise_sd:.1f} HU; a step >= 2 is a "
+                  "visible boundary; intensity-only Dice < 1 where context is needed)")
             return 0
         if not (args.input and args.output and args.modality):
             raise PreprocessError("--input, --output and --modality are required (or --demo)")

@@ -1,4 +1,4 @@
-"""Shared fixtures: one small demo set (4 phantoms at 0.6 scale) built once per test session
+"""Shared fixtures: one small demo set (4 phantoms at the demo scale) built once per test session
 through the same path as `preprocess.py --demo`, and tiny model settings for CPU tests."""
 import sys
 from pathlib import Path
@@ -13,7 +13,7 @@ import preprocess  # noqa: E402
 
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory):
-    return preprocess.prepare_demo(tmp_path_factory.mktemp("small_demo"), num_cases=4, seed=0, scale=0.6)
+    return preprocess.prepare_demo(tmp_path_factory.mktemp("small_demo"), num_cases=4, seed=0)
 
 
 @pytest.fixture

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+import downstream
 import finetune
 import linear_probe
 import pretrain
 import preprocess
+from model import FPN3d, SegmentationModel
 
 TINY = ["--steps", "3", "--batch-size", "1", "--patch-size", "16", "16", "8", "--eval-patch-size", "64", "64", "32",
         "--workers", "0", "--folds", "2", "--fold", "0", "--preset", "demo"]
@@ -29,47 +31,89 @@ def backbone(small_demo, tmp_path_factory):
 
 
 def test_linear_probe_trains_only_the_head(small_demo, backbone, tmp_path, monkeypatch):
+    """The probe trains the head on cached pyramids: the backbone is never called inside the
+    training loop, and its weights and BatchNorm buffers are unchanged afterwards."""
     seen = {}
-    real = linear_probe.train_segmenter
+    real = linear_probe.train_head
 
-    def spy(model, *a, **k):
+    def spy(head, cache, labels, train_ids, cfg, device, **k):
+        model = seen["model"] = next(m for m in spy.models if m.head is head)
         assert not any(p.requires_grad for p in model.backbone.parameters())
         assert all(not m.training for m in model.backbone.modules())           # eval mode: BN frozen
         seen["before"] = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-        seen["head"] = {k: v.clone() for k, v in model.head.state_dict().items()}
-        out = real(model, *a, **k)
-        seen["after"], seen["head_after"] = model.backbone.state_dict(), model.head.state_dict()
+        seen["head"] = {k: v.clone() for k, v in head.state_dict().items()}
+        with monkeypatch.context() as m:    # any backbone call in the loop fails the test
+            m.setattr(FPN3d, "forward", lambda *a: pytest.fail("backbone called while training the head"))
+            out = real(head, cache, labels, train_ids, cfg, device, **k)
+        seen["after"], seen["head_after"] = model.backbone.state_dict(), head.state_dict()
         return out
 
-    monkeypatch.setattr(linear_probe, "train_segmenter", spy)
+    spy.models = []
+    real_build = downstream.build_segmenter
+
+    def build(*a, **k):
+        model, info = real_build(*a, **k)
+        spy.models.append(model)
+        return model, info
+
+    monkeypatch.setattr(linear_probe, "train_head", spy)
+    monkeypatch.setattr(downstream, "build_segmenter", build)
     results = linear_probe.main(linear_probe.parse_args(["--data", str(small_demo), "--checkpoint", str(backbone),
-                                                         "--out", str(tmp_path), *TINY]))
+                                                         "--out", str(tmp_path), *TINY, "--max-steps", "5"]))
     for k, v in seen["before"].items():       # weights and BN running statistics untouched
         assert torch.equal(v, seen["after"][k]), k
     assert any(not torch.equal(v, seen["head_after"][k]) for k, v in seen["head"].items())
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert {"mean_dice", "std_dice", "per_class", "folds", "args", "checkpoint"} <= set(saved)
+    assert {"mean_dice", "std_dice", "per_class", "folds", "args", "checkpoint", "head_training"} <= set(saved)
     assert saved["checkpoint"] == str(backbone) and 0.0 <= saved["mean_dice"] <= 1.0
+    assert saved["head_training"]["0"]["steps"] == 5
     assert saved == json.loads(json.dumps(results))
+
+
+def test_head_on_cached_features_equals_the_frozen_model():
+    """head(cached pyramid) == the frozen model run on the same volume (odd sizes, eval mode),
+    the standardisation included; the cache is float16, hence the tolerance."""
+    torch.manual_seed(0)
+    model = SegmentationModel(dict(in_channels=1, base_channels=4, num_levels=3), 5, head="linear").eval()
+    for m in model.backbone.modules():       # non-trivial BN statistics
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    image = np.random.default_rng(0).random((21, 18, 11), dtype=np.float32)
+    levels = linear_probe.compute_pyramid(model.backbone, image, (64, 64, 32), torch.device("cpu"))
+    assert [a.shape[1:] for a in levels] == [(21, 18, 11), (11, 9, 6), (6, 5, 3)] and levels[0].dtype == np.float16
+    means, stds = linear_probe.channel_statistics({"a": levels}, ["a"])
+    for l, a in enumerate(levels):             # statistics against numpy
+        flat = a.astype(np.float64).reshape(a.shape[0], -1)
+        np.testing.assert_allclose(means[l].numpy(), flat.mean(1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stds[l].numpy(), flat.std(1), rtol=1e-4, atol=1e-6)
+    model.head.set_statistics(means, stds)
+    with torch.no_grad():
+        direct = model(torch.from_numpy(image)[None, None])
+        cached = model.head(linear_probe.as_tensors(levels, torch.device("cpu")))
+    torch.testing.assert_close(cached, direct, atol=2e-2, rtol=1e-2)
+    # a volume larger than the window: tiled, every level on its own grid
+    tiled = linear_probe.compute_pyramid(model.backbone, image, (8, 8, 8), torch.device("cpu"))
+    assert [a.shape for a in tiled] == [a.shape for a in levels]
 
 
 def test_linear_probe_random_init(small_demo, tmp_path):
     r = linear_probe.main(linear_probe.parse_args(["--data", str(small_demo), "--init", "random",
-                                                   "--out", str(tmp_path), *TINY]))
+                                                   "--out", str(tmp_path), *TINY, "--max-steps", "3"]))
     assert r["init"] == "random" and r["checkpoint"] is None
 
 
 def test_summary_ignores_absent_classes():
     names = {0: "bg", 1: "a", 2: "b"}
     fold = {0: np.array([[1.0, np.nan], [0.5, 0.0]])}   # class b absent from case 0: ignored there
-    r = linear_probe.summarise(fold, names)
+    r = downstream.summarise(fold, names)
     assert r["per_class"] == {"a": 0.75, "b": 0.0}
     assert r["mean_dice"] == pytest.approx(np.mean([1.0, 0.25]))
 
 
 def test_fold_split_partitions_the_cases():
     ids = [f"c{i}" for i in range(10)]
-    folds = linear_probe.split_folds(ids, 3, seed=0)
+    folds = downstream.split_folds(ids, 3, seed=0)
     tests = sum((te for _, te in folds), [])
     assert sorted(tests) == ids
     for tr, te in folds:
