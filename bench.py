@@ -3,6 +3,7 @@
     python bench.py                                   # data path at the paper's config on this CPU
     python bench.py --config demo --device cpu        # whole demo step on CPU
     python bench.py --config paper --device cuda      # whole paper step on a GPU (TFLOP/s, % of bf16 peak)
+    python bench.py --probe runs/evidence/pretrain-balanced/backbone.pt   # linear probe: cached vs patch loop
 
 Rows: the data path for one batch (crops + correspondences on the DataLoader side, the
 augmentations on the training device), the model forward + backward, the loss, the optimizer,
@@ -30,7 +31,8 @@ from augment import augment_batch
 from data import PairDataset, collate_pairs
 from loss import hybrid_loss, info_nce, reconstruction_loss
 from model import count_flops
-from pretrain import DEMO, DEMO_ARCHS, PAPER, build_model, pick_device
+from downstream import DEMO_ARCHS, pick_device
+from pretrain import DEMO, PAPER, build_model
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16, vendor datasheets
 VOLUME_SHAPE = (320, 320, 160)
@@ -204,7 +206,59 @@ def bench_model(cfg, batch, device, repeats, amp, compile_model):
     return rows, extra
 
 
+def bench_probe(checkpoint, steps=600, fold=0):
+    """The linear probe two ways on demo fold `fold`, same frozen backbone, same head, same loss:
+    the patch loop it replaced (the backbone run on every 2 x 32^3-ish patch of every step, 600
+    steps as the old demo preset) vs linear_probe.py (pyramids cached once, head trained on
+    them until the loss plateaus). Returns {row: value}."""
+    from types import SimpleNamespace
+    import downstream
+    import finetune
+    import linear_probe
+    device = torch.device("cpu")
+    data_dir = downstream.resolve_data_dir("demo")
+    names = downstream.label_names(data_dir)
+    train_ids, test_ids = downstream.split_folds(downstream.list_cases(data_dir, labelled=True), 3, 0)[fold]
+    args = SimpleNamespace(checkpoint=checkpoint, init=None, seed=0, workers=0, amp=False)
+    rows = {}
+    # (a) the patch loop: frozen backbone, head trained end to end through it
+    torch.manual_seed(0)
+    model, _ = downstream.build_segmenter(args, len(names), "linear")
+    downstream.set_backbone_trainable(model, False)
+    cfg = dict(steps=steps, batch_size=2, patch_size=(32, 32, 16), lr=3e-3, eval_patch_size=(96, 96, 48))
+    t = time.perf_counter()
+    finetune.train_segmenter(model, data_dir, train_ids, cfg, args, device, desc="patch loop")
+    rows["patch loop: training (s)"] = time.perf_counter() - t
+    dice = downstream.evaluate(model, data_dir, test_ids, len(names), cfg, args, device)
+    rows["patch loop: total with evaluation (s)"] = time.perf_counter() - t
+    rows["patch loop: mean Dice"] = float(np.nanmean(np.nanmean(dice, axis=1)))
+    # (b) cached pyramids
+    torch.manual_seed(0)
+    model, _ = downstream.build_segmenter(args, len(names), "linear")
+    downstream.set_backbone_trainable(model, False)
+    pcfg = {**linear_probe.PAPER, **linear_probe.DEMO}
+    t = time.perf_counter()
+    cache = linear_probe.cache_pyramids(model.backbone, data_dir, train_ids + test_ids, pcfg["eval_patch_size"], device)
+    rows["cached: computing the pyramids (s)"] = time.perf_counter() - t
+    model.head.set_statistics(*linear_probe.channel_statistics(cache, train_ids))
+    labels = {c: np.asarray(downstream.load_case(data_dir, c)["label"]) for c in train_ids + test_ids}
+    n, _ = linear_probe.train_head(model.head, cache, labels, train_ids, pcfg, device)
+    rows["cached: head training steps (to the plateau)"] = n
+    dice = linear_probe.evaluate_cached(model.head, cache, labels, test_ids, len(names), device)
+    rows["cached: total with evaluation (s)"] = time.perf_counter() - t
+    rows["cached: mean Dice"] = float(np.nanmean(np.nanmean(dice, axis=1)))
+    rows["speed-up of the probe (x, totals)"] = rows["patch loop: total with evaluation (s)"] / rows["cached: total with evaluation (s)"]
+    print(f"\nlinear probe, demo fold {fold} ({len(train_ids)} train / {len(test_ids)} test cases), {checkpoint}")
+    print(f"{'measurement':<52} {'value':>10}")
+    print("-" * 63)
+    for k, v in rows.items():
+        print(f"{k:<52} {v:>10.3f}")
+    return rows
+
+
 def main(args):
+    if args.probe:
+        return bench_probe(args.probe)
     device = pick_device(args.device)
     cfg = dict(PAPER)
     if args.config == "demo":
@@ -255,6 +309,7 @@ def parse_args(argv=None):
     p.add_argument("--no-reference", action="store_true", help="skip the slow reference-style path")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--probe", metavar="BACKBONE", help="instead: the cached-feature linear probe vs the patch loop it replaced (demo)")
     return p.parse_args(argv)
 
 

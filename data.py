@@ -72,11 +72,17 @@ def load_case(data_dir, case_id):
     if not (case_dir / "meta.json").is_file():  # meta.json is written last: absent = incomplete
         raise ValueError(f"{case_dir}: case {case_id!r} not found or incomplete; "
                          f"list_cases({str(data_dir)!r}) gives the ids, re-run preprocess.py to finish it")
-    with open(case_dir / "meta.json") as f:
-        meta = json.load(f)
-    image = np.load(case_dir / "image.npy", mmap_mode="r")
-    body = np.load(case_dir / "body.npy", mmap_mode="r")
-    label = np.load(case_dir / "label.npy", mmap_mode="r") if (case_dir / "label.npy").is_file() else None
+    arrays = {}
+    try:
+        with open(case_dir / "meta.json") as f:
+            meta = json.load(f)
+        for name in ("image", "body", "label"):
+            path = case_dir / f"{name}.npy"
+            arrays[name] = np.load(path, mmap_mode="r") if name != "label" or path.is_file() else None
+    except (OSError, ValueError) as e:   # deleted, truncated ("mmap length is greater than file size")
+        raise ValueError(f"{case_dir}: unreadable case ({type(e).__name__}: {e}); re-run preprocess.py on "
+                         "it (delete the folder first)") from None
+    image, body, label = arrays["image"], arrays["body"], arrays["label"]
     for name, a in (("body", body), ("label", label)):
         if a is not None and a.shape != image.shape:
             raise ValueError(f"{case_dir}/{name}.npy: shape {a.shape} != image {image.shape}; re-run preprocess.py")
@@ -195,6 +201,17 @@ class CaseDataset(torch.utils.data.Dataset):
         return self.length
 
 
+def warn_small_cases(data_dir, case_ids, patch_size):
+    """One line per case smaller than the patch (it is zero-padded, which a user should know)."""
+    shapes = {c["id"]: c.get("shape") for c in load_dataset_json(data_dir)["cases"]}
+    small = [f"{c} {tuple(shapes[c])}" for c in case_ids
+             if shapes.get(c) and any(s < p for s, p in zip(shapes[c], patch_size))]
+    if small:
+        print(f"note: {len(small)} case(s) smaller than the patch {tuple(patch_size)} along some axis, "
+              f"zero-padded: {', '.join(small[:5])}{' ...' if len(small) > 5 else ''}")
+    return small
+
+
 class PairDataset(CaseDataset):
     """Pretraining pairs. Item i is a list of pairs_per_volume sample_pair dicts (plus case_id)
     from case case_ids[i % num_cases], drawn with np.random.default_rng([seed, i]).
@@ -207,6 +224,7 @@ class PairDataset(CaseDataset):
                  length=100_000, seed=0, case_ids=None):
         super().__init__(data_dir, case_ids, length, seed)
         self.patch_size, self.num_voxels, self.pairs_per_volume = tuple(patch_size), num_voxels, pairs_per_volume
+        warn_small_cases(data_dir, self.case_ids, self.patch_size)
 
     def __getitem__(self, i):
         rng = np.random.default_rng([self.seed, i])
@@ -262,6 +280,7 @@ class LabelledPatchDataset(CaseDataset):
     def __init__(self, data_dir, case_ids, patch_size, length, seed=0, foreground_prob=0.5):
         super().__init__(data_dir, case_ids, length, seed, labelled=True)
         self.patch_size, self.foreground_prob = tuple(patch_size), foreground_prob
+        warn_small_cases(data_dir, self.case_ids, self.patch_size)
         self.classes = {}  # case id -> class_voxels() dict, built lazily in each worker
 
     def class_voxels(self, case_id):

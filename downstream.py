@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from data import list_cases, load_case, load_dataset_json, sliding_window_inference
 from loss import dice_per_class, predict_labels
+from convert import read_backbone_file
 from model import ARCHS, SegmentationModel
 from preprocess import resolve_data_dir
 
@@ -37,9 +38,18 @@ DEMO_ARCHS = {"balanced": dict(base_channels=16, num_levels=4),
 # ----------------------------------------------------------------------------- devices, torchrun, files
 
 def pick_device(name="auto"):
+    """--device: auto (CUDA if present), cpu, cuda, cuda:1, ...; ValueError for one not here."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch build sees no CUDA GPU (torch {torch.__version__}); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    return device
 
 
 def setup_distributed(device_name="auto"):
@@ -81,19 +91,9 @@ def write_json(path, obj):
 # ----------------------------------------------------------------------------- backbone
 
 def load_backbone(path):
-    """Read a backbone file written by pretrain.py. Returns (backbone_config, state_dict, info)."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle error, truncated file, ... : say which file
-        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "backbone":
-        kind = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a backbone file from pretrain.py (kind: {kind}); "
-                         "pass RUN_DIR/backbone.pt")
-    return ckpt["backbone_config"], ckpt["state_dict"], dict(step=ckpt.get("step"), arch=ckpt.get("arch"))
+    """Read a backbone: ours (pretrain.py's backbone.pt) or the authors' released formats
+    (convert.py says which). Returns (backbone_config, state_dict in our names, info)."""
+    return read_backbone_file(path)
 
 
 def load_backbone_weights(model, state_dict, path):
@@ -169,6 +169,10 @@ def plan_folds(args, data_dir, test_dir):
             raise ValueError(f"--fold {args.fold} out of range 0..{len(plan) - 1}")
         plan = [plan[args.fold]]
     if args.train_cases is not None:   # label budget: the first N of a fixed shuffle of the fold's training cases
+        smallest = min(len(tr) for _, tr, _ in plan)
+        if not 1 <= args.train_cases <= smallest:
+            raise ValueError(f"--train-cases {args.train_cases}: must be between 1 and {smallest}, the "
+                             f"training cases of the smallest fold")
         rng = np.random.default_rng(args.seed + 1)
         plan = [(k, sorted(rng.permutation(tr)[:args.train_cases].tolist()), te) for k, tr, te in plan]
     return plan
@@ -249,9 +253,19 @@ def setup(args, paper, demo, head, script):
         names = label_names(data_dir)
         plan = plan_folds(args, data_dir, test_dir)
         build_segmenter(args, len(names), head)   # fail fast on a bad checkpoint
+        out = Path(args.out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {out}: cannot create it ({e.strerror})") from None
+        if not os.access(out, os.W_OK):
+            raise ValueError(f"--out {out}: folder is not writable")
     except ValueError as e:
         sys.exit(f"{script}: error: {e}")
-    rank, world, device = setup_distributed(args.device)
+    try:
+        rank, world, device = setup_distributed(args.device)
+    except ValueError as e:
+        sys.exit(f"{script}: error: {e}")
     if cfg["batch_size"] % world:
         sys.exit(f"{script}: error: --batch-size {cfg['batch_size']} is the global batch: it must split "
                  f"evenly over {world} processes")
@@ -266,7 +280,6 @@ def cross_validate(args, cfg, device, data_dir, test_dir, names, plan, head, tra
     by the caller during the folds) and prints the table."""
     rank, world = world_info()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         print(f"{title} on {world} x {device}: {args.checkpoint or 'random init'}, config {json.dumps(cfg)}")
     fold_dice, t0, cases = {}, time.time(), {}

@@ -3,7 +3,9 @@
 Implements the network side of Kats, Hirsch & Heinrich 2024 (built on vox2vec, Goncharov et
 al. 2023):
 - FPN3d: a U-Net-like 3D feature pyramid network; the decoder output at every scale forms the
-  pyramid (Sec. 2.2). Pre-activation residual blocks, max-pool down, nearest up.
+  pyramid (Sec. 2.2). Pre-activation residual blocks, max-pool down, nearest up. The same
+  function as the authors' FPN3d (vox2vec / hierarchical-dense-ssl), layer for layer, so their
+  released weights load (convert.py holds the one key map, used in both directions).
   Presets (ARCHS): "balanced" = 32 base channels, 5 levels (Sec. 2.2, "fewer levels, doubled
   channels"); "vox2vec" = 16 base channels, 6 levels (the baseline).
 - Balanced voxel representation (Sec. 2.2): every level is projected to the same width (32)
@@ -27,7 +29,10 @@ Deviations from the authors' code, each on purpose:
 - The reconstruction output is raw (no sigmoid) and compared by MSE with targets in [0, 1]: a
   sigmoid's vanishing slope near 0 and 1 (much of a CT patch is air, near 0) slows MSE learning.
 - The heads upsample by nearest neighbour (see LinearHead); NonLinearHead's layout is ours, the
-  paper does not specify it.
+  paper does not specify it. LinearHead standardises each channel with fixed training-set
+  statistics first (an affine map, so still linear; see linear_probe.py).
+- Segmentation heads output one channel per class including the background (softmax; loss.py
+  says why), the reference one per foreground class (sigmoids).
 
 Shape notation: volumes (B, C, X, Y, Z) with (X, Y, Z) the canonical RAS voxel axes; sampled
 voxels (N, C); voxel coordinates (N, 4) = (batch_index, x, y, z), int64. Level l of a pyramid
@@ -87,8 +92,9 @@ class FPN3d(nn.Module):
 
     It matches vox2vec / hierarchical-dense-ssl's FPN3d layer for layer (same parameter count,
     same outputs on any input size; tests/test_convert.py checks a forward pass written from
-    their layout), so their released weights load through `REFERENCE_KEYS` below, while our
-    parameter names say what each layer is. Works under torch.autocast and keeps
+    their layout), so their released weights load through the key map in convert.py, while our
+    parameter names say what each layer is. Why match it exactly: the authors' released CT and
+    MRI models (and vox2vec's) are the paper's third contribution; a near-copy could not use them. Works under torch.autocast and keeps
     channels_last_3d inputs channels-last.
     """
 

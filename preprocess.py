@@ -34,6 +34,7 @@ import os
 import re
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import nibabel as nib
@@ -52,6 +53,7 @@ PRESETS = {  # Sec. 3.1
 }
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
+MAX_RESAMPLED_GIB = 4.0   # a 1 x 1 x 2 mm whole-body CT is ~0.5 GiB; far more means a wrong header
 
 
 class PreprocessError(ValueError):
@@ -85,7 +87,7 @@ def make_preset(modality, spacing=None):
         raise ValueError(f"modality must be one of {sorted(PRESETS)}, got {modality!r}")
     preset = json.loads(json.dumps({"name": modality, **PRESETS[modality]}))  # a deep copy
     if spacing is not None:
-        if len(spacing) != 3 or min(spacing) <= 0:
+        if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
             raise ValueError(f"spacing must be 3 positive numbers (mm), got {spacing}")
         preset["spacing"] = [float(s) for s in spacing]
     return preset
@@ -109,10 +111,18 @@ def validate_case(image, affine, label=None, label_affine=None, names=("image", 
     if image.ndim != 3:
         raise PreprocessError(f"{image_name}: {image.ndim}-D image of shape {image.shape}, "
                               "expected 3-D")
+    if min(image.shape) == 0:
+        raise PreprocessError(f"{image_name}: an empty axis in shape {image.shape}")
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise PreprocessError(f"{image_name}: singular or rank-deficient affine (its 3 x 3 part has determinant "
+                              f"{np.linalg.det(affine[:3, :3]) if np.all(np.isfinite(affine)) else 'nan'}): "
+                              "no voxel size or orientation can be read")
     image = np.asarray(image, dtype=np.float32)
     bad = image.size - np.count_nonzero(np.isfinite(image))
     if bad:
         raise PreprocessError(f"{image_name}: {bad} NaN/inf voxels")
+    if image.min() == image.max():
+        raise PreprocessError(f"{image_name}: every voxel is {image.min():g}: an empty or blank scan")
     if label is None:
         return image, None
     label = label[..., 0] if label.ndim == 4 and label.shape[3] == 1 else label
@@ -196,6 +206,11 @@ def preprocess_arrays(image, affine, modality, spacing=None, label=None, *, labe
     old_spacing = nib.affines.voxel_sizes(canonical_affine)
     ratio = np.asarray(preset["spacing"]) / old_spacing  # new voxel i <- old coordinate i*ratio
     new_shape = resampled_shape(image.shape, old_spacing, preset["spacing"])
+    gib = 4 * np.prod(new_shape, dtype=np.float64) / 2 ** 30
+    if gib > MAX_RESAMPLED_GIB:
+        raise PreprocessError(f"{names[0]}: spacing {np.round(old_spacing, 3).tolist()} mm x shape {image.shape} "
+                              f"would resample to {new_shape} ({gib:.1f} GiB as float32, limit {MAX_RESAMPLED_GIB} GiB); "
+                              "is the voxel size in the header right?")
     resampled = resample_image(image, ratio, new_shape)  # step (1)
     if modality == "ct":
         body = resampled > preset["body_threshold_hu"]
@@ -311,12 +326,25 @@ def list_nifti(folder):
 def read_label_names(raw_dir):
     """Class names of a Decathlon ({"1": "liver"}) or nnU-Net v2 ({"liver": 1}) dataset.json."""
     path = Path(raw_dir) / "dataset.json"
-    labels = json.loads(path.read_text()).get("labels") if path.is_file() else None
+    try:
+        labels = json.loads(path.read_text()).get("labels") if path.is_file() else None
+    except (ValueError, AttributeError) as e:
+        raise PreprocessError(f"{path}: not a valid dataset.json ({type(e).__name__}: {e})") from None
     if not labels:
         return None
-    if all(isinstance(v, int) for v in labels.values()):
+    if not isinstance(labels, dict):
+        raise PreprocessError(f"{path}: \"labels\" must map class numbers to names (Decathlon) or names "
+                              f"to numbers (nnU-Net v2), got {type(labels).__name__}")
+    regions = [k for k, v in labels.items() if isinstance(v, (list, tuple))]
+    if regions:
+        raise PreprocessError(f"{path}: region-based labels ({', '.join(regions)}) are not supported; "
+                              "give one integer per class")
+    if all(isinstance(v, int) for v in labels.values()):        # nnU-Net v2: {"liver": 1}
         labels = {v: k for k, v in labels.items()}
-    return {str(int(k)): str(v) for k, v in labels.items()}
+    try:
+        return {str(int(k)): str(v) for k, v in labels.items()}
+    except ValueError:
+        raise PreprocessError(f"{path}: \"labels\" mixes formats: {labels}") from None
 
 
 def find_cases(raw_dir):
@@ -380,8 +408,32 @@ def map_jobs(jobs, workers, fn=run_job):
     if workers <= 1 or len(jobs) <= 1:
         yield from map(fn, jobs)
         return
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
-        yield from (f.result() for f in as_completed([pool.submit(fn, j) for j in jobs]))
+    retry = []
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_die_with_parent) as pool:
+        futures = {pool.submit(fn, j): j for j in jobs}
+        for f in as_completed(futures):
+            try:
+                yield f.result()
+            except BrokenProcessPool:       # a worker was killed (e.g. out of memory): every job left fails
+                retry.append(futures[f])
+    for job in retry:                       # each alone in a fresh process: a crash now is its own
+        with ProcessPoolExecutor(max_workers=1, initializer=_die_with_parent) as pool:
+            try:
+                yield pool.submit(fn, job).result()
+            except BrokenProcessPool:
+                name = Path(job["image"]).relative_to(job["root"]) if "image" in job else job
+                yield f"{name}: its worker process died (killed, or out of memory)"
+
+
+def _die_with_parent():
+    """Worker initializer: on Linux, get SIGTERM when the parent dies (no orphaned workers)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+        except OSError:
+            pass
 
 
 def write_dataset_json(out_dir, modality, preset, labels):
@@ -400,6 +452,10 @@ def write_dataset_json(out_dir, modality, preset, labels):
 def preprocess_folder(raw_dir, out_dir, modality, spacing=None, workers=1):
     """Preprocess a raw folder -> dict(done, skipped, failed: one message per bad case)."""
     preset = make_preset(modality, spacing)
+    raw, out = Path(raw_dir).resolve(), Path(out_dir).resolve()
+    if out == raw or raw in out.parents:
+        raise PreprocessError(f"--output {out_dir} is (inside) --input {raw_dir}: its dataset.json would replace "
+                              "the raw one; choose a folder outside the input")
     jobs, failed = find_cases(raw_dir)
     labels = read_label_names(raw_dir)
     todo = [j for j in jobs if not is_complete(read_meta(Path(out_dir) / "cases" / j["case_id"]),
@@ -408,6 +464,10 @@ def preprocess_folder(raw_dir, out_dir, modality, spacing=None, workers=1):
         job.update(out_dir=str(out_dir), modality=modality, spacing=spacing, root=Path(raw_dir),
                    max_label=max(map(int, labels)) if labels else 255)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise PreprocessError(f"--output {out_dir}: folder is not writable")
+    for stale in [*Path(out_dir).glob(".tmp-*"), *Path(out_dir).glob("cases/*/.tmp-*")]:
+        stale.unlink(missing_ok=True)       # left by a killed run (atomic_write names them so)
     for message in failed:
         print(f"FAILED {message}", file=sys.stderr)
     done = 0
@@ -510,6 +570,7 @@ def main(args):
             return 0
         if not (args.input and args.output and args.modality):
             raise PreprocessError("--input, --output and --modality are required (or --demo)")
+        make_preset(args.modality, args.spacing)      # a bad --spacing (nan, 0, -1) fails here, not per case
         result = preprocess_folder(args.input, args.output, args.modality, args.spacing,
                                    args.workers)
     except ValueError as e:  # PreprocessError, bad spacing, a demo folder made otherwise

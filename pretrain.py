@@ -7,16 +7,17 @@ balanced voxel representations sampled at n positive pairs, and the hybrid loss
 L = L_c + lambda * L_r (Eq. 1-3) with InfoNCE at tau = 0.1 and MSE reconstruction at lambda = 10.
 
 Run it:
-    python pretrain.py --data demo                          # CPU preset, builds data/demo, ~5 min on 2 cores
+    python pretrain.py --data demo                          # CPU preset, builds data/demo, ~6 min on 2 cores
     python pretrain.py --data DATA_DIR --out runs/ct        # the paper's config (one GPU; see README for speed)
     python pretrain.py --data DATA_DIR --method vox2vec     # the vox2vec baseline (Table 1, row 1)
     python pretrain.py --data DATA_DIR --out runs/ct --resume       # continue an interrupted run
     torchrun --nproc_per_node=4 pretrain.py --data DATA_DIR         # several GPUs (DDP)
 
-What to expect on the demo preset (300 steps of 4 pairs, 256 voxel pairs each; measured, see
-README): the loss falls from ~8.6 (step 10) to ~7.4 (step 300). L_r drops from 0.08 to ~0.01
-within 50 steps; L_c from 7.8 to 7.3, against the chance level ln(2 * 1024 - 1) = 7.62 of 1,024
-voxel pairs per view, i.e. the contrastive part has only begun to learn at this budget.
+What to expect on the demo preset (300 steps of 4 pairs of 32 x 32 x 16 patches, 256 voxel pairs
+each; measured by `python evidence.py` on 2 CPU cores, README "Results"): L_c falls from 6.5
+(step 10) to 2.44 at step 300, against the chance level ln(2 * 1024 - 1) = 7.62 of 1,024 voxel
+pairs per view (0.85 x chance is crossed within the first ~20 steps); L_r from 0.18 to 0.005;
+6 minutes. The vox2vec baseline (--method vox2vec): L_c 3.25 at step 300, 4.5 minutes.
 Everything a run writes lives in --out: `log.jsonl` (one row per logged step),
 `checkpoint.pt` (resumable, written atomically every --checkpoint-every steps and at the end)
 and `backbone.pt` (the FPN alone, for linear_probe.py / finetune.py; loads with
@@ -47,6 +48,7 @@ from tqdm import tqdm
 from augment import augment_batch
 from data import PairDataset, collate_pairs
 from loss import hybrid_loss, info_nce, reconstruction_loss
+from convert import read_backbone_file
 from downstream import DEMO_ARCHS, atomic_torch_save, setup_distributed
 from model import ARCHS, PretrainModel
 from preprocess import resolve_data_dir
@@ -76,6 +78,15 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
+def truncate_log(path, step):
+    """Drop the rows logged after the checkpoint a run resumes from (they will be logged again)."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        os.replace(tmp, path)
+
+
 def log_row(path, row):
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -100,9 +111,27 @@ def resolve_config(args):
     cfg["patch_size"] = tuple(cfg["patch_size"])
     if cfg["batch_pairs"] % cfg["pairs_per_volume"]:
         raise ValueError(f"--batch-pairs {cfg['batch_pairs']} must be a multiple of --pairs-per-volume")
+    for k in ("steps", "batch_pairs", "num_voxels", "pairs_per_volume", "log_every", "checkpoint_every"):
+        if cfg[k] < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}")
     if cfg["recon_weight"] == 0 and cfg["contrastive_weight"] == 0:
         raise ValueError("--recon-weight and --contrastive-weight are both 0: nothing to train")
     return cfg
+
+
+def initial_backbone(args, cfg):
+    """--init-from FILE (ours or the authors' released weights, convert.py): continue
+    pretraining from them. Sets cfg's FPN size from the file; returns the state dict or None.
+    A resumed run (--resume with a checkpoint) starts from its checkpoint instead."""
+    if not args.init_from:
+        return None
+    config, state, _ = read_backbone_file(args.init_from)
+    for k in ("base_channels", "num_levels"):
+        if getattr(args, k) not in (None, config[k]):
+            raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)} contradicts {args.init_from} ({config[k]})")
+        cfg[k] = config[k]
+    cfg["init_from"] = str(args.init_from)
+    return state
 
 
 def build_model(cfg):
@@ -211,10 +240,15 @@ def load_run(run_dir, model, optimizer, cfg):
         version = state.get("version") if isinstance(state, dict) else None
         raise ValueError(f"{path}: checkpoint version {version}, this code writes {CHECKPOINT_VERSION} "
                          "(version 2 changed the FPN to the reference's); start a new run folder")
-    keys = ("arch", "base_channels", "num_levels", "patch_size", "batch_pairs", "aug")
-    changed = [k for k in keys if tuple_or(state["config"][k]) != tuple_or(cfg[k])]
+    # Refuse, rather than silently ignore or half-apply, a changed setting: only the run's length
+    # and its logging / checkpoint cadence may change on resume (README, "Reliability").
+    may_change = ("steps", "log_every", "checkpoint_every")
+    changed = [f"--{k.replace('_', '-')} {tuple_or(state['config'].get(k))} -> {tuple_or(cfg.get(k))}"
+               for k in sorted(set(cfg) | set(state["config"]))
+               if k not in may_change and tuple_or(state["config"].get(k)) != tuple_or(cfg.get(k))]
     if changed:
-        raise ValueError(f"{path}: --resume with a different {', '.join(changed)} than the saved run")
+        raise ValueError(f"{path}: --resume with settings that differ from the saved run ({'; '.join(changed)}); "
+                         "resume with the same flags, or start a new --out")
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -240,8 +274,8 @@ def tuple_or(v):
 
 
 def main(args):
-    rank, world, device = setup_distributed(args.device)
     try:
+        rank, world, device = setup_distributed(args.device)
         cfg = resolve_config(args)
         if cfg["batch_pairs"] % (world * cfg["pairs_per_volume"]):
             raise ValueError(f"--batch-pairs {cfg['batch_pairs']} is the global batch: it must split evenly "
@@ -249,7 +283,11 @@ def main(args):
         data_dir = resolve_data_dir(args.data)
         run_dir = Path(args.out or ("runs/pretrain-demo" if args.data == "demo" else "runs/pretrain"))
         torch.manual_seed(args.seed)
-        model = build_model(cfg).to(device)
+        init = initial_backbone(args, cfg)       # --init-from: the file decides the FPN's size
+        model = build_model(cfg)
+        if init is not None:
+            model.backbone.load_state_dict(init)
+        model = model.to(device)
         amp_dtype = torch.bfloat16 if device.type == "cuda" and args.amp else None
         if device.type == "cpu":
             torch.set_flush_denormal(True)   # denormal activations slowed CPU steps by up to 1.5x (measured)
@@ -262,14 +300,25 @@ def main(args):
             start = load_run(run_dir, model, optimizer, cfg)
         elif args.resume:
             raise ValueError(f"--resume: no checkpoint at {run_dir / 'checkpoint.pt'}")
+        elif any((run_dir / name).exists() for name in ("checkpoint.pt", "log.jsonl")):
+            raise ValueError(f"{run_dir} already holds a run (checkpoint.pt / log.jsonl): continue it with "
+                             "--resume, or choose another --out")
         loader = make_loader(data_dir, cfg, args.seed, start, rank, world, args.workers)
+        if rank == 0:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"--out {run_dir}: cannot create it ({e.strerror})") from None
+            if not os.access(run_dir, os.W_OK):
+                raise ValueError(f"--out {run_dir}: folder is not writable")
     except ValueError as e:
         sys.exit(f"pretrain.py: error: {e}")
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     step_model = torch.compile(model) if args.compile else model
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if start > 0:
+            truncate_log(run_dir / "log.jsonl", start)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"pretrain: {world} process(es) on {device}, data {data_dir}, run dir {run_dir}, "
               f"{n_params / 1e6:.2f} M parameters, starting at step {start}")
@@ -332,6 +381,8 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="preprocessed DATA_DIR (preprocess.py), or 'demo'")
     p.add_argument("--out", help="run folder (default runs/pretrain or runs/pretrain-demo)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--init-from", help="start from these backbone weights: our backbone.pt or the authors' "
+                                       "released files (convert.py lists the formats)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) - 1)),
                    help="DataLoader processes reading memory-mapped patches")

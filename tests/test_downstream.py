@@ -36,7 +36,7 @@ def test_linear_probe_trains_only_the_head(small_demo, backbone, tmp_path, monke
     seen = {}
     real = linear_probe.train_head
 
-    def spy(head, cache, labels, train_ids, cfg, device, **k):
+    def spy(head, cache, labels, train_ids, cfg, device, *a, **k):
         model = seen["model"] = next(m for m in spy.models if m.head is head)
         assert not any(p.requires_grad for p in model.backbone.parameters())
         assert all(not m.training for m in model.backbone.modules())           # eval mode: BN frozen
@@ -44,7 +44,7 @@ def test_linear_probe_trains_only_the_head(small_demo, backbone, tmp_path, monke
         seen["head"] = {k: v.clone() for k, v in head.state_dict().items()}
         with monkeypatch.context() as m:    # any backbone call in the loop fails the test
             m.setattr(FPN3d, "forward", lambda *a: pytest.fail("backbone called while training the head"))
-            out = real(head, cache, labels, train_ids, cfg, device, **k)
+            out = real(head, cache, labels, train_ids, cfg, device, *a, **k)
         seen["after"], seen["head_after"] = model.backbone.state_dict(), head.state_dict()
         return out
 
@@ -193,14 +193,19 @@ def test_predict_writes_mask_on_the_original_grid(small_demo, backbone, tmp_path
     # mask that --predict writes must coincide with the label on the scan's own grid.
     image, affine = preprocess.load_nifti(scan)
     label = np.asanyarray(original.dataobj)
-    _, _, label_pre, _ = preprocess.preprocess_arrays(image, affine, "ct", label=label)
+    _, _, label_pre, meta = preprocess.preprocess_arrays(image, affine, "ct", label=label)
     monkeypatch.setattr(finetune, "predict_volume", lambda *a, **k: torch.as_tensor(label_pre.astype(np.int64)))
     finetune.main(finetune.parse_args(["--predict", str(scan), "--checkpoint", str(tmp_path / "model_fold0.pt"),
                                        "--output", str(out)]))
     pred = np.asanyarray(nib.load(out).dataobj)
+    # exactly the nearest-neighbour round trip of the label (the best any network could do) ...
+    np.testing.assert_array_equal(pred, preprocess.to_original_grid(label_pre, meta))
+    # ... which lies on the label: the round trip 0.86 -> 1 -> 0.86 mm loses boundary voxels of
+    # the demo's few-voxel-thick organs (~0.94 mean here, ~0.98 at twice the scale,
+    # test_preprocess), while a one-voxel shift or a flipped axis would lose far more.
     fg = [c for c in np.unique(label) if c]
     dice = [2 * np.sum((pred == c) & (label == c)) / (np.sum(pred == c) + np.sum(label == c)) for c in fg]
-    assert np.mean(dice) >= 0.95, dice
+    assert np.mean(dice) >= 0.9 and min(dice) >= 0.85, dice
 
 
 def test_predict_needs_a_finetuned_checkpoint(backbone, tmp_path):
@@ -226,3 +231,60 @@ def test_finetune_under_torchrun_two_processes(small_demo, backbone, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["mean_dice"] >= 0
     model, _ = finetune.load_model(tmp_path / "model_fold0.pt")
     assert model.config["head"] == "nonlinear"
+
+
+@pytest.mark.parametrize("problem", ["same_as_scan", "no_extension", "missing_folder"])
+def test_predict_checks_its_output_before_any_work(small_demo, tmp_path, problem, monkeypatch):
+    scan = sorted((Path(small_demo) / "raw" / "imagesTr").iterdir())[0]
+    copy = tmp_path / scan.name
+    shutil.copy(scan, copy)
+    before = copy.read_bytes()
+    output = {"same_as_scan": copy, "no_extension": tmp_path / "seg.npy",
+              "missing_folder": tmp_path / "nowhere" / "seg.nii.gz"}[problem]
+    monkeypatch.setattr(finetune, "load_model", lambda *a: pytest.fail("work started before the output was checked"))
+    with pytest.raises(SystemExit) as e:
+        finetune.main(finetune.parse_args(["--predict", str(copy), "--checkpoint", "x.pt", "--output", str(output)]))
+    assert str(output) in str(e.value.code) and "\n" not in str(e.value.code)
+    assert copy.read_bytes() == before and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("budget", ["0", "-1", "99"])
+def test_train_cases_outside_the_fold_is_refused(small_demo, tmp_path, budget):
+    with pytest.raises(SystemExit, match=f"--train-cases {budget}: must be between 1 and"):
+        finetune.main(finetune.parse_args(["--data", str(small_demo), "--init", "random", "--out", str(tmp_path),
+                                           *TINY, "--train-cases", budget]))
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_cuda_on_a_cpu_build_is_one_line(small_demo, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit, match="--device cuda: this torch build sees no CUDA GPU"):
+        finetune.main(finetune.parse_args(["--data", str(small_demo), "--init", "random", "--out", str(tmp_path),
+                                           *TINY, "--device", "cuda"]))
+
+
+def test_truncated_preprocessed_case_is_one_line(small_demo, tmp_path):
+    import data
+    copy = tmp_path / "d"
+    shutil.copytree(small_demo, copy, ignore=shutil.ignore_patterns("raw"))
+    case = data.list_cases(copy)[0]
+    image = copy / "cases" / case / "image.npy"
+    image.write_bytes(image.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"{case}: unreadable case .*re-run preprocess.py"):
+        data.load_case(copy, case)
+
+
+def test_reestimated_batchnorm_statistics_are_the_plain_average(small_demo):
+    """After reestimate_batchnorm, a BatchNorm's running mean is the mean of its inputs over the
+    re-estimation batches (momentum None: cumulative), whatever it was before."""
+    model = SegmentationModel(dict(in_channels=1, base_channels=2, num_levels=2), 9, head="nonlinear")
+    bn = model.backbone.encoder[0][0].body[0]
+    bn.running_mean.fill_(100.0)
+    seen = []
+    bn.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().mean((0, 2, 3, 4))))
+    cfg = dict(patch_size=(16, 16, 8), batch_size=2)
+    ids = downstream.list_cases(small_demo, labelled=True)
+    finetune.reestimate_batchnorm(model, small_demo, ids, cfg, torch.device("cpu"), seed=0, batches=5)
+    torch.testing.assert_close(bn.running_mean, torch.stack(seen).mean(0), rtol=1e-4, atol=1e-6)
+    assert bn.momentum == 0.1

@@ -7,6 +7,7 @@ import argparse
 import gzip
 import itertools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 import phantom  # noqa: E402
 import preprocess  # noqa: E402
 
-DEMO_SCALE = 0.6  # smaller phantoms keep the tests fast; 3 cases
+DEMO_SCALE = 0.6  # twice the demo scale: round-trip Dice is measured on organs of realistic voxel size; 3 cases
 
 
 @pytest.fixture(scope="module")
@@ -199,13 +200,24 @@ def write_raw_folder(root, rng):
         "negative": (image, label.astype(np.int16) - 1, "negative label values"),
         "too_big": (image, label.astype(np.int16) * 300, "label values up to 600"),
         "nan": (np.where(label > 0, np.nan, image.astype(np.float32)), label, "NaN/inf voxels"),
+        "blank": (np.zeros_like(image), label, "every voxel is 0: an empty or blank scan"),
+        "singular": (image, label, "singular or rank-deficient affine"),
+        "huge": (image, label, "would resample to"),
     }
+    affines = {"singular": np.diag([1.5, 1.5, 0.0, 1.0]), "huge": np.diag([500.0, 500.0, 500.0, 1.0])}
     expected = {}
     for name, (img, lab, message) in bad.items():
-        save(root / "imagesTr" / f"{name}.nii.gz", img, AFFINE)
-        lab_affine = AFFINE + np.eye(4, k=3) * 0.5 if name == "affine" else AFFINE  # shift x
+        affine = affines.get(name, AFFINE)
+        if name == "singular":   # only an sform can hold it (a qform is a rotation): a rank-2 affine
+            nifti = nib.Nifti1Image(img, None)
+            nifti.set_sform(affine, code=1)
+            nifti.set_qform(None, code=0)
+            nib.save(nifti, str(root / "imagesTr" / f"{name}.nii.gz"))
+        else:
+            save(root / "imagesTr" / f"{name}.nii.gz", img, affine)
+        lab_affine = AFFINE + np.eye(4, k=3) * 0.5 if name == "affine" else AFFINE if name == "singular" else affine
         save(root / "labelsTr" / f"{name}.nii.gz", lab, lab_affine)
-        folder = "imagesTr" if name in ("four_d", "nan") else "labelsTr"
+        folder = "imagesTr" if name in ("four_d", "nan", "blank", "singular", "huge") else "labelsTr"
         expected[f"{folder}/{name}.nii.gz"] = message
     blob = gzip.compress(nib.Nifti1Image(image, AFFINE).to_bytes())
     (root / "imagesTr" / "truncated.nii.gz").write_bytes(blob[:len(blob) // 2])
@@ -297,7 +309,7 @@ def test_resolve_data_dir(tmp_path, demo):
 
 def test_demo_generator_deterministic(tmp_path):
     def make(folder, seed):
-        phantom.make_demo_raw(tmp_path / folder, num_cases=1, seed=seed, scale=0.3)
+        preprocess.make_demo_raw(tmp_path / folder, num_cases=1, seed=seed, scale=0.3)
         img = nib.load(str(tmp_path / folder / "imagesTr" / "demo_000.nii.gz"))
         lab = nib.load(str(tmp_path / folder / "labelsTr" / "demo_000.nii.gz"))
         return np.asarray(img.dataobj).tobytes() + np.asarray(lab.dataobj).tobytes(), img.affine
@@ -310,7 +322,7 @@ def test_demo_command(tmp_path, capsys):
     """`python preprocess.py --demo DIR` at full phantom size (one case)."""
     assert preprocess.main(args(demo=str(tmp_path / "d"), num_cases=1, workers=1)) == 0
     out = capsys.readouterr().out
-    assert "done 1 / skipped 0 / failed 0" in out and "kidney_left" in out
+    assert "done 1 / skipped 0 / failed 0" in out and "kidney_left" in out and "boundary step / noise SD" in out
     meta, arrays = load_case(tmp_path / "d", "demo_000")
     assert list(arrays["image"].shape) == meta["shape"] and meta["spacing"] == [1.0, 1.0, 2.0]
     assert 0 <= arrays["image"].min() and arrays["image"].max() <= 1
@@ -358,3 +370,60 @@ def test_intensity_only_dice_matches_naive(tmp_path):
         true = sum(n for (b, k), n in counts.items() if k == c)
         expected[name] = 2 * tp / (pred + true)
     assert phantom.intensity_only_dice(tmp_path, num_bins=num_bins) == pytest.approx(expected)
+
+
+def test_output_inside_input_is_refused(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    (raw / "imagesTr").mkdir(parents=True)
+    (raw / "dataset.json").write_text('{"labels": {"0": "background"}}')
+    before = (raw / "dataset.json").read_bytes()
+    for out in (raw, raw / "pre"):
+        assert preprocess.main(args(input=str(raw), output=str(out))) == 2
+        assert "is (inside) --input" in capsys.readouterr().err
+    assert (raw / "dataset.json").read_bytes() == before and not (raw / "pre").exists()
+
+
+@pytest.mark.parametrize("spacing", [[float("nan"), 1, 1], [0, 1, 1], [-1, 1, 2]])
+def test_bad_spacing_fails_at_parse_time(tmp_path, capsys, spacing):
+    assert preprocess.main(args(input=str(tmp_path), output=str(tmp_path / "o"), spacing=spacing)) == 2
+    assert "spacing must be 3 positive numbers" in capsys.readouterr().err
+
+
+def test_demo_boundaries_are_visible_and_identity_needs_context(demo):
+    """Issue: every organ's boundary step >= 2 noise SD; the intensity-only classifier is poor
+    for the look-alike pairs (liver vs spleen, the two kidneys)."""
+    contrast, noise_sd = phantom.boundary_contrast(demo)
+    assert 3 < noise_sd < 20                                # HU, measured (raw noise: phantom.NOISE_HU)
+    assert min(contrast.values()) >= 2, contrast
+    dice = phantom.intensity_only_dice(demo)
+    assert dice["spleen"] < 0.3 and min(dice["kidney_left"], dice["kidney_right"]) < 0.3, dice
+
+
+
+def _die_on_b(job):
+    """A worker that is killed (as the out-of-memory killer would) on case 'b'."""
+    if job == "b":
+        os.kill(os.getpid(), 9)
+    return f"ok {job}"
+
+
+def test_a_killed_worker_fails_one_case_not_the_batch():
+    results = sorted(preprocess.map_jobs(["a", "b", "c", "d"], 2, _die_on_b))
+    assert results == ["b: its worker process died (killed, or out of memory)", "ok a", "ok c", "ok d"]
+
+
+@pytest.mark.parametrize("labels, message", [
+    ({"background": 0, "liver": 1, "spleen": 2}, None),                           # nnU-Net v2
+    ({"background": 0, "liver": [1, 2], "tumour": 2}, r"region-based labels \(liver\)"),
+    ("not json{", "not a valid dataset.json"),
+])
+def test_nnunet_v2_and_malformed_dataset_json(tmp_path, labels, message):
+    path = tmp_path / "dataset.json"
+    path.write_text(labels if isinstance(labels, str) else json.dumps({"labels": labels, "file_ending": ".nii.gz",
+                                                                         "channel_names": {"0": "CT"}}))
+    if message is None:
+        assert preprocess.read_label_names(tmp_path) == {"0": "background", "1": "liver", "2": "spleen"}
+    else:
+        with pytest.raises(preprocess.PreprocessError, match=message) as e:
+            preprocess.read_label_names(tmp_path)
+        assert str(path) in str(e.value)

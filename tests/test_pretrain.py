@@ -55,17 +55,78 @@ def test_resume_reproduces_uninterrupted_run(small_demo, tmp_path):
     assert [r["step"] for r in split] == [1, 2, 3, 4]
     for a, b in zip(full, split):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
-    sa = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
-    sb = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["model"]
+    sa = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    sb = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["model"]
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
 
 
 def test_resume_refuses_a_different_architecture(small_demo, tmp_path):
     run(small_demo, tmp_path, "--steps", "1")
-    with pytest.raises(SystemExit, match="different base_channels"):
+    with pytest.raises(SystemExit, match="--base-channels 4 -> 8"):
         pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(tmp_path), *TINY,
                                            "--steps", "2", "--resume", "--base-channels", "8"]))
+
+
+def test_resume_truncates_the_log_to_the_checkpoint(small_demo, tmp_path):
+    """A run killed after logging steps past its last checkpoint logs them once, not twice."""
+    run(small_demo, tmp_path, "--steps", "3", "--checkpoint-every", "2")
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state["step"] = 2                                   # as if killed after logging step 3
+    torch.save(state, tmp_path / "checkpoint.pt")
+    run(small_demo, tmp_path, "--steps", "4", "--checkpoint-every", "2", "--resume")
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("flag, value", [("--lr", "0.1"), ("--recon-weight", "3")])
+def test_resume_refuses_changed_settings(small_demo, tmp_path, flag, value):
+    run(small_demo, tmp_path, "--steps", "1")
+    with pytest.raises(SystemExit, match=f"{flag} .* -> {value}"):
+        run(small_demo, tmp_path, "--steps", "2", "--resume", flag, value)
+
+
+def test_existing_run_folder_is_not_overwritten(small_demo, tmp_path):
+    run(small_demo, tmp_path, "--steps", "1")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(SystemExit, match="already holds a run.*--resume"):
+        run(small_demo, tmp_path, "--steps", "1")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--num-voxels"])
+def test_zero_counts_are_refused(small_demo, tmp_path, flag):
+    with pytest.raises(SystemExit, match=f"{flag} must be >= 1"):
+        run(small_demo, tmp_path, flag, "0")
+    assert not (tmp_path / "backbone.pt").exists()
+
+
+def test_crafted_checkpoint_is_refused_on_resume(small_demo, tmp_path):
+    """--resume loads checkpoint.pt with weights_only=True: a pickle that runs code is refused."""
+    import pickle
+    run(small_demo, tmp_path, "--steps", "1")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    (tmp_path / "checkpoint.pt").write_bytes(pickle.dumps({"version": 2, "x": Evil()}))
+    with pytest.raises(SystemExit, match="checkpoint.pt: not a checkpoint this code can read safely"):
+        run(small_demo, tmp_path, "--steps", "2", "--resume")
+    assert not marker.exists()
+
+
+def test_init_from_reference_weights(small_demo, tmp_path):
+    """--init-from takes the authors' layout; the FPN size comes from the file."""
+    import convert
+    config = dict(in_channels=1, base_channels=4, num_levels=3)
+    start = FPN3d(**config).state_dict()
+    torch.save(convert.to_reference(start, config), tmp_path / "released.pt")
+    out = tmp_path / "run"
+    pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(out), *TINY[4:], "--steps", "1",
+                                       "--init-from", str(tmp_path / "released.pt"), "--lr", "0"]))
+    saved = torch.load(out / "backbone.pt", weights_only=True)
+    assert saved["backbone_config"] == config
+    assert torch.equal(saved["state_dict"]["stem.weight"], start["stem.weight"])   # lr 0: unchanged
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(small_demo, tmp_path, monkeypatch):
@@ -80,7 +141,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(small_demo, tmp_pa
     with pytest.raises(SystemExit) as e:
         run(small_demo, tmp_path, "--steps", "5", "--checkpoint-every", "2")
     assert e.value.code == 1
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
@@ -89,7 +150,7 @@ def test_demo_command_end_to_end(demo_is_small, tmp_path, capsys):
     run_dir = pretrain.main(pretrain.parse_args(["--data", "demo", "--steps", "2", "--out", str(tmp_path),
                                                  "--workers", "0", "--num-voxels", "64"]))
     printed = capsys.readouterr().out
-    assert "config:" in printed and '"base_channels": 8' in printed   # the demo preset was used
+    assert "config:" in printed and '"base_channels": 16' in printed   # the demo preset was used
     rows = read_log(run_dir)
     assert rows[-1]["step"] == 2
     assert {"step", "loss", "loss_contrastive", "loss_recon", "lr", "seconds"} <= set(rows[-1])

@@ -1,0 +1,190 @@
+"""convert.py and FPN3d against the authors' layout: a state dict built here from the layout
+description alone (their key names and shapes), converted and loaded strictly, must give the
+pyramid of a forward pass written here from the same description, on odd input sizes."""
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convert
+from model import ARCHS, FPN3d
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_state_dict(in_channels, base, levels, g):
+    """Their FPN3d's state dict, from the layout description (issue / DESIGN.md), random values."""
+    sd = {}
+
+    def conv(name, c_out, c_in, k):
+        sd[f"{name}.weight"] = torch.randn(c_out, c_in, k, k, k, generator=g) / (c_in * k ** 3) ** 0.5
+        sd[f"{name}.bias"] = 0.1 * torch.randn(c_out, generator=g)
+
+    def bn(name, c):
+        sd[f"{name}.weight"] = 1 + 0.2 * torch.randn(c, generator=g)
+        sd[f"{name}.bias"] = 0.2 * torch.randn(c, generator=g)
+        sd[f"{name}.running_mean"] = 0.3 * torch.randn(c, generator=g)
+        sd[f"{name}.running_var"] = 0.5 + torch.rand(c, generator=g)
+        sd[f"{name}.num_batches_tracked"] = torch.tensor(7)
+
+    def stage(name, c):
+        for j in (0, 1):
+            bn(f"{name}.layers.{j}.layers.0", c)
+            conv(f"{name}.layers.{j}.layers.2", c, c, 3)
+            bn(f"{name}.layers.{j}.layers.3", c)
+            conv(f"{name}.layers.{j}.layers.5", c, c, 3)
+
+    conv("first_conv", base, in_channels, 3)
+    c = base
+    for i in range(levels - 1):
+        stage(f"left_blocks.{i}", c)
+        conv(f"down_blocks.{i}.1", 2 * c, c, 1)
+        k = levels - 2 - i                                     # decoder index: 0 = coarsest
+        conv(f"up_blocks.{k}.0", c, 2 * c, 1)
+        conv(f"skip_blocks.{k}", c, c, 1)
+        stage(f"right_blocks.{k}", c)
+        c *= 2
+    stage("bottom_block", c)
+    return sd
+
+
+def reference_forward(sd, x, levels):
+    """Their forward pass, written from the description (eval-mode BatchNorm)."""
+    conv = lambda h, n, pad: F.conv3d(h, sd[f"{n}.weight"], sd[f"{n}.bias"], padding=pad)
+    bn = lambda h, n: F.batch_norm(h, sd[f"{n}.running_mean"], sd[f"{n}.running_var"], sd[f"{n}.weight"],
+                                   sd[f"{n}.bias"], training=False, eps=1e-5)
+
+    def stage(h, name):
+        for j in (0, 1):
+            p = f"{name}.layers.{j}.layers"
+            t = conv(F.relu(bn(h, f"{p}.0")), f"{p}.2", 1)
+            h = h + conv(F.relu(bn(t, f"{p}.3")), f"{p}.5", 1)
+        return h
+
+    h, skips = conv(x, "first_conv", 1), []
+    for i in range(levels - 1):
+        h = stage(h, f"left_blocks.{i}")
+        skips.append(h)
+        h = conv(F.max_pool3d(h, 2, ceil_mode=True), f"down_blocks.{i}.1", 0)
+    h = stage(h, "bottom_block")
+    pyramid = [h]
+    for k in range(levels - 1):
+        h = F.interpolate(conv(h, f"up_blocks.{k}.0", 0), scale_factor=2, mode="nearest")
+        s = skips.pop()
+        h = h[..., :s.shape[2], :s.shape[3], :s.shape[4]] + conv(s, f"skip_blocks.{k}", 0)
+        h = stage(h, f"right_blocks.{k}")
+        pyramid.insert(0, h)
+    return pyramid
+
+
+@pytest.mark.parametrize("levels, keys", [(6, 340), (5, 278)])
+def test_key_counts_match_the_reference(levels, keys):
+    sd = reference_state_dict(1, 2, levels, torch.Generator().manual_seed(0))
+    assert len(sd) == keys                                    # issue: 340 (vox2vec), 278 (ours)
+    assert set(convert.key_map(dict(in_channels=1, base_channels=2, num_levels=levels)).values()) == set(sd)
+
+
+@pytest.mark.parametrize("shape", [(17, 13, 9), (16, 16, 8), (5, 7, 3)])
+def test_converted_reference_weights_give_the_reference_pyramid(shape):
+    g = torch.Generator().manual_seed(1)
+    levels, config = 4, dict(in_channels=1, base_channels=3, num_levels=4)
+    theirs = reference_state_dict(1, 3, levels, g)
+    model = FPN3d(**config).eval()
+    model.load_state_dict(convert.from_reference(theirs, config), strict=True)
+    x = torch.randn(2, 1, *shape, generator=g)
+    with torch.no_grad():
+        ours, expected = model(x), reference_forward(theirs, x, levels)
+    assert len(ours) == len(expected) == levels
+    for a, b in zip(ours, expected):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_ours_to_theirs_to_ours_is_the_identity():
+    config = dict(in_channels=1, base_channels=2, num_levels=5)
+    state = FPN3d(**config).state_dict()
+    back = convert.from_reference(convert.to_reference(state, config), config)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("wrap", ["raw", "lightning", "lightning_stripped", "ddp", "ours_ddp"])
+def test_file_formats_are_detected(tmp_path, wrap, capsys):
+    g = torch.Generator().manual_seed(2)
+    config = dict(in_channels=1, base_channels=2, num_levels=3)
+    theirs = reference_state_dict(1, 2, 3, g)
+    head = {"head.weight": torch.zeros(3), "proj.0.bias": torch.zeros(2)}
+    obj = {"raw": theirs,
+           "lightning": {"state_dict": {**{f"backbone.{k}": v for k, v in theirs.items()}, **head}, "epoch": 3},
+           "lightning_stripped": {"state_dict": {**theirs, **head}},
+           "ddp": {f"module.{k}": v for k, v in theirs.items()},
+           "ours_ddp": {f"module.{k}": v for k, v in convert.from_reference(theirs, config).items()}}[wrap]
+    path = tmp_path / "w.pt"
+    torch.save(obj, path)
+    got_config, state, info = convert.read_backbone_file(path)
+    assert got_config == config
+    model = FPN3d(**got_config)
+    model.load_state_dict(state, strict=True)
+    assert torch.equal(state["stem.weight"], theirs["first_conv.weight"])
+    if wrap.startswith("lightning"):
+        assert info["ignored"] == sorted(head)
+    printed = capsys.readouterr().out
+    assert str(path) in printed and "FPN3d(1, 2, 3)" in printed
+
+
+def test_bad_files_give_one_line(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(reference_state_dict(1, 2, 3, torch.Generator().manual_seed(3)), good)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"encoder.layer1.weight": torch.zeros(2)}, foreign)
+    partial = tmp_path / "partial.pt"
+    sd = torch.load(good, weights_only=True)
+    sd.pop("skip_blocks.0.weight")
+    torch.save(sd, partial)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    crafted = tmp_path / "crafted.pt"
+    crafted.write_bytes(pickle.dumps({"state_dict": Evil()}))
+    for path, message in ((truncated, "could not be read safely"), (foreign, "no FPN3d found"),
+                          (partial, "skip_blocks.0.weight"), (crafted, "could not be read safely"),
+                          (tmp_path / "absent.pt", "does not exist")):
+        with pytest.raises(ValueError, match=message) as e:
+            convert.read_backbone_file(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_old_backbone_version_is_a_clear_error(tmp_path):
+    path = tmp_path / "backbone.pt"
+    torch.save(dict(kind="backbone", version=1, backbone_config={}, state_dict={}), path)
+    with pytest.raises(ValueError, match="version 1.*re-run pretrain.py"):
+        convert.read_backbone_file(path)
+
+
+def test_export_reference_cli(tmp_path):
+    config = dict(in_channels=1, base_channels=2, num_levels=3)
+    state = FPN3d(**config).state_dict()
+    ours = tmp_path / "backbone.pt"
+    torch.save(dict(kind="backbone", version=convert.VERSION, backbone_config=config, state_dict=state), ours)
+    out = tmp_path / "theirs.pt"
+    r = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--export-reference", str(ours), str(out)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    theirs = torch.load(out, weights_only=True)
+    assert set(theirs) == set(reference_state_dict(1, 2, 3, torch.Generator().manual_seed(0)))
+    assert torch.equal(theirs["first_conv.weight"], state["stem.weight"])
+
+
+@pytest.mark.parametrize("preset, params", [("balanced", 47_567_872), ("vox2vec", 47_624_448)])
+def test_reference_sized_state_dicts_have_the_reference_parameter_count(preset, params):
+    with torch.device("meta"):
+        state = FPN3d(**ARCHS[preset]).state_dict()
+    theirs = convert.to_reference(state, dict(in_channels=1, **ARCHS[preset]))
+    n = sum(v.numel() for k, v in theirs.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert n == params
