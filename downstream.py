@@ -73,6 +73,18 @@ def atomic_torch_save(obj, path):
     os.replace(tmp, path)
 
 
+def make_output_dir(path):
+    """Create --out (and parents); ValueError, one line, if it cannot be created or written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {path}: cannot create it ({e.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"--out {path}: folder is not writable")
+    return path
+
+
 def world_info():
     """(rank, world size): (0, 1) unless launched by torchrun (setup_distributed)."""
     if dist.is_available() and dist.is_initialized():
@@ -253,13 +265,7 @@ def setup(args, paper, demo, head, script):
         names = label_names(data_dir)
         plan = plan_folds(args, data_dir, test_dir)
         build_segmenter(args, len(names), head)   # fail fast on a bad checkpoint
-        out = Path(args.out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--out {out}: cannot create it ({e.strerror})") from None
-        if not os.access(out, os.W_OK):
-            raise ValueError(f"--out {out}: folder is not writable")
+        make_output_dir(args.out)
     except ValueError as e:
         sys.exit(f"{script}: error: {e}")
     try:

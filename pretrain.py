@@ -49,7 +49,7 @@ from augment import augment_batch
 from data import PairDataset, collate_pairs
 from loss import hybrid_loss, info_nce, reconstruction_loss
 from convert import read_backbone_file
-from downstream import DEMO_ARCHS, atomic_torch_save, setup_distributed
+from downstream import DEMO_ARCHS, atomic_torch_save, make_output_dir, setup_distributed
 from model import ARCHS, PretrainModel
 from preprocess import resolve_data_dir
 
@@ -305,12 +305,7 @@ def main(args):
                              "--resume, or choose another --out")
         loader = make_loader(data_dir, cfg, args.seed, start, rank, world, args.workers)
         if rank == 0:
-            try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ValueError(f"--out {run_dir}: cannot create it ({e.strerror})") from None
-            if not os.access(run_dir, os.W_OK):
-                raise ValueError(f"--out {run_dir}: folder is not writable")
+            make_output_dir(run_dir)
     except ValueError as e:
         sys.exit(f"pretrain.py: error: {e}")
     if world > 1:
