@@ -58,7 +58,8 @@ def fmt(r):
 def pretrain_summary(run_dir):
     """Last logged L_c and L_r, the chance level ln(2N - 1) of InfoNCE with N voxel pairs per view."""
     rows = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
-    cfg = json.loads(json.dumps(__import__("torch").load(Path(run_dir) / "backbone.pt", weights_only=True)["pretrain_config"]))
+    import torch   # here, not at the top: the rest of this script only runs the stage scripts
+    cfg = torch.load(Path(run_dir) / "backbone.pt", weights_only=True)["pretrain_config"]
     chance = math.log(2 * cfg["num_voxels"] * cfg["batch_pairs"] - 1)
     return dict(rows=rows, chance=chance, l_c=rows[-1]["loss_contrastive"], l_r=rows[-1]["loss_recon"],
                 steps=rows[-1]["step"], seconds=rows[-1]["seconds"])
