@@ -463,7 +463,10 @@ def preprocess_folder(raw_dir, out_dir, modality, spacing=None, workers=1):
     for job in todo:
         job.update(out_dir=str(out_dir), modality=modality, spacing=spacing, root=Path(raw_dir),
                    max_label=max(map(int, labels)) if labels else 255)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:                    # a file of that name, a read-only parent, ...
+        raise PreprocessError(f"--output {out_dir}: cannot create the folder ({e.strerror or e})")
     if not os.access(out_dir, os.W_OK):
         raise PreprocessError(f"--output {out_dir}: folder is not writable")
     for stale in [*Path(out_dir).glob(".tmp-*"), *Path(out_dir).glob("cases/*/.tmp-*")]:

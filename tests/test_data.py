@@ -304,3 +304,13 @@ def test_sliding_window_inference(shape):
     for o in outs:
         np.testing.assert_allclose(o.numpy(), ref, rtol=1e-5, atol=1e-6)
     assert torch.allclose(outs[0], outs[1], atol=1e-6) and torch.allclose(outs[0], outs[2], atol=1e-6)
+
+
+def test_cases_smaller_than_the_patch_are_named(label_dir, capsys):
+    root = label_dir[0]
+    data.LabelledPatchDataset(root, ["big", "small"], (8, 8, 8), 4, seed=0)
+    out = capsys.readouterr().out
+    assert "note: 1 case(s) smaller than the patch (8, 8, 8) along some axis, zero-padded: small (6, 5, 4)" in out
+    assert "big" not in out
+    data.LabelledPatchDataset(root, ["big"], (8, 8, 8), 4, seed=0)
+    assert "smaller than the patch" not in capsys.readouterr().out

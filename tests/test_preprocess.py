@@ -427,3 +427,106 @@ def test_nnunet_v2_and_malformed_dataset_json(tmp_path, labels, message):
         with pytest.raises(preprocess.PreprocessError, match=message) as e:
             preprocess.read_label_names(tmp_path)
         assert str(path) in str(e.value)
+
+
+# ------------------------------------------------------------------ faults (issue 10)
+
+def test_zero_length_axis_is_named(tmp_path):
+    with pytest.raises(preprocess.PreprocessError, match=r"scan.nii.gz: an empty axis in shape \(20, 0, 8\)"):
+        preprocess.validate_case(np.zeros((20, 0, 8), np.int16), AFFINE, names=("scan.nii.gz", "label"))
+
+
+def test_output_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    raw = tmp_path / "raw"
+    save(raw / "a.nii.gz", tiny_scan(np.random.default_rng(0))[0], AFFINE)
+    (tmp_path / "a_file").write_text("not a folder")
+    assert preprocess.main(args(input=str(raw), output=str(tmp_path / "a_file" / "out"))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output {tmp_path / 'a_file' / 'out'}: cannot create the folder")
+    assert "Traceback" not in err and (tmp_path / "a_file").read_text() == "not a folder"
+    # a read-only folder (simulated: the tests may run as root, who may write anywhere)
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(preprocess.os, "access", lambda p, mode: False if str(p).endswith("ro") else real_access(p, mode))
+    assert preprocess.main(args(input=str(raw), output=str(tmp_path / "ro"))) == 2
+    assert f"--output {tmp_path / 'ro'}: folder is not writable" in capsys.readouterr().err
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
+def test_stale_temp_files_are_removed_on_rerun(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    save(raw / "a.nii.gz", tiny_scan(np.random.default_rng(1))[0], AFFINE)
+    preprocess.preprocess_folder(raw, out, "ct")
+    stale = [out / ".tmp-123-dataset.json", out / "cases" / "a" / ".tmp-123-image.npy"]
+    for path in stale:
+        path.write_bytes(b"half a file")
+    (out / "cases" / "a" / "notes.txt").write_text("the user's own file")     # not ours: kept
+    assert preprocess.preprocess_folder(raw, out, "ct")["skipped"] == 1
+    assert not any(p.exists() for p in stale)
+    assert (out / "cases" / "a" / "notes.txt").read_text() == "the user's own file"
+
+
+def _descendants(pid):
+    """Every live process below pid (read from /proc: works with fork and forkserver)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue                        # exited while we looked
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG is Linux-only")
+def test_kill_worker_and_parent_mid_run_then_rerun(tmp_path):
+    """The fault test: kill -9 one worker, then the parent, mid-batch. No process may outlive the
+    parent, and a re-run must finish every case, equal to an undisturbed run, with no temp file."""
+    import signal
+    import time
+    rng = np.random.default_rng(7)
+    raw = tmp_path / "raw"
+    for i in range(8):                      # big enough (~0.3 s a case) to be caught mid-run
+        image, label = tiny_scan(rng, shape=(96, 90, 40))
+        save(raw / "imagesTr" / f"c{i}.nii.gz", image, AFFINE)
+        save(raw / "labelsTr" / f"c{i}.nii.gz", label, AFFINE)
+    command = [sys.executable, str(ROOT / "preprocess.py"), "--input", str(raw), "--modality", "ct",
+               "--workers", "2", "--output"]
+    out = tmp_path / "out"
+    parent = subprocess.Popen(command + [str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(out.glob("cases/*/meta.json")):
+        time.sleep(0.02)
+    workers = _descendants(parent.pid)
+    if workers:
+        os.kill(workers[0], signal.SIGKILL)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(Path(f"/proc/{w}").exists() and
+                                         "Z" not in Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1][:3]
+                                         for w in workers):
+        time.sleep(0.05)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists()
+             and Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert workers and not alive, f"workers {alive} outlived their parent"
+    finished = len(list(out.glob("cases/*/meta.json")))
+    assert finished < 8, "the run ended before it was killed: the test did not test a kill"
+
+    rerun = subprocess.run(command + [str(out)], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"done {8 - finished} / skipped {finished} / failed 0" in rerun.stdout
+    assert not [p for p in out.rglob("*") if p.name.startswith(".tmp")]
+    assert subprocess.run(command + [str(tmp_path / "clean")], capture_output=True).returncode == 0
+    assert json.loads((out / "dataset.json").read_text()) == json.loads((tmp_path / "clean" / "dataset.json").read_text())
+    for i in range(8):
+        meta, arrays = load_case(out, f"c{i}")
+        clean_meta, clean = load_case(tmp_path / "clean", f"c{i}")
+        assert meta == clean_meta and arrays.keys() == clean.keys()
+        assert all(np.array_equal(arrays[k], clean[k]) for k in arrays)
