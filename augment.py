@@ -294,6 +294,78 @@ def random_window(x, generator, prob=0.8, max_low=350.0 / HU_WIDTH, min_high=165
     return ((x - low) / (high - low)).clamp(0, 1)
 
 
+# ----------------------------------------------------------------------------- neighbouring methods
+# Models Genesis (Zhou et al. 2021): the corruption pretrain.py --method genesis restores.
+# Masked image modelling / MedContext: the cubic-block masks of pretrain.py --method mim and
+# finetune.py --medcontext.
+
+def outpaint_box(shape, generator, device=None, keep_fraction=(3 / 7, 4 / 7)):
+    """The inner box out-painting keeps: per sample one box with sides in [d*lo, d*hi] voxels
+    (Models Genesis: 3/7 to 4/7 of the patch), anywhere inside the patch. -> (B, 1, X, Y, Z) bool."""
+    batch, dims = shape[0], tuple(shape[-3:])
+    u_size = _rand(generator, batch, 3, device=device)
+    u_start = _rand(generator, batch, 3, device=device)
+    inside = None
+    for a, d in enumerate(dims):
+        low = max(1, int(round(d * keep_fraction[0])))
+        high = max(low, int(round(d * keep_fraction[1])))
+        size = (low + (u_size[:, a] * (high - low + 1)).long()).clamp_max(high)      # (B,)
+        start = (u_start[:, a] * (d - size + 1)).long().minimum(d - size)            # (B,)
+        coord = torch.arange(d, device=device)
+        axis = (coord >= start[:, None]) & (coord < (start + size)[:, None])         # (B, d)
+        view = [batch, 1, 1, 1]
+        view[1 + a] = d
+        inside = axis.view(view) if inside is None else inside & axis.view(view)
+    return inside[:, None]
+
+
+def local_outpaint(x, generator, keep_fraction=(3 / 7, 4 / 7)):
+    """Models Genesis out-painting: keep one random inner box, fill the rest with U[0, 1) noise.
+    x: (B, C, X, Y, Z) -> (B, C, X, Y, Z)."""
+    _check_batch(x)
+    keep = outpaint_box(x.shape, generator, x.device, keep_fraction)
+    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.where(keep, x, noise)
+
+
+def genesis_corrupt(x, generator, shuffle_prob=0.5, bezier_prob=0.9, paint_prob=0.9, outpaint_prob=0.8):
+    """Models Genesis' corruption (Zhou et al. 2021, Sec. 2; rates of its released configuration):
+    local pixel shuffling (p=0.5), the Bezier intensity curve (p=0.9), then with p=0.9 painting,
+    which is out-painting (p=0.8) or in-painting (p=0.2). The pieces are Sec. 2.1's (this file);
+    out-painting is the one our method does not use. x: (B, C, X, Y, Z) -> (B, C, X, Y, Z)."""
+    _check_batch(x)
+    B, device = x.shape[0], x.device
+    x = local_pixel_shuffle(x, generator, prob=shuffle_prob)
+    x = bezier_intensity(x, generator, prob=bezier_prob)
+    paint = _rand(generator, B, device=device) < paint_prob
+    outward = _rand(generator, B, device=device) < outpaint_prob
+    keep = outpaint_box(x.shape, generator, device)
+    holes = inpaint_mask(x.shape, generator, device)
+    replace = torch.where(outward.view(B, 1, 1, 1, 1), ~keep, holes) & paint.view(B, 1, 1, 1, 1)
+    noise = torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype)
+    return torch.where(replace, noise, x)
+
+
+def block_mask(shape, generator, ratio, block, device=None):
+    """Masked-image-modelling mask: the patch tiled by a grid of block[0] x block[1] x block[2]
+    voxel cells (from the corner; the last cell along an axis may be cut by the border), of which
+    exactly round(ratio * cells) random cells per sample are masked. -> (B, 1, X, Y, Z) bool, True
+    = masked. A block as deep as the patch gives columns (the same 2-D mask on every slice)."""
+    if not 0 <= ratio <= 1:
+        raise ValueError(f"augment.py: mask ratio must be in [0, 1], got {ratio}")
+    batch, dims = shape[0], tuple(shape[-3:])
+    block = [max(1, min(int(b), d)) for b, d in zip(block, dims)]
+    cells = [-(-d // b) for d, b in zip(dims, block)]
+    n = cells[0] * cells[1] * cells[2]
+    k = int(round(ratio * n))
+    order = _rand(generator, batch, n, device=device).argsort(1)                     # (B, n)
+    masked = torch.zeros(batch, n, dtype=torch.bool, device=device).scatter(1, order[:, :k], True)
+    masked = masked.view(batch, *cells)
+    for a, b in enumerate(block):
+        masked = masked.repeat_interleave(b, dim=1 + a)
+    return masked[:, None, :dims[0], :dims[1], :dims[2]]
+
+
 # ----------------------------------------------------------------------------- pipelines
 def augment_batch(x, generator, kind="local"):
     """The augmentation t ~ T of Sec. 2.1, drawn per patch. x: (B, C, X, Y, Z) -> (B, C, X, Y, Z).

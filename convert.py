@@ -109,7 +109,8 @@ def read_backbone_file(path, verbose=True):
         if ckpt.get("version") != VERSION:
             raise ValueError(f"{path}: a backbone.pt of format version {ckpt.get('version')} (this code reads "
                              f"{VERSION}; version 2 made FPN3d equal to the reference's); re-run pretrain.py")
-        info = dict(kind="backbone.pt (pretrain.py)", step=ckpt.get("step"), arch=ckpt.get("arch"), ignored=[])
+        info = dict(kind="backbone.pt (pretrain.py)", step=ckpt.get("step"), arch=ckpt.get("arch"), ignored=[],
+                    method=(ckpt.get("pretrain_config") or {}).get("method", "ours"))
         return ckpt["backbone_config"], ckpt["state_dict"], info
     if "kind" in ckpt or "model" in ckpt and "optimizer" in ckpt:
         raise ValueError(f"{path} is not a backbone file (kind: {ckpt.get('kind', 'a resumable checkpoint.pt')}); "

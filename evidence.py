@@ -3,6 +3,7 @@
 
     python evidence.py                     # the demo evidence (~1 h on 2 idle CPU cores)
     python evidence.py --ablation          # Table 1's rows on the demo (after the above; ~30 min)
+    python evidence.py --neighbours        # Models Genesis, MIM, DenseCL, MedContext beside ours
     python evidence.py --quick --data DIR  # a few steps of everything (the test suite runs this)
 
 Protocol (Sec. 3.2 of the paper, at demo scale; 3-fold cross-validation over the 20 demo cases):
@@ -135,6 +136,99 @@ def ablation(args):
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return rows
+
+
+# ----------------------------------------------------------------------------- neighbouring methods
+
+NEIGHBOURS = ("genesis", "mim", "densecl")
+# What each method's own paper reports, for scale (different data, networks and budgets).
+NEIGHBOUR_PAPERS = {
+    "genesis": "Models Genesis (Zhou et al. 2021): the restorative row L_r only of our paper's Table 1 (MRI): 44.4",
+    "mim": "3D MIM (Chen et al. 2023): faster convergence and higher Dice than from scratch (multi-organ CT, BraTS)",
+    "densecl": "DenseCL on 2-D ultrasound (seed poster): up to +3.9 mIoU over no pretraining at 1% labels",
+    "medcontext": "MedContext (Gani et al. 2024): gains over plain supervised training, largest in few-shot settings",
+}
+
+
+def neighbours(args):
+    """The neighbouring methods beside ours and the baselines, on the evidence protocol:
+    each pretraining method (same demo preset, steps, data and FPN as ours) gets a linear probe
+    and a fine-tune at the smallest label budget; MedContext (no pretraining) is fine-tuned from
+    scratch at every budget, and on top of our pretrained backbone at the smallest. The
+    pretraining of ours is the main run's (OUT/pretrain-balanced, run here if missing).
+    --fold k runs fold k of the 3 only (run it once per fold; the report averages the folds
+    present), so a 2-core machine can do it in pieces."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    q = args.quick
+    data = ["--data", args.data]
+    small = ["--workers", "0", "--preset", "demo"] if q else ["--workers", "0"]
+    folds = [args.fold] if args.fold is not None else [0, 1, 2]
+    log, t0 = [], time.time()
+    pre = {"ours": out / "pretrain-balanced", **{m: out / f"pretrain-{m}" for m in NEIGHBOURS}}
+    steps = ["--steps", "2"] if q else []
+    for name, run_dir in pre.items():
+        method = [] if name == "ours" else ["--method", name]
+        run("pretrain.py", *data, *method, "--out", run_dir, *steps, *small, log=log, done=run_dir / "backbone.pt")
+    probe_q = ["--max-steps", "3"] if q else []
+    ft_q = ["--steps", "2", "--freeze-steps", "1", "--ramp-steps", "1"] if q else []
+    inits = {"random init": ["--init", "random"], **{n: ["--checkpoint", d / "backbone.pt"] for n, d in pre.items()}}
+    budgets = ["1"] if q else ["1", "2", "all"]
+    plan = []   # (experiment, model, script, flags, folder name)
+    for name, init in inits.items():
+        plan.append(("linear probe", name, "linear_probe.py", init, f"probe-{name.split()[0]}"))
+    for name, init in inits.items():
+        label = "from scratch" if name == "random init" else f"fine-tuned ({name})"
+        plan.append(("fine-tune, 1 training case(s)", label, "finetune.py", [*init, "--train-cases", "1"],
+                     f"finetune-1-{name.split()[0]}"))
+    for budget in budgets:
+        limit = [] if budget == "all" else ["--train-cases", budget]
+        exp = f"fine-tune, {budget} training case(s)"
+        if budget != "1":
+            plan.append((exp, "from scratch", "finetune.py", ["--init", "random", *limit], f"finetune-{budget}-random"))
+            plan.append((exp, "fine-tuned (ours)", "finetune.py", [*inits["ours"], *limit], f"finetune-{budget}-ours"))
+        plan.append((exp, "MedContext (from scratch)", "finetune.py", ["--init", "random", "--medcontext", *limit],
+                     f"finetune-{budget}-medcontext"))
+        if budget == "1":
+            plan.append((exp, "MedContext + ours", "finetune.py", [*inits["ours"], "--medcontext", *limit],
+                         f"finetune-{budget}-medcontext-ours"))
+    rows = {}
+    for fold in folds:
+        for exp, name, script, flags, folder in plan:
+            d = out / "neighbours" / f"{folder}-fold{fold}"
+            extra = probe_q if script == "linear_probe.py" else ft_q
+            run(script, *data, *flags, "--out", d, "--folds", "2" if q else "3", "--fold", fold, *extra, *small,
+                log=log, done=d / "results.json")
+            rows.setdefault((exp, name), []).append(result(d))
+    write_neighbours_report(out, rows, pre, log, (time.time() - t0) / 60)
+    return rows
+
+
+def write_neighbours_report(out, rows, pre, log, minutes):
+    import numpy as np
+    lines = ["| experiment | model | mean Dice ± std over folds | folds | per class (mean over folds) |",
+             "|---|---|---|---|---|"]
+    for (exp, name), runs in rows.items():
+        dice = [r["mean_dice"] for r in runs]
+        per = {k: np.mean([r["per_class"][k] for r in runs if r["per_class"][k] is not None])
+               for k in runs[0]["per_class"]}
+        lines.append(f"| {exp} | {name} | {np.mean(dice):.3f} ± {np.std(dice):.3f} | "
+                     f"{', '.join(str(k) for r in runs for k in r['folds'])} | "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in per.items()) + " |")
+    lines += ["", "| pretraining | steps | final losses | wall time |", "|---|---|---|---|"]
+    for name, run_dir in pre.items():
+        last = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])
+        losses = ", ".join(f"{k.replace('loss_', '')} {v:.4f}" for k, v in last.items() if k.startswith("loss_"))
+        lines.append(f"| {name} | {last['step']} | {losses} | {last['seconds'] / 60:.1f} min |")
+    lines += ["", "Each method's own paper, for scale:", ""] + [f"- {v}" for v in NEIGHBOUR_PAPERS.values()]
+    lines += ["", f"Total {minutes:.1f} min (commands skipped because done count 0) on {os.cpu_count()} CPU cores, "
+              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}.", "", "Commands:", ""]
+    lines += [f"    {e['command']}" + (f"    # {e['seconds']:.0f} s" if e["seconds"] else "") for e in log]
+    (out / "neighbours.md").write_text("\n".join(lines) + "\n")
+    (out / "neighbours.json").write_text(json.dumps(dict(
+        results=[dict(experiment=e, model=n, folds=[r["folds"] for r in runs], mean_dice=[r["mean_dice"] for r in runs])
+                 for (e, n), runs in rows.items()], commands=log, minutes=minutes), indent=2))
+    print("\n" + "\n".join(lines))
 
 
 # ----------------------------------------------------------------------------- report and figures
@@ -285,10 +379,13 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/evidence")
     p.add_argument("--quick", action="store_true", help="2 steps of everything: checks the pipeline, not the numbers")
     p.add_argument("--ablation", action="store_true", help="Table 1's rows on the demo (reuses the main run's pretrainings)")
+    p.add_argument("--neighbours", action="store_true",
+                   help="Models Genesis, MIM, DenseCL and MedContext beside ours (reuses the main run's pretraining)")
+    p.add_argument("--fold", type=int, choices=[0, 1, 2], help="--neighbours: run this fold only [all three]")
     p.add_argument("--no-figures", action="store_true")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
     a = parse_args()
-    ablation(a) if a.ablation else main(a)
+    neighbours(a) if a.neighbours else ablation(a) if a.ablation else main(a)

@@ -30,24 +30,76 @@ from tqdm import tqdm
 from data import LabelledPatchDataset, load_dataset_json
 from downstream import (add_common_args, atomic_torch_save, cross_validate, pick_device, predict_volume,
                         set_backbone_trainable, setup, world_info)
-from loss import segmentation_loss
-from model import SegmentationModel
+from augment import block_mask
+from loss import consistency_loss, segmentation_loss
+from model import SegmentationModel, ema_update, frozen_copy
 from preprocess import load_nifti, preprocess_arrays, save_on_original_grid
 
 PAPER = dict(steps=45_000, batch_size=7, patch_size=(128, 128, 32), eval_patch_size=(128, 128, 32), lr=3e-4, folds=3,
-             freeze_steps=15_000, ramp_steps=1_200, ramp_start_lr=3e-5)
+             freeze_steps=15_000, ramp_steps=1_200, ramp_start_lr=3e-5,
+             # MedContext (--medcontext; class MedContext): beta, mask ratio and shape, teacher momentum
+             medcontext=False, mc_beta=0.5, mc_mask_ratio=0.5, mc_mask_block=(16, 16, 4), mc_mask_shape="cube",
+             mc_momentum=0.999)
 # The demo (phantom.DEMO_SCALE volumes, the downstream.DEMO_ARCHS network): chosen so that
 # training from scratch on all demo training cases segments every class (mean Dice >= 0.8) in
 # under 3 minutes per fold on 2 CPU cores: 450 steps of two 32 x 32 x 16 patches (~0.33 s a
 # step), Adam at 2e-3 (the paper's 3e-4 is tuned for 45,000 steps). It keeps the paper's
 # proportions: frozen for the first third, then a short exponential ramp.
 DEMO = dict(steps=450, batch_size=2, patch_size=(32, 32, 16), eval_patch_size=(96, 96, 48), folds=3,
-            lr=2e-3, freeze_steps=150, ramp_steps=40, ramp_start_lr=2e-4)
+            lr=2e-3, freeze_steps=150, ramp_steps=40, ramp_start_lr=2e-4,
+            mc_mask_block=(4, 4, 2), mc_momentum=0.99)   # 450 steps: at 0.999 the teacher would hardly move
 
 
 BN_BATCHES = 100  # training batches over which BatchNorm statistics are re-estimated after training
 
 # ----------------------------------------------------------------------------- training
+
+class MedContext:
+    """MedContext (Gani et al. 2024, "MedContext: learning contextual cues for efficient
+    volumetric medical segmentation"), `--medcontext`: no pretraining stage; during supervised
+    training a masked copy of each patch also goes through the network (the student), and
+
+        L = Seg(S(x), y) + Seg(S(M(x)), y) + beta * MSE(S(M(x)), T(x)),
+
+    where T is an exponential moving average of S (the teacher, no gradients) run on the clean
+    patch, so the student learns to fill in the masked organs in the output space.
+    M: --mc-mask-ratio of the patch's --mc-mask-block cells set to 0 (the value of air / padding
+    here), "cube" blocks or "column"s (a block as deep as the patch: one 2-D mask repeated on
+    every slice). Adapted: the clean and masked patches go through the student in one forward
+    (one batch, so DDP sees one forward per step; BatchNorm's batch statistics mix both, and are
+    re-estimated on clean patches after training, reestimate_batchnorm); the teacher runs in
+    train mode (batch statistics) like MoCo's key encoder, as its running statistics are never
+    trained; the student is what is saved and evaluated."""
+
+    def __init__(self, model, cfg, seed, device):
+        self.cfg = cfg
+        self.teacher = frozen_copy(model)
+        self.generator = torch.Generator(device=device).manual_seed(seed * 7919 + 17 + world_info()[0])
+        block = list(cfg["mc_mask_block"])
+        if cfg["mc_mask_shape"] == "column":
+            block[2] = cfg["patch_size"][2]
+        self.block = tuple(block)
+
+    def mask(self, x):
+        """-> (B, 1, X, Y, Z) bool, True = masked."""
+        return block_mask(x.shape, self.generator, self.cfg["mc_mask_ratio"], self.block, x.device)
+
+    def loss(self, net, x, y, amp=False):
+        """Forward and loss of one batch x (b, 1, X, Y, Z), y (b, X, Y, Z) -> scalar."""
+        b = x.shape[0]
+        masked = torch.where(self.mask(x), torch.zeros((), dtype=x.dtype, device=x.device), x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = net(torch.cat([x, masked]))          # (2b, K, X, Y, Z): S(x), S(M(x))
+            with torch.no_grad():
+                target = self.teacher(x)                   # T(x)
+        logits = logits.float()
+        return (segmentation_loss(logits[:b], y) + segmentation_loss(logits[b:], y)
+                + self.cfg["mc_beta"] * consistency_loss(logits[b:], target.float()))
+
+    def update(self, model):
+        """The teacher's EMA step, after the optimizer's."""
+        ema_update(self.teacher, model, self.cfg["mc_momentum"])
+
 
 def train_segmenter(model, data_dir, train_ids, cfg, args, device, on_step=None, desc="train"):
     """The downstream training loop. `on_step(step, model, optimizer)` applies schedules (finetune.py).
@@ -70,6 +122,7 @@ def train_segmenter(model, data_dir, train_ids, cfg, args, device, on_step=None,
     amp = device.type == "cuda" and args.amp
     losses = torch.zeros((), device=device)
     net, trains = model, None
+    medcontext = MedContext(model, cfg, args.seed, device) if cfg.get("medcontext") else None
     bar = tqdm(loader, total=cfg["steps"], desc=desc, dynamic_ncols=True, leave=False, disable=rank != 0)
     for step, batch in enumerate(bar):
         if on_step is not None:
@@ -79,12 +132,17 @@ def train_segmenter(model, data_dir, train_ids, cfg, args, device, on_step=None,
             net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last_3d)  # (b, 1, X, Y, Z)
         y = batch["label"].to(device, non_blocking=True)   # (b, X, Y, Z)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = net(x)                                # (b, K-1, X, Y, Z)
-        loss = segmentation_loss(logits.float(), y)
+        if medcontext is not None:
+            loss = medcontext.loss(net, x, y, amp)
+        else:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = net(x)                            # (b, K, X, Y, Z)
+            loss = segmentation_loss(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if medcontext is not None:
+            medcontext.update(model)
         losses += loss.detach()
         if (step + 1) % 25 == 0:
             bar.set_postfix(loss=f"{losses.item() / 25:.3f}")
@@ -215,6 +273,12 @@ def main(args):
     cfg, device, data_dir, test_dir, names, plan = setup(args, PAPER, DEMO, "nonlinear", "finetune.py")
     if args.init == "random":   # from scratch: the whole network trains at lr from step 0
         cfg.update(freeze_steps=0, ramp_steps=0)
+    stray = [k for k in PAPER if k.startswith("mc_") and getattr(args, k) is not None]
+    if stray and not cfg["medcontext"]:
+        sys.exit(f"finetune.py: error: {', '.join('--' + k.replace('_', '-') for k in stray)} without --medcontext")
+    if cfg["medcontext"] and not (0 < cfg["mc_mask_ratio"] < 1 and 0 <= cfg["mc_momentum"] < 1 and cfg["mc_beta"] >= 0):
+        sys.exit(f"finetune.py: error: --medcontext needs 0 < --mc-mask-ratio < 1, 0 <= --mc-momentum < 1 and "
+                 f"--mc-beta >= 0 (got {cfg['mc_mask_ratio']}, {cfg['mc_momentum']}, {cfg['mc_beta']})")
 
     def train_fold(model, fold, train_ids):
         if args.evaluate_saved:   # the trained weights of an earlier run of the same command
@@ -242,6 +306,14 @@ def parse_args(argv=None):
     p.add_argument("--evaluate-saved", action="store_true",
                    help="no training: take OUT/model_fold<k>.pt of an earlier run of this command, "
                         "re-estimate its BatchNorm statistics and evaluate it again")
+    # MedContext (class MedContext)
+    p.add_argument("--medcontext", action="store_true", default=None,
+                   help="add MedContext's masked-student / EMA-teacher consistency to the training")
+    p.add_argument("--mc-beta", type=float, help="weight of the consistency term [0.5]")
+    p.add_argument("--mc-mask-ratio", type=float, help="fraction of blocks masked [0.5]")
+    p.add_argument("--mc-mask-block", type=int, nargs=3, help="mask block (X, Y, Z) voxels [16 16 4; demo 4 4 2]")
+    p.add_argument("--mc-mask-shape", choices=["cube", "column"], help="blocks, or columns through all slices [cube]")
+    p.add_argument("--mc-momentum", type=float, help="teacher EMA momentum [0.999; demo 0.99]")
     # Prediction
     p.add_argument("--predict", help="SCAN.nii.gz to segment with --checkpoint FINETUNED.pt")
     p.add_argument("--output", help="SEG.nii.gz for --predict")

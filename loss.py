@@ -121,3 +121,58 @@ def dice_per_class(pred, label, num_classes):
     total = (confusion.sum(0) + confusion.sum(1))[1:].astype(np.float64)  # |pred = c| + |label = c|
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, 2 * overlap / total, np.nan)
+
+
+# ----------------------------------------------------------------------------- neighbouring methods
+# pretrain.py --method mim / densecl and finetune.py --medcontext (README, "Neighbouring methods").
+
+def masked_l1(pred, target, mask):
+    """SimMIM's loss: mean |pred - target| over the masked voxels only (an unmasked voxel is in
+    the input, so predicting it would reward copying). pred, target: (B, C, X, Y, Z); mask:
+    (B, 1, X, Y, Z) bool, True = masked. 0 if nothing is masked."""
+    if pred.shape != target.shape or mask.shape[2:] != pred.shape[2:]:
+        raise ValueError(f"loss.py: masked_l1 got pred {tuple(pred.shape)}, target {tuple(target.shape)}, "
+                         f"mask {tuple(mask.shape)}")
+    pred, target = _at_least_float32(pred, target)
+    weight = mask.to(pred.dtype).expand_as(pred)
+    return ((pred - target).abs() * weight).sum() / weight.sum().clamp(min=1)
+
+
+def moco_loss(q, k, queue, temperature=0.2):
+    """MoCo's InfoNCE: each query's positive is its key, its negatives the queue.
+    q, k: (N, D) unit vectors; queue: (K, D) unit vectors. -> mean over the N queries of
+    -log softmax(<q, k> / tau among [<q, k>, <q, queue_j>])."""
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q, k, queue = _at_least_float32(q, k, queue)
+        positive = (q * k).sum(1, keepdim=True)                    # (N, 1)
+        logits = torch.cat([positive, q @ queue.T], 1) / temperature   # (N, 1 + K)
+        return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def dense_matches(features_q, features_k):
+    """DenseCL's correspondence: for each query location, the key location whose backbone
+    feature is most similar (argmax of the cosine). features_*: (B, C, S) -> (B, S_q) int64."""
+    fq = F.normalize(features_q.float(), dim=1)
+    fk = F.normalize(features_k.float(), dim=1)
+    return torch.einsum("bcs,bct->bst", fq, fk).argmax(2)
+
+
+def densecl_loss(q_global, k_global, queue_global, q_dense, k_dense, match, queue_dense,
+                 temperature=0.2, dense_weight=0.5):
+    """DenseCL (Wang et al. 2021, Eq. 3-4): (1 - lambda) * global MoCo loss + lambda * dense loss,
+    where the dense positive of query location s is the key location match[b, s] and the
+    negatives are the dense queue (one pooled key vector per image).
+    q_global, k_global: (B, D); q_dense, k_dense: (B, D, S) unit vectors along D; match: (B, S_q).
+    Returns (loss, global loss, dense loss)."""
+    l_global = moco_loss(q_global, k_global, queue_global, temperature)
+    positive = k_dense.gather(2, match[:, None, :].expand(-1, k_dense.shape[1], -1))   # (B, D, S_q)
+    flat = lambda t: t.permute(0, 2, 1).reshape(-1, t.shape[1])                       # (B * S, D)
+    l_dense = moco_loss(flat(q_dense), flat(positive), queue_dense, temperature)
+    return (1 - dense_weight) * l_global + dense_weight * l_dense, l_global, l_dense
+
+
+def consistency_loss(student_logits, teacher_logits):
+    """MedContext's consistency term: MSE between the student's logits on the masked input and
+    the (EMA) teacher's logits on the clean input; the teacher is a target (no gradient)."""
+    student, teacher = _at_least_float32(student_logits, teacher_logits.detach())
+    return F.mse_loss(student, teacher)

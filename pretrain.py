@@ -45,12 +45,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from augment import augment_batch
+from augment import augment_batch, block_mask, genesis_corrupt
 from data import PairDataset, collate_pairs
-from loss import hybrid_loss, info_nce, reconstruction_loss
+from loss import dense_matches, densecl_loss, hybrid_loss, info_nce, masked_l1, reconstruction_loss
 from convert import read_backbone_file
 from downstream import DEMO_ARCHS, atomic_torch_save, make_output_dir, setup_distributed
-from model import ARCHS, PretrainModel
+from model import ARCHS, DenseCLModel, PretrainModel, RestorativeModel, ema_update
 from preprocess import resolve_data_dir
 
 CHECKPOINT_VERSION = 2  # 2: FPN3d equal to the reference (skip convs, block biases); all state weights_only-loadable
@@ -69,7 +69,28 @@ PAPER = dict(
 # chance (it crosses 0.85 x chance within ~20 steps on the demo phantoms).
 DEMO = dict(steps=300, batch_pairs=4, num_voxels=256, patch_size=(32, 32, 16), log_every=10,
             checkpoint_every=100)
-METHODS = {"vox2vec": dict(arch="vox2vec", aug="vox2vec", recon_weight=0.0)}
+# --method: ours (the paper), a baseline, or a neighbouring method (README, "Neighbouring
+# methods"; the method-specific pieces live in augment.py, loss.py and model.py).
+METHODS = {"ours": dict(), "vox2vec": dict(arch="vox2vec", aug="vox2vec", recon_weight=0.0),
+           "genesis": dict(), "mim": dict(), "densecl": dict(temperature=0.2)}
+# Settings that only some methods read, with the paper-scale defaults (and the demo's, below).
+# mim: SimMIM-style masking; the 3D MIM paper's finding is a high ratio (0.75) with small blocks.
+# densecl: DenseCL's tau 0.2, lambda 0.5, queue 65,536 and key-encoder momentum 0.999.
+METHOD_OPTIONS = {"mim": dict(mask_ratio=0.75, mask_block=(8, 8, 4)),
+                  "densecl": dict(dense_weight=0.5, dense_level=3, queue_size=65_536, ema_momentum=0.999)}
+# The demo's 300 steps: blocks of 4 x 4 x 2 voxels (8 x 8 x 4 mm, a 32 x 32 x 16 patch is 512
+# blocks); DenseCL on level 2 (8 x 8 x 4 locations of a demo patch; level 3 would leave 32), a
+# queue of 256 (4 keys per step: filled after 64 steps) and momentum 0.99 (at 0.999 the key
+# encoder would keep 74% of its random initialisation after 300 steps).
+DEMO_METHOD_OPTIONS = {"mim": dict(mask_block=(4, 4, 2)),
+                       "densecl": dict(dense_level=2, queue_size=256, ema_momentum=0.99)}
+# Settings a method does not read are left out of its config (and refused as flags).
+UNUSED = {"genesis": ("aug", "recon_weight", "contrastive_weight", "temperature"),
+          "mim": ("aug", "recon_weight", "contrastive_weight", "temperature"),
+          "densecl": ("recon_weight", "contrastive_weight")}
+# The columns of log.jsonl after "loss", per method.
+LOSS_NAMES = {"ours": ("loss_contrastive", "loss_recon"), "vox2vec": ("loss_contrastive", "loss_recon"),
+              "genesis": ("loss_recon",), "mim": ("loss_masked_l1",), "densecl": ("loss_global", "loss_dense")}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -100,10 +121,25 @@ def resolve_config(args):
     demo = (args.preset or ("demo" if args.data == "demo" else "paper")) == "demo"
     if demo:
         cfg.update(DEMO)
-    if args.method:
-        cfg.update(METHODS[args.method])
-    given = {k: v for k, v in vars(args).items() if k in PAPER and v is not None}
+    method = args.method or "ours"
+    cfg.update(METHODS[method], method=method, **METHOD_OPTIONS.get(method, {}))
+    if demo:
+        cfg.update(DEMO_METHOD_OPTIONS.get(method, {}))
+    for k in UNUSED.get(method, ()):
+        del cfg[k]
+    all_options = {k for options in METHOD_OPTIONS.values() for k in options}
+    misplaced = [k for k, v in vars(args).items() if v is not None and k not in cfg and (k in PAPER or k in all_options)]
+    if misplaced:
+        raise ValueError(f"--method {method} does not use {', '.join('--' + k.replace('_', '-') for k in misplaced)}")
+    given = {k: v for k, v in vars(args).items() if k in cfg and k != "method" and v is not None}
     cfg.update(given)
+    if "mask_block" in cfg:
+        cfg["mask_block"] = tuple(cfg["mask_block"])
+        if not 0 < cfg["mask_ratio"] < 1 or min(cfg["mask_block"]) < 1:
+            raise ValueError(f"--mask-ratio must be in (0, 1) and --mask-block >= 1, got {cfg['mask_ratio']}, "
+                             f"{cfg['mask_block']}")
+    if "ema_momentum" in cfg and not 0 <= cfg["ema_momentum"] < 1:
+        raise ValueError(f"--ema-momentum must be in [0, 1), got {cfg['ema_momentum']}")
     if cfg["base_channels"] is None or cfg["num_levels"] is None:
         preset = (DEMO_ARCHS if demo else ARCHS)[cfg["arch"]]
         cfg["base_channels"] = cfg["base_channels"] or preset["base_channels"]
@@ -114,7 +150,9 @@ def resolve_config(args):
     for k in ("steps", "batch_pairs", "num_voxels", "pairs_per_volume", "log_every", "checkpoint_every"):
         if cfg[k] < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}")
-    if cfg["recon_weight"] == 0 and cfg["contrastive_weight"] == 0:
+    if "queue_size" in cfg and cfg["queue_size"] < cfg["batch_pairs"]:
+        raise ValueError(f"--queue-size {cfg['queue_size']} is smaller than one step's keys ({cfg['batch_pairs']})")
+    if cfg.get("recon_weight") == 0 and cfg.get("contrastive_weight") == 0:
         raise ValueError("--recon-weight and --contrastive-weight are both 0: nothing to train")
     return cfg
 
@@ -135,7 +173,12 @@ def initial_backbone(args, cfg):
 
 
 def build_model(cfg):
+    """The network a method trains; every one has .backbone (the FPN3d saved in backbone.pt)."""
     backbone_config = dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"])
+    if cfg["method"] in ("genesis", "mim"):
+        return RestorativeModel(backbone_config, mask_token=cfg["method"] == "mim")
+    if cfg["method"] == "densecl":
+        return DenseCLModel(backbone_config, level=cfg["dense_level"], queue_size=cfg["queue_size"])
     return PretrainModel(backbone_config, arch=cfg["arch"])
 
 
@@ -192,8 +235,14 @@ class _GatherRows(torch.autograd.Function):
 
 
 def training_step(model, batch, cfg, generator, device, amp_dtype):
-    """One forward of both augmented views. Returns (loss, loss_contrastive, loss_recon) tensors.
+    """One step's loss for cfg["method"]: (loss, [its parts, named by LOSS_NAMES]) tensors.
     No host-device synchronisation happens in here."""
+    step = {"genesis": step_genesis, "mim": step_mim, "densecl": step_densecl}.get(cfg["method"], step_ours)
+    return step(model, batch, cfg, generator, device, amp_dtype)
+
+
+def step_ours(model, batch, cfg, generator, device, amp_dtype):
+    """Ours and vox2vec: one forward of both augmented views; L_c (Eq. 1) and L_r (Eq. 2)."""
     B = batch["patches_a"].shape[0]
     xa = batch["patches_a"].to(device, non_blocking=True)  # (B, 1, X, Y, Z) un-augmented: the Eq. 2 target
     xb = batch["patches_b"].to(device, non_blocking=True)
@@ -209,7 +258,89 @@ def training_step(model, batch, cfg, generator, device, amp_dtype):
     l_c = info_nce(za, zb, cfg["temperature"], valid)                    # Eq. 1
     l_r = reconstruction_loss(recon[:B], xa, recon[B:], xb)              # Eq. 2
     loss = hybrid_loss(l_c, l_r, cfg["recon_weight"], cfg["contrastive_weight"])  # Eq. 3
-    return loss, l_c, l_r
+    return loss, [l_c, l_r]
+
+
+def both_views(batch, device):
+    """The 2B patches of a batch of B pairs, as independent patches (genesis and mim use no pairs;
+    reading the same pairs keeps every method on exactly the same data). -> (2B, 1, X, Y, Z)."""
+    x = torch.cat([batch["patches_a"], batch["patches_b"]]).to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last_3d)
+
+
+def step_genesis(model, batch, cfg, generator, device, amp_dtype):
+    """Models Genesis (Zhou et al. 2021): restore the original patch from its corruption
+    (augment.genesis_corrupt: shuffling, Bezier, in- or out-painting) with MSE; no L_c. Equals
+    Table 1's "L_r only" row of the paper with out-painting added and the rates of Models Genesis."""
+    x = both_views(batch, device)
+    corrupted = genesis_corrupt(x, generator).contiguous(memory_format=torch.channels_last_3d)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        recon = model(corrupted)                                   # (2B, 1, X, Y, Z)
+    l_r = torch.nn.functional.mse_loss(recon.float(), x.float())
+    return l_r, [l_r]
+
+
+def step_mim(model, batch, cfg, generator, device, amp_dtype):
+    """Masked image modelling, SimMIM-style (Xie et al. 2022; for 3D CT/MRI: Chen et al. 2023,
+    "Masked image modeling advances 3D medical image analysis"): mask_ratio of the patch's
+    mask_block cells replaced by a learned value, the original voxels predicted by the light
+    reconstruction head, L1 on the masked voxels only.
+
+    From a ViT to a CNN: a ViT drops (MAE) or replaces (SimMIM) whole tokens, so a masked token
+    carries nothing of its content. A CNN sees every voxel, and convolutions mix neighbours, so
+    (1) masked voxels are replaced by the mask value in the input, before the first convolution:
+    no layer ever sees a masked intensity; (2) the loss is on masked voxels only: on visible ones
+    the identity would be rewarded; (3) masks are blocks of several voxels at a high ratio, not
+    single voxels: a masked voxel inside a block is several voxels from any visible one, which a
+    3x3x3 convolution cannot bridge by interpolation. What does still pass is the mask pattern
+    (the network knows where the holes are, as SimMIM's token does); BatchNorm's statistics
+    mix masked and visible voxels, which fine-tuning re-estimates (finetune.py)."""
+    x = both_views(batch, device)
+    mask = block_mask(x.shape, generator, cfg["mask_ratio"], cfg["mask_block"], device)   # (2B, 1, X, Y, Z)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        recon = model(x, mask)
+    l1 = masked_l1(recon, x, mask)
+    return l1, [l1]
+
+
+def step_densecl(model, batch, cfg, generator, device, amp_dtype):
+    """DenseCL (Wang et al. 2021; the seed poster applies it to 2-D ultrasound): view A through
+    the query encoder, view B through the EMA key encoder. Global loss: MoCo on pooled features.
+    Dense loss: each query location's positive is the key location whose *backbone feature* is
+    most similar (argmax cosine), not the geometrically corresponding one; negatives are the
+    dense queue. L = (1 - lambda) L_global + lambda L_dense, tau = 0.2, lambda = 0.5.
+
+    Adapted to the 3D FPN: the dense head and the matching use one FPN level, --dense-level
+    (paper preset: level 3, 1/8 resolution, 16 x 16 x 4 = 1,024 locations of a 128 x 128 x 32
+    patch; demo: level 2, 8 x 8 x 4 = 256 of a 32 x 32 x 16 patch). DenseCL uses ResNet's C5
+    (7 x 7 = 49 locations); matching costs (locations)^2 per pair, so a finer level is
+    quadratically dearer (level 2 of a paper patch: 67 M similarities per pair), a coarser one
+    leaves too few locations. The global head pools the coarsest level (the FPN's C5). The views
+    are our overlapping crops with the local augmentations, as for ours: only the matching
+    differs. No shuffle-BN (MoCo's guard against BatchNorm leaking across a batch under DDP)."""
+    core = unwrap(model)
+    xq = augment_batch(batch["patches_a"].to(device, non_blocking=True), generator, cfg["aug"])
+    xk = augment_batch(batch["patches_b"].to(device, non_blocking=True), generator, cfg["aug"])
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        (q_global, q_dense, f_q), (k_global, k_dense, f_k) = model(
+            xq.contiguous(memory_format=torch.channels_last_3d), xk.contiguous(memory_format=torch.channels_last_3d))
+    match = dense_matches(f_q.detach(), f_k)                                # (B, S_q)
+    loss, l_global, l_dense = densecl_loss(q_global, k_global, core.queue_global.keys.clone(), q_dense, k_dense,
+                                           match, core.queue_dense.keys.clone(), cfg["temperature"],
+                                           cfg["dense_weight"])
+    core.queue_global.enqueue(gather_keys(k_global))
+    core.queue_dense.enqueue(gather_keys(torch.nn.functional.normalize(k_dense.mean(2), dim=1)))
+    return loss, [l_global, l_dense]
+
+
+@torch.no_grad()
+def gather_keys(k):
+    """Every process's keys, in rank order (MoCo enqueues the global batch's), or k alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return k
+    parts = [torch.empty_like(k) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, k.contiguous())
+    return torch.cat(parts)
 
 
 def save_run(run_dir, model, optimizer, cfg, args, step):
@@ -243,6 +374,7 @@ def load_run(run_dir, model, optimizer, cfg):
     # Refuse, rather than silently ignore or half-apply, a changed setting: only the run's length
     # and its logging / checkpoint cadence may change on resume (README, "Reliability").
     may_change = ("steps", "log_every", "checkpoint_every")
+    state["config"].setdefault("method", cfg["method"])     # written before --method was recorded
     changed = [f"--{k.replace('_', '-')} {tuple_or(state['config'].get(k))} -> {tuple_or(cfg.get(k))}"
                for k in sorted(set(cfg) | set(state["config"]))
                if k not in may_change and tuple_or(state["config"].get(k)) != tuple_or(cfg.get(k))]
@@ -287,6 +419,8 @@ def main(args):
         model = build_model(cfg)
         if init is not None:
             model.backbone.load_state_dict(init)
+            if cfg["method"] == "densecl":
+                model.reset_key()                # the key encoder starts as the query encoder
         model = model.to(device)
         amp_dtype = torch.bfloat16 if device.type == "cuda" and args.amp else None
         if device.type == "cpu":
@@ -320,7 +454,8 @@ def main(args):
         print("config: " + json.dumps({k: v for k, v in cfg.items()}))
     generator = torch.Generator(device=device)
     bad = torch.zeros((), dtype=torch.bool, device=device)       # any non-finite loss since the last check
-    sums = torch.zeros(3, device=device)
+    names = LOSS_NAMES[cfg["method"]]
+    sums = torch.zeros(1 + len(names), device=device)
     t0, n_logged = time.time(), 0
     bar = tqdm(total=cfg["steps"], initial=start, disable=rank != 0, dynamic_ncols=True)
     model.train()
@@ -328,14 +463,16 @@ def main(args):
     for batch in loader:
         # Augmentations are a fixed function of (seed, step, rank): resuming reproduces them.
         generator.manual_seed((args.seed * 1_000_003 + step) * 64 + rank)
-        loss, l_c, l_r = training_step(step_model, batch, cfg, generator, device, amp_dtype)
+        loss, parts = training_step(step_model, batch, cfg, generator, device, amp_dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         optimizer.step()
+        if cfg["method"] == "densecl":      # MoCo's momentum update of the key encoder, after the step
+            ema_update(unwrap(model).key, unwrap(model).query, cfg["ema_momentum"])
         step += 1
         bad |= ~torch.isfinite(loss.detach())
-        sums += torch.stack([loss.detach(), l_c.detach(), l_r.detach()]).float()
+        sums += torch.stack([loss.detach(), *[p.detach() for p in parts]]).float()
         n_logged += 1
         last = step == cfg["steps"]
         if step % cfg["log_every"] == 0 or last or step % cfg["checkpoint_every"] == 0:
@@ -351,11 +488,11 @@ def main(args):
                           f"stopping. {where} (try a lower --lr).", file=sys.stderr)
                 sys.exit(1)
             mean = (sums / n_logged).tolist()
-            row = dict(step=step, loss=mean[0], loss_contrastive=mean[1], loss_recon=mean[2],
+            row = dict(step=step, loss=mean[0], **dict(zip(names, mean[1:])),
                        lr=optimizer.param_groups[0]["lr"], seconds=round(time.time() - t0, 3))
             if rank == 0:
                 log_row(run_dir / "log.jsonl", row)
-                bar.set_postfix(loss=f"{mean[0]:.3f}", L_c=f"{mean[1]:.3f}", L_r=f"{mean[2]:.4f}")
+                bar.set_postfix(loss=f"{mean[0]:.4f}", **{n.replace("loss_", ""): f"{v:.4f}" for n, v in zip(names, mean[1:])})
             sums.zero_()
             n_logged = 0
             if rank == 0 and (step % cfg["checkpoint_every"] == 0 or last):
@@ -383,7 +520,9 @@ def parse_args(argv=None):
                    help="DataLoader processes reading memory-mapped patches")
     p.add_argument("--preset", choices=["paper", "demo"], help="defaults to start from [demo for --data demo, else paper]")
     # Method (Table 1 ablations). None means: the paper's value (or the demo preset's)
-    p.add_argument("--method", choices=sorted(METHODS), help="shorthand for a whole baseline")
+    p.add_argument("--method", choices=sorted(METHODS),
+                   help="ours (the paper), the vox2vec baseline, or a neighbouring method: genesis (Models "
+                        "Genesis), mim (masked image modelling), densecl [ours]")
     p.add_argument("--arch", choices=sorted(ARCHS), help="voxel representation / FPN preset (Sec. 2.2) [balanced]")
     p.add_argument("--base-channels", type=int, help="FPN width at full resolution [from --arch]")
     p.add_argument("--num-levels", type=int, help="FPN levels [from --arch]")
@@ -391,6 +530,13 @@ def parse_args(argv=None):
     p.add_argument("--recon-weight", type=float, help="lambda of Eq. 3; 0 = contrastive only [10]")
     p.add_argument("--contrastive-weight", type=float, help="weight of L_c; 0 = restorative only [1]")
     p.add_argument("--temperature", type=float, help="tau of Eq. 1 [0.1]")
+    # Neighbouring methods' own settings (refused with any other --method)
+    p.add_argument("--mask-ratio", type=float, help="mim: fraction of blocks masked [0.75]")
+    p.add_argument("--mask-block", type=int, nargs=3, help="mim: block (X, Y, Z) voxels [8 8 4; demo 4 4 2]")
+    p.add_argument("--dense-level", type=int, help="densecl: FPN level of the dense head and matching [3; demo 2]")
+    p.add_argument("--dense-weight", type=float, help="densecl: lambda, weight of the dense loss [0.5]")
+    p.add_argument("--queue-size", type=int, help="densecl: negatives per queue [65536; demo 256]")
+    p.add_argument("--ema-momentum", type=float, help="densecl: key-encoder momentum [0.999; demo 0.99]")
     # Optimisation (Sec. 3.2)
     p.add_argument("--steps", type=int, help="[50000; demo 300]")
     p.add_argument("--batch-pairs", type=int, help="patch pairs per step, global over processes [10; demo 4]")

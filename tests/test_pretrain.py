@@ -35,7 +35,7 @@ def test_steps_train_every_part(small_demo, tmp_path):
     loader = pretrain.make_loader(small_demo, cfg, seed=0, start_step=0, rank=0, world=1, workers=0)
     g = torch.Generator().manual_seed(0)
     for step, batch in zip(range(3), loader):
-        loss, l_c, l_r = pretrain.training_step(model, batch, cfg, g, torch.device("cpu"), None)
+        loss, (l_c, l_r) = pretrain.training_step(model, batch, cfg, g, torch.device("cpu"), None)
         assert torch.isfinite(loss) and torch.isfinite(l_c) and torch.isfinite(l_r)
         optimizer.zero_grad()
         loss.backward()

@@ -1,0 +1,266 @@
+"""The neighbouring methods (README, "Neighbouring methods"): Models Genesis, masked image
+modelling, DenseCL (pretrain.py --method ...) and MedContext (finetune.py --medcontext).
+Each method-specific piece against a naive reference or an invariant, then real training
+steps: weights change, backbone.pt loads downstream, resume equals an uninterrupted run."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import augment
+import finetune
+import loss
+import model
+import pretrain
+from downstream import load_backbone
+from test_pretrain import TINY, read_log, run
+
+
+# ----------------------------------------------------------------------------- masks (mim, MedContext)
+
+@pytest.mark.parametrize("ratio, block", [(0.75, (4, 4, 2)), (0.5, (3, 5, 2)), (0.4, (2, 2, 1))])
+def test_block_mask_ratio_is_honoured(ratio, block):
+    shape, g = (64, 1, 16, 15, 8), torch.Generator().manual_seed(0)
+    mask = augment.block_mask(shape, g, ratio, block)
+    assert mask.shape == (64, 1, 16, 15, 8) and mask.dtype == torch.bool
+    cells = [math.ceil(d / b) for d, b in zip(shape[2:], block)]
+    n = cells[0] * cells[1] * cells[2]
+    for m in mask[:, 0]:
+        # every cell is all-masked or all-visible, and exactly round(ratio * n) cells are masked
+        starts = [range(0, d, b) for d, b in zip(shape[2:], block)]
+        states = [m[x:x + block[0], y:y + block[1], z:z + block[2]] for x in starts[0] for y in starts[1] for z in starts[2]]
+        assert all(s.all() or not s.any() for s in states)
+        assert sum(bool(s.all()) for s in states) == round(ratio * n)
+    # voxel fraction: exact for whole cells, within sampling error where the border cuts cells
+    fraction = mask.float().mean().item()
+    assert abs(fraction - ratio) < 3 * math.sqrt(ratio * (1 - ratio) / (64 * n)) + 0.02
+    per_position = mask.float().mean(0)               # every position is masked equally often
+    assert per_position.min() > ratio - 0.25 and per_position.max() < ratio + 0.25
+
+
+def test_column_mask_is_the_same_on_every_slice():
+    mask = augment.block_mask((3, 1, 16, 16, 8), torch.Generator().manual_seed(1), 0.5, (4, 4, 8))
+    assert torch.equal(mask, mask[..., :1].expand_as(mask))
+    assert mask.float().mean().item() == 0.5
+
+
+def test_masked_l1_ignores_unmasked_voxels():
+    g = torch.Generator().manual_seed(2)
+    pred, target = torch.rand(2, 1, 8, 8, 4, generator=g), torch.rand(2, 1, 8, 8, 4, generator=g)
+    mask = augment.block_mask(pred.shape, g, 0.75, (2, 2, 2))
+    naive = np.mean([abs(p - t) for p, t, m in zip(pred.flatten().tolist(), target.flatten().tolist(),
+                                                    mask.flatten().tolist()) if m])
+    assert loss.masked_l1(pred, target, mask).item() == pytest.approx(naive, rel=1e-6)
+    changed = torch.where(mask, pred, pred + 100.0)    # anything at the visible voxels
+    assert loss.masked_l1(changed, target, mask).item() == pytest.approx(naive, rel=1e-6)
+    pred.requires_grad_(True)
+    loss.masked_l1(pred, target, mask).backward()
+    assert (pred.grad[~mask] == 0).all() and (pred.grad[mask] != 0).all()
+
+
+def test_mim_input_hides_exactly_the_masked_voxels():
+    net = model.RestorativeModel(dict(in_channels=1, base_channels=4, num_levels=2), mask_token=True)
+    with torch.no_grad():
+        net.mask_token.fill_(-7.0)
+    seen = []
+    net.backbone.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    x = torch.rand(2, 1, 8, 8, 4)
+    mask = augment.block_mask(x.shape, torch.Generator().manual_seed(3), 0.75, (2, 2, 2))
+    net(x, mask).sum().backward()
+    assert torch.equal(seen[0][mask], torch.full((int(mask.sum()),), -7.0))
+    assert torch.equal(seen[0][~mask], x[~mask])
+    assert net.mask_token.grad is not None and net.mask_token.grad.abs().item() > 0   # the value is learned
+
+
+# ----------------------------------------------------------------------------- Models Genesis
+
+def test_outpainting_keeps_exactly_the_inner_box():
+    x = torch.rand(16, 1, 21, 14, 7, generator=torch.Generator().manual_seed(4)) * 0.5 + 0.25
+    out = augment.local_outpaint(x, torch.Generator().manual_seed(5))
+    keep = augment.outpaint_box(x.shape, torch.Generator().manual_seed(5))   # the same draws
+    for b in range(16):
+        box = torch.nonzero(keep[b, 0])
+        lo, hi = box.min(0).values, box.max(0).values + 1
+        sides = (hi - lo).tolist()
+        assert int(keep[b].sum()) == sides[0] * sides[1] * sides[2]        # one solid box
+        for side, d in zip(sides, (21, 14, 7)):
+            assert round(d * 3 / 7) <= side <= round(d * 4 / 7)
+        inner = (slice(None), slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+        assert torch.equal(out[b][inner], x[b][inner])                     # kept exactly
+        outside = out[b][~keep[b]]
+        assert (outside != x[b][~keep[b]]).float().mean() > 0.99           # the rest is noise
+        assert outside.min() < 0.2 and outside.max() > 0.8                 # U[0, 1), not the image
+
+
+def test_genesis_corruption_paints_in_or_out():
+    x = torch.rand(32, 1, 16, 16, 8, generator=torch.Generator().manual_seed(6)) * 0.5 + 0.25
+    g = torch.Generator().manual_seed(7)
+    only_out = augment.genesis_corrupt(x, g, shuffle_prob=0, bezier_prob=0, paint_prob=1, outpaint_prob=1)
+    kept = (only_out == x).float().mean((1, 2, 3, 4))
+    assert ((kept > 3 ** 3 / 7 ** 3 * 0.8) & (kept < 4 ** 3 / 7 ** 3 * 1.2)).all()   # one inner box per patch
+    only_in = augment.genesis_corrupt(x, g, shuffle_prob=0, bezier_prob=0, paint_prob=1, outpaint_prob=0)
+    assert ((only_in == x).float().mean((1, 2, 3, 4)) > 0.4).all()                  # holes, not a box
+    assert torch.equal(augment.genesis_corrupt(x, g, shuffle_prob=0, bezier_prob=0, paint_prob=0), x)
+    default = augment.genesis_corrupt(x, g)
+    assert default.shape == x.shape and default.min() >= 0 and default.max() <= 1
+
+
+# ----------------------------------------------------------------------------- DenseCL
+
+def test_dense_matching_picks_the_most_similar_key():
+    g = torch.Generator().manual_seed(8)
+    fq, fk = torch.randn(3, 5, 7, generator=g), torch.randn(3, 5, 9, generator=g) * 3   # scale must not matter
+    match = loss.dense_matches(fq, fk)
+    for b in range(3):
+        for s in range(7):
+            cosines = [float(fq[b, :, s] @ fk[b, :, t] / (fq[b, :, s].norm() * fk[b, :, t].norm())) for t in range(9)]
+            assert match[b, s].item() == int(np.argmax(cosines))
+
+
+def test_queue_is_first_in_first_out():
+    queue = model.Queue(5, 2)
+    keys = torch.arange(16, dtype=torch.float32).view(8, 2)
+    queue.enqueue(keys[:3])
+    assert torch.equal(queue.keys[:3], keys[:3]) and queue.ptr.item() == 3
+    queue.enqueue(keys[3:6])                       # wraps: rows 3, 4, then 0 overwritten (the oldest)
+    assert torch.equal(queue.keys, torch.stack([keys[5], keys[1], keys[2], keys[3], keys[4]]))
+    assert queue.ptr.item() == 1
+    queue.enqueue(keys[6:8])
+    assert torch.equal(queue.keys, torch.stack([keys[5], keys[6], keys[7], keys[3], keys[4]]))
+    with pytest.raises(ValueError, match="more than the queue size"):
+        queue.enqueue(torch.zeros(6, 2))
+    state = queue.state_dict()                     # saved in checkpoints: resumes where it was
+    assert set(state) == {"keys", "ptr"}
+
+
+def test_densecl_loss_matches_naive_formula():
+    g = torch.Generator().manual_seed(9)
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)
+    B, D, S, K, tau, lam = 2, 4, 3, 6, 0.2, 0.5
+    qg, kg, queue_g, queue_d = unit(B, D), unit(B, D), unit(K, D), unit(K, D)
+    qd, kd = unit(B, S, D).permute(0, 2, 1), unit(B, S, D).permute(0, 2, 1)      # (B, D, S)
+    match = torch.tensor([[2, 0, 0], [1, 1, 2]])
+
+    def nce(q, pos, negatives):
+        logits = [float(q @ pos) / tau] + [float(q @ n) / tau for n in negatives]
+        return -logits[0] + math.log(sum(math.exp(v) for v in logits))
+
+    naive_global = np.mean([nce(qg[b], kg[b], queue_g) for b in range(B)])
+    naive_dense = np.mean([nce(qd[b, :, s], kd[b, :, match[b, s]], queue_d) for b in range(B) for s in range(S)])
+    total, l_global, l_dense = loss.densecl_loss(qg, kg, queue_g, qd, kd, match, queue_d, tau, lam)
+    assert l_global.item() == pytest.approx(naive_global, rel=1e-5)
+    assert l_dense.item() == pytest.approx(naive_dense, rel=1e-5)
+    assert total.item() == pytest.approx((1 - lam) * naive_global + lam * naive_dense, rel=1e-5)
+
+
+def test_ema_moves_by_the_momentum_rule_and_takes_no_gradient():
+    torch.manual_seed(0)
+    student = model.SegmentationModel(dict(in_channels=1, base_channels=4, num_levels=2), 3, "nonlinear")
+    teacher = model.frozen_copy(student)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in teacher.parameters()]
+    model.ema_update(teacher, student, 0.9)
+    for t, b, s in zip(teacher.parameters(), before, student.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * s, rtol=0, atol=1e-6)
+
+
+def test_medcontext_teacher_gets_no_gradient_and_follows_the_student():
+    torch.manual_seed(0)
+    cfg = dict(finetune.PAPER, patch_size=(8, 8, 4), mc_mask_block=(2, 2, 2), mc_momentum=0.9, medcontext=True)
+    student = model.SegmentationModel(dict(in_channels=1, base_channels=4, num_levels=2), 3, "nonlinear")
+    mc = finetune.MedContext(student, cfg, seed=0, device=torch.device("cpu"))
+    x, y = torch.rand(2, 1, 8, 8, 4), torch.randint(0, 3, (2, 8, 8, 4))
+    value = mc.loss(student, x, y)
+    value.backward()
+    assert all(p.grad is None for p in mc.teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    # the loss is the three terms of MedContext, with the mask the generator drew
+    mc2 = finetune.MedContext(student, cfg, seed=0, device=torch.device("cpu"))
+    mask = mc2.mask(x)
+    with torch.no_grad():
+        masked = torch.where(mask, 0.0, x)
+        logits = student(torch.cat([x, masked]))
+        expected = (loss.segmentation_loss(logits[:2], y) + loss.segmentation_loss(logits[2:], y)
+                    + 0.5 * torch.mean((logits[2:] - mc2.teacher(x)) ** 2))
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert 0.4 < mask.float().mean().item() < 0.6
+    before = [p.clone() for p in mc.teacher.parameters()]
+    torch.optim.SGD(student.parameters(), lr=0.1).step()
+    mc.update(student)
+    for t, b, s in zip(mc.teacher.parameters(), before, student.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * s, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- training
+
+@pytest.mark.parametrize("method", ["genesis", "mim", "densecl"])
+def test_steps_change_the_weights(small_demo, method):
+    extra = ["--dense-level", "1", "--queue-size", "8"] if method == "densecl" else []
+    cfg = pretrain.resolve_config(pretrain.parse_args(["--data", str(small_demo), *TINY, "--method", method, *extra]))
+    torch.manual_seed(0)
+    net = pretrain.build_model(cfg)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    loader = pretrain.make_loader(small_demo, cfg, seed=0, start_step=0, rank=0, world=1, workers=0)
+    g = torch.Generator().manual_seed(0)
+    for _, batch in zip(range(3), loader):
+        value, parts = pretrain.training_step(net, batch, cfg, g, torch.device("cpu"), None)
+        assert torch.isfinite(value) and len(parts) == len(pretrain.LOSS_NAMES[method])
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        if method == "densecl":
+            key_before = [p.clone() for p in net.key.parameters()]
+            model.ema_update(net.key, net.query, cfg["ema_momentum"])
+            assert all(p.grad is None for p in net.key.parameters())
+            for k, b, q in zip(net.key.parameters(), key_before, net.query.parameters()):
+                torch.testing.assert_close(k, cfg["ema_momentum"] * b + (1 - cfg["ema_momentum"]) * q, rtol=0, atol=1e-6)
+    after = net.state_dict()
+    trained = [k for k in before if k.endswith("weight") and not k.startswith("key.")]
+    unchanged = {k for k in trained if torch.equal(before[k], after[k])}
+    # DenseCL reads the FPN at --dense-level (1 here) and the coarsest level: the decoder below
+    # that level gets no signal and keeps its initialisation (DenseCL pretrains an encoder only)
+    below = {k for k in trained if any(k.startswith(f"query.backbone.{part}.0.") for part in ("lateral", "skip", "decoder"))}
+    assert unchanged == (below if method == "densecl" else set()), unchanged ^ below
+    if method == "densecl":
+        assert after["queue_global.ptr"].item() == 3 * 2 % 8          # 2 keys a step, 3 steps
+        key_weights = [k for k in before if k.startswith("key.") and k.endswith("weight")]
+        moved = {k for k in key_weights if (before[k] - after[k]).abs().max() > 1e-6}   # not float rounding
+        assert moved == {k for k in key_weights if "query." + k[len("key."):] not in unchanged}  # it followed
+
+
+@pytest.mark.parametrize("method", ["genesis", "mim", "densecl"])
+def test_backbone_file_and_resume(small_demo, tmp_path, method):
+    extra = ["--method", method, "--checkpoint-every", "2"] + (["--queue-size", "4"] if method == "densecl" else [])
+    if method == "densecl":
+        extra += ["--dense-level", "1"]
+    run(small_demo, tmp_path / "full", "--steps", "4", *extra)
+    run(small_demo, tmp_path / "split", "--steps", "2", *extra)
+    run(small_demo, tmp_path / "split", "--steps", "4", "--resume", *extra)
+    full, split = read_log(tmp_path / "full"), read_log(tmp_path / "split")
+    assert [r["step"] for r in split] == [1, 2, 3, 4]
+    assert set(full[0]) == {"step", "loss", "lr", "seconds", *pretrain.LOSS_NAMES[method]}
+    for a, b in zip(full, split):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
+    sa = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    sb = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["model"]
+    for k in sa:                                     # the queue and the key encoder included
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+    config, state, info = load_backbone(tmp_path / "full" / "backbone.pt")   # what probe / fine-tune read
+    assert config == dict(in_channels=1, base_channels=4, num_levels=3)
+    fpn = model.FPN3d(**config)
+    fpn.load_state_dict(state)
+    assert info["method"] == method
+
+
+def test_method_flags_are_refused_elsewhere(small_demo, tmp_path):
+    for argv, message in ((["--mask-ratio", "0.5"], "--method ours does not use --mask-ratio"),
+                          (["--method", "genesis", "--recon-weight", "3"], "does not use --recon-weight"),
+                          (["--method", "mim", "--mask-ratio", "1.5"], "--mask-ratio must be in"),
+                          (["--method", "densecl", "--queue-size", "1"], "smaller than one step's keys")):
+        with pytest.raises(ValueError, match=message):
+            pretrain.resolve_config(pretrain.parse_args(["--data", str(small_demo), *TINY, *argv]))
