@@ -200,11 +200,58 @@ def neighbours(args):
             run(script, *data, *flags, "--out", d, "--folds", "2" if q else "3", "--fold", fold, *extra, *small,
                 log=log, done=d / "results.json")
             rows.setdefault((exp, name), []).append(result(d))
-    write_neighbours_report(out, rows, pre, log, (time.time() - t0) / 60)
+    from preprocess import resolve_data_dir
+    agreement = agreement_rows(resolve_data_dir(args.data), pre, level=2) if not q else None
+    write_neighbours_report(out, rows, pre, log, (time.time() - t0) / 60, agreement)
     return rows
 
 
-def write_neighbours_report(out, rows, pre, log, minutes):
+def matching_agreement(backbone, data_dir, level, pairs=64, patch_size=(32, 32, 16), seed=123):
+    """How often DenseCL's similarity matching agrees with geometry, for one backbone: over
+    un-augmented overlapping crop pairs (data.PairDataset), the fraction of view-A locations of
+    FPN level `level` whose most similar view-B location (loss.dense_matches on the backbone's
+    features) is the geometrically corresponding one or its neighbour (Chebyshev distance <= 1
+    cell), among the A locations whose correspondent lies inside B."""
+    import torch
+
+    from data import PairDataset
+    from loss import dense_matches
+    dataset = PairDataset(data_dir, patch_size, num_voxels=16, length=pairs, seed=seed)
+    hits = total = 0
+    backbone.eval()
+    cell = 2 ** level
+    for i in range(pairs):
+        pair = dataset[i][0]
+        offset = torch.from_numpy(pair["coords_b"][0] - pair["coords_a"][0])      # A voxel c is B voxel c + offset
+        with torch.no_grad():
+            fa, fb = (backbone(torch.from_numpy(pair[f"patch_{v}"])[None, None].float())[level] for v in "ab")
+        match = dense_matches(fa.flatten(2), fb.flatten(2))[0]                    # (S_a,)
+        dims_a, dims_b = torch.tensor(fa.shape[2:]), torch.tensor(fb.shape[2:])
+        grid = torch.stack(torch.meshgrid(*[torch.arange(int(d)) for d in dims_a], indexing="ij"), -1).reshape(-1, 3)
+        expected = torch.div(grid * cell + cell // 2 + offset, cell, rounding_mode="floor")   # (S_a, 3) B cells
+        inside = ((expected >= 0) & (expected < dims_b)).all(1)
+        got = torch.stack([match // (dims_b[1] * dims_b[2]), match // dims_b[2] % dims_b[1], match % dims_b[2]], 1)
+        hits += int((((got - expected).abs().max(1).values <= 1) & inside).sum())
+        total += int(inside.sum())
+    return hits / max(total, 1)
+
+
+def agreement_rows(data_dir, pre, level):
+    import torch
+
+    from downstream import load_backbone
+    from model import FPN3d
+    backbones = {}
+    for name in ("ours", "densecl"):
+        config, state, _ = load_backbone(pre[name] / "backbone.pt")
+        backbones[name] = FPN3d(**config)
+        backbones[name].load_state_dict(state)
+    torch.manual_seed(0)
+    backbones = {"random init": FPN3d(**config), **backbones}
+    return {name: matching_agreement(b, data_dir, level) for name, b in backbones.items()}
+
+
+def write_neighbours_report(out, rows, pre, log, minutes, agreement=None):
     import numpy as np
     lines = ["| experiment | model | mean Dice ± std over folds | folds | per class (mean over folds) |",
              "|---|---|---|---|---|"]
@@ -220,6 +267,10 @@ def write_neighbours_report(out, rows, pre, log, minutes):
         last = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])
         losses = ", ".join(f"{k.replace('loss_', '')} {v:.4f}" for k, v in last.items() if k.startswith("loss_"))
         lines.append(f"| {name} | {last['step']} | {losses} | {last['seconds'] / 60:.1f} min |")
+    if agreement:
+        lines += ["", "How often the most similar location (DenseCL's positive) is the geometric correspondent "
+                  "or its neighbour, FPN level 2, 64 un-augmented demo pairs (evidence.matching_agreement): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in agreement.items())]
     lines += ["", "Each method's own paper, for scale:", ""] + [f"- {v}" for v in NEIGHBOUR_PAPERS.values()]
     lines += ["", f"Total {minutes:.1f} min (commands skipped because done count 0) on {os.cpu_count()} CPU cores, "
               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}.", "", "Commands:", ""]

@@ -13,6 +13,10 @@ Run it:
     python finetune.py --data DATA_DIR --checkpoint backbone.pt --out DIR            # paper schedule
     python finetune.py --predict SCAN.nii.gz --checkpoint DIR/model_fold0.pt --output SEG.nii.gz
 
+MedContext (Gani et al. 2024), `--medcontext`: the same training with a masked copy of each patch
+through the network and an EMA teacher's consistency term (class MedContext); from scratch
+(`--init random --medcontext`) or on top of a pretrained backbone (`--checkpoint ... --medcontext`).
+
 Training writes DIR/results.json (as linear_probe.py) and DIR/model_fold<k>.pt, the fine-tuned
 network with everything --predict needs: its constructor arguments, the class names and the
 preprocessing preset. --predict preprocesses the scan with that preset, segments it with a
@@ -65,11 +69,12 @@ class MedContext:
     patch, so the student learns to fill in the masked organs in the output space.
     M: --mc-mask-ratio of the patch's --mc-mask-block cells set to 0 (the value of air / padding
     here), "cube" blocks or "column"s (a block as deep as the patch: one 2-D mask repeated on
-    every slice). Adapted: the clean and masked patches go through the student in one forward
-    (one batch, so DDP sees one forward per step; BatchNorm's batch statistics mix both, and are
-    re-estimated on clean patches after training, reestimate_batchnorm); the teacher runs in
-    train mode (batch statistics) like MoCo's key encoder, as its running statistics are never
-    trained; the student is what is saved and evaluated."""
+    every slice). The clean and the masked batch go through the student as two batches (each
+    with its own BatchNorm statistics; one batch of both would train the network on mixed
+    statistics that the clean-patch re-estimation after training, reestimate_batchnorm, then
+    no longer matches), inside one forward call (TwoInputs) so that DDP sees one forward per
+    step. The teacher runs in train mode (batch statistics) like MoCo's key encoder, as its
+    running statistics are never trained; the student is what is saved and evaluated."""
 
     def __init__(self, model, cfg, seed, device):
         self.cfg = cfg
@@ -86,19 +91,30 @@ class MedContext:
 
     def loss(self, net, x, y, amp=False):
         """Forward and loss of one batch x (b, 1, X, Y, Z), y (b, X, Y, Z) -> scalar."""
-        b = x.shape[0]
         masked = torch.where(self.mask(x), torch.zeros((), dtype=x.dtype, device=x.device), x)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = net(torch.cat([x, masked]))          # (2b, K, X, Y, Z): S(x), S(M(x))
+            clean, on_masked = net(x, masked)              # S(x), S(M(x)): (b, K, X, Y, Z) each
             with torch.no_grad():
                 target = self.teacher(x)                   # T(x)
-        logits = logits.float()
-        return (segmentation_loss(logits[:b], y) + segmentation_loss(logits[b:], y)
-                + self.cfg["mc_beta"] * consistency_loss(logits[b:], target.float()))
+        clean, on_masked = clean.float(), on_masked.float()
+        return (segmentation_loss(clean, y) + segmentation_loss(on_masked, y)
+                + self.cfg["mc_beta"] * consistency_loss(on_masked, target.float()))
 
     def update(self, model):
         """The teacher's EMA step, after the optimizer's."""
         ema_update(self.teacher, model, self.cfg["mc_momentum"])
+
+
+class TwoInputs(torch.nn.Module):
+    """forward(a, b) -> (model(a), model(b)): two batches, each with its own BatchNorm statistics,
+    in one call (DDP allows one forward per backward)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, a, b):
+        return self.model(a), self.model(b)
 
 
 def train_segmenter(model, data_dir, train_ids, cfg, args, device, on_step=None, desc="train"):
@@ -121,15 +137,17 @@ def train_segmenter(model, data_dir, train_ids, cfg, args, device, on_step=None,
         torch.set_flush_denormal(True)   # denormal activations slowed CPU steps by up to 1.5x (measured)
     amp = device.type == "cuda" and args.amp
     losses = torch.zeros((), device=device)
-    net, trains = model, None
     medcontext = MedContext(model, cfg, args.seed, device) if cfg.get("medcontext") else None
+    # what one forward call runs (DDP wraps it): the model, or for MedContext the model on both inputs
+    runner = TwoInputs(model) if medcontext is not None else model
+    net, trains = runner, None
     bar = tqdm(loader, total=cfg["steps"], desc=desc, dynamic_ncols=True, leave=False, disable=rank != 0)
     for step, batch in enumerate(bar):
         if on_step is not None:
             on_step(step, model, optimizer)
         if world > 1 and trains != (now := tuple(p.requires_grad for p in model.parameters())):
             trains = now
-            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            net = torch.nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
         x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last_3d)  # (b, 1, X, Y, Z)
         y = batch["label"].to(device, non_blocking=True)   # (b, X, Y, Z)
         if medcontext is not None:

@@ -333,6 +333,10 @@ class DenseCLEncoder(nn.Module):
         if not 0 <= level < len(channels):
             raise ValueError(f"model.py DenseCL: --dense-level {level} outside the FPN's levels 0..{len(channels) - 1}")
         self.level = level
+        # The decoder below `level` feeds neither loss: frozen, so DDP does not wait for its gradients.
+        for l in range(level):
+            for part in (self.backbone.lateral[l], self.backbone.skip[l], self.backbone.decoder[l]):
+                part.requires_grad_(False)
         self.global_head = nn.Sequential(nn.Linear(channels[-1], hidden_dim), nn.ReLU(inplace=True),
                                          nn.Linear(hidden_dim, dim))
         self.dense_head = nn.Sequential(nn.Conv3d(channels[level], hidden_dim, 1), nn.ReLU(inplace=True),

@@ -27,6 +27,13 @@ Ablations of Table 1 are flags, not code copies (README maps each row to its com
 --arch balanced|vox2vec, --aug local|vox2vec|none, --recon-weight (0 = contrastive only),
 --contrastive-weight (0 = restorative only); --method vox2vec is shorthand for the baseline.
 
+Neighbouring methods of the same literature train the same FPN in the same loop on the same
+data, and write the same backbone.pt (README, "Neighbouring methods"): --method genesis (Models
+Genesis restoration), --method mim (masked image modelling), --method densecl (DenseCL). Only
+the loss of a step differs (step_ours / step_genesis / step_mim / step_densecl below, each
+citing its paper); their corruption and masks live in augment.py, their losses in loss.py,
+their networks, queue and EMA update in model.py.
+
 Distributed: under torchrun every process trains on its own share of the global batch
 (--batch-pairs is the GLOBAL number of patch pairs per step, split evenly over processes, so
 the learning rate means the same as on one device) and InfoNCE negatives are gathered from all

@@ -214,9 +214,11 @@ def test_predict_needs_a_finetuned_checkpoint(backbone, tmp_path):
                                            "--output", str(tmp_path / "o.nii.gz")]))
 
 
-def test_finetune_under_torchrun_two_processes(small_demo, backbone, tmp_path):
+@pytest.mark.parametrize("medcontext", [[], ["--medcontext"]])
+def test_finetune_under_torchrun_two_processes(small_demo, backbone, tmp_path, medcontext):
     """DDP fine-tuning on CPU (gloo): freeze -> unfreeze re-wraps DDP; rank 0 alone evaluates and
-    writes; the saved model loads in a single process."""
+    writes; the saved model loads in a single process. With MedContext: its two-input forward
+    and teacher under DDP."""
     import os
     import subprocess
     import sys
@@ -224,7 +226,7 @@ def test_finetune_under_torchrun_two_processes(small_demo, backbone, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(root / "finetune.py"), "--data", str(small_demo), "--checkpoint", str(backbone), "--out", str(tmp_path),
-           *TINY, "--batch-size", "2", "--steps", "4", "--freeze-steps", "2", "--ramp-steps", "1", "--device", "cpu"]
+           *TINY, "--batch-size", "2", "--steps", "4", "--freeze-steps", "2", "--ramp-steps", "1", "--device", "cpu", *medcontext]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("fold 0:") == 1          # one evaluation, by rank 0

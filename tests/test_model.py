@@ -111,7 +111,14 @@ def test_fpn_shapes_for_both_presets(preset):
     shape = (m, 2 * m, m)  # the smallest non-cubic input this depth accepts
     fpn = FPN3d(in_channels=1, base_channels=2, num_levels=levels).to(memory_format=torch.channels_last_3d)
     x = torch.randn(2, 1, *shape).contiguous(memory_format=torch.channels_last_3d)
-    pyramid = fpn(x)
+    # torch 2.13's single-threaded CPU 1x1x1 conv returns NCDHW (measured: OMP_NUM_THREADS=1), a
+    # kernel choice outside this code; check our layers with the multi-threaded kernels.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pyramid = fpn(x)
+    finally:
+        torch.set_num_threads(threads)
     assert fpn.channels == [2 * 2 ** l for l in range(levels)]
     assert len(pyramid) == levels
     for l, p in enumerate(pyramid):
