@@ -156,14 +156,14 @@ def neighbours(args):
     and a fine-tune at the smallest label budget; MedContext (no pretraining) is fine-tuned from
     scratch at every budget, and on top of our pretrained backbone at the smallest. The
     pretraining of ours is the main run's (OUT/pretrain-balanced, run here if missing).
-    --fold k runs fold k of the 3 only (run it once per fold; the report averages the folds
-    present), so a 2-core machine can do it in pieces."""
+    --fold k [k ...] runs only those of the 3 folds (a 2-core machine can do it in pieces: a run
+    skips every command already done, and the report averages the folds it was given)."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     q = args.quick
     data = ["--data", args.data]
     small = ["--workers", "0", "--preset", "demo"] if q else ["--workers", "0"]
-    folds = [args.fold] if args.fold is not None else [0, 1, 2]
+    folds = args.fold if args.fold is not None else [0, 1, 2]
     log, t0 = [], time.time()
     pre = {"ours": out / "pretrain-balanced", **{m: out / f"pretrain-{m}" for m in NEIGHBOURS}}
     steps = ["--steps", "2"] if q else []
@@ -432,7 +432,7 @@ def parse_args(argv=None):
     p.add_argument("--ablation", action="store_true", help="Table 1's rows on the demo (reuses the main run's pretrainings)")
     p.add_argument("--neighbours", action="store_true",
                    help="Models Genesis, MIM, DenseCL and MedContext beside ours (reuses the main run's pretraining)")
-    p.add_argument("--fold", type=int, choices=[0, 1, 2], help="--neighbours: run this fold only [all three]")
+    p.add_argument("--fold", type=int, nargs="+", choices=[0, 1, 2], help="--neighbours: run these folds only [all three]")
     p.add_argument("--no-figures", action="store_true")
     return p.parse_args(argv)
 

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from data import LabelledPatchDataset, load_dataset_json
-from downstream import (add_common_args, atomic_torch_save, cross_validate, pick_device, predict_volume,
+from downstream import (add_common_args, atomic_torch_save, cross_validate, pick_device, predict_volume, resolve,
                         set_backbone_trainable, setup, world_info)
 from augment import block_mask
 from loss import consistency_loss, segmentation_loss
@@ -278,6 +278,15 @@ def predict(scan, checkpoint, output, device, amp=True):
     return output
 
 
+def check_medcontext(args, cfg):
+    stray = [k for k in PAPER if k.startswith("mc_") and getattr(args, k) is not None]
+    if stray and not cfg["medcontext"]:
+        sys.exit(f"finetune.py: error: {', '.join('--' + k.replace('_', '-') for k in stray)} without --medcontext")
+    if cfg["medcontext"] and not (0 < cfg["mc_mask_ratio"] < 1 and 0 <= cfg["mc_momentum"] < 1 and cfg["mc_beta"] >= 0):
+        sys.exit(f"finetune.py: error: --medcontext needs 0 < --mc-mask-ratio < 1, 0 <= --mc-momentum < 1 and "
+                 f"--mc-beta >= 0 (got {cfg['mc_mask_ratio']}, {cfg['mc_momentum']}, {cfg['mc_beta']})")
+
+
 def main(args):
     if args.predict:
         try:
@@ -288,15 +297,10 @@ def main(args):
             sys.exit(f"finetune.py: error: {e}")
     if not args.data or not args.out:
         sys.exit("finetune.py: error: training needs --data and --out (or use --predict)")
+    check_medcontext(args, resolve(args, PAPER, DEMO))      # before setup makes the output folder
     cfg, device, data_dir, test_dir, names, plan = setup(args, PAPER, DEMO, "nonlinear", "finetune.py")
     if args.init == "random":   # from scratch: the whole network trains at lr from step 0
         cfg.update(freeze_steps=0, ramp_steps=0)
-    stray = [k for k in PAPER if k.startswith("mc_") and getattr(args, k) is not None]
-    if stray and not cfg["medcontext"]:
-        sys.exit(f"finetune.py: error: {', '.join('--' + k.replace('_', '-') for k in stray)} without --medcontext")
-    if cfg["medcontext"] and not (0 < cfg["mc_mask_ratio"] < 1 and 0 <= cfg["mc_momentum"] < 1 and cfg["mc_beta"] >= 0):
-        sys.exit(f"finetune.py: error: --medcontext needs 0 < --mc-mask-ratio < 1, 0 <= --mc-momentum < 1 and "
-                 f"--mc-beta >= 0 (got {cfg['mc_mask_ratio']}, {cfg['mc_momentum']}, {cfg['mc_beta']})")
 
     def train_fold(model, fold, train_ids):
         if args.evaluate_saved:   # the trained weights of an earlier run of the same command

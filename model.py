@@ -324,7 +324,9 @@ class DenseCLEncoder(nn.Module):
     """One DenseCL encoder on our FPN: the backbone, a global head (average pool of the coarsest
     level -> MLP -> D) and a dense head (1x1x1 conv -> ReLU -> 1x1x1 conv -> D at `level`).
     forward(x) -> (global (B, D), dense (B, D, S), backbone features at level (B, C_l, S)),
-    global and dense L2-normalised along D; S = the level's voxels, flattened."""
+    global and dense L2-normalised along D; S = the level's voxels, flattened. The FPN's decoder
+    below `level` feeds neither loss and is frozen at its initialisation (DenseCL pretrains an
+    encoder; fine-tuning trains the rest)."""
 
     def __init__(self, backbone_config: dict, level: int, dim: int = 128, hidden_dim: int = 512):
         super().__init__()

@@ -264,3 +264,14 @@ def test_method_flags_are_refused_elsewhere(small_demo, tmp_path):
                           (["--method", "densecl", "--queue-size", "1"], "smaller than one step's keys")):
         with pytest.raises(ValueError, match=message):
             pretrain.resolve_config(pretrain.parse_args(["--data", str(small_demo), *TINY, *argv]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mc-beta", "2"], "--mc-beta without --medcontext"),
+    (["--medcontext", "--mc-mask-ratio", "1.2"], "--medcontext needs 0 < --mc-mask-ratio < 1"),
+])
+def test_medcontext_flags_are_checked_before_any_folder_is_made(small_demo, tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        finetune.main(finetune.parse_args(["--data", str(small_demo), "--init", "random", "--out",
+                                           str(tmp_path / "run"), *argv]))
+    assert not (tmp_path / "run").exists()
