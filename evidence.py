@@ -236,18 +236,24 @@ def matching_agreement(backbone, data_dir, level, pairs=64, patch_size=(32, 32, 
     return hits / max(total, 1)
 
 
+def load_fpn(path):
+    """The FPN3d of a backbone file, weights loaded."""
+    from downstream import load_backbone
+    from model import FPN3d
+    config, state, _ = load_backbone(path)
+    fpn = FPN3d(**config)
+    fpn.load_state_dict(state)
+    return fpn
+
+
 def agreement_rows(data_dir, pre, level):
     import torch
 
-    from downstream import load_backbone
     from model import FPN3d
-    backbones = {}
-    for name in ("ours", "densecl"):
-        config, state, _ = load_backbone(pre[name] / "backbone.pt")
-        backbones[name] = FPN3d(**config)
-        backbones[name].load_state_dict(state)
+    backbones = {name: load_fpn(pre[name] / "backbone.pt") for name in ("ours", "densecl")}
     torch.manual_seed(0)
-    backbones = {"random init": FPN3d(**config), **backbones}
+    random_init = FPN3d(in_channels=1, base_channels=backbones["ours"].channels[0], num_levels=backbones["ours"].num_levels)
+    backbones = {"random init": random_init, **backbones}
     return {name: matching_agreement(b, data_dir, level) for name, b in backbones.items()}
 
 
@@ -382,11 +388,7 @@ def make_figures(out, data_arg, pre, pretraining, budgets, rows):
         lo, hi = rgb.quantile(0.02, 0), rgb.quantile(0.98, 0)
         return ((rgb - lo) / (hi - lo)).clamp(0, 1).reshape(image.shape[0], image.shape[1], 3).numpy()
 
-    backbones = {}
-    for name, path in (("vox2vec", pre["vox2vec"]), ("ours", pre["ours"])):
-        cfg, state, _ = load_backbone(path / "backbone.pt")
-        backbones[name] = FPN3d(**cfg)
-        backbones[name].load_state_dict(state)
+    backbones = {name: load_fpn(pre[name] / "backbone.pt") for name in ("vox2vec", "ours")}
     torch.manual_seed(0)
     backbones = {"random init": FPN3d(**load_backbone(pre["ours"] / "backbone.pt")[0]), **backbones}
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))

@@ -41,6 +41,7 @@ has shape (B, C_l, X_l, Y_l, Z_l) with X_l = ceil(X / 2**l) and C_l = base_chann
 Use: `from model import FPN3d, PretrainModel, SegmentationModel, sample_voxels` (importing runs
 nothing). `python model.py` prints the parameter counts and FLOPs of the presets.
 """
+import copy
 import math
 from typing import List, Sequence
 
@@ -313,7 +314,6 @@ def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
 
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A copy that takes no gradients (the EMA encoder's starting point)."""
-    import copy
     twin = copy.deepcopy(module)
     for p in twin.parameters():
         p.requires_grad_(False)
