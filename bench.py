@@ -4,6 +4,7 @@
     python bench.py --config demo --device cpu        # whole demo step on CPU
     python bench.py --config paper --device cuda      # whole paper step on a GPU (TFLOP/s, % of bf16 peak)
     python bench.py --probe runs/evidence/pretrain-balanced/backbone.pt   # linear probe: cached vs patch loop
+    python bench.py --finetune --config demo --steps 20   # fine-tuning step, --aug none vs nnunet-like
 
 Rows: the data path for one batch (crops + correspondences on the DataLoader side, the
 augmentations on the training device), the model forward + backward, the loss, the optimizer,
@@ -225,7 +226,7 @@ def bench_probe(checkpoint, steps=600, fold=0):
     torch.manual_seed(0)
     model, _ = downstream.build_segmenter(args, len(names), "linear")
     downstream.set_backbone_trainable(model, False)
-    cfg = dict(steps=steps, batch_size=2, patch_size=(32, 32, 16), lr=3e-3, eval_patch_size=(96, 96, 48))
+    cfg = dict(steps=steps, batch_size=2, patch_size=(32, 32, 16), lr=3e-3, eval_patch_size=(96, 96, 48), aug="none")
     t = time.perf_counter()
     finetune.train_segmenter(model, data_dir, train_ids, cfg, args, device, desc="patch loop")
     rows["patch loop: training (s)"] = time.perf_counter() - t
@@ -256,9 +257,49 @@ def bench_probe(checkpoint, steps=600, fold=0):
     return rows
 
 
+def bench_finetune(config, device, repeats):
+    """One fine-tuning step of finetune.py's preset (random data, 9 classes) with --aug none vs
+    --aug nnunet-like, and the supervised augmentation alone. Returns {row: ms}."""
+    from augment import supervised_augment
+    from finetune import DEMO as FT_DEMO, PAPER as FT_PAPER, make_optimizer
+    from loss import segmentation_loss
+    from model import SegmentationModel
+    cfg, arch = dict(FT_PAPER), dict(base_channels=32, num_levels=5)
+    if config == "demo":
+        cfg.update(FT_DEMO)
+        arch = DEMO_ARCHS["balanced"]
+    model = SegmentationModel(dict(in_channels=1, **arch), 9, head="nonlinear").to(device, memory_format=torch.channels_last_3d)
+    optimizer = make_optimizer(model, cfg["lr"])
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.rand(cfg["batch_size"], 1, *cfg["patch_size"], generator=generator, device=device)   # (B, 1, X, Y, Z)
+    y = torch.randint(0, 9, (cfg["batch_size"], *cfg["patch_size"]), generator=generator, device=device)
+
+    def step(kind):
+        xa, ya = supervised_augment(x, y, generator, kind)
+        loss = segmentation_loss(model(xa.contiguous(memory_format=torch.channels_last_3d)), ya)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    rows = {"supervised augmentation alone (--aug nnunet-like)": timed(lambda: supervised_augment(x, y, generator), device, repeats),
+            "fine-tuning step, --aug none": timed(lambda: step("none"), device, repeats),
+            "fine-tuning step, --aug nnunet-like": timed(lambda: step("nnunet-like"), device, repeats)}
+    print(f"\nfine-tuning step, {config} preset ({cfg['batch_size']} patches of {tuple(cfg['patch_size'])}, "
+          f"{arch['base_channels']}x{arch['num_levels']} FPN), device {device}, median of {repeats}")
+    print(f"{'measurement':<52} {'ms':>10}")
+    print("-" * 63)
+    for k, v in rows.items():
+        print(f"{k:<52} {v:>10.1f}")
+    print(f"{'augmentation share of the step (%)':<52} "
+          f"{100 * rows['supervised augmentation alone (--aug nnunet-like)'] / rows['fine-tuning step, --aug nnunet-like']:>10.1f}")
+    return rows
+
+
 def main(args):
     if args.probe:
         return bench_probe(args.probe)
+    if args.finetune:
+        return bench_finetune(args.config, pick_device(args.device), args.steps)
     device = pick_device(args.device)
     cfg = dict(PAPER)
     if args.config == "demo":
@@ -309,6 +350,7 @@ def parse_args(argv=None):
     p.add_argument("--no-reference", action="store_true", help="skip the slow reference-style path")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--finetune", action="store_true", help="instead: a fine-tuning step with and without finetune.py's --aug")
     p.add_argument("--probe", metavar="BACKBONE", help="instead: the cached-feature linear probe vs the patch loop it replaced (demo)")
     return p.parse_args(argv)
 

@@ -193,8 +193,9 @@ def plan_folds(args, data_dir, test_dir):
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def predict_volume(model, image, patch_size, device, amp=True, overlap=0.5, batch_size=2):
-    """Sliding-window segmentation of one preprocessed volume (X, Y, Z) -> labels (X, Y, Z) int64."""
+def volume_probabilities(model, image, patch_size, device, amp=True, overlap=0.5, batch_size=2):
+    """Sliding-window softmax of one preprocessed volume: image (X, Y, Z) array or tensor ->
+    (K, X, Y, Z) float32 on device, the Gaussian-weighted average of the overlapping tiles."""
     model.eval()
     x = torch.as_tensor(np.asarray(image, dtype=np.float32), device=device)[None]   # (1, X, Y, Z)
     # No window larger than the volume (the FPN takes any size).
@@ -205,7 +206,12 @@ def predict_volume(model, image, patch_size, device, amp=True, overlap=0.5, batc
             tiles = tiles.contiguous(memory_format=torch.channels_last_3d)
             return torch.softmax(model(tiles).float(), dim=1)                       # (b, K, *patch)
 
-    probs = sliding_window_inference(x, probabilities, patch_size, overlap=overlap, batch_size=batch_size)
+    return sliding_window_inference(x, probabilities, patch_size, overlap=overlap, batch_size=batch_size)
+
+
+def predict_volume(model, image, patch_size, device, amp=True, overlap=0.5, batch_size=2):
+    """Sliding-window segmentation of one preprocessed volume (X, Y, Z) -> labels (X, Y, Z) int64."""
+    probs = volume_probabilities(model, image, patch_size, device, amp, overlap, batch_size)
     return predict_labels(probs[None])[0].cpu()                                     # (X, Y, Z)
 
 

@@ -11,7 +11,8 @@ Protocol (Sec. 3.2 of the paper, at demo scale; 3-fold cross-validation over the
    and the vox2vec baseline (--method vox2vec), the same number of steps.
 2. Linear probe (linear_probe.py): random-init backbone vs vox2vec vs ours (Tables 1-2).
 3. Fine-tuning ours vs training from scratch (finetune.py) with 1, 2 and all training cases per
-   fold (Fig. 1, Table 3), the same steps for every budget.
+   fold (Fig. 1, Table 3), the same steps for every budget; both arms with finetune.py's default
+   augmentation, and at 1 case also both with --aug none (the paper's protocol).
 4. Figures (matplotlib, imported here only): Dice vs labelled cases; one held-out slice (image,
    ground truth, scratch, fine-tuned); the first three principal components of the voxel
    features as RGB for random init, vox2vec and ours; the pretraining curves.
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+AUGS = {"nnunet-like": "", "none": "-noaug"}   # finetune.py --aug -> suffix of the run folder
 # The paper's numbers, for scale (real CT / MRI, 50,000 pretraining steps on an A100).
 PAPER = {"linear probe": "MRI (Table 1): vox2vec 58.8, ours 65.7; CT/BTCV (Table 2): vox2vec 62.0, ours 65.6",
          "fine-tune": "MRI (Table 3): 4 cases 48.4 -> 57.7, 8 cases 63.3 -> 69.3, 42 cases 77.1 -> 78.8 (scratch -> fine-tuned)"}
@@ -38,7 +40,7 @@ def run(script, *args, log, done=None):
     """Run one stage's own command line; skipped when its output `done` exists (a re-run continues)."""
     cmd = [sys.executable, str(HERE / script), *map(str, args)]
     shown = "python " + " ".join([script, *map(str, args)])
-    if done is not None and Path(done).exists():
+    if finished(done, script, [str(a) for a in args]):
         print(f"\n(already done: {shown})", flush=True)
         log.append(dict(command=shown, seconds=None))
         return
@@ -46,6 +48,17 @@ def run(script, *args, log, done=None):
     t = time.time()
     subprocess.run(cmd, check=True, cwd=HERE)
     log.append(dict(command=shown, seconds=round(time.time() - t, 1)))
+
+
+def finished(done, script, args):
+    """The command's output exists and was made with the same augmentation: a fine-tune from before
+    finetune.py had --aug (trained without augmentation) is another experiment, run again."""
+    if done is None or not Path(done).exists():
+        return False
+    if script == "finetune.py" and Path(done).name == "results.json":
+        aug = args[args.index("--aug") + 1] if "--aug" in args else "nnunet-like"
+        return json.loads(Path(done).read_text())["config"].get("aug", "none") == aug
+    return True
 
 
 def result(path):
@@ -95,13 +108,17 @@ def main(args):
     budgets = ["1"] if q else ["1", "2", "all"]
     ft_folds = ["--folds", "2", "--fold", "0", "--steps", "2", "--freeze-steps", "1", "--ramp-steps", "1"] if q \
         else ["--folds", "3"]
+    # Both arms always get the same augmentation (finetune.py --aug); at the smallest budget also
+    # without it (the paper's protocol), so what augmentation buys stands beside what pretraining buys.
     for budget in budgets:
         limit = [] if budget == "all" else ["--train-cases", budget]
-        for name, init in {"from scratch": ["--init", "random"],
-                           "fine-tuned (ours)": ["--checkpoint", pre["ours"] / "backbone.pt"]}.items():
-            d = out / f"finetune-{budget}-{name.split()[0]}"
-            run("finetune.py", *data, *init, "--out", d, *ft_folds, *limit, *small, log=log, done=d / "results.json")
-            rows[(f"fine-tune, {budget} training case(s)", name)] = result(d)
+        for aug in (AUGS if budget == budgets[0] else AUGS[:1]):
+            for name, init in {"from scratch": ["--init", "random"],
+                               "fine-tuned (ours)": ["--checkpoint", pre["ours"] / "backbone.pt"]}.items():
+                d = out / f"finetune-{budget}-{name.split()[0]}{AUGS[aug]}"
+                run("finetune.py", *data, *init, "--aug", aug, "--out", d, *ft_folds, *limit, *small, log=log,
+                    done=d / "results.json")
+                rows[(f"fine-tune, {budget} training case(s){', --aug none' if aug == 'none' else ''}", name)] = result(d)
 
     pretraining = {k: pretrain_summary(v) for k, v in pre.items()}
     figures = [] if args.no_figures else make_figures(out, args.data, pre, pretraining, budgets, rows)
@@ -323,7 +340,7 @@ def make_figures(out, data_arg, pre, pretraining, budgets, rows):
 
     from downstream import load_backbone, predict_volume
     from data import load_case
-    from finetune import load_model
+    from predict import load_model
     from model import FPN3d
     from preprocess import resolve_data_dir
 

@@ -1,4 +1,4 @@
-"""Fine-tuning a pretrained FPN for segmentation (or training it from scratch), and prediction.
+"""Fine-tuning a pretrained FPN for segmentation (or training it from scratch).
 
 Implements the fine-tuning protocol of Kats et al. 2024, Sec. 3.2 (Table 3): a non-linear head
 on the FPN (model.NonLinearHead; the paper does not specify it, ours is described in model.py);
@@ -7,40 +7,48 @@ from 3e-5 to 3e-4 over 1,200 steps; 45,000 steps, batch 7, Adam 3e-4. `--init ra
 the same network from scratch (no freezing, backbone at 3e-4 from step 0), the baseline of
 Table 3. Evaluation, folds and label budgets are downstream.py's, shared with linear_probe.py.
 
+Deviation (default `--aug nnunet-like`): every training patch is augmented as nnU-Net does
+(augment.supervised_augment: rotation, scaling, noise, blur, brightness, contrast, gamma,
+mirroring). The paper and vox2vec train downstream without augmentation (`--aug none`); with one
+or two labelled scans a network then learns their intensity scale and fails on other scanners.
+Both arms of a comparison (--checkpoint and --init random) get the same setting.
+
 Run it:
     python finetune.py --data demo --checkpoint runs/pretrain-demo/backbone.pt --out runs/ft-demo --train-cases 2
     python finetune.py --data demo --init random --out runs/scratch-demo --train-cases 2
     python finetune.py --data DATA_DIR --checkpoint backbone.pt --out DIR            # paper schedule
-    python finetune.py --predict SCAN.nii.gz --checkpoint DIR/model_fold0.pt --output SEG.nii.gz
 
 MedContext (Gani et al. 2024), `--medcontext`: the same training with a masked copy of each patch
 through the network and an EMA teacher's consistency term (class MedContext); from scratch
 (`--init random --medcontext`) or on top of a pretrained backbone (`--checkpoint ... --medcontext`).
 
 Training writes DIR/results.json (as linear_probe.py) and DIR/model_fold<k>.pt, the fine-tuned
-network with everything --predict needs: its constructor arguments, the class names and the
-preprocessing preset. --predict preprocesses the scan with that preset, segments it with a
-sliding window and writes a label NIfTI on the scan's own grid (same shape and affine).
+network with everything prediction needs: its constructor arguments, the class names, the
+preprocessing preset and the augmentation it was trained with. Apply the models to new scans with
+predict.py (`python predict.py -i SCANS -o OUT --model DIR`: all folds, mirroring);
+`finetune.py --predict SCAN.nii.gz --checkpoint DIR/model_fold0.pt --output SEG.nii.gz` is kept as
+an alias for one scan and one model.
 """
 import argparse
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from data import LabelledPatchDataset, load_dataset_json
-from downstream import (add_common_args, atomic_torch_save, cross_validate, pick_device, predict_volume, resolve,
+from downstream import (add_common_args, atomic_torch_save, cross_validate, pick_device, resolve,
                         set_backbone_trainable, setup, world_info)
-from augment import block_mask
+from augment import SUPERVISED_KINDS, block_mask, supervised_augment
 from loss import consistency_loss, segmentation_loss
 from model import SegmentationModel, ema_update, frozen_copy
-from preprocess import load_nifti, preprocess_arrays, save_on_original_grid
+from predict import load_model, predict_scan
+from preprocess import save_nifti
 
 PAPER = dict(steps=45_000, batch_size=7, patch_size=(128, 128, 32), eval_patch_size=(128, 128, 32), lr=3e-4, folds=3,
              freeze_steps=15_000, ramp_steps=1_200, ramp_start_lr=3e-5,
+             aug="nnunet-like",   # not the paper's (none); --aug none reproduces its protocol
              # MedContext (--medcontext; class MedContext): beta, mask ratio and shape, teacher momentum
              medcontext=False, mc_beta=0.5, mc_mask_ratio=0.5, mc_mask_block=(16, 16, 4), mc_mask_shape="cube",
              mc_momentum=0.999)
@@ -137,6 +145,8 @@ def train_segmenter(model, data_dir, train_ids, cfg, args, device, on_step=None,
         torch.set_flush_denormal(True)   # denormal activations slowed CPU steps by up to 1.5x (measured)
     amp = device.type == "cuda" and args.amp
     losses = torch.zeros((), device=device)
+    # Every patch draws its own augmentation from one seeded stream on the training device (per rank).
+    aug_generator = torch.Generator(device=device).manual_seed(args.seed * 7919 + 29 + rank)
     medcontext = MedContext(model, cfg, args.seed, device) if cfg.get("medcontext") else None
     # what one forward call runs (DDP wraps it): the model, or for MedContext the model on both inputs
     runner = TwoInputs(model) if medcontext is not None else model
@@ -148,8 +158,10 @@ def train_segmenter(model, data_dir, train_ids, cfg, args, device, on_step=None,
         if world > 1 and trains != (now := tuple(p.requires_grad for p in model.parameters())):
             trains = now
             net = torch.nn.parallel.DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
-        x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last_3d)  # (b, 1, X, Y, Z)
+        x = batch["image"].to(device, non_blocking=True)   # (b, 1, X, Y, Z)
         y = batch["label"].to(device, non_blocking=True)   # (b, X, Y, Z)
+        x, y = supervised_augment(x, y, aug_generator, cfg["aug"])
+        x = x.contiguous(memory_format=torch.channels_last_3d)
         if medcontext is not None:
             loss = medcontext.loss(net, x, y, amp)
         else:
@@ -231,23 +243,8 @@ def save_model(path, model, names, data_dir, cfg, fold, train_ids):
     meta = load_dataset_json(data_dir)
     atomic_torch_save(dict(kind="segmenter", version=1, model_config=model.config, state_dict=model.state_dict(),
                            labels={str(k): v for k, v in names.items()}, modality=meta["modality"],
-                           preset=meta["preset"], patch_size=list(cfg["eval_patch_size"]), fold=fold,
+                           preset=meta["preset"], patch_size=list(cfg["eval_patch_size"]), aug=cfg["aug"], fold=fold,
                            train_cases=list(train_ids)), path)
-
-
-def load_model(path):
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "segmenter":
-        raise ValueError(f"{path} is not a fine-tuned model from finetune.py (pass DIR/model_fold<k>.pt)")
-    model = SegmentationModel(**ckpt["model_config"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), ckpt
 
 
 def check_output(scan, output):
@@ -264,17 +261,15 @@ def check_output(scan, output):
 
 
 def predict(scan, checkpoint, output, device, amp=True):
-    """Segment one NIfTI scan; write the label map on the scan's own grid."""
+    """--predict, kept for earlier command lines: one scan, one model, no mirroring, to one file.
+    predict.py is the tool (folders, fold ensembles, mirroring, probabilities)."""
     check_output(scan, output)
     model, ckpt = load_model(checkpoint)
     model.to(device, memory_format=torch.channels_last_3d)
-    image, affine = load_nifti(scan)
-    spacing = ckpt["preset"].get("spacing")
-    image01, _, _, meta = preprocess_arrays(image, affine, ckpt["modality"], spacing=spacing)
-    labels = predict_volume(model, image01, tuple(ckpt["patch_size"]), device, amp=amp)   # (X, Y, Z)
-    save_on_original_grid(labels.numpy().astype(np.uint8), meta, output)
+    _, labels, meta = predict_scan(scan, [model], [ckpt], device, amp=amp)
+    save_nifti(labels, meta["original_affine"], output)
     found = {ckpt["labels"][str(c)]: int((labels == c).sum()) for c in range(1, len(ckpt["labels"]))}
-    print(f"wrote {output} (voxels per class on the preprocessed grid: {found})")
+    print(f"wrote {output} (voxels per class on the scan's grid: {found})")
     return output
 
 
@@ -325,6 +320,9 @@ def parse_args(argv=None):
     p.add_argument("--freeze-steps", type=int, help="backbone frozen this long [15000; demo 150]")
     p.add_argument("--ramp-steps", type=int, help="exponential backbone-lr ramp [1200; demo 40]")
     p.add_argument("--ramp-start-lr", type=float, help="[3e-5; demo 2e-4]")
+    p.add_argument("--aug", choices=SUPERVISED_KINDS, default="nnunet-like",
+                   help="augmentation of every training patch (augment.supervised_augment): nnU-Net's "
+                        "spatial + intensity defaults; 'none' is the paper's protocol. Applies to --init random too")
     p.add_argument("--evaluate-saved", action="store_true",
                    help="no training: take OUT/model_fold<k>.pt of an earlier run of this command, "
                         "re-estimate its BatchNorm statistics and evaluate it again")
@@ -337,7 +335,8 @@ def parse_args(argv=None):
     p.add_argument("--mc-mask-shape", choices=["cube", "column"], help="blocks, or columns through all slices [cube]")
     p.add_argument("--mc-momentum", type=float, help="teacher EMA momentum [0.999; demo 0.99]")
     # Prediction
-    p.add_argument("--predict", help="SCAN.nii.gz to segment with --checkpoint FINETUNED.pt")
+    p.add_argument("--predict", help="SCAN.nii.gz to segment with --checkpoint FINETUNED.pt (one model, "
+                                    "no mirroring; predict.py does folders, fold ensembles and mirroring)")
     p.add_argument("--output", help="SEG.nii.gz for --predict")
     return p.parse_args(argv)
 

@@ -270,12 +270,17 @@ def to_original_grid(array, meta, fill=0):
 
 def save_on_original_grid(array, meta, path):
     """Write `array` (preprocessed grid) as a NIfTI on the original scan's grid, atomically."""
-    out = to_original_grid(array, meta)
-    if np.issubdtype(out.dtype, np.integer) or out.dtype == bool:
-        out = out.astype(np.uint8 if out.min() >= 0 and out.max() <= 255 else np.int16)
+    return save_nifti(to_original_grid(array, meta), meta["original_affine"], path)
+
+
+def save_nifti(array, affine, path):
+    """Write an (I, J, K) array with its affine as NIfTI, atomically: labels as uint8 (int16 when
+    they do not fit), anything else as float32."""
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == bool:
+        array = array.astype(np.uint8 if array.min() >= 0 and array.max() <= 255 else np.int16)
     else:
-        out = out.astype(np.float32)
-    img = nib.Nifti1Image(out, np.asarray(meta["original_affine"]))
+        array = array.astype(np.float32)
+    img = nib.Nifti1Image(array, np.asarray(affine))
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     atomic_write(path, lambda tmp: nib.save(img, str(tmp)))

@@ -12,6 +12,7 @@ import torch
 
 import downstream
 import finetune
+import predict
 import linear_probe
 import pretrain
 import preprocess
@@ -194,7 +195,8 @@ def test_predict_writes_mask_on_the_original_grid(small_demo, backbone, tmp_path
     image, affine = preprocess.load_nifti(scan)
     label = np.asanyarray(original.dataobj)
     _, _, label_pre, meta = preprocess.preprocess_arrays(image, affine, "ct", label=label)
-    monkeypatch.setattr(finetune, "predict_volume", lambda *a, **k: torch.as_tensor(label_pre.astype(np.int64)))
+    oracle = torch.nn.functional.one_hot(torch.as_tensor(label_pre.astype(np.int64)), 9).permute(3, 0, 1, 2).float()
+    monkeypatch.setattr(predict, "ensemble_probabilities", lambda *a, **k: oracle)
     finetune.main(finetune.parse_args(["--predict", str(scan), "--checkpoint", str(tmp_path / "model_fold0.pt"),
                                        "--output", str(out)]))
     pred = np.asanyarray(nib.load(out).dataobj)

@@ -8,7 +8,7 @@ import evidence
 
 def test_quick_evidence_runs_end_to_end(small_demo, tmp_path):
     rows = evidence.main(evidence.parse_args(["--quick", "--data", str(small_demo), "--out", str(tmp_path)]))
-    assert len(rows) == 3 + 2      # --quick: one label budget
+    assert len(rows) == 3 + 2 + 2  # --quick: one label budget, with and without augmentation
     table = (tmp_path / "evidence.md").read_text()
     for name in ["random init", "vox2vec", "ours", "from scratch", "fine-tuned (ours)", "chance ln(2N-1)"]:
         assert name in table
@@ -16,4 +16,4 @@ def test_quick_evidence_runs_end_to_end(small_demo, tmp_path):
         assert (tmp_path / png).stat().st_size > 1000
     saved = json.loads((tmp_path / "evidence.json").read_text())
     assert all(0.0 <= r["mean_dice"] <= 1.0 for r in saved["results"])
-    assert len(saved["commands"]) == 2 + 3 + 2
+    assert len(saved["commands"]) == 2 + 3 + 4

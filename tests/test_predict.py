@@ -1,0 +1,208 @@
+"""predict.py: the fold ensemble and the mirroring against naive loops, world-space agreement for
+a scan stored with other axes, probabilities that sum to 1, one corrupt scan among good ones,
+skip / --overwrite, and the refusals (output inside the input, mismatched models)."""
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import downstream
+import finetune
+import predict
+import preprocess
+from model import SegmentationModel
+
+BACKBONE = dict(in_channels=1, base_channels=4, num_levels=3)
+PATCH = (32, 32, 16)
+
+
+def make_run(folder, small_demo, folds=(0, 1, 2), aug="nnunet-like", num_classes=9, seed=0):
+    """A finetune.py-style run folder of untrained models (each fold its own random weights)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = downstream.label_names(small_demo)
+    if num_classes != len(names):
+        names = {k: f"class{k}" for k in range(num_classes)}
+    for fold in folds:
+        torch.manual_seed(seed + fold)
+        model = SegmentationModel(BACKBONE, num_classes, head="nonlinear")
+        with torch.no_grad():   # BatchNorm statistics that are not the identity
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm3d):
+                    m.running_mean.uniform_(-0.1, 0.1)
+                    m.running_var.uniform_(0.5, 1.5)
+        finetune.save_model(folder / f"model_fold{fold}.pt", model, names, small_demo,
+                            dict(eval_patch_size=PATCH, aug=aug), fold, ["x"])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_dir(small_demo, tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("run"), small_demo)
+
+
+@pytest.fixture(scope="module")
+def scans(small_demo, tmp_path_factory):
+    """Two demo scans, Decathlon test naming (case_0000.nii.gz)."""
+    folder = tmp_path_factory.mktemp("scans")
+    for src in sorted((Path(small_demo) / "raw" / "imagesTr").iterdir())[:2]:
+        shutil.copy(src, folder / src.name.replace(".nii.gz", "_0000.nii.gz"))
+    return folder
+
+
+def run(*argv):
+    return predict.main(predict.parse_args([str(a) for a in argv]))
+
+
+def image01(small_demo, case=0):
+    scan = sorted((Path(small_demo) / "raw" / "imagesTr").iterdir())[case]
+    image, affine = preprocess.load_nifti(scan)
+    return preprocess.preprocess_arrays(image, affine, "ct")[0]
+
+
+def test_ensemble_is_the_mean_of_the_single_models(run_dir, small_demo):
+    models, ckpts = predict.load_ensemble(predict.find_models(run_dir))
+    x = image01(small_demo)
+    cpu = torch.device("cpu")
+    ensemble = predict.ensemble_probabilities(models, [PATCH] * 3, x, cpu)
+    singles = [downstream.volume_probabilities(m, x, PATCH, cpu) for m in models]
+    torch.testing.assert_close(ensemble, sum(singles) / 3, atol=1e-6, rtol=0)
+    assert not torch.allclose(singles[0], singles[1], atol=1e-3)        # the models differ
+
+
+def test_mirroring_is_the_mean_over_the_eight_flips(run_dir, small_demo):
+    models, _ = predict.load_ensemble(predict.find_models(run_dir, [0]))
+    x = torch.as_tensor(image01(small_demo))
+    cpu = torch.device("cpu")
+    tta = predict.ensemble_probabilities(models, [PATCH], x, cpu, tta=True)
+    naive = []
+    for fx in (False, True):
+        for fy in (False, True):
+            for fz in (False, True):
+                dims = [d for d, f in zip((0, 1, 2), (fx, fy, fz)) if f]
+                p = downstream.volume_probabilities(models[0], x.flip(dims) if dims else x, PATCH, cpu)
+                naive.append(p.flip([1 + d for d in dims]) if dims else p)
+    assert len(naive) == 8
+    torch.testing.assert_close(tta, sum(naive) / 8, atol=1e-6, rtol=0)
+    plain = predict.ensemble_probabilities(models, [PATCH], x, cpu, tta=False)
+    assert not torch.allclose(tta, plain, atol=1e-4)                     # a random net is not mirror-symmetric
+
+
+def test_scan_with_other_axes_gives_the_same_mask_in_world_space(run_dir, small_demo, tmp_path):
+    scan = sorted((Path(small_demo) / "raw" / "imagesTr").iterdir())[0]
+    img = nib.load(scan)
+    data = np.asanyarray(img.dataobj)
+    # the same scan stored with axes 0 and 2 swapped and axis 1 flipped: another voxel order, same world
+    perm = np.array([[0, 0, 1, 0], [0, -1, 0, data.shape[1] - 1], [1, 0, 0, 0], [0, 0, 0, 1]], float)
+    other = nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, :]), img.affine @ np.linalg.inv(perm))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(scan, inputs / "a.nii.gz")
+    nib.save(other, inputs / "b.nii.gz")
+    assert run("-i", inputs, "-o", tmp_path / "out", "--model", run_dir, "--no-tta") == 0
+    a, b = (nib.as_closest_canonical(nib.load(tmp_path / "out" / f"{n}.nii.gz")) for n in "ab")
+    assert np.allclose(a.affine, b.affine)
+    assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
+    assert nib.load(tmp_path / "out" / "b.nii.gz").shape == other.shape
+
+
+def test_outputs_probabilities_and_report(run_dir, scans, tmp_path):
+    out = tmp_path / "out"
+    assert run("-i", scans, "-o", out, "--model", run_dir, "--save-probabilities", "--folds", "0", "2") == 0
+    report = json.loads((out / "predictions.json").read_text())
+    assert report["tta"] is True and [Path(m).name for m in report["models"]] == ["model_fold0.pt", "model_fold2.pt"]
+    names = sorted(report["cases"])
+    assert names == sorted(p.name.replace("_0000.nii.gz", "") for p in scans.iterdir())   # _0000 dropped
+    classes = json.loads((out / "classes.json").read_text())
+    for name in names:
+        record = report["cases"][name]
+        assert record["status"] == "done" and record["seconds"] > 0
+        seg = nib.load(out / f"{name}.nii.gz")
+        scan = nib.load(scans / f"{name}_0000.nii.gz")
+        assert seg.shape == scan.shape and np.allclose(seg.affine, scan.affine)
+        with np.load(out / f"{name}.npz") as f:     # no pickle needed
+            probs, listed = f["probabilities"], list(f["classes"])
+        assert probs.dtype == np.float16 and probs.shape == (len(classes), *scan.shape)
+        np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1.0, atol=5e-3)
+        assert listed == list(classes.values())
+        labels = np.asanyarray(seg.dataobj)
+        assert sum(record["voxels_per_class"].values()) == labels.size
+        assert record["voxels_per_class"][classes["0"]] == int((labels == 0).sum())
+
+
+def test_a_corrupt_scan_fails_alone_then_rerun_skips_and_overwrite_redoes(run_dir, scans, tmp_path):
+    inputs = tmp_path / "in"
+    shutil.copytree(scans, inputs)
+    (inputs / "broken_0000.nii.gz").write_bytes(b"not a nifti at all")
+    out = tmp_path / "out"
+    assert run("-i", inputs, "-o", out, "--model", run_dir, "--no-tta") == 1
+    cases = json.loads((out / "predictions.json").read_text())["cases"]
+    assert cases["broken"]["status"] == "failed" and "\n" not in cases["broken"]["reason"]
+    assert "broken_0000.nii.gz" in cases["broken"]["reason"]
+    good = [n for n in cases if n != "broken"]
+    assert len(good) == 2 and all(cases[n]["status"] == "done" for n in good)
+    assert not list(out.glob(".tmp*"))
+    (inputs / "broken_0000.nii.gz").unlink()
+    stamps = {n: (out / f"{n}.nii.gz").stat().st_mtime_ns for n in good}
+    assert run("-i", inputs, "-o", out, "--model", run_dir, "--no-tta") == 0
+    cases = json.loads((out / "predictions.json").read_text())["cases"]
+    assert all(cases[n]["status"] == "skipped" for n in good)
+    assert all((out / f"{n}.nii.gz").stat().st_mtime_ns == stamps[n] for n in good)
+    assert run("-i", inputs, "-o", out, "--model", run_dir, "--no-tta", "--overwrite") == 0
+    cases = json.loads((out / "predictions.json").read_text())["cases"]
+    assert all(cases[n]["status"] == "done" for n in good)
+    assert all((out / f"{n}.nii.gz").stat().st_mtime_ns != stamps[n] for n in good)
+
+
+def test_decathlon_folder_and_single_file_inputs(run_dir, scans, tmp_path):
+    root = tmp_path / "Task"
+    shutil.copytree(scans, root / "imagesTs")
+    assert [n for n, _ in predict.find_scans(root)] == sorted(p.name.replace("_0000.nii.gz", "") for p in scans.iterdir())
+    one = sorted(scans.iterdir())[0]
+    assert run("-i", one, "-o", tmp_path / "single", "--model", run_dir / "model_fold1.pt") == 0
+    assert (tmp_path / "single" / one.name.replace("_0000", "")).is_file()
+
+
+def test_default_mirroring_follows_the_training_augmentation(small_demo, tmp_path):
+    plain = make_run(tmp_path / "plain", small_demo, folds=(0,), aug="none")
+    _, ckpts = predict.load_ensemble(predict.find_models(plain))
+    assert predict.default_tta(ckpts) is False
+    ckpt = torch.load(plain / "model_fold0.pt", weights_only=True)
+    del ckpt["aug"]                                      # a model saved before --aug existed
+    assert predict.default_tta([ckpt]) is False
+
+
+@pytest.mark.parametrize("problem", ["output_is_input", "output_inside_input", "labels_differ", "missing_fold",
+                                     "no_models", "bad_overlap"])
+def test_refused_before_any_work(run_dir, scans, small_demo, tmp_path, problem, capsys):
+    model, out, extra = run_dir, tmp_path / "out", []
+    if problem == "output_is_input":
+        out = scans
+    elif problem == "output_inside_input":
+        out = scans / "pred"
+    elif problem == "labels_differ":
+        model = tmp_path / "mixed"
+        make_run(model, small_demo, folds=(0,))
+        make_run(tmp_path / "other", small_demo, folds=(1,), num_classes=3)
+        shutil.copy(tmp_path / "other" / "model_fold1.pt", model / "model_fold1.pt")
+    elif problem == "missing_fold":
+        extra = ["--folds", "0", "7"]
+    elif problem == "no_models":
+        model = tmp_path / "empty"
+        model.mkdir()
+    elif problem == "bad_overlap":
+        extra = ["--overlap", "1"]
+    before = sorted(p.name for p in scans.iterdir())
+    assert run("-i", scans, "-o", out, "--model", model, *extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("predict.py: error:") and "\n" not in err
+    expected = {"output_is_input": "inside the input", "output_inside_input": "inside the input",
+                "labels_differ": "labels differs", "missing_fold": "--folds 7", "no_models": "no model_fold",
+                "bad_overlap": "--overlap"}[problem]
+    assert expected in err
+    assert sorted(p.name for p in scans.iterdir()) == before
+    assert not (out / "predictions.json").exists()
