@@ -3,8 +3,9 @@
     python bench.py                                   # data path at the paper's config on this CPU
     python bench.py --config demo --device cpu        # whole demo step on CPU
     python bench.py --config paper --device cuda      # whole paper step on a GPU (TFLOP/s, % of bf16 peak)
-    python bench.py --probe runs/evidence/pretrain-balanced/backbone.pt   # linear probe: cached vs patch loop
+    python bench.py --probe runs/evidence/pretrain-balanced/backbone.pt   # linear probe vs volume size
     python bench.py --finetune --config demo --steps 20   # fine-tuning step, --aug none vs nnunet-like
+    python bench.py --predict runs/ft-demo                # predict.py: single folds vs ensemble, mirroring
 
 Rows: the data path for one batch (crops + correspondences on the DataLoader side, the
 augmentations on the training device), the model forward + backward, the loss, the optimizer,
@@ -33,7 +34,7 @@ from data import PairDataset, collate_pairs
 from loss import hybrid_loss, info_nce, reconstruction_loss
 from model import count_flops
 from downstream import DEMO_ARCHS, pick_device
-from pretrain import DEMO, PAPER, build_model
+from pretrain import DEMO, PAPER, build_model, training_step
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16, vendor datasheets
 VOLUME_SHAPE = (320, 320, 160)
@@ -145,18 +146,33 @@ def bench_data(cfg, device, repeats, with_reference):
     return rows, batch
 
 
+def conv_peak(device, repeats, dtype=None):
+    """This device's practical peak for 3D convolutions: one large 3x3x3 conv (64 -> 64 channels on
+    (2, 64, 48, 48, 32), channels_last_3d), forward + backward, in GFLOP/s."""
+    conv = torch.nn.Conv3d(64, 64, 3, padding=1).to(device, memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 64, 48, 48, 32, device=device).contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_(True)
+
+    def fwd_bwd():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            y = conv(x)
+        y.float().sum().backward()
+
+    flops = 3 * 2 * 64 * 64 * 27 * x[0, 0].numel() * x.shape[0]           # fwd + 2x bwd, multiply-add = 2
+    return flops / (timed(fwd_bwd, device, repeats) / 1e3) / 1e9
+
+
 def bench_model(cfg, batch, device, repeats, amp, compile_model):
-    """Forward+backward, loss, optimizer and the whole step, each timed separately."""
-    model = build_model(cfg).to(device)
+    """Forward, backward, loss, optimizer and the whole step (pretrain.training_step, the real one),
+    each timed separately; GFLOP/s of the model against conv_peak."""
+    model = build_model(cfg).to(device, memory_format=torch.channels_last_3d)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        model = model.to(memory_format=torch.channels_last_3d)
     step_model = torch.compile(model) if compile_model else model
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=device.type == "cuda")
     B = batch["patches_a"].shape[0]
     x = torch.cat([batch["patches_a"], batch["patches_b"]]).to(device)               # (2B, 1, X, Y, Z)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
     coords = torch.cat([batch["coords_a"], batch["coords_b"] + torch.tensor([B, 0, 0, 0])]).to(device)
     N = batch["coords_a"].shape[0]
     dtype = torch.bfloat16 if (amp and device.type == "cuda") else None
@@ -177,23 +193,19 @@ def bench_model(cfg, batch, device, repeats, amp, compile_model):
     z, recon = forward()
     z, recon = z.detach().requires_grad_(), recon.detach().requires_grad_()
     rows = {}
+    rows["model forward"] = timed(forward, device, repeats)
     rows["model forward + backward"] = timed(fwd_bwd, device, repeats)
+    rows["model backward (difference)"] = rows["model forward + backward"] - rows["model forward"]
     rows["loss forward + backward"] = timed(lambda: losses(z, recon).backward(), device, repeats)
     rows["optimizer (clip + Adam)"] = timed(lambda: (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), opt.step()),
                                             device, repeats)
-    g = torch.Generator(device=device).manual_seed(0)
-    xa, xb = batch["patches_a"].to(device), batch["patches_b"].to(device)
+    generator = torch.Generator(device=device).manual_seed(0)
 
     def step():
-        aug = torch.cat([augment_batch(xa, g, cfg["aug"]), augment_batch(xb, g, cfg["aug"])])
-        if device.type == "cuda":
-            aug = aug.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            z, recon = step_model(aug, coords)
-        loss = losses(z, recon)
+        loss, _ = training_step(step_model, batch, cfg, generator, device, dtype)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
 
     if device.type == "cuda":
@@ -204,56 +216,100 @@ def bench_model(cfg, batch, device, repeats, amp, compile_model):
         extra["peak memory (GiB)"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     flops = 3 * count_flops(model.config["backbone_config"], cfg["patch_size"]) * 2 * B   # fwd + 2x bwd
     extra["model TFLOP per step (fwd + bwd, backbone)"] = flops / 1e12
+    extra["model GFLOP/s (fwd + bwd, backbone FLOPs)"] = flops / (rows["model forward + backward"] / 1e3) / 1e9
+    extra["one large 3D conv GFLOP/s (fwd + bwd, this device's practical peak)"] = conv_peak(device, repeats, dtype)
+    extra["model / peak (x slower)"] = (extra["one large 3D conv GFLOP/s (fwd + bwd, this device's practical peak)"]
+                                        / extra["model GFLOP/s (fwd + bwd, backbone FLOPs)"])
+    extra["outside the model share of the step (%)"] = 100 * (1 - rows["model forward + backward"]
+                                                              / rows["total step (device side: augment + model + loss + optimizer)"])
     return rows, extra
 
 
-def bench_probe(checkpoint, steps=600, fold=0):
-    """The linear probe two ways on demo fold `fold`, same frozen backbone, same head, same loss:
-    the patch loop it replaced (the backbone run on every 2 x 32^3-ish patch of every step, 600
-    steps as the old demo preset) vs linear_probe.py (pyramids cached once, head trained on
-    them until the loss plateaus). Returns {row: value}."""
+def full_crop_head(head, cache, labels, train_ids, device, seed=0, lr=1e-2, crop_size=(192, 192, 96),
+                   max_steps=5_000, window=100, tol=0.005, max_seconds=None):
+    """The probe's training before the sampled-voxel solver, kept here as its reference: Adam on the
+    head, one whole training volume (or an aligned crop of at most crop_size) per step, soft Dice +
+    cross-entropy, until the mean loss of the last `window` steps improves by less than `tol` on
+    the window before (or max_steps, or max_seconds). Returns the number of steps."""
+    from loss import segmentation_loss
+    from linear_probe import as_tensors
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+    rng, m = np.random.default_rng(seed), 2 ** (len(head.convs) - 1)
+    history, t0 = [], time.perf_counter()
+    while len(history) < max_steps:
+        for case_id in rng.permutation(train_ids):
+            label = labels[case_id]                                               # (X, Y, Z)
+            crop = None
+            if any(s > c for s, c in zip(label.shape, crop_size)):               # aligned random crop
+                size = [min(c // m * m, s // m * m) or s for s, c in zip(label.shape, crop_size)]
+                crop = ([int(rng.integers(0, (s - n) // m + 1)) * m for s, n in zip(label.shape, size)], size)
+                label = label[tuple(slice(s, s + n) for s, n in zip(*crop))]
+            y = torch.from_numpy(np.asarray(label, dtype=np.int64))[None].to(device)
+            loss = segmentation_loss(head(as_tensors(cache[case_id], device, crop)), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            history.append(loss.item())
+            n = len(history)
+            if n >= 2 * window and n % window == 0 and \
+                    np.mean(history[-2 * window:-window]) - np.mean(history[-window:]) < tol * np.mean(history[-2 * window:-window]):
+                return n
+            if n >= max_steps or (max_seconds and time.perf_counter() - t0 > max_seconds):
+                return n
+    return len(history)
+
+
+def bench_probe(checkpoint, fold=0, real_scale=1.0, max_seconds=600):
+    """linear_probe.py's sampled-voxel head vs the full-crop head it replaced, same frozen backbone,
+    same cached pyramids and standardisation, on demo fold `fold` (demo-size phantoms) and on a
+    3-case fold of phantoms at `real_scale` (real-scan size). Returns {row: value}."""
     from types import SimpleNamespace
     import downstream
-    import finetune
     import linear_probe
+    import preprocess
     device = torch.device("cpu")
-    data_dir = downstream.resolve_data_dir("demo")
-    names = downstream.label_names(data_dir)
-    train_ids, test_ids = downstream.split_folds(downstream.list_cases(data_dir, labelled=True), 3, 0)[fold]
-    args = SimpleNamespace(checkpoint=checkpoint, init=None, seed=0, workers=0, amp=False)
+    args = SimpleNamespace(checkpoint=checkpoint, init=None)
+    cfg = {**linear_probe.PAPER, **linear_probe.DEMO}
     rows = {}
-    # (a) the patch loop: frozen backbone, head trained end to end through it
-    torch.manual_seed(0)
-    model, _ = downstream.build_segmenter(args, len(names), "linear")
-    downstream.set_backbone_trainable(model, False)
-    cfg = dict(steps=steps, batch_size=2, patch_size=(32, 32, 16), lr=3e-3, eval_patch_size=(96, 96, 48), aug="none")
-    t = time.perf_counter()
-    finetune.train_segmenter(model, data_dir, train_ids, cfg, args, device, desc="patch loop")
-    rows["patch loop: training (s)"] = time.perf_counter() - t
-    dice = downstream.evaluate(model, data_dir, test_ids, len(names), cfg, args, device)
-    rows["patch loop: total with evaluation (s)"] = time.perf_counter() - t
-    rows["patch loop: mean Dice"] = float(np.nanmean(np.nanmean(dice, axis=1)))
-    # (b) cached pyramids
-    torch.manual_seed(0)
-    model, _ = downstream.build_segmenter(args, len(names), "linear")
-    downstream.set_backbone_trainable(model, False)
-    pcfg = {**linear_probe.PAPER, **linear_probe.DEMO}
-    t = time.perf_counter()
-    cache = linear_probe.cache_pyramids(model.backbone, data_dir, train_ids + test_ids, pcfg["eval_patch_size"], device)
-    rows["cached: computing the pyramids (s)"] = time.perf_counter() - t
-    model.head.set_statistics(*linear_probe.channel_statistics(cache, train_ids))
-    labels = {c: np.asarray(downstream.load_case(data_dir, c)["label"]) for c in train_ids + test_ids}
-    n, _ = linear_probe.train_head(model.head, cache, labels, train_ids, pcfg, device)
-    rows["cached: head training steps (to the plateau)"] = n
-    dice = linear_probe.evaluate_cached(model.head, cache, labels, test_ids, len(names), device)
-    rows["cached: total with evaluation (s)"] = time.perf_counter() - t
-    rows["cached: mean Dice"] = float(np.nanmean(np.nanmean(dice, axis=1)))
-    rows["speed-up of the probe (x, totals)"] = rows["patch loop: total with evaluation (s)"] / rows["cached: total with evaluation (s)"]
-    print(f"\nlinear probe, demo fold {fold} ({len(train_ids)} train / {len(test_ids)} test cases), {checkpoint}")
-    print(f"{'measurement':<52} {'value':>10}")
-    print("-" * 63)
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = {"demo": downstream.resolve_data_dir("demo"),
+                f"real size (scale {real_scale})": preprocess.prepare_demo(Path(tmp) / "real", num_cases=3, scale=real_scale)}
+        for name, data_dir in sets.items():
+            ids = downstream.list_cases(data_dir, labelled=True)
+            train_ids, test_ids = downstream.split_folds(ids, 3, 0)[fold]
+            labels = {c: np.asarray(downstream.load_case(data_dir, c)["label"]) for c in ids}
+            num_classes = len(downstream.label_names(data_dir))
+            shape = labels[test_ids[0]].shape
+            rows[f"{name}: volume shape (voxels)"] = f"{shape[0]}x{shape[1]}x{shape[2]} ({np.prod(shape) / 1e6:.2f} M)"
+            rows[f"{name}: train / test cases"] = f"{len(train_ids)} / {len(test_ids)}"
+            for method in ("sampled voxels + L-BFGS (linear_probe.py)", "full-crop head, Adam to plateau (before)"):
+                torch.manual_seed(0)
+                model, _ = downstream.build_segmenter(args, num_classes, "linear")
+                downstream.set_backbone_trainable(model, False)
+                t = time.perf_counter()
+                cache = linear_probe.cache_pyramids(model.backbone, data_dir, ids, cfg["eval_patch_size"], device)
+                t_cache = time.perf_counter() - t
+                model.head.set_statistics(*linear_probe.channel_statistics(cache, train_ids))
+                t_train = time.perf_counter()
+                if method.startswith("sampled"):
+                    steps, _ = linear_probe.train_head(model.head, cache, labels, train_ids, cfg, device)
+                else:
+                    steps = full_crop_head(model.head, cache, labels, train_ids, device, max_seconds=max_seconds)
+                t_train = time.perf_counter() - t_train
+                dice = linear_probe.evaluate_cached(model.head, cache, labels, test_ids, num_classes, device)
+                total = time.perf_counter() - t
+                key = f"{name}, {method}"
+                rows[f"{key}: pyramids (s)"] = t_cache
+                rows[f"{key}: head training (s)"] = t_train
+                rows[f"{key}: steps / iterations"] = steps
+                rows[f"{key}: fold total with evaluation (s)"] = total
+                rows[f"{key}: mean Dice"] = float(np.nanmean(np.nanmean(dice, axis=1)))
+    print(f"\nlinear probe, fold {fold}, backbone {checkpoint}, {torch.get_num_threads()} threads "
+          f"(the full-crop head capped at {max_seconds} s of training)")
+    print(f"{'measurement':<100} {'value':>14}")
+    print("-" * 115)
     for k, v in rows.items():
-        print(f"{k:<52} {v:>10.3f}")
+        print(f"{k:<100} {v if isinstance(v, str) else f'{v:.3f}':>14}")
     return rows
 
 
@@ -295,13 +351,53 @@ def bench_finetune(config, device, repeats):
     return rows
 
 
+def bench_predict(run_dir, cases=6, seed=1):
+    """predict.py on `cases` new demo phantoms (another seed: held out from every fold): seconds per
+    case and mean foreground Dice on the scan's own grid, for each single fold's model and the
+    fold ensemble, without and with mirroring. Returns {row: value}."""
+    import nibabel as nib
+    import predict
+    import preprocess
+    from loss import dice_per_class
+    device = torch.device("cpu")
+    paths = predict.find_models(run_dir)
+    models, ckpts = predict.load_ensemble(paths)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = preprocess.make_demo_raw(Path(tmp) / "raw", num_cases=cases, seed=seed)
+        scans = sorted((raw / "imagesTr").iterdir())
+        labels = [np.asanyarray(nib.load(raw / "labelsTr" / s.name).dataobj) for s in scans]
+        setups = {f"fold {i} alone": [i] for i in range(len(models))}
+        setups[f"{len(models)}-fold ensemble"] = list(range(len(models)))
+        for tta in (False, True):
+            for name, chosen in setups.items():
+                dice, t = [], time.perf_counter()
+                for scan, label in zip(scans, labels):
+                    _, pred, _ = predict.predict_scan(scan, [models[i] for i in chosen], [ckpts[i] for i in chosen],
+                                                      device, tta=tta)
+                    dice.append(np.nanmean(dice_per_class(pred, label, len(ckpts[0]["labels"]))))
+                key = f"{name}, {'mirroring (8 flips)' if tta else 'no mirroring'}"
+                rows[f"{key}: seconds per case"] = (time.perf_counter() - t) / len(scans)
+                rows[f"{key}: mean Dice"] = float(np.mean(dice))
+    shape = labels[0].shape
+    print(f"\npredict.py, {run_dir}: {cases} held-out demo phantoms (seed {seed}, e.g. {shape}), "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'measurement':<70} {'value':>10}")
+    print("-" * 81)
+    for k, v in rows.items():
+        print(f"{k:<70} {v:>10.3f}")
+    return rows
+
+
 def main(args):
+    if args.predict:
+        return bench_predict(args.predict)
     if args.probe:
         return bench_probe(args.probe)
     if args.finetune:
         return bench_finetune(args.config, pick_device(args.device), args.steps)
     device = pick_device(args.device)
-    cfg = dict(PAPER)
+    cfg = dict(PAPER, method="ours")
     if args.config == "demo":
         cfg.update(DEMO)
         cfg.update(DEMO_ARCHS[cfg["arch"]])
@@ -350,8 +446,11 @@ def parse_args(argv=None):
     p.add_argument("--no-reference", action="store_true", help="skip the slow reference-style path")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--predict", metavar="RUN_DIR", help="instead: predict.py's fold ensemble and mirroring on held-out "
+                                                        "demo phantoms (a finetune.py --out folder)")
     p.add_argument("--finetune", action="store_true", help="instead: a fine-tuning step with and without finetune.py's --aug")
-    p.add_argument("--probe", metavar="BACKBONE", help="instead: the cached-feature linear probe vs the patch loop it replaced (demo)")
+    p.add_argument("--probe", metavar="BACKBONE", help="instead: the sampled-voxel linear probe vs the full-crop head it "
+                                                        "replaced, demo size and real size")
     return p.parse_args(argv)
 
 

@@ -42,7 +42,7 @@ from downstream import (add_common_args, atomic_torch_save, cross_validate, pick
                         set_backbone_trainable, setup, world_info)
 from augment import SUPERVISED_KINDS, block_mask, supervised_augment
 from loss import consistency_loss, segmentation_loss
-from model import SegmentationModel, ema_update, frozen_copy
+from model import ema_update, frozen_copy
 from predict import load_model, predict_scan
 from preprocess import save_nifti
 

@@ -7,13 +7,19 @@ k-fold cross-validation (3 folds as for BTCV), Dice per class on whole held-out 
 
 Because the backbone is frozen, its pyramid is a fixed function of each volume: it is computed
 once per volume (eval mode, whole volume, or Gaussian-blended windows of --eval-patch-size when
-the volume is larger) and cached, every level at its own resolution in float16. The head is then
-trained on the cached pyramids until its training loss plateaus, and evaluated on the cached
-pyramids of the test volumes; the backbone is never called in the training loop. Each channel is
+the volume is larger) and cached, every level at its own resolution in float16. The head is
+linear and nearest upsampling reads level l at (x >> l, y >> l, z >> l), so the head's logit at
+a voxel is a linear function of the levels gathered there (model.LinearHead.forward_voxels): it
+is trained on a fixed class-balanced sample of training voxels gathered from the cache
+(train_head: cross-entropy + small L2 penalty, full-batch L-BFGS), and evaluated as a
+convolution over the cached pyramids of whole test volumes. The backbone is never called in
+the training loop, and training costs what the sample costs, not the volumes. Each channel is
 standardised with the mean and SD of the training volumes before the head (model.LinearHead's
-`standardize`; MAE's linear probe does the same with a BatchNorm without affine parameters): an
+set_statistics; MAE's linear probe does the same with a BatchNorm without affine parameters): an
 affine map of the features, so still a linear probe, and the features' scale (a random-init
-backbone's are far from unit scale) no longer decides how fast it learns.
+backbone's are far from unit scale) no longer decides how the solver converges.
+Deviation from the reference: it trains the head end to end on patches with Adam (soft Dice +
+BCE); here a convex problem on sampled voxels is solved to its optimum (README, "Speed").
 
 Cache size: sum_l C_l / 8**l float16 values per voxel, i.e. 85 bytes per voxel for the paper's
 balanced FPN (32, 64/8, 128/64, ...) and 43 for vox2vec's: ~0.8 GB for one 300 x 250 x 120 CT at
@@ -29,8 +35,7 @@ Writes DIR/results.json (mean_dice, std_dice over folds, per_class, per-fold num
 steps and final loss per fold, the arguments and the checkpoint evaluated) and prints a table.
 Dice per class ignores, in each volume, a class absent from both the prediction and the label
 (loss.dice_per_class); the mean over classes is taken per volume, over volumes per fold, and
-mean +- std over folds. On the demo a fold took 56 s on 2 CPU cores (bench.py --probe), of which
-5 s computing the pyramids; the head stopped at its plateau after 1,400-2,400 steps.
+mean +- std over folds. `bench.py --probe BACKBONE` times it against volume size.
 """
 import argparse
 import tempfile
@@ -44,10 +49,10 @@ from tqdm import tqdm
 from data import gaussian_weights, load_case, tile_starts
 from downstream import (add_common_args, cross_validate, dice_per_class, set_backbone_trainable, setup,
                         world_info)
-from loss import predict_labels, segmentation_loss
+from loss import predict_labels
 
-PAPER = dict(max_steps=5_000, lr=1e-2, crop_size=(192, 192, 96), eval_patch_size=(128, 128, 32), folds=3,
-             plateau_window=100, plateau_tol=0.005, batch_size=1, patch_size=(128, 128, 32), steps=None)
+PAPER = dict(max_steps=500, voxels_per_class=2048, weight_decay=1e-4, eval_patch_size=(128, 128, 32), folds=3,
+             batch_size=1, patch_size=(128, 128, 32))
 # The demo's volumes are smaller than one window: each is cached and trained on whole.
 DEMO = dict(eval_patch_size=(96, 96, 48), folds=3)
 
@@ -135,55 +140,70 @@ def as_tensors(levels, device, crop=None):
 
 # ----------------------------------------------------------------------------- training the head
 
-def random_crop(shape, crop_size, m, rng):
-    """(start, size) of an aligned crop of at most crop_size, or None if the volume fits whole."""
-    if all(s <= c for s, c in zip(shape, crop_size)):
-        return None
-    size = [min(c // m * m, s // m * m) or s for s, c in zip(shape, crop_size)]
-    start = [int(rng.integers(0, (s - n) // m + 1)) * m for s, n in zip(shape, size)]
-    return start, size
+def sample_voxels(label, num_classes, per_class, rng):
+    """Class-balanced sample of one volume's voxels: for every class present (background
+    included), min(count, per_class) of its voxels without replacement. label (X, Y, Z) ->
+    coords (n, 3) int64, classes (n,) int64, voxels per class in the whole volume (num_classes,)."""
+    flat = np.asarray(label).reshape(-1)
+    counts = np.bincount(flat, minlength=num_classes)
+    order = np.argsort(flat, kind="stable")                                       # voxels grouped by class
+    picked = []
+    for c, group in zip(range(num_classes), np.split(order, np.cumsum(counts)[:-1])):
+        if len(group):
+            picked.append(group[rng.choice(len(group), min(per_class, len(group)), replace=False)])
+    index = np.concatenate(picked)
+    coords = np.stack(np.unravel_index(index, np.shape(label)), 1).astype(np.int64)  # (n, 3)
+    return coords, flat[index].astype(np.int64), counts
+
+
+def gather_levels(levels, coords):
+    """Cached levels (C_l, X_l, Y_l, Z_l) read at the voxels' coarse indices -> [(n, C_l) float32]:
+    exactly what nearest upsampling puts at those voxels."""
+    out = []
+    for l, a in enumerate(levels):
+        c = coords >> l                                                           # (n, 3) on level l's grid
+        out.append(torch.from_numpy(np.ascontiguousarray(np.asarray(a[:, c[:, 0], c[:, 1], c[:, 2]], dtype=np.float32).T)))
+    return out
 
 
 def train_head(head, cache, labels, train_ids, cfg, device, seed=0, desc="probe"):
-    """Adam on the head only, one training volume (or an aligned crop of it) per step, in a fixed
-    shuffled order, until the mean loss of the last `plateau_window` steps improves by less than
-    `plateau_tol` (relative) on the window before, or max_steps. Returns (steps, final mean loss)."""
-    optimizer = torch.optim.Adam(head.parameters(), lr=cfg["lr"])
+    """Fit the linear head (Sec. 3.2) on a fixed class-balanced sample of training voxels
+    (--voxels-per-class per class and volume), gathered from the cached pyramids: multinomial
+    logistic regression, cross-entropy with a small L2 penalty (--weight-decay), solved by full-batch
+    L-BFGS for at most --max-steps iterations. Each voxel's loss is weighted by (its class's share of
+    the training volumes) / (its share of the sample), so the sample's class balance shapes the
+    rare classes' weights while the head still learns the volumes' class prior.
+    Memory and time grow with the sample, not with the volumes. Returns (iterations, final loss)."""
     rng = np.random.default_rng(seed)
-    m = 2 ** (len(head.convs) - 1)
-    window, history, step, whole = cfg["plateau_window"], [], 0, {}
-    bar = tqdm(total=cfg["max_steps"], desc=desc, leave=False, disable=world_info()[0] != 0)
-    while step < cfg["max_steps"]:
-        for case_id in rng.permutation(train_ids):
-            label = labels[case_id]                                               # (X, Y, Z) uint8
-            crop = random_crop(label.shape, cfg["crop_size"], m, rng)
-            if crop is None:        # a whole volume: converted to float32 tensors once, not every step
-                if case_id not in whole:
-                    whole[case_id] = (as_tensors(cache[case_id], device),
-                                      torch.from_numpy(np.asarray(label, dtype=np.int64))[None].to(device))
-                pyramid, y = whole[case_id]                                       # y: (1, X, Y, Z)
-            else:
-                pyramid = as_tensors(cache[case_id], device, crop)
-                label = label[tuple(slice(s, s + n) for s, n in zip(*crop))]
-                y = torch.from_numpy(np.asarray(label, dtype=np.int64))[None].to(device)
-            loss = segmentation_loss(head(pyramid), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            history.append(loss.item())
-            step += 1
-            bar.update(1)
-            if step % 25 == 0:
-                bar.set_postfix(loss=f"{np.mean(history[-25:]):.4f}")
-            if step >= 2 * window and step % window == 0:
-                last, before = np.mean(history[-window:]), np.mean(history[-2 * window:-window])
-                if before - last < cfg["plateau_tol"] * before:
-                    bar.close()
-                    return step, float(last)
-            if step >= cfg["max_steps"]:
-                break
-    bar.close()
-    return step, float(np.mean(history[-window:]))
+    num_classes = head.convs[0].out_channels
+    per_level, classes, totals = [[] for _ in head.convs], [], np.zeros(num_classes)
+    for case_id in train_ids:
+        coords, y, counts = sample_voxels(labels[case_id], num_classes, cfg["voxels_per_class"], rng)
+        for l, f in enumerate(gather_levels(cache[case_id], coords)):
+            per_level[l].append(f)
+        classes.append(y)
+        totals += counts
+    features = [torch.cat(f).to(device) for f in per_level]                      # [(N, C_l)]
+    y = np.concatenate(classes)
+    sampled = np.bincount(y, minlength=num_classes)
+    class_weight = np.where(sampled > 0, (totals / totals.sum()) / np.maximum(sampled / len(y), 1e-12), 0.0)
+    weights = torch.as_tensor(class_weight[y], dtype=torch.float32, device=device)  # (N,)
+    y = torch.from_numpy(y).to(device)
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=cfg["max_steps"], max_eval=5 * cfg["max_steps"],
+                                  history_size=20, tolerance_grad=1e-7, tolerance_change=1e-10,
+                                  line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        ce = F.cross_entropy(head.forward_voxels(features), y, reduction="none")  # (N,)
+        loss = (ce * weights).sum() / weights.sum()
+        loss = loss + cfg["weight_decay"] * sum(conv.weight.square().sum() for conv in head.convs)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    iterations = next(iter(optimizer.state.values()))["n_iter"]
+    return iterations, float(closure().detach())
 
 
 @torch.no_grad()
@@ -246,11 +266,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p)
-    # The probe's own training (on cached pyramids)
-    p.add_argument("--max-steps", type=int, help="cap on head-training steps (one volume each) [5000]")
-    p.add_argument("--plateau-window", type=int, help="stop when the mean loss of this many steps ... [100]")
-    p.add_argument("--plateau-tol", type=float, help="... improves by less than this fraction [0.005]")
-    p.add_argument("--crop-size", type=int, nargs=3, help="largest region per step, full resolution [192 192 96]")
+    # The probe's own training (on voxels sampled from the cached pyramids)
+    p.add_argument("--voxels-per-class", type=int, help="training voxels sampled per class and volume [2048]")
+    p.add_argument("--max-steps", type=int, help="cap on L-BFGS iterations of the head [500]")
+    p.add_argument("--weight-decay", type=float, help="L2 penalty on the head's weights [1e-4]")
     p.add_argument("--cache-dir", help="memory-mapped pyramid cache for large data [a temporary folder]")
     p.add_argument("--cache-ram-gb", type=float, default=4.0, help="keep the cache in memory below this size")
     return p.parse_args(argv)

@@ -427,6 +427,16 @@ class LinearHead(nn.Module):
                    for l, f in enumerate(pyramid)]
         return upsample_sum(pyramid, self.convs)
 
+    def forward_voxels(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The same head on sampled voxels: features[l] (N, C_l) is level l read at each voxel's
+        (x >> l, y >> l, z >> l) (model.sample_voxels' geometry) -> logits (N, num_classes), equal
+        to forward(pyramid) at those voxels, since nearest upsampling reads level l there."""
+        out = self.convs[0].bias                                        # (num_classes,)
+        for l, (f, conv) in enumerate(zip(features, self.convs)):
+            f = (f - getattr(self, f"mean{l}")) / getattr(self, f"std{l}")  # (N, C_l)
+            out = out + f @ conv.weight.flatten(1).T                     # (N, C_l) @ (C_l, num_classes)
+        return out
+
 
 class NonLinearHead(nn.Module):
     """Fine-tuning head (Sec. 3.2; the paper does not specify it, this layout is our choice):

@@ -28,7 +28,6 @@ and the others go on; the exit code is 1 if any case failed, 2 if nothing could 
 """
 import argparse
 import itertools
-import json
 import re
 import sys
 import time

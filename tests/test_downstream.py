@@ -98,6 +98,37 @@ def test_head_on_cached_features_equals_the_frozen_model():
     assert [a.shape for a in tiled] == [a.shape for a in levels]
 
 
+def test_sampled_voxel_logits_equal_the_full_volume_logits():
+    """The head trained on gathered voxels is the head evaluated as a convolution: at every sampled
+    voxel of an odd-sized volume, forward_voxels(gathered levels) == head(pyramid) there."""
+    torch.manual_seed(0)
+    model = SegmentationModel(dict(in_channels=1, base_channels=4, num_levels=3), 5, head="linear").eval()
+    image = np.random.default_rng(1).random((21, 18, 11), dtype=np.float32)
+    levels = linear_probe.compute_pyramid(model.backbone, image, (64, 64, 32), torch.device("cpu"))
+    model.head.set_statistics(*linear_probe.channel_statistics({"a": levels}, ["a"]))
+    with torch.no_grad():
+        for conv in model.head.convs:                     # weights that are not small
+            conv.weight.normal_()
+        model.head.convs[0].bias.normal_()
+        label = np.random.default_rng(2).integers(0, 5, (21, 18, 11))
+        coords, y, counts = linear_probe.sample_voxels(label, 5, 40, np.random.default_rng(3))
+        assert all((coords.max(0) < (21, 18, 11)).tolist()) and np.array_equal(label[tuple(coords.T)], y)
+        voxels = model.head.forward_voxels(linear_probe.gather_levels(levels, coords))        # (n, 5)
+        full = model.head(linear_probe.as_tensors(levels, torch.device("cpu")))[0]           # (5, X, Y, Z)
+    torch.testing.assert_close(voxels, full[:, coords[:, 0], coords[:, 1], coords[:, 2]].T, atol=1e-4, rtol=1e-5)
+
+
+def test_voxel_sample_is_class_balanced():
+    label = np.zeros((30, 20, 10), np.int64)
+    label[:5, :4, :2] = 3                                 # 40 voxels
+    label[10:20] = 1                                      # 2000 voxels
+    coords, y, counts = linear_probe.sample_voxels(label, 5, 100, np.random.default_rng(0))
+    assert np.bincount(y, minlength=5).tolist() == [100, 100, 0, 40, 0]        # min(count, per class)
+    assert counts.tolist() == np.bincount(label.ravel(), minlength=5).tolist()
+    assert len(np.unique(coords, axis=0)) == len(coords)                      # without replacement
+    assert np.array_equal(label[tuple(coords.T)], y)
+
+
 def test_linear_probe_random_init(small_demo, tmp_path):
     r = linear_probe.main(linear_probe.parse_args(["--data", str(small_demo), "--init", "random",
                                                    "--out", str(tmp_path), *TINY, "--max-steps", "3"]))
