@@ -3,11 +3,13 @@
 Shapes: a batch of patches is (B, C, X, Y, Z) (C = 1 in this project), values in [0, 1].
 Every function is a pure, batched torch function: it runs on the batch's device, draws all its
 randomness from the `generator` it is given (a torch.Generator on that same device), never
-modifies its input and returns a new tensor of the same shape and dtype, clamped to [0, 1].
+modifies its input and returns a new tensor of the same shape and dtype (the pretraining ones
+clamped to [0, 1]).
 No function reads a device value back to the host (no .item(), .tolist(), data-dependent shapes):
 random offsets and indices stay device tensors, so the training step never waits for the GPU.
 
-Sec. 2.1 ("local" pipeline, Models Genesis family; parameters *(ref)* hierarchical-dense-ssl):
+Sec. 2.1 ("local" pipeline, the local augmentations of Zhou et al. 2021; parameters *(ref)*
+hierarchical-dense-ssl):
   1. local_pixel_shuffle  p=0.8 per patch: voxels are permuted inside small blocks of
      (X/20, Y/20, Z/20) voxels (6x6x1 for a 128x128x32 patch), 5000 blocks per patch.
   2. bezier_intensity     p=0.9 per patch: a random monotone cubic Bezier curve through (0,0), (1,1).
@@ -32,10 +34,12 @@ Deviations from the numpy reference, all to stay batched on the GPU without Pyth
   - vox2vec: blur / sharpen pad borders by replication (scipy reflects); each step clamps to
     [0, 1] (vox2vec clips once, after the window).
 
-Run `python augment.py` to time both pipelines on a random batch (CPU, or --device cuda); expect
-~0.15 s for "local" on a (10, 1, 128, 128, 32) batch on a 2-core CPU (shuffling ~65 ms, mostly the
-argsorts that draw cells and permutations; Bezier ~35 ms; in-painting ~35 ms).
-`python -m pytest tests/test_augment.py` checks each piece against a reference.
+Supervised training (finetune.py --aug, not the paper's): nnU-Net's spatial and intensity
+augmentations of an image and its label, section "supervised training" below.
+
+`python augment.py` times the pipelines on a random batch (README, "Speed", has the numbers);
+`python -m pytest tests/test_augment.py tests/test_supervised_augment.py` checks each piece
+against a reference.
 """
 import argparse
 import time
@@ -159,7 +163,7 @@ def bezier_curve(points, num_points=LUT_SIZE):
     """Knots of a monotone cubic Bezier curve through (0,0), P1, P2, (1,1), sampled at num_points t's.
 
     points: (B, 4) = (P1x, P1y, P2x, P2y) in [0, 1]. Returns xs, ys: (B, T) non-decreasing, from
-    0 to 1. As Models Genesis, xs and ys are sorted independently, which makes any curve monotone.
+    0 to 1. As Zhou et al.'s code, xs and ys are sorted independently, which makes any curve monotone.
     """
     t = torch.linspace(0, 1, num_points, device=points.device, dtype=points.dtype)  # (T,)
     w1, w2, w3 = 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t ** 2, t ** 3  # Bernstein weights, P0 = (0, 0)
@@ -446,78 +450,6 @@ def supervised_augment(x, y, generator, kind="nnunet-like"):
     return random_flip(x, y, generator)
 
 
-# ----------------------------------------------------------------------------- neighbouring methods
-# Models Genesis (Zhou et al. 2021): the corruption pretrain.py --method genesis restores.
-# Masked image modelling / MedContext: the cubic-block masks of pretrain.py --method mim and
-# finetune.py --medcontext.
-
-def outpaint_box(shape, generator, device=None, keep_fraction=(3 / 7, 4 / 7)):
-    """The inner box out-painting keeps: per sample one box with sides in [d*lo, d*hi] voxels
-    (Models Genesis: 3/7 to 4/7 of the patch), anywhere inside the patch. -> (B, 1, X, Y, Z) bool."""
-    batch, dims = shape[0], tuple(shape[-3:])
-    u_size = _rand(generator, batch, 3, device=device)
-    u_start = _rand(generator, batch, 3, device=device)
-    inside = None
-    for a, d in enumerate(dims):
-        low = max(1, int(round(d * keep_fraction[0])))
-        high = max(low, int(round(d * keep_fraction[1])))
-        size = (low + (u_size[:, a] * (high - low + 1)).long()).clamp_max(high)      # (B,)
-        start = (u_start[:, a] * (d - size + 1)).long().minimum(d - size)            # (B,)
-        coord = torch.arange(d, device=device)
-        axis = (coord >= start[:, None]) & (coord < (start + size)[:, None])         # (B, d)
-        view = [batch, 1, 1, 1]
-        view[1 + a] = d
-        inside = axis.view(view) if inside is None else inside & axis.view(view)
-    return inside[:, None]
-
-
-def local_outpaint(x, generator, keep_fraction=(3 / 7, 4 / 7)):
-    """Models Genesis out-painting: keep one random inner box, fill the rest with U[0, 1) noise.
-    x: (B, C, X, Y, Z) -> (B, C, X, Y, Z)."""
-    _check_batch(x)
-    keep = outpaint_box(x.shape, generator, x.device, keep_fraction)
-    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return torch.where(keep, x, noise)
-
-
-def genesis_corrupt(x, generator, shuffle_prob=0.5, bezier_prob=0.9, paint_prob=0.9, outpaint_prob=0.8):
-    """Models Genesis' corruption (Zhou et al. 2021, Sec. 2; rates of its released configuration):
-    local pixel shuffling (p=0.5), the Bezier intensity curve (p=0.9), then with p=0.9 painting,
-    which is out-painting (p=0.8) or in-painting (p=0.2). The pieces are Sec. 2.1's (this file);
-    out-painting is the one our method does not use. x: (B, C, X, Y, Z) -> (B, C, X, Y, Z)."""
-    _check_batch(x)
-    B, device = x.shape[0], x.device
-    x = local_pixel_shuffle(x, generator, prob=shuffle_prob)
-    x = bezier_intensity(x, generator, prob=bezier_prob)
-    paint = _rand(generator, B, device=device) < paint_prob
-    outward = _rand(generator, B, device=device) < outpaint_prob
-    keep = outpaint_box(x.shape, generator, device)
-    holes = inpaint_mask(x.shape, generator, device)
-    replace = torch.where(outward.view(B, 1, 1, 1, 1), ~keep, holes) & paint.view(B, 1, 1, 1, 1)
-    noise = torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype)
-    return torch.where(replace, noise, x)
-
-
-def block_mask(shape, generator, ratio, block, device=None):
-    """Masked-image-modelling mask: the patch tiled by a grid of block[0] x block[1] x block[2]
-    voxel cells (from the corner; the last cell along an axis may be cut by the border), of which
-    exactly round(ratio * cells) random cells per sample are masked. -> (B, 1, X, Y, Z) bool, True
-    = masked. A block as deep as the patch gives columns (the same 2-D mask on every slice)."""
-    if not 0 <= ratio <= 1:
-        raise ValueError(f"augment.py: mask ratio must be in [0, 1], got {ratio}")
-    batch, dims = shape[0], tuple(shape[-3:])
-    block = [max(1, min(int(b), d)) for b, d in zip(block, dims)]
-    cells = [-(-d // b) for d, b in zip(dims, block)]
-    n = cells[0] * cells[1] * cells[2]
-    k = int(round(ratio * n))
-    order = _rand(generator, batch, n, device=device).argsort(1)                     # (B, n)
-    masked = torch.zeros(batch, n, dtype=torch.bool, device=device).scatter(1, order[:, :k], True)
-    masked = masked.view(batch, *cells)
-    for a, b in enumerate(block):
-        masked = masked.repeat_interleave(b, dim=1 + a)
-    return masked[:, None, :dims[0], :dims[1], :dims[2]]
-
-
 # ----------------------------------------------------------------------------- pipelines
 def augment_batch(x, generator, kind="local"):
     """The augmentation t ~ T of Sec. 2.1, drawn per patch. x: (B, C, X, Y, Z) -> (B, C, X, Y, Z).
@@ -559,8 +491,8 @@ def main(args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--batch_size", type=int, default=10, help="patches per batch (paper: 10 pairs)")
-    parser.add_argument("--patch_size", type=int, nargs=3, default=[128, 128, 32], help="X Y Z voxels")
+    parser.add_argument("--batch-size", type=int, default=10, help="patches per batch (paper: 10 pairs)")
+    parser.add_argument("--patch-size", type=int, nargs=3, default=[128, 128, 32], help="X Y Z voxels")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)

@@ -30,11 +30,12 @@ import numpy as np
 import torch
 
 from augment import augment_batch
+import data
 from data import PairDataset, collate_pairs
 from loss import hybrid_loss, info_nce, reconstruction_loss
 from model import count_flops
-from downstream import DEMO_ARCHS, pick_device
-from pretrain import DEMO, PAPER, build_model, training_step
+from runtime import pick_device
+from pretrain import build_model, parse_args as pretrain_args, resolve_config, training_step
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16, vendor datasheets
 VOLUME_SHAPE = (320, 320, 160)
@@ -269,15 +270,15 @@ def bench_probe(checkpoint, fold=0, real_scale=1.0, max_seconds=600):
     import preprocess
     device = torch.device("cpu")
     args = SimpleNamespace(checkpoint=checkpoint, init=None)
-    cfg = {**linear_probe.PAPER, **linear_probe.DEMO}
+    cfg = vars(linear_probe.parse_args(["--data", "demo", "--init", "random", "--out", "unused"]))
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        sets = {"demo": downstream.resolve_data_dir("demo"),
+        sets = {"demo": preprocess.resolve_data_dir("demo"),
                 f"real size (scale {real_scale})": preprocess.prepare_demo(Path(tmp) / "real", num_cases=3, scale=real_scale)}
         for name, data_dir in sets.items():
-            ids = downstream.list_cases(data_dir, labelled=True)
+            ids = data.list_cases(data_dir, labelled=True)
             train_ids, test_ids = downstream.split_folds(ids, 3, 0)[fold]
-            labels = {c: np.asarray(downstream.load_case(data_dir, c)["label"]) for c in ids}
+            labels = {c: np.asarray(data.load_case(data_dir, c)["label"]) for c in ids}
             num_classes = len(downstream.label_names(data_dir))
             shape = labels[test_ids[0]].shape
             rows[f"{name}: volume shape (voxels)"] = f"{shape[0]}x{shape[1]}x{shape[2]} ({np.prod(shape) / 1e6:.2f} M)"
@@ -316,16 +317,15 @@ def bench_probe(checkpoint, fold=0, real_scale=1.0, max_seconds=600):
 def bench_finetune(config, device, repeats):
     """One fine-tuning step of finetune.py's preset (random data, 9 classes) with --aug none vs
     --aug nnunet-like, and the supervised augmentation alone. Returns {row: ms}."""
+    import finetune
     from augment import supervised_augment
-    from finetune import DEMO as FT_DEMO, PAPER as FT_PAPER, make_optimizer
     from loss import segmentation_loss
     from model import SegmentationModel
-    cfg, arch = dict(FT_PAPER), dict(base_channels=32, num_levels=5)
-    if config == "demo":
-        cfg.update(FT_DEMO)
-        arch = DEMO_ARCHS["balanced"]
+    args = finetune.parse_args(["--data", "unused", "--init", "random", "--out", "unused", "--preset", config])
+    cfg = {k: getattr(args, k) for k in finetune.CONFIG}
+    arch = dict(base_channels=args.base_channels, num_levels=args.num_levels)
     model = SegmentationModel(dict(in_channels=1, **arch), 9, head="nonlinear").to(device, memory_format=torch.channels_last_3d)
-    optimizer = make_optimizer(model, cfg["lr"])
+    optimizer = finetune.make_optimizer(model, cfg["lr"])
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.rand(cfg["batch_size"], 1, *cfg["patch_size"], generator=generator, device=device)   # (B, 1, X, Y, Z)
     y = torch.randint(0, 9, (cfg["batch_size"], *cfg["patch_size"]), generator=generator, device=device)
@@ -397,12 +397,7 @@ def main(args):
     if args.finetune:
         return bench_finetune(args.config, pick_device(args.device), args.steps)
     device = pick_device(args.device)
-    cfg = dict(PAPER, method="ours")
-    if args.config == "demo":
-        cfg.update(DEMO)
-        cfg.update(DEMO_ARCHS[cfg["arch"]])
-    else:
-        cfg.update(base_channels=32, num_levels=5)
+    cfg = resolve_config(pretrain_args(["--data", "unused", "--preset", args.config]))
     cfg["patch_size"] = tuple(cfg["patch_size"])
     print(f"bench: config {args.config} ({cfg['batch_pairs']} pairs of {cfg['patch_size']}, {cfg['num_voxels']} voxels "
           f"per pair, {cfg['base_channels']}x{cfg['num_levels']} FPN), device {device}"

@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 
 from model import FPN3d
+from runtime import load_torch, save_torch
 
-VERSION = 2  # backbone.pt format (pretrain.CHECKPOINT_VERSION); 2: FPN3d equal to the reference (skip convs, block biases)
+BACKBONE_VERSION = 2  # backbone.pt / checkpoint.pt format; 2: FPN3d equal to the reference (skip convs, block biases)
 
 
 def reference_key(key, num_levels):
@@ -96,19 +97,13 @@ def read_backbone_file(path, verbose=True):
     """Any supported file -> (backbone_config, our state dict, info dict). ValueError, one line
     naming the file and what does not fit, for anything else."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle with code in it, a truncated file, ...: say which file
-        raise ValueError(f"checkpoint {path} could not be read safely ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}); pass a backbone.pt or a released weights file") from None
+    ckpt = load_torch(path, "checkpoint")      # a pickle with code in it, a truncated file: one line
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: holds a {type(ckpt).__name__}, not a state dict or checkpoint")
     if ckpt.get("kind") == "backbone":
-        if ckpt.get("version") != VERSION:
+        if ckpt.get("version") != BACKBONE_VERSION:
             raise ValueError(f"{path}: a backbone.pt of format version {ckpt.get('version')} (this code reads "
-                             f"{VERSION}; version 2 made FPN3d equal to the reference's); re-run pretrain.py")
+                             f"{BACKBONE_VERSION}; version 2 made FPN3d equal to the reference's); re-run pretrain.py")
         info = dict(kind="backbone.pt (pretrain.py)", step=ckpt.get("step"), arch=ckpt.get("arch"), ignored=[],
                     method=(ckpt.get("pretrain_config") or {}).get("method", "ours"))
         return ckpt["backbone_config"], ckpt["state_dict"], info
@@ -161,9 +156,7 @@ def main(args):
         else:
             src, dst = args.export_reference
             config, state, info = read_backbone_file(src)
-            tmp = Path(dst).with_name(f".tmp-{Path(dst).name}")
-            torch.save(to_reference(state, config), tmp)
-            tmp.replace(dst)
+            save_torch(to_reference(state, config), dst)
             print(f"wrote {dst}: FPN3d({', '.join(f'{k}={v}' for k, v in config.items())}) in the reference's "
                   "layout, a raw state_dict: their FPN3d(in_channels, base_channels, num_scales).load_state_dict() takes it")
     except ValueError as e:

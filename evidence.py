@@ -55,7 +55,7 @@ def finished(done, script, args):
     finetune.py had --aug (trained without augmentation) is another experiment, run again."""
     if done is None or not Path(done).exists():
         return False
-    if script == "finetune.py" and Path(done).name == "results.json":
+    if script in ("finetune.py", "neighbours/medcontext.py") and Path(done).name == "results.json":
         aug = args[args.index("--aug") + 1] if "--aug" in args else "nnunet-like"
         return json.loads(Path(done).read_text())["config"].get("aug", "none") == aug
     return True
@@ -84,7 +84,7 @@ def main(args):
     out.mkdir(parents=True, exist_ok=True)
     q = args.quick
     data = ["--data", args.data]
-    small = ["--workers", "0", "--preset", "demo"] if q else ["--workers", "0"]
+    small = ["--workers", "0", "--preset", "demo"] if q else ["--workers", "0"]   # [2:]: without --workers
     log, t0, rows = [], time.time(), {}
     pre = {"ours": out / "pretrain-balanced", "vox2vec": out / "pretrain-vox2vec"}
     probes = {"random init": out / "probe-random", "vox2vec": out / "probe-vox2vec", "ours": out / "probe-ours"}
@@ -100,7 +100,7 @@ def main(args):
     inits = {"random init": ["--init", "random"], "vox2vec": ["--checkpoint", pre["vox2vec"] / "backbone.pt"],
              "ours": ["--checkpoint", pre["ours"] / "backbone.pt"]}
     for name, init in inits.items():
-        run("linear_probe.py", *data, *init, "--out", probes[name], *folds, *small, log=log,
+        run("linear_probe.py", *data, *init, "--out", probes[name], *folds, *small[2:], log=log,
             done=probes[name] / "results.json")
         rows[("linear probe", name)] = result(probes[name])
 
@@ -179,14 +179,14 @@ def neighbours(args):
     out.mkdir(parents=True, exist_ok=True)
     q = args.quick
     data = ["--data", args.data]
-    small = ["--workers", "0", "--preset", "demo"] if q else ["--workers", "0"]
+    small = ["--workers", "0", "--preset", "demo"] if q else ["--workers", "0"]   # [2:]: without --workers
     folds = args.fold if args.fold is not None else [0, 1, 2]
     log, t0 = [], time.time()
     pre = {"ours": out / "pretrain-balanced", **{m: out / f"pretrain-{m}" for m in NEIGHBOURS}}
     steps = ["--steps", "2"] if q else []
-    for name, run_dir in pre.items():
-        method = [] if name == "ours" else ["--method", name]
-        run("pretrain.py", *data, *method, "--out", run_dir, *steps, *small, log=log, done=run_dir / "backbone.pt")
+    for name, run_dir in pre.items():   # ours: pretrain.py; a neighbouring method: its own file
+        script = "pretrain.py" if name == "ours" else f"neighbours/{name}.py"
+        run(script, *data, "--out", run_dir, *steps, *small, log=log, done=run_dir / "backbone.pt")
     probe_q = ["--max-steps", "3"] if q else []
     ft_q = ["--steps", "2", "--freeze-steps", "1", "--ramp-steps", "1"] if q else []
     inits = {"random init": ["--init", "random"], **{n: ["--checkpoint", d / "backbone.pt"] for n, d in pre.items()}}
@@ -204,17 +204,18 @@ def neighbours(args):
         if budget != "1":
             plan.append((exp, "from scratch", "finetune.py", ["--init", "random", *limit], f"finetune-{budget}-random"))
             plan.append((exp, "fine-tuned (ours)", "finetune.py", [*inits["ours"], *limit], f"finetune-{budget}-ours"))
-        plan.append((exp, "MedContext (from scratch)", "finetune.py", ["--init", "random", "--medcontext", *limit],
+        plan.append((exp, "MedContext (from scratch)", "neighbours/medcontext.py", ["--init", "random", *limit],
                      f"finetune-{budget}-medcontext"))
         if budget == "1":
-            plan.append((exp, "MedContext + ours", "finetune.py", [*inits["ours"], "--medcontext", *limit],
+            plan.append((exp, "MedContext + ours", "neighbours/medcontext.py", [*inits["ours"], *limit],
                          f"finetune-{budget}-medcontext-ours"))
     rows = {}
     for fold in folds:
         for exp, name, script, flags, folder in plan:
             d = out / "neighbours" / f"{folder}-fold{fold}"
             extra = probe_q if script == "linear_probe.py" else ft_q
-            run(script, *data, *flags, "--out", d, "--folds", "2" if q else "3", "--fold", fold, *extra, *small,
+            workers = small if script != "linear_probe.py" else small[2:]   # the probe reads no DataLoader
+            run(script, *data, *flags, "--out", d, "--folds", "2" if q else "3", "--fold", fold, *extra, *workers,
                 log=log, done=d / "results.json")
             rows.setdefault((exp, name), []).append(result(d))
     from preprocess import resolve_data_dir
@@ -255,7 +256,7 @@ def matching_agreement(backbone, data_dir, level, pairs=64, patch_size=(32, 32, 
 
 def load_fpn(path):
     """The FPN3d of a backbone file, weights loaded."""
-    from downstream import load_backbone
+    from convert import read_backbone_file as load_backbone
     from model import FPN3d
     config, state, _ = load_backbone(path)
     fpn = FPN3d(**config)
@@ -338,7 +339,8 @@ def make_figures(out, data_arg, pre, pretraining, budgets, rows):
     import numpy as np
     import torch
 
-    from downstream import load_backbone, predict_volume
+    from convert import read_backbone_file as load_backbone
+    from downstream import predict_volume
     from data import load_case
     from predict import load_model
     from model import FPN3d

@@ -39,6 +39,7 @@ mean +- std over folds. `bench.py --probe BACKBONE` times it against volume size
 """
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,14 +48,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import gaussian_weights, load_case, tile_starts
-from downstream import (add_common_args, cross_validate, dice_per_class, set_backbone_trainable, setup,
-                        world_info)
-from loss import predict_labels
+from downstream import (add_common_args, announce, fold_mean, new_segmenter, parse_with_preset, prepare,
+                        set_backbone_trainable, write_results)
+from loss import dice_per_class, predict_labels
+from runtime import world_info
 
-PAPER = dict(max_steps=500, voxels_per_class=2048, weight_decay=1e-4, eval_patch_size=(128, 128, 32), folds=3,
-             batch_size=1, patch_size=(128, 128, 32))
-# The demo's volumes are smaller than one window: each is cached and trained on whole.
-DEMO = dict(eval_patch_size=(96, 96, 48), folds=3)
+# The demo's volumes are smaller than one window: each pyramid is computed whole.
+DEMO = dict(eval_patch_size=(96, 96, 48))
 
 
 # ----------------------------------------------------------------------------- the pyramid cache
@@ -221,45 +221,47 @@ def evaluate_cached(head, cache, labels, test_ids, num_classes, device):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    cfg, device, data_dir, test_dir, names, plan = setup(args, PAPER, DEMO, "linear", "linear_probe.py")
+    cfg = dict(voxels_per_class=args.voxels_per_class, max_steps=args.max_steps, weight_decay=args.weight_decay,
+               eval_patch_size=tuple(args.eval_patch_size), folds=args.folds)
+    device, data_dir, test_dir, names, plan = prepare(args, "linear", "linear_probe.py")
     if world_info()[1] > 1:
         raise SystemExit("linear_probe.py: error: the cached-feature probe runs in one process "
                          "(it trains a linear head only; torchrun gives it nothing)")
+    announce("linear probe", args, cfg, device)
     work = tempfile.TemporaryDirectory(prefix="probe-cache-") if args.cache_dir is None else None
     cache_dir = Path(args.cache_dir or work.name)
-    stats = {"head_training": {}}
-
-    def read_labels(ids, folder):
-        return {c: np.asarray(load_case(folder, c)["label"]) for c in ids}
-
-    def train_fold(model, fold, train_ids):
-        set_backbone_trainable(model, False)          # eval mode, no gradients: frozen for real
-        backbone = model.backbone
-        before = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-        model.cache = cache_pyramids(backbone, data_dir, train_ids, cfg["eval_patch_size"], device,
-                                     cache_dir / "train", args.cache_ram_gb)
-        model.head.set_statistics(*channel_statistics(model.cache, train_ids))
-        labels = read_labels(train_ids, data_dir)
-        steps, loss = train_head(model.head, model.cache, labels, train_ids, cfg, device, args.seed + fold,
-                                 desc=f"fold {fold}")
-        stats["head_training"][str(fold)] = dict(steps=steps, final_loss=round(loss, 5))
-        print(f"fold {fold}: head trained {steps} steps, final loss {loss:.4f}")
-        # The check that only the head trained (MAE's probe left its encoder in train mode).
-        assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
-
-    def evaluate_fold(model, fold, test_ids):
-        folder = test_dir or data_dir
-        cache = cache_pyramids(model.backbone, folder, test_ids, cfg["eval_patch_size"], device,
-                               cache_dir / "test", args.cache_ram_gb)
-        return evaluate_cached(model.head, cache, read_labels(test_ids, folder), test_ids, len(names), device)
-
+    fold_dice, cases, steps, started = {}, {}, {}, time.time()
     try:
-        results = cross_validate(args, cfg, device, data_dir, test_dir, names, plan, "linear", train_fold,
-                                 "linear probe", evaluate_fold, extra=stats)
+        for fold, train_ids, test_ids in plan:
+            cases[fold] = (train_ids, test_ids)
+            model, info = new_segmenter(args, len(names), "linear", device, fold)
+            set_backbone_trainable(model, False)          # eval mode, no gradients: frozen for real
+            before = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
+            cache = cache_pyramids(model.backbone, data_dir, train_ids, cfg["eval_patch_size"], device,
+                                   cache_dir / "train", args.cache_ram_gb)
+            model.head.set_statistics(*channel_statistics(cache, train_ids))
+            n, loss = train_head(model.head, cache, read_labels(train_ids, data_dir), train_ids, cfg, device,
+                                 args.seed + fold, desc=f"fold {fold}")
+            steps[str(fold)] = dict(steps=n, final_loss=round(loss, 5))
+            print(f"fold {fold}: head trained {n} steps, final loss {loss:.4f}")
+            # The check that only the head trained (MAE's probe left its encoder in train mode).
+            assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
+            folder = test_dir or data_dir
+            test_cache = cache_pyramids(model.backbone, folder, test_ids, cfg["eval_patch_size"], device,
+                                        cache_dir / "test", args.cache_ram_gb)
+            fold_dice[fold] = evaluate_cached(model.head, test_cache, read_labels(test_ids, folder), test_ids,
+                                              len(names), device)
+            print(f"fold {fold}: {len(train_ids)} train / {len(test_ids)} test cases, "
+                  f"mean Dice {fold_mean(fold_dice[fold]):.3f}")
     finally:
         if work is not None:
             work.cleanup()
-    return results
+    return write_results(args, cfg, fold_dice, names, info, cases, started, "linear probe",
+                         extra=dict(head_training=steps))
+
+
+def read_labels(ids, folder):
+    return {c: np.asarray(load_case(folder, c)["label"]) for c in ids}
 
 
 def parse_args(argv=None):
@@ -267,12 +269,12 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p)
     # The probe's own training (on voxels sampled from the cached pyramids)
-    p.add_argument("--voxels-per-class", type=int, help="training voxels sampled per class and volume [2048]")
-    p.add_argument("--max-steps", type=int, help="cap on L-BFGS iterations of the head [500]")
-    p.add_argument("--weight-decay", type=float, help="L2 penalty on the head's weights [1e-4]")
+    p.add_argument("--voxels-per-class", type=int, default=2048, help="training voxels sampled per class and volume")
+    p.add_argument("--max-steps", type=int, default=500, help="cap on L-BFGS iterations of the head")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty on the head's weights")
     p.add_argument("--cache-dir", help="memory-mapped pyramid cache for large data [a temporary folder]")
     p.add_argument("--cache-ram-gb", type=float, default=4.0, help="keep the cache in memory below this size")
-    return p.parse_args(argv)
+    return parse_with_preset(p, argv, DEMO)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ has shape (B, C_l, X_l, Y_l, Z_l) with X_l = ceil(X / 2**l) and C_l = base_chann
 Use: `from model import FPN3d, PretrainModel, SegmentationModel, sample_voxels` (importing runs
 nothing). `python model.py` prints the parameter counts and FLOPs of the presets.
 """
-import copy
 import math
 from typing import List, Sequence
 
@@ -52,6 +51,12 @@ import torch.nn.functional as F
 ARCHS = {
     "balanced": dict(base_channels=32, num_levels=5),  # Sec. 2.2: ours
     "vox2vec": dict(base_channels=16, num_levels=6),   # the vox2vec baseline
+}
+# The demo's networks (every stage's --preset demo): small enough to train in minutes on 2 CPU
+# cores; the baseline keeps one more level and half the channels, as in ARCHS.
+DEMO_ARCHS = {
+    "balanced": dict(base_channels=16, num_levels=4),
+    "vox2vec": dict(base_channels=8, num_levels=5),
 }
 BLOCKS_PER_STAGE = 2  # residual blocks per encoder level and per decoder level
 PAPER_PATCH = (128, 128, 32)  # (X, Y, Z) voxels, Sec. 3.2 / vox2vec
@@ -259,128 +264,6 @@ class PretrainModel(nn.Module):
         z = F.normalize(h.float(), dim=1)
         recon = self.reconstruction_head(pyramid[0])                # (B, 1, X, Y, Z)
         return z, recon
-
-
-# ----------------------------------------------------------------------------- neighbouring methods
-
-class RestorativeModel(nn.Module):
-    """FPN + reconstruction head, for pretrain.py --method genesis (Models Genesis: restore a
-    corrupted patch) and --method mim (SimMIM: predict the masked voxels). For mim the input's
-    masked voxels are replaced by `mask_token`, one learned intensity (SimMIM's learned mask
-    token, for a 1-channel volume a scalar). forward(x (B, 1, X, Y, Z)) -> (B, 1, X, Y, Z)."""
-
-    def __init__(self, backbone_config: dict, mask_token: bool = False):
-        super().__init__()
-        self.config = dict(backbone_config=dict(backbone_config), mask_token=mask_token)
-        self.backbone = FPN3d(**backbone_config)
-        self.reconstruction_head = reconstruction_head(self.backbone.channels[0])
-        self.mask_token = nn.Parameter(torch.zeros(1)) if mask_token else None
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
-        """mask (B, 1, X, Y, Z) bool: those voxels of x are replaced by the learned mask value first."""
-        if mask is not None:
-            x = torch.where(mask, self.mask_token.to(x.dtype), x)
-        return self.reconstruction_head(self.backbone(x)[0])
-
-
-class Queue(nn.Module):
-    """A first-in-first-out queue of K unit vectors (MoCo / DenseCL negatives), held as buffers
-    so it is saved in checkpoints and moves with .to(device). Starts as random unit vectors, as
-    MoCo's. enqueue(keys (n, D)) overwrites the n oldest entries, in order; the write position
-    stays a device tensor (no host sync)."""
-
-    def __init__(self, size: int, dim: int):
-        super().__init__()
-        self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        size = self.keys.shape[0]
-        if keys.shape[0] > size:
-            raise ValueError(f"model.py Queue: {keys.shape[0]} keys at once, more than the queue size {size}")
-        index = (self.ptr + torch.arange(keys.shape[0], device=keys.device)) % size
-        self.keys[index] = keys.detach().to(self.keys.dtype)
-        self.ptr.copy_((self.ptr + keys.shape[0]) % size)
-
-
-@torch.no_grad()
-def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
-    """target <- momentum * target + (1 - momentum) * source, parameter by parameter (MoCo's key
-    encoder, MedContext's teacher). Buffers (BatchNorm statistics) are the target's own."""
-    for t, s in zip(target.parameters(), source.parameters()):
-        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
-
-
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A copy that takes no gradients (the EMA encoder's starting point)."""
-    twin = copy.deepcopy(module)
-    for p in twin.parameters():
-        p.requires_grad_(False)
-    return twin
-
-
-class DenseCLEncoder(nn.Module):
-    """One DenseCL encoder on our FPN: the backbone, a global head (average pool of the coarsest
-    level -> MLP -> D) and a dense head (1x1x1 conv -> ReLU -> 1x1x1 conv -> D at `level`).
-    forward(x) -> (global (B, D), dense (B, D, S), backbone features at level (B, C_l, S)),
-    global and dense L2-normalised along D; S = the level's voxels, flattened. The FPN's decoder
-    below `level` feeds neither loss and is frozen at its initialisation (DenseCL pretrains an
-    encoder; fine-tuning trains the rest)."""
-
-    def __init__(self, backbone_config: dict, level: int, dim: int = 128, hidden_dim: int = 512):
-        super().__init__()
-        self.backbone = FPN3d(**backbone_config)
-        channels = self.backbone.channels
-        if not 0 <= level < len(channels):
-            raise ValueError(f"model.py DenseCL: --dense-level {level} outside the FPN's levels 0..{len(channels) - 1}")
-        self.level = level
-        # The decoder below `level` feeds neither loss: frozen, so DDP does not wait for its gradients.
-        for l in range(level):
-            for part in (self.backbone.lateral[l], self.backbone.skip[l], self.backbone.decoder[l]):
-                part.requires_grad_(False)
-        self.global_head = nn.Sequential(nn.Linear(channels[-1], hidden_dim), nn.ReLU(inplace=True),
-                                         nn.Linear(hidden_dim, dim))
-        self.dense_head = nn.Sequential(nn.Conv3d(channels[level], hidden_dim, 1), nn.ReLU(inplace=True),
-                                        nn.Conv3d(hidden_dim, dim, 1))
-
-    def forward(self, x: torch.Tensor):
-        pyramid = self.backbone(x)
-        g = F.normalize(self.global_head(pyramid[-1].mean((2, 3, 4))).float(), dim=1)     # (B, D)
-        d = F.normalize(self.dense_head(pyramid[self.level]).flatten(2).float(), dim=1)   # (B, D, S)
-        return g, d, pyramid[self.level].flatten(2)
-
-
-class DenseCLModel(nn.Module):
-    """DenseCL (Wang et al. 2021) for pretrain.py --method densecl: a query encoder trained by
-    gradient, a key encoder that is its exponential moving average (no gradient), and two
-    queues of negatives (global keys; dense keys pooled per image). `backbone` is the query
-    encoder's FPN (what backbone.pt holds)."""
-
-    def __init__(self, backbone_config: dict, level: int, queue_size: int, dim: int = 128, hidden_dim: int = 512):
-        super().__init__()
-        self.config = dict(backbone_config=dict(backbone_config), level=level, queue_size=queue_size, dim=dim,
-                           hidden_dim=hidden_dim)
-        self.query = DenseCLEncoder(backbone_config, level, dim, hidden_dim)
-        self.key = frozen_copy(self.query)
-        self.queue_global = Queue(queue_size, dim)
-        self.queue_dense = Queue(queue_size, dim)
-
-    @property
-    def backbone(self) -> FPN3d:
-        return self.query.backbone
-
-    @torch.no_grad()
-    def reset_key(self) -> None:
-        """Key encoder := query encoder (after loading --init-from weights into the query)."""
-        self.key.load_state_dict(self.query.state_dict())
-
-    def forward(self, x_query: torch.Tensor, x_key: torch.Tensor):
-        """-> (query outputs, key outputs), each (global, dense, backbone features) as
-        DenseCLEncoder's; the key encoder runs without gradient (in train mode, as MoCo's)."""
-        with torch.no_grad():
-            keys = self.key(x_key)
-        return self.query(x_query), keys
 
 
 # ----------------------------------------------------------------------------- downstream heads

@@ -37,10 +37,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from downstream import pick_device, volume_probabilities
+from downstream import volume_probabilities
 from model import SegmentationModel
-from preprocess import (atomic_write, list_nifti, load_nifti, preprocess_arrays, save_json, save_nifti,
-                        to_original_grid)
+from preprocess import list_nifti, load_nifti, preprocess_arrays, save_nifti, to_original_grid
+from runtime import atomic_write, load_torch, pick_device, save_json
 
 FLIPS = [tuple(a for a, f in zip((0, 1, 2), bits) if f) for bits in itertools.product((0, 1), repeat=3)]
 MUST_AGREE = ("labels", "modality", "preset")   # models of one ensemble: same classes, same preprocessing
@@ -51,12 +51,7 @@ MUST_AGREE = ("labels", "modality", "preset")   # models of one ensemble: same c
 def load_model(path):
     """A fine-tuned model written by finetune.py -> (SegmentationModel in eval mode, checkpoint dict)."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"model {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"model {path} could not be read ({type(e).__name__}: {e})") from None
+    ckpt = load_torch(path, "model")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "segmenter":
         raise ValueError(f"{path} is not a fine-tuned model from finetune.py (pass DIR/model_fold<k>.pt)")
     model = SegmentationModel(**ckpt["model_config"])

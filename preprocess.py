@@ -45,6 +45,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 import phantom
+from runtime import atomic_write, save_json
 
 FORMAT_VERSION = 1
 PRESETS = {  # Sec. 3.1
@@ -62,23 +63,8 @@ class PreprocessError(ValueError):
 
 # ---------------------------------------------------------------- files and checks
 
-def atomic_write(path, write_fn):
-    """write_fn(tmp_path) writes the file; it appears under `path` only once complete."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # same extension, for nibabel
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_npy(path, array):
     atomic_write(path, lambda tmp: np.save(tmp, array))  # tmp ends in .npy: no suffix added
-
-
-def save_json(path, obj):
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
 
 
 def make_preset(modality, spacing=None):

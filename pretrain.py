@@ -13,32 +13,23 @@ Run it:
     python pretrain.py --data DATA_DIR --out runs/ct --resume       # continue an interrupted run
     torchrun --nproc_per_node=4 pretrain.py --data DATA_DIR         # several GPUs (DDP)
 
-What to expect on the demo preset (300 steps of 4 pairs of 32 x 32 x 16 patches, 256 voxel pairs
-each; measured by `python evidence.py` on 2 CPU cores, README "Results"): L_c falls from 6.5
-(step 10) to 2.44 at step 300, against the chance level ln(2 * 1024 - 1) = 7.62 of 1,024 voxel
-pairs per view (0.85 x chance is crossed within the first ~20 steps); L_r from 0.18 to 0.005;
-6 minutes. The vox2vec baseline (--method vox2vec): L_c 3.25 at step 300, 4.5 minutes.
-Everything a run writes lives in --out: `log.jsonl` (one row per logged step),
-`checkpoint.pt` (resumable, written atomically every --checkpoint-every steps and at the end)
-and `backbone.pt` (the FPN alone, for linear_probe.py / finetune.py; loads with
-`torch.load(..., weights_only=True)`).
+The paper's values are the flags' defaults (`--help` shows them); `--preset demo` (the default
+for `--data demo`) replaces some of them with DEMO, in one place (parse_args). On the demo expect
+L_c to fall far below chance within the first ~20 steps and to end near a third of chance after
+300 steps (~6 minutes on 2 CPU cores; README, "Results"). A run writes into --out: `log.jsonl`
+(one row per logged step), `checkpoint.pt` (resumable, every --checkpoint-every steps and at the
+end) and `backbone.pt` (the FPN alone, for linear_probe.py / finetune.py; loads with
+`torch.load(..., weights_only=True)`), each atomically.
 
-Ablations of Table 1 are flags, not code copies (README maps each row to its command):
---arch balanced|vox2vec, --aug local|vox2vec|none, --recon-weight (0 = contrastive only),
---contrastive-weight (0 = restorative only); --method vox2vec is shorthand for the baseline.
-
-Neighbouring methods of the same literature train the same FPN in the same loop on the same
-data, and write the same backbone.pt (README, "Neighbouring methods"): --method genesis (Models
-Genesis restoration), --method mim (masked image modelling), --method densecl (DenseCL). Only
-the loss of a step differs (step_ours / step_genesis / step_mim / step_densecl below, each
-citing its paper); their corruption and masks live in augment.py, their losses in loss.py,
-their networks, queue and EMA update in model.py.
+Ablations of Table 1 are flags: --arch balanced|vox2vec, --aug local|vox2vec|none,
+--recon-weight (0 = contrastive only), --contrastive-weight (0 = restorative only);
+--method vox2vec is the baseline's preset. A neighbouring method (neighbours/*.py) is a file that
+brings its own Method (model, step, flags) and calls this file's loop.
 
 Distributed: under torchrun every process trains on its own share of the global batch
-(--batch-pairs is the GLOBAL number of patch pairs per step, split evenly over processes, so
-the learning rate means the same as on one device) and InfoNCE negatives are gathered from all
-processes, so the loss equals the single-process loss on the same global batch. Only rank 0
-logs and writes files; checkpoints are interchangeable between DDP and single-process runs.
+(--batch-pairs is the GLOBAL number of patch pairs per step) and InfoNCE negatives are gathered
+from all processes, so the loss equals the single-process loss on the same global batch. Only
+rank 0 logs and writes files; checkpoints move freely between DDP and single-process runs.
 """
 import argparse
 import json
@@ -52,169 +43,93 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from augment import augment_batch, block_mask, genesis_corrupt
+from augment import KINDS, augment_batch
+from convert import BACKBONE_VERSION, read_backbone_file
 from data import PairDataset, collate_pairs
-from loss import dense_matches, densecl_loss, hybrid_loss, info_nce, masked_l1, reconstruction_loss
-from convert import read_backbone_file
-from downstream import DEMO_ARCHS, atomic_torch_save, make_output_dir, setup_distributed
-from model import ARCHS, DenseCLModel, PretrainModel, RestorativeModel, ema_update
+from loss import hybrid_loss, info_nce, reconstruction_loss
+from model import ARCHS, DEMO_ARCHS, PretrainModel
 from preprocess import resolve_data_dir
+from runtime import atomic_write, load_torch, make_output_dir, save_torch, setup_distributed, unwrap
 
-CHECKPOINT_VERSION = 2  # 2: FPN3d equal to the reference (skip convs, block biases); all state weights_only-loadable
-
-# The paper's configuration (Sec. 3.2; grad clip from the reference code).
-PAPER = dict(
-    arch="balanced", base_channels=None, num_levels=None,  # None: take ARCHS[arch]
-    aug="local", recon_weight=10.0, contrastive_weight=1.0, temperature=0.1,
-    steps=50_000, batch_pairs=10, pairs_per_volume=1, num_voxels=1024, patch_size=(128, 128, 32),
-    lr=3e-4, grad_clip=1.0, log_every=50, checkpoint_every=1000,
-)
-# A CPU-sized version for `--data demo` (phantom.DEMO_SCALE volumes of ~52 x 45 x 20 voxels):
-# same method, the demo network of downstream.DEMO_ARCHS (16 base channels, 4 levels) and
-# 32 x 32 x 16 patches, about a third of a demo volume, so that a step of 4 pairs takes ~1 s on
-# 2 CPU cores and 300 steps fit in well under 10 minutes, with the contrastive loss far below
-# chance (it crosses 0.85 x chance within ~20 steps on the demo phantoms).
-DEMO = dict(steps=300, batch_pairs=4, num_voxels=256, patch_size=(32, 32, 16), log_every=10,
-            checkpoint_every=100)
-# --method: ours (the paper), a baseline, or a neighbouring method (README, "Neighbouring
-# methods"; the method-specific pieces live in augment.py, loss.py and model.py).
-METHODS = {"ours": dict(), "vox2vec": dict(arch="vox2vec", aug="vox2vec", recon_weight=0.0),
-           "genesis": dict(), "mim": dict(), "densecl": dict(temperature=0.2)}
-# Settings that only some methods read, with the paper-scale defaults (and the demo's, below).
-# mim: SimMIM-style masking; the 3D MIM paper's finding is a high ratio (0.75) with small blocks.
-# densecl: DenseCL's tau 0.2, lambda 0.5, queue 65,536 and key-encoder momentum 0.999.
-METHOD_OPTIONS = {"mim": dict(mask_ratio=0.75, mask_block=(8, 8, 4)),
-                  "densecl": dict(dense_weight=0.5, dense_level=3, queue_size=65_536, ema_momentum=0.999)}
-# The demo's 300 steps: blocks of 4 x 4 x 2 voxels (8 x 8 x 4 mm, a 32 x 32 x 16 patch is 512
-# blocks); DenseCL on level 2 (8 x 8 x 4 locations of a demo patch; level 3 would leave 32), a
-# queue of 256 (4 keys per step: filled after 64 steps) and momentum 0.99 (at 0.999 the key
-# encoder would keep 74% of its random initialisation after 300 steps).
-DEMO_METHOD_OPTIONS = {"mim": dict(mask_block=(4, 4, 2)),
-                       "densecl": dict(dense_level=2, queue_size=256, ema_momentum=0.99)}
-# Settings a method does not read are left out of its config (and refused as flags).
-UNUSED = {"genesis": ("aug", "recon_weight", "contrastive_weight", "temperature"),
-          "mim": ("aug", "recon_weight", "contrastive_weight", "temperature"),
-          "densecl": ("recon_weight", "contrastive_weight")}
-# The columns of log.jsonl after "loss", per method.
-LOSS_NAMES = {"ours": ("loss_contrastive", "loss_recon"), "vox2vec": ("loss_contrastive", "loss_recon"),
-              "genesis": ("loss_recon",), "mim": ("loss_masked_l1",), "densecl": ("loss_global", "loss_dense")}
+# The demo preset (phantom.DEMO_SCALE volumes of ~52 x 45 x 20 voxels, model.DEMO_ARCHS network):
+# 32 x 32 x 16 patches, about a third of a demo volume, 4 pairs a step (~1 s on 2 CPU cores).
+DEMO = dict(steps=300, batch_pairs=4, num_voxels=256, patch_size=(32, 32, 16), log_every=10, checkpoint_every=100)
+VOX2VEC = dict(arch="vox2vec", aug="vox2vec", recon_weight=0.0)   # --method vox2vec: the baseline
+# Flags that say where and how to run, not what is trained: not part of a run's config.
+RUN_FLAGS = ("data", "out", "resume", "init_from", "seed", "workers", "preset", "device", "amp", "compile",
+             "explicit", "method")
+MAY_CHANGE_ON_RESUME = ("steps", "log_every", "checkpoint_every")
 
 
-# ----------------------------------------------------------------------------- helpers
-
-def unwrap(model):
-    return model.module if hasattr(model, "module") else model
-
-
-def truncate_log(path, step):
-    """Drop the rows logged after the checkpoint a run resumes from (they will be logged again)."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_text("".join(r + "\n" for r in rows))
-        os.replace(tmp, path)
-
-
-def log_row(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-# ----------------------------------------------------------------------------- config
-
-def resolve_config(args):
-    """Paper defaults <- demo preset (--preset demo, the default for --data demo) <- --method <- typed flags."""
-    cfg = dict(PAPER)
-    demo = (args.preset or ("demo" if args.data == "demo" else "paper")) == "demo"
-    if demo:
-        cfg.update(DEMO)
-    method = args.method or "ours"
-    cfg.update(METHODS[method], method=method, **METHOD_OPTIONS.get(method, {}))
-    if demo:
-        cfg.update(DEMO_METHOD_OPTIONS.get(method, {}))
-    for k in UNUSED.get(method, ()):
-        del cfg[k]
-    all_options = {k for options in METHOD_OPTIONS.values() for k in options}
-    misplaced = [k for k, v in vars(args).items() if v is not None and k not in cfg and (k in PAPER or k in all_options)]
-    if misplaced:
-        raise ValueError(f"--method {method} does not use {', '.join('--' + k.replace('_', '-') for k in misplaced)}")
-    given = {k: v for k, v in vars(args).items() if k in cfg and k != "method" and v is not None}
-    cfg.update(given)
-    if "mask_block" in cfg:
-        cfg["mask_block"] = tuple(cfg["mask_block"])
-        if not 0 < cfg["mask_ratio"] < 1 or min(cfg["mask_block"]) < 1:
-            raise ValueError(f"--mask-ratio must be in (0, 1) and --mask-block >= 1, got {cfg['mask_ratio']}, "
-                             f"{cfg['mask_block']}")
-    if "ema_momentum" in cfg and not 0 <= cfg["ema_momentum"] < 1:
-        raise ValueError(f"--ema-momentum must be in [0, 1), got {cfg['ema_momentum']}")
-    if cfg["base_channels"] is None or cfg["num_levels"] is None:
-        preset = (DEMO_ARCHS if demo else ARCHS)[cfg["arch"]]
-        cfg["base_channels"] = cfg["base_channels"] or preset["base_channels"]
-        cfg["num_levels"] = cfg["num_levels"] or preset["num_levels"]
-    cfg["patch_size"] = tuple(cfg["patch_size"])
-    if cfg["batch_pairs"] % cfg["pairs_per_volume"]:
-        raise ValueError(f"--batch-pairs {cfg['batch_pairs']} must be a multiple of --pairs-per-volume")
-    for k in ("steps", "batch_pairs", "num_voxels", "pairs_per_volume", "log_every", "checkpoint_every"):
-        if cfg[k] < 1:
-            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}")
-    if "queue_size" in cfg and cfg["queue_size"] < cfg["batch_pairs"]:
-        raise ValueError(f"--queue-size {cfg['queue_size']} is smaller than one step's keys ({cfg['batch_pairs']})")
-    if cfg.get("recon_weight") == 0 and cfg.get("contrastive_weight") == 0:
-        raise ValueError("--recon-weight and --contrastive-weight are both 0: nothing to train")
-    return cfg
-
-
-def initial_backbone(args, cfg):
-    """--init-from FILE (ours or the authors' released weights, convert.py): continue
-    pretraining from them. Sets cfg's FPN size from the file; returns the state dict or None.
-    A resumed run (--resume with a checkpoint) starts from its checkpoint instead."""
-    if not args.init_from:
-        return None
-    config, state, _ = read_backbone_file(args.init_from)
-    for k in ("base_channels", "num_levels"):
-        if getattr(args, k) not in (None, config[k]):
-            raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)} contradicts {args.init_from} ({config[k]})")
-        cfg[k] = config[k]
-    cfg["init_from"] = str(args.init_from)
-    return state
-
+# ----------------------------------------------------------------------------- the method (Sec. 2)
 
 def build_model(cfg):
-    """The network a method trains; every one has .backbone (the FPN3d saved in backbone.pt)."""
     backbone_config = dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"])
-    if cfg["method"] in ("genesis", "mim"):
-        return RestorativeModel(backbone_config, mask_token=cfg["method"] == "mim")
-    if cfg["method"] == "densecl":
-        return DenseCLModel(backbone_config, level=cfg["dense_level"], queue_size=cfg["queue_size"])
     return PretrainModel(backbone_config, arch=cfg["arch"])
 
 
-# ----------------------------------------------------------------------------- training
+def training_step(model, batch, cfg, generator, device, amp_dtype):
+    """One forward of both augmented views; L_c (Eq. 1), L_r (Eq. 2), L (Eq. 3) -> (L, [L_c, L_r]).
+    No host-device synchronisation happens in here."""
+    B = batch["patches_a"].shape[0]
+    xa = batch["patches_a"].to(device, non_blocking=True)  # (B, 1, X, Y, Z) un-augmented: the Eq. 2 target
+    xb = batch["patches_b"].to(device, non_blocking=True)
+    # View B's patches sit after view A's in the stacked batch; shifted on the host, before the copy.
+    coords = torch.cat([batch["coords_a"], batch["coords_b"] + torch.tensor([B, 0, 0, 0])])  # (2N, 4)
+    coords = coords.to(device, non_blocking=True)
+    x = torch.cat([augment_batch(xa, generator, cfg["aug"]), augment_batch(xb, generator, cfg["aug"])])  # (2B, 1, X, Y, Z)
+    x = x.contiguous(memory_format=torch.channels_last_3d)   # faster 3D convs on GPU and CPU alike
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        z, recon = model(x, coords)                        # (2N, 128), (2B, 1, X, Y, Z)
+    N = batch["coords_a"].shape[0]
+    za, zb, valid = gather_embeddings(z[:N], z[N:], cfg["num_voxels"] * B)
+    l_c = info_nce(za, zb, cfg["temperature"], valid)                    # Eq. 1
+    l_r = reconstruction_loss(recon[:B], xa, recon[B:], xb)              # Eq. 2
+    return hybrid_loss(l_c, l_r, cfg["recon_weight"], cfg["contrastive_weight"]), [l_c, l_r]   # Eq. 3
 
-def make_loader(data_dir, cfg, seed, start_step, rank, world, workers):
-    """Item k of the dataset is a fixed function of (seed, k), and step s of rank r reads items
-    [(s * world + r) * m, ... + m) with m pairs-items per rank, so a resumed run and a run with
-    another worker count see exactly the same data (data.py: per-item generators)."""
-    per_rank = cfg["batch_pairs"] // world
-    items = per_rank // cfg["pairs_per_volume"]
-    dataset = PairDataset(data_dir, patch_size=cfg["patch_size"], num_voxels=cfg["num_voxels"],
-                          pairs_per_volume=cfg["pairs_per_volume"], length=cfg["steps"] * world * items,
-                          seed=seed)
-    order = [(s * world + rank) * items + j for s in range(start_step, cfg["steps"]) for j in range(items)]
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=items, sampler=order, collate_fn=collate_pairs, num_workers=workers,
-        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None)
+
+class Method:
+    """What the loop needs from a pretraining method: the paper's (and vox2vec's, a preset of it).
+    neighbours/*.py subclass it: their own flags and demo values, model, step and after_step."""
+    name, script, arch, loss_names = "ours", "pretrain.py", "balanced", ("loss_contrastive", "loss_recon")
+    demo = {}                      # this method's values in the demo preset
+
+    def add_arguments(self, p):
+        p.add_argument("--method", choices=["ours", "vox2vec"], default="ours",
+                       help="ours (the paper), or the vox2vec baseline (VOX2VEC: its arch, augmentations, no L_r)")
+        p.add_argument("--arch", choices=sorted(ARCHS), default="balanced", help="voxel representation (Sec. 2.2)")
+        p.add_argument("--aug", choices=KINDS, default="local", help="augmentations (Sec. 2.1)")
+        p.add_argument("--recon-weight", type=float, default=10.0, help="lambda of Eq. 3; 0 = contrastive only")
+        p.add_argument("--contrastive-weight", type=float, default=1.0, help="weight of L_c; 0 = restorative only")
+        p.add_argument("--temperature", type=float, default=0.1, help="tau of Eq. 1")
+
+    def presets(self, args):
+        return VOX2VEC if args.method == "vox2vec" else {}
+
+    def check(self, cfg):
+        if cfg["recon_weight"] == 0 and cfg["contrastive_weight"] == 0:
+            raise ValueError("--recon-weight and --contrastive-weight are both 0: nothing to train")
+
+    build_model = staticmethod(build_model)
+    step = staticmethod(training_step)
+
+    def load_backbone(self, model, state):
+        model.backbone.load_state_dict(state)
+
+    def after_step(self, model, cfg):
+        pass
+
+
+OURS = Method()
 
 
 def gather_embeddings(za, zb, max_voxels):
     """All processes' embeddings, differentiably, so InfoNCE sees the global batch's negatives.
 
     Each process pads its (N, D) rows to the static max_voxels (a pair can yield fewer voxels
-    than asked, data.sample_pair) and marks the padding in `valid`, so no sizes have to be
-    exchanged. Backward: each process's loss is the same global loss, the gradient of the
-    gathered copy is summed over processes (all_reduce) and each keeps its own chunk; DDP's
-    averaging of parameter gradients then gives exactly the single-process gradient.
+    than asked, data.sample_pair) and marks the padding in `valid`, so no sizes are exchanged.
+    Backward: the gathered copy's gradient is summed over processes and each keeps its chunk;
+    DDP's averaging of parameter gradients then gives exactly the single-process gradient.
     Returns (za, zb, valid) with (W * max_voxels, D) rows, or the inputs and None for one process.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -241,150 +156,202 @@ class _GatherRows(torch.autograd.Function):
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
-def training_step(model, batch, cfg, generator, device, amp_dtype):
-    """One step's loss for cfg["method"]: (loss, [its parts, named by LOSS_NAMES]) tensors.
-    No host-device synchronisation happens in here."""
-    step = {"genesis": step_genesis, "mim": step_mim, "densecl": step_densecl}.get(cfg["method"], step_ours)
-    return step(model, batch, cfg, generator, device, amp_dtype)
+# ----------------------------------------------------------------------------- setup
+
+def resolve_config(args, method=OURS):
+    """The run's config: every parsed setting that changes what is trained (paper defaults, the
+    preset and the flags were already merged by parse_args), checked. ValueError, one line."""
+    cfg = {k: v for k, v in vars(args).items() if k not in RUN_FLAGS}
+    cfg["method"] = args.method if method is OURS else method.name
+    cfg.setdefault("arch", method.arch)
+    cfg["patch_size"] = tuple(cfg["patch_size"])
+    for k in ("steps", "batch_pairs", "num_voxels", "pairs_per_volume", "log_every", "checkpoint_every"):
+        if cfg[k] < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}")
+    if cfg["batch_pairs"] % cfg["pairs_per_volume"]:
+        raise ValueError(f"--batch-pairs {cfg['batch_pairs']} must be a multiple of --pairs-per-volume")
+    method.check(cfg)
+    return cfg
 
 
-def step_ours(model, batch, cfg, generator, device, amp_dtype):
-    """Ours and vox2vec: one forward of both augmented views; L_c (Eq. 1) and L_r (Eq. 2)."""
-    B = batch["patches_a"].shape[0]
-    xa = batch["patches_a"].to(device, non_blocking=True)  # (B, 1, X, Y, Z) un-augmented: the Eq. 2 target
-    xb = batch["patches_b"].to(device, non_blocking=True)
-    # View B's patches sit after view A's in the stacked batch; shifted on the host, before the copy.
-    coords = torch.cat([batch["coords_a"], batch["coords_b"] + torch.tensor([B, 0, 0, 0])])  # (2N, 4)
-    coords = coords.to(device, non_blocking=True)
-    x = torch.cat([augment_batch(xa, generator, cfg["aug"]), augment_batch(xb, generator, cfg["aug"])])  # (2B, 1, X, Y, Z)
-    x = x.contiguous(memory_format=torch.channels_last_3d)   # faster 3D convs on GPU and CPU alike
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        z, recon = model(x, coords)                        # (2N, 128), (2B, 1, X, Y, Z)
-    N = batch["coords_a"].shape[0]
-    za, zb, valid = gather_embeddings(z[:N], z[N:], cfg["num_voxels"] * B)
-    l_c = info_nce(za, zb, cfg["temperature"], valid)                    # Eq. 1
-    l_r = reconstruction_loss(recon[:B], xa, recon[B:], xb)              # Eq. 2
-    loss = hybrid_loss(l_c, l_r, cfg["recon_weight"], cfg["contrastive_weight"])  # Eq. 3
-    return loss, [l_c, l_r]
+def initial_backbone(args, cfg):
+    """--init-from FILE (ours or the authors' released weights, convert.py): the file decides the
+    FPN's size (a contradicting --base-channels / --num-levels is refused). -> state dict or None."""
+    if not args.init_from:
+        return None
+    config, state, _ = read_backbone_file(args.init_from)
+    for k in ("base_channels", "num_levels"):
+        if k in args.explicit and getattr(args, k) != config[k]:
+            raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)} contradicts {args.init_from} ({config[k]})")
+        cfg[k] = config[k]
+    cfg["init_from"] = str(args.init_from)
+    return state
 
 
-def both_views(batch, device):
-    """The 2B patches of a batch of B pairs, as independent patches (genesis and mim use no pairs;
-    reading the same pairs keeps every method on exactly the same data). -> (2B, 1, X, Y, Z)."""
-    x = torch.cat([batch["patches_a"], batch["patches_b"]]).to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last_3d)
+def make_loader(data_dir, cfg, seed, start_step, rank, world, workers):
+    """Item k of the dataset is a fixed function of (seed, k), and step s of rank r reads items
+    [(s * world + r) * m, ... + m) with m pair-items per rank, so a resumed run and a run with
+    another worker count see exactly the same data (data.py: per-item generators)."""
+    per_rank = cfg["batch_pairs"] // world
+    items = per_rank // cfg["pairs_per_volume"]
+    dataset = PairDataset(data_dir, patch_size=cfg["patch_size"], num_voxels=cfg["num_voxels"],
+                          pairs_per_volume=cfg["pairs_per_volume"], length=cfg["steps"] * world * items,
+                          seed=seed)
+    order = [(s * world + rank) * items + j for s in range(start_step, cfg["steps"]) for j in range(items)]
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=items, sampler=order, collate_fn=collate_pairs, num_workers=workers,
+        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None)
 
 
-def step_genesis(model, batch, cfg, generator, device, amp_dtype):
-    """Models Genesis (Zhou et al. 2021): restore the original patch from its corruption
-    (augment.genesis_corrupt: shuffling, Bezier, in- or out-painting) with MSE; no L_c. Equals
-    Table 1's "L_r only" row of the paper with out-painting added and the rates of Models Genesis."""
-    x = both_views(batch, device)
-    corrupted = genesis_corrupt(x, generator).contiguous(memory_format=torch.channels_last_3d)
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        recon = model(corrupted)                                   # (2B, 1, X, Y, Z)
-    l_r = torch.nn.functional.mse_loss(recon.float(), x.float())
-    return l_r, [l_r]
+def setup(args, method):
+    """Everything before the first step; every input problem is one line before any work.
+    -> (model, optimizer, loader, cfg, run_dir, start step, rank, world, device)."""
+    rank, world, device = setup_distributed(args.device)
+    cfg = resolve_config(args, method)
+    if cfg["batch_pairs"] % (world * cfg["pairs_per_volume"]):
+        raise ValueError(f"--batch-pairs {cfg['batch_pairs']} is the global batch: it must split evenly "
+                         f"over {world} processes x --pairs-per-volume {cfg['pairs_per_volume']}")
+    data_dir = resolve_data_dir(args.data)
+    run_dir = Path(args.out or ("runs/pretrain-demo" if args.data == "demo" else "runs/pretrain"))
+    torch.manual_seed(args.seed)
+    init = initial_backbone(args, cfg)
+    model = method.build_model(cfg)
+    if init is not None:
+        method.load_backbone(model, init)
+    # channels_last_3d: measured faster 3x3x3 convs on GPU and on this 2-core CPU alike (bench.py).
+    model = model.to(device, memory_format=torch.channels_last_3d)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=device.type == "cuda")
+    start = 0
+    if args.resume:
+        start = load_run(run_dir, model, optimizer, cfg)
+    elif any((run_dir / name).exists() for name in ("checkpoint.pt", "log.jsonl")):
+        raise ValueError(f"{run_dir} already holds a run (checkpoint.pt / log.jsonl): continue it with "
+                         "--resume, or choose another --out")
+    loader = make_loader(data_dir, cfg, args.seed, start, rank, world, args.workers)
+    if rank == 0:
+        make_output_dir(run_dir)
+        if start > 0:
+            truncate_log(run_dir / "log.jsonl", start)
+        print(f"pretrain: {world} process(es) on {device}, data {data_dir}, run dir {run_dir}, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, starting at step {start}")
+        print("config: " + json.dumps(cfg))
+    return model, optimizer, loader, cfg, run_dir, start, rank, world, device
 
 
-def step_mim(model, batch, cfg, generator, device, amp_dtype):
-    """Masked image modelling, SimMIM-style (Xie et al. 2022; for 3D CT/MRI: Chen et al. 2023,
-    "Masked image modeling advances 3D medical image analysis"): mask_ratio of the patch's
-    mask_block cells replaced by a learned value, the original voxels predicted by the light
-    reconstruction head, L1 on the masked voxels only.
+# ----------------------------------------------------------------------------- the training loop
 
-    From a ViT to a CNN: a ViT drops (MAE) or replaces (SimMIM) whole tokens, so a masked token
-    carries nothing of its content. A CNN sees every voxel, and convolutions mix neighbours, so
-    (1) masked voxels are replaced by the mask value in the input, before the first convolution:
-    no layer ever sees a masked intensity; (2) the loss is on masked voxels only: on visible ones
-    the identity would be rewarded; (3) masks are blocks of several voxels at a high ratio, not
-    single voxels: a masked voxel inside a block is several voxels from any visible one, which a
-    3x3x3 convolution cannot bridge by interpolation. What does still pass is the mask pattern
-    (the network knows where the holes are, as SimMIM's token does); BatchNorm's statistics
-    mix masked and visible voxels, which fine-tuning re-estimates (finetune.py)."""
-    x = both_views(batch, device)
-    mask = block_mask(x.shape, generator, cfg["mask_ratio"], cfg["mask_block"], device)   # (2B, 1, X, Y, Z)
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        recon = model(x, mask)
-    l1 = masked_l1(recon, x, mask)
-    return l1, [l1]
+def train(model, optimizer, loader, method, cfg, args, run_dir, start, rank, world, device):
+    """nanoGPT's order: augment + forward + loss -> backward -> clip -> step -> log / checkpoint.
+    The step never waits for the device; the host reads it every --log-every steps only."""
+    amp_dtype = torch.bfloat16 if device.type == "cuda" and args.amp else None
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)   # denormal activations slow CPU steps (README, "Speed")
+    torch.backends.cudnn.benchmark = True
+    net = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    net = torch.compile(net) if args.compile else net
+    generator = torch.Generator(device=device)
+    bad = torch.zeros((), dtype=torch.bool, device=device)       # any non-finite loss since the last log
+    sums = torch.zeros(1 + len(method.loss_names), device=device)
+    t0, n_logged, step = time.time(), 0, start
+    bar = tqdm(total=cfg["steps"], initial=start, disable=rank != 0, dynamic_ncols=True)
+    model.train()
+    for batch in loader:
+        # Augmentations are a fixed function of (seed, step, rank): resuming reproduces them.
+        generator.manual_seed((args.seed * 1_000_003 + step) * 64 + rank)
+        loss, parts = method.step(net, batch, cfg, generator, device, amp_dtype)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        optimizer.step()
+        method.after_step(model, cfg)
+        step += 1
+        bad |= ~torch.isfinite(loss.detach())
+        sums += torch.stack([loss.detach(), *[p.detach() for p in parts]]).float()
+        n_logged += 1
+        bar.update(1)
+        if step % cfg["log_every"] and step % cfg["checkpoint_every"] and step != cfg["steps"]:
+            continue
+        if world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            dist.all_reduce(sums)
+            sums /= world
+        if bad.item():   # the only host sync
+            stop_non_finite(run_dir, step - n_logged + 1, step, rank)
+        mean = (sums / n_logged).tolist()
+        row = dict(step=step, loss=mean[0], **dict(zip(method.loss_names, mean[1:])),
+                   lr=optimizer.param_groups[0]["lr"], seconds=round(time.time() - t0, 3))
+        sums.zero_()
+        n_logged = 0
+        if rank == 0:
+            log_row(run_dir / "log.jsonl", row)
+            bar.set_postfix(loss=f"{mean[0]:.4f}", **{n.replace("loss_", ""): f"{v:.4f}"
+                                                      for n, v in zip(method.loss_names, mean[1:])})
+            if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:
+                save_run(run_dir, model, optimizer, cfg, args, step)
+    bar.close()
+    return step
 
 
-def step_densecl(model, batch, cfg, generator, device, amp_dtype):
-    """DenseCL (Wang et al. 2021; the seed poster applies it to 2-D ultrasound): view A through
-    the query encoder, view B through the EMA key encoder. Global loss: MoCo on pooled features.
-    Dense loss: each query location's positive is the key location whose *backbone feature* is
-    most similar (argmax cosine), not the geometrically corresponding one; negatives are the
-    dense queue. L = (1 - lambda) L_global + lambda L_dense, tau = 0.2, lambda = 0.5.
-
-    Adapted to the 3D FPN: the dense head and the matching use one FPN level, --dense-level
-    (paper preset: level 3, 1/8 resolution, 16 x 16 x 4 = 1,024 locations of a 128 x 128 x 32
-    patch; demo: level 2, 8 x 8 x 4 = 256 of a 32 x 32 x 16 patch). DenseCL uses ResNet's C5
-    (7 x 7 = 49 locations); matching costs (locations)^2 per pair, so a finer level is
-    quadratically dearer (level 2 of a paper patch: 67 M similarities per pair), a coarser one
-    leaves too few locations. The global head pools the coarsest level (the FPN's C5). The views
-    are our overlapping crops with the local augmentations, as for ours: only the matching
-    differs. No shuffle-BN (MoCo's guard against BatchNorm leaking across a batch under DDP)."""
-    core = unwrap(model)
-    xq = augment_batch(batch["patches_a"].to(device, non_blocking=True), generator, cfg["aug"])
-    xk = augment_batch(batch["patches_b"].to(device, non_blocking=True), generator, cfg["aug"])
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        (q_global, q_dense, f_q), (k_global, k_dense, f_k) = model(
-            xq.contiguous(memory_format=torch.channels_last_3d), xk.contiguous(memory_format=torch.channels_last_3d))
-    match = dense_matches(f_q.detach(), f_k)                                # (B, S_q)
-    loss, l_global, l_dense = densecl_loss(q_global, k_global, core.queue_global.keys.clone(), q_dense, k_dense,
-                                           match, core.queue_dense.keys.clone(), cfg["temperature"],
-                                           cfg["dense_weight"])
-    core.queue_global.enqueue(gather_keys(k_global))
-    core.queue_dense.enqueue(gather_keys(torch.nn.functional.normalize(k_dense.mean(2), dim=1)))
-    return loss, [l_global, l_dense]
+def stop_non_finite(run_dir, first, last, rank):
+    if rank == 0:
+        ck = run_dir / "checkpoint.pt"
+        where = f"the last good checkpoint is {ck}" if ck.exists() else "no checkpoint was written yet"
+        print(f"pretrain.py: non-finite loss between steps {first} and {last}; stopping. {where} "
+              "(try a lower --lr).", file=sys.stderr)
+    sys.exit(1)
 
 
-@torch.no_grad()
-def gather_keys(k):
-    """Every process's keys, in rank order (MoCo enqueues the global batch's), or k alone."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return k
-    parts = [torch.empty_like(k) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, k.contiguous())
-    return torch.cat(parts)
+def main(args, method=OURS):
+    try:
+        model, optimizer, loader, cfg, run_dir, start, rank, world, device = setup(args, method)
+    except ValueError as e:
+        sys.exit(f"{method.script}: error: {e}")
+    step = train(model, optimizer, loader, method, cfg, args, run_dir, start, rank, world, device)
+    if rank == 0:
+        print(f"done: {step} steps; backbone for linear_probe.py / finetune.py: {run_dir / 'backbone.pt'}")
+    if world > 1:
+        dist.destroy_process_group()
+    return run_dir
 
+
+# ----------------------------------------------------------------------------- checkpoints and the log
 
 def save_run(run_dir, model, optimizer, cfg, args, step):
+    """checkpoint.pt (everything a bit-equal resume needs) and backbone.pt (the FPN alone), both
+    tensors and builtins only, so weights_only=True loads them."""
     core = unwrap(model)
-    state = dict(version=CHECKPOINT_VERSION, step=step, config=cfg, args=vars(args),
+    state = dict(version=BACKBONE_VERSION, step=step, config=cfg, args=vars(args),
                  model_config=core.config, model=core.state_dict(), optimizer=optimizer.state_dict(),
                  rng=dict(torch=torch.get_rng_state(), numpy=numpy_rng_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
-    atomic_torch_save(state, run_dir / "checkpoint.pt")
-    # The backbone alone, plain tensors and builtins only (weights_only=True loads it).
-    atomic_torch_save(dict(version=CHECKPOINT_VERSION, kind="backbone", step=step,
-                           backbone_config=dict(core.config["backbone_config"]), arch=cfg["arch"],
-                           pretrain_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
-                           state_dict=core.backbone.state_dict()),
-                      run_dir / "backbone.pt")
+    save_torch(state, run_dir / "checkpoint.pt")
+    save_torch(dict(version=BACKBONE_VERSION, kind="backbone", step=step,
+                    backbone_config=dict(core.config["backbone_config"]), arch=cfg["arch"],
+                    pretrain_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+                    state_dict=core.backbone.state_dict()),
+               run_dir / "backbone.pt")
 
 
 def load_run(run_dir, model, optimizer, cfg):
+    """--resume: model, optimizer and RNG states from RUN/checkpoint.pt -> the step to continue from.
+    Any changed setting other than the run's length and cadence is refused (README, "Reliability")."""
     path = run_dir / "checkpoint.pt"
     if not path.exists():
         raise ValueError(f"--resume: no checkpoint at {path}")
-    try:  # tensors and builtins only: a crafted pickle cannot run code here
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a checkpoint this code can read safely ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]})") from None
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+    try:
+        state = load_torch(path)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a checkpoint this code can read safely ({str(e).split('(', 1)[-1]}") from None
+    if not isinstance(state, dict) or state.get("version") != BACKBONE_VERSION:
         version = state.get("version") if isinstance(state, dict) else None
-        raise ValueError(f"{path}: checkpoint version {version}, this code writes {CHECKPOINT_VERSION} "
+        raise ValueError(f"{path}: checkpoint version {version}, this code writes {BACKBONE_VERSION} "
                          "(version 2 changed the FPN to the reference's); start a new run folder")
-    # Refuse, rather than silently ignore or half-apply, a changed setting: only the run's length
-    # and its logging / checkpoint cadence may change on resume (README, "Reliability").
-    may_change = ("steps", "log_every", "checkpoint_every")
     state["config"].setdefault("method", cfg["method"])     # written before --method was recorded
     changed = [f"--{k.replace('_', '-')} {tuple_or(state['config'].get(k))} -> {tuple_or(cfg.get(k))}"
                for k in sorted(set(cfg) | set(state["config"]))
-               if k not in may_change and tuple_or(state["config"].get(k)) != tuple_or(cfg.get(k))]
+               if k not in MAY_CHANGE_ON_RESUME and tuple_or(state["config"].get(k)) != tuple_or(cfg.get(k))]
     if changed:
         raise ValueError(f"{path}: --resume with settings that differ from the saved run ({'; '.join(changed)}); "
                          "resume with the same flags, or start a new --out")
@@ -395,6 +362,18 @@ def load_run(run_dir, model, optimizer, cfg):
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["step"]
+
+
+def truncate_log(path, step):
+    """Drop the rows logged after the checkpoint a run resumes from (they will be logged again)."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        atomic_write(path, lambda tmp: tmp.write_text("".join(r + "\n" for r in rows)))
+
+
+def log_row(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def numpy_rng_state():
@@ -412,153 +391,66 @@ def tuple_or(v):
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
-def main(args):
-    try:
-        rank, world, device = setup_distributed(args.device)
-        cfg = resolve_config(args)
-        if cfg["batch_pairs"] % (world * cfg["pairs_per_volume"]):
-            raise ValueError(f"--batch-pairs {cfg['batch_pairs']} is the global batch: it must split evenly "
-                             f"over {world} processes x --pairs-per-volume {cfg['pairs_per_volume']}")
-        data_dir = resolve_data_dir(args.data)
-        run_dir = Path(args.out or ("runs/pretrain-demo" if args.data == "demo" else "runs/pretrain"))
-        torch.manual_seed(args.seed)
-        init = initial_backbone(args, cfg)       # --init-from: the file decides the FPN's size
-        model = build_model(cfg)
-        if init is not None:
-            model.backbone.load_state_dict(init)
-            if cfg["method"] == "densecl":
-                model.reset_key()                # the key encoder starts as the query encoder
-        model = model.to(device)
-        amp_dtype = torch.bfloat16 if device.type == "cuda" and args.amp else None
-        if device.type == "cpu":
-            torch.set_flush_denormal(True)   # denormal activations slowed CPU steps by up to 1.5x (measured)
-        torch.backends.cudnn.benchmark = True
-        # channels_last_3d: measured ~1.8x faster 3x3x3 convs on this 2-core CPU too (bench.py).
-        model = model.to(memory_format=torch.channels_last_3d)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=device.type == "cuda")
-        start = 0
-        if args.resume and (run_dir / "checkpoint.pt").exists():
-            start = load_run(run_dir, model, optimizer, cfg)
-        elif args.resume:
-            raise ValueError(f"--resume: no checkpoint at {run_dir / 'checkpoint.pt'}")
-        elif any((run_dir / name).exists() for name in ("checkpoint.pt", "log.jsonl")):
-            raise ValueError(f"{run_dir} already holds a run (checkpoint.pt / log.jsonl): continue it with "
-                             "--resume, or choose another --out")
-        loader = make_loader(data_dir, cfg, args.seed, start, rank, world, args.workers)
-        if rank == 0:
-            make_output_dir(run_dir)
-    except ValueError as e:
-        sys.exit(f"pretrain.py: error: {e}")
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    step_model = torch.compile(model) if args.compile else model
-    if rank == 0:
-        if start > 0:
-            truncate_log(run_dir / "log.jsonl", start)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"pretrain: {world} process(es) on {device}, data {data_dir}, run dir {run_dir}, "
-              f"{n_params / 1e6:.2f} M parameters, starting at step {start}")
-        print("config: " + json.dumps({k: v for k, v in cfg.items()}))
-    generator = torch.Generator(device=device)
-    bad = torch.zeros((), dtype=torch.bool, device=device)       # any non-finite loss since the last check
-    names = LOSS_NAMES[cfg["method"]]
-    sums = torch.zeros(1 + len(names), device=device)
-    t0, n_logged = time.time(), 0
-    bar = tqdm(total=cfg["steps"], initial=start, disable=rank != 0, dynamic_ncols=True)
-    model.train()
-    step = start
-    for batch in loader:
-        # Augmentations are a fixed function of (seed, step, rank): resuming reproduces them.
-        generator.manual_seed((args.seed * 1_000_003 + step) * 64 + rank)
-        loss, parts = training_step(step_model, batch, cfg, generator, device, amp_dtype)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        optimizer.step()
-        if cfg["method"] == "densecl":      # MoCo's momentum update of the key encoder, after the step
-            ema_update(unwrap(model).key, unwrap(model).query, cfg["ema_momentum"])
-        step += 1
-        bad |= ~torch.isfinite(loss.detach())
-        sums += torch.stack([loss.detach(), *[p.detach() for p in parts]]).float()
-        n_logged += 1
-        last = step == cfg["steps"]
-        if step % cfg["log_every"] == 0 or last or step % cfg["checkpoint_every"] == 0:
-            if world > 1:
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-                dist.all_reduce(sums)
-                sums /= world
-            if bad.item():   # the only host sync: every log_every steps
-                if rank == 0:
-                    ck = run_dir / "checkpoint.pt"
-                    where = f"the last good checkpoint is {ck}" if ck.exists() else "no checkpoint was written yet"
-                    print(f"pretrain.py: non-finite loss between steps {step - n_logged + 1} and {step}; "
-                          f"stopping. {where} (try a lower --lr).", file=sys.stderr)
-                sys.exit(1)
-            mean = (sums / n_logged).tolist()
-            row = dict(step=step, loss=mean[0], **dict(zip(names, mean[1:])),
-                       lr=optimizer.param_groups[0]["lr"], seconds=round(time.time() - t0, 3))
-            if rank == 0:
-                log_row(run_dir / "log.jsonl", row)
-                bar.set_postfix(loss=f"{mean[0]:.4f}", **{n.replace("loss_", ""): f"{v:.4f}" for n, v in zip(names, mean[1:])})
-            sums.zero_()
-            n_logged = 0
-            if rank == 0 and (step % cfg["checkpoint_every"] == 0 or last):
-                save_run(run_dir, model, optimizer, cfg, args, step)
-        bar.update(1)
-    bar.close()
-    if rank == 0:
-        print(f"done: {step} steps; backbone for linear_probe.py / finetune.py: {run_dir / 'backbone.pt'}")
-    if world > 1:
-        dist.destroy_process_group()
-    return run_dir
+# ----------------------------------------------------------------------------- command line
 
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser(method=OURS):
+    p = argparse.ArgumentParser(description=(method.__doc__ if method is not OURS else __doc__).split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     # Data and run folder
     p.add_argument("--data", required=True, help="preprocessed DATA_DIR (preprocess.py), or 'demo'")
-    p.add_argument("--out", help="run folder (default runs/pretrain or runs/pretrain-demo)")
+    p.add_argument("--out", help="run folder [runs/pretrain, or runs/pretrain-demo for --data demo]")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--init-from", help="start from these backbone weights: our backbone.pt or the authors' "
-                                       "released files (convert.py lists the formats)")
+                                       "released files (convert.py lists the formats); they set the FPN's size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) - 1)),
                    help="DataLoader processes reading memory-mapped patches")
-    p.add_argument("--preset", choices=["paper", "demo"], help="defaults to start from [demo for --data demo, else paper]")
-    # Method (Table 1 ablations). None means: the paper's value (or the demo preset's)
-    p.add_argument("--method", choices=sorted(METHODS),
-                   help="ours (the paper), the vox2vec baseline, or a neighbouring method: genesis (Models "
-                        "Genesis), mim (masked image modelling), densecl [ours]")
-    p.add_argument("--arch", choices=sorted(ARCHS), help="voxel representation / FPN preset (Sec. 2.2) [balanced]")
-    p.add_argument("--base-channels", type=int, help="FPN width at full resolution [from --arch]")
-    p.add_argument("--num-levels", type=int, help="FPN levels [from --arch]")
-    p.add_argument("--aug", choices=["local", "vox2vec", "none"], help="augmentations (Sec. 2.1) [local]")
-    p.add_argument("--recon-weight", type=float, help="lambda of Eq. 3; 0 = contrastive only [10]")
-    p.add_argument("--contrastive-weight", type=float, help="weight of L_c; 0 = restorative only [1]")
-    p.add_argument("--temperature", type=float, help="tau of Eq. 1 [0.1]")
-    # Neighbouring methods' own settings (refused with any other --method)
-    p.add_argument("--mask-ratio", type=float, help="mim: fraction of blocks masked [0.75]")
-    p.add_argument("--mask-block", type=int, nargs=3, help="mim: block (X, Y, Z) voxels [8 8 4; demo 4 4 2]")
-    p.add_argument("--dense-level", type=int, help="densecl: FPN level of the dense head and matching [3; demo 2]")
-    p.add_argument("--dense-weight", type=float, help="densecl: lambda, weight of the dense loss [0.5]")
-    p.add_argument("--queue-size", type=int, help="densecl: negatives per queue [65536; demo 256]")
-    p.add_argument("--ema-momentum", type=float, help="densecl: key-encoder momentum [0.999; demo 0.99]")
+    p.add_argument("--preset", choices=["paper", "demo"],
+                   help="demo replaces some defaults with pretrain.DEMO [demo for --data demo, else paper]")
+    # Network (model.ARCHS; the demo preset: model.DEMO_ARCHS)
+    p.add_argument("--base-channels", type=int, default=ARCHS["balanced"]["base_channels"], help="FPN width at full resolution")
+    p.add_argument("--num-levels", type=int, default=ARCHS["balanced"]["num_levels"], help="FPN levels")
+    # The method (Table 1 ablations, or a neighbouring method's own settings)
+    method.add_arguments(p)
     # Optimisation (Sec. 3.2)
-    p.add_argument("--steps", type=int, help="[50000; demo 300]")
-    p.add_argument("--batch-pairs", type=int, help="patch pairs per step, global over processes [10; demo 4]")
-    p.add_argument("--pairs-per-volume", type=int, help="pairs cropped from one scan (reference: all) [1]")
-    p.add_argument("--num-voxels", type=int, help="positive pairs sampled per patch pair [1024; demo 256]")
-    p.add_argument("--patch-size", type=int, nargs=3, help="(X, Y, Z) voxels [128 128 32; demo 48 48 16]")
-    p.add_argument("--lr", type=float, help="Adam learning rate [3e-4]")
-    p.add_argument("--grad-clip", type=float, help="gradient-norm clip [1.0]")
+    p.add_argument("--steps", type=int, default=50_000)
+    p.add_argument("--batch-pairs", type=int, default=10, help="patch pairs per step, global over processes")
+    p.add_argument("--pairs-per-volume", type=int, default=1, help="pairs cropped from one scan")
+    p.add_argument("--num-voxels", type=int, default=1024, help="positive pairs sampled per patch pair")
+    p.add_argument("--patch-size", type=int, nargs=3, default=(128, 128, 32), help="(X, Y, Z) voxels")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (the reference's)")
     # Logging, checkpoints and speed
-    p.add_argument("--log-every", type=int, help="steps between log rows (and the only host syncs) [50; demo 10]")
-    p.add_argument("--checkpoint-every", type=int, help="[1000; demo 100]")
+    p.add_argument("--log-every", type=int, default=50, help="steps between log rows (and the only host syncs)")
+    p.add_argument("--checkpoint-every", type=int, default=1000)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    return p.parse_args(argv)
+    return p
+
+
+def explicit_flags(parser, argv):
+    """The destinations of the flags given on the command line (the parser takes no abbreviations)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return sorted({a.dest for a in parser._actions for token in argv
+                   if token in a.option_strings or any(token.startswith(o + "=") for o in a.option_strings)})
+
+
+def parse_args(argv=None, method=OURS):
+    """The paper's defaults, then the presets (demo, a method's), then the flags given."""
+    p = build_parser(method)
+    explicit = explicit_flags(p, argv)
+    first = p.parse_args(argv)
+    demo = first.preset == "demo" or (first.preset is None and first.data == "demo")
+    defaults = dict(method.presets(first))
+    arch = first.arch if "arch" in explicit else defaults.get("arch", method.arch)
+    defaults.update((DEMO_ARCHS if demo else ARCHS)[arch])
+    if demo:
+        defaults.update(DEMO, **method.demo)
+    p.set_defaults(**defaults)
+    args = p.parse_args(argv)
+    args.explicit = explicit
+    return args
 
 
 if __name__ == "__main__":

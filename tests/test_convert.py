@@ -171,7 +171,7 @@ def test_export_reference_cli(tmp_path):
     config = dict(in_channels=1, base_channels=2, num_levels=3)
     state = FPN3d(**config).state_dict()
     ours = tmp_path / "backbone.pt"
-    torch.save(dict(kind="backbone", version=convert.VERSION, backbone_config=config, state_dict=state), ours)
+    torch.save(dict(kind="backbone", version=convert.BACKBONE_VERSION, backbone_config=config, state_dict=state), ours)
     out = tmp_path / "theirs.pt"
     r = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--export-reference", str(ours), str(out)],
                        capture_output=True, text=True, cwd=ROOT)

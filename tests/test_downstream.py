@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import downstream
 import finetune
 import predict
@@ -18,8 +19,8 @@ import pretrain
 import preprocess
 from model import FPN3d, SegmentationModel
 
-TINY = ["--steps", "3", "--batch-size", "1", "--patch-size", "16", "16", "8", "--eval-patch-size", "64", "64", "32",
-        "--workers", "0", "--folds", "2", "--fold", "0", "--preset", "demo"]
+PROBE_TINY = ["--eval-patch-size", "64", "64", "32", "--folds", "2", "--fold", "0", "--preset", "demo"]
+TINY = ["--steps", "3", "--batch-size", "1", "--patch-size", "16", "16", "8", "--workers", "0", *PROBE_TINY]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_linear_probe_trains_only_the_head(small_demo, backbone, tmp_path, monke
     monkeypatch.setattr(linear_probe, "train_head", spy)
     monkeypatch.setattr(downstream, "build_segmenter", build)
     results = linear_probe.main(linear_probe.parse_args(["--data", str(small_demo), "--checkpoint", str(backbone),
-                                                         "--out", str(tmp_path), *TINY, "--max-steps", "5"]))
+                                                         "--out", str(tmp_path), *PROBE_TINY, "--max-steps", "5"]))
     for k, v in seen["before"].items():       # weights and BN running statistics untouched
         assert torch.equal(v, seen["after"][k]), k
     assert any(not torch.equal(v, seen["head_after"][k]) for k, v in seen["head"].items())
@@ -131,7 +132,7 @@ def test_voxel_sample_is_class_balanced():
 
 def test_linear_probe_random_init(small_demo, tmp_path):
     r = linear_probe.main(linear_probe.parse_args(["--data", str(small_demo), "--init", "random",
-                                                   "--out", str(tmp_path), *TINY, "--max-steps", "3"]))
+                                                   "--out", str(tmp_path), *PROBE_TINY, "--max-steps", "3"]))
     assert r["init"] == "random" and r["checkpoint"] is None
 
 
@@ -163,7 +164,7 @@ def test_bad_checkpoint_is_a_clear_error(small_demo, backbone, tmp_path, problem
         torch.save(ckpt, path)
     with pytest.raises(SystemExit) as e:
         linear_probe.main(linear_probe.parse_args(["--data", str(small_demo), "--checkpoint", str(path),
-                                                   "--out", str(tmp_path / "o"), *TINY]))
+                                                   "--out", str(tmp_path / "o"), *PROBE_TINY]))
     assert str(path) in str(e.value.code)
 
 
@@ -188,18 +189,14 @@ def test_backbone_lr_schedule():
 
 def test_finetune_freezes_then_trains_backbone(small_demo, backbone, tmp_path, monkeypatch):
     snapshots = []
-    real = finetune.schedule
+    real = finetune.apply_schedule
 
-    def recording(cfg):
-        on_step = real(cfg)
+    def recording(step, model, optimizer, cfg):
+        snapshots.append((step, model.backbone.stem.weight.detach().clone()
+                          if hasattr(model.backbone, "stem") else next(model.backbone.parameters()).detach().clone()))
+        real(step, model, optimizer, cfg)
 
-        def wrapped(step, model, optimizer):
-            snapshots.append((step, model.backbone.stem.weight.detach().clone()
-                              if hasattr(model.backbone, "stem") else next(model.backbone.parameters()).detach().clone()))
-            on_step(step, model, optimizer)
-        return wrapped
-
-    monkeypatch.setattr(finetune, "schedule", recording)
+    monkeypatch.setattr(finetune, "apply_schedule", recording)
     finetune.main(finetune.parse_args(["--data", str(small_demo), "--checkpoint", str(backbone), "--out", str(tmp_path),
                                        *TINY, "--steps", "5", "--freeze-steps", "2", "--ramp-steps", "2"]))
     w = dict(snapshots)
@@ -247,8 +244,8 @@ def test_predict_needs_a_finetuned_checkpoint(backbone, tmp_path):
                                            "--output", str(tmp_path / "o.nii.gz")]))
 
 
-@pytest.mark.parametrize("medcontext", [[], ["--medcontext"]])
-def test_finetune_under_torchrun_two_processes(small_demo, backbone, tmp_path, medcontext):
+@pytest.mark.parametrize("script", ["finetune.py", "neighbours/medcontext.py"])
+def test_finetune_under_torchrun_two_processes(small_demo, backbone, tmp_path, script):
     """DDP fine-tuning on CPU (gloo): freeze -> unfreeze re-wraps DDP; rank 0 alone evaluates and
     writes; the saved model loads in a single process. With MedContext: its two-input forward
     and teacher under DDP."""
@@ -258,8 +255,8 @@ def test_finetune_under_torchrun_two_processes(small_demo, backbone, tmp_path, m
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(root / "finetune.py"), "--data", str(small_demo), "--checkpoint", str(backbone), "--out", str(tmp_path),
-           *TINY, "--batch-size", "2", "--steps", "4", "--freeze-steps", "2", "--ramp-steps", "1", "--device", "cpu", *medcontext]
+           str(root / script), "--data", str(small_demo), "--checkpoint", str(backbone), "--out", str(tmp_path),
+           *TINY, "--batch-size", "2", "--steps", "4", "--freeze-steps", "2", "--ramp-steps", "1", "--device", "cpu"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("fold 0:") == 1          # one evaluation, by rank 0
@@ -319,7 +316,7 @@ def test_reestimated_batchnorm_statistics_are_the_plain_average(small_demo):
     seen = []
     bn.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().mean((0, 2, 3, 4))))
     cfg = dict(patch_size=(16, 16, 8), batch_size=2)
-    ids = downstream.list_cases(small_demo, labelled=True)
+    ids = data.list_cases(small_demo, labelled=True)
     finetune.reestimate_batchnorm(model, small_demo, ids, cfg, torch.device("cpu"), seed=0, batches=5)
     torch.testing.assert_close(bn.running_mean, torch.stack(seen).mean(0), rtol=1e-4, atol=1e-6)
     assert bn.momentum == 0.1

@@ -1,5 +1,6 @@
 """The neighbouring methods (README, "Neighbouring methods"): Models Genesis, masked image
-modelling, DenseCL (pretrain.py --method ...) and MedContext (finetune.py --medcontext).
+modelling, DenseCL (neighbours/genesis.py, mim.py, densecl.py: pretrain.py's loop with their own
+step) and MedContext (neighbours/medcontext.py: finetune.py's loop with its own step).
 Each method-specific piece against a naive reference or an invariant, then real training
 steps: weights change, backbone.pt loads downstream, resume equals an uninterrupted run."""
 import math
@@ -8,13 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-import augment
-import finetune
 import loss
 import model
 import pretrain
-from downstream import load_backbone
-from test_pretrain import TINY, read_log, run
+from convert import read_backbone_file as load_backbone
+from neighbours import common, densecl, genesis, medcontext, mim
+from test_pretrain import TINY, read_log
+
+METHODS = {"genesis": genesis.GENESIS, "mim": mim.MIM_METHOD, "densecl": densecl.DENSECL}
+
+
+def run(data, out, method, *extra):
+    return pretrain.main(pretrain.parse_args(["--data", str(data), "--out", str(out), *TINY, *extra], method), method)
 
 
 # ----------------------------------------------------------------------------- masks (mim, MedContext)
@@ -22,7 +28,7 @@ from test_pretrain import TINY, read_log, run
 @pytest.mark.parametrize("ratio, block", [(0.75, (4, 4, 2)), (0.5, (3, 5, 2)), (0.4, (2, 2, 1))])
 def test_block_mask_ratio_is_honoured(ratio, block):
     shape, g = (64, 1, 16, 15, 8), torch.Generator().manual_seed(0)
-    mask = augment.block_mask(shape, g, ratio, block)
+    mask = common.block_mask(shape, g, ratio, block)
     assert mask.shape == (64, 1, 16, 15, 8) and mask.dtype == torch.bool
     cells = [math.ceil(d / b) for d, b in zip(shape[2:], block)]
     n = cells[0] * cells[1] * cells[2]
@@ -40,7 +46,7 @@ def test_block_mask_ratio_is_honoured(ratio, block):
 
 
 def test_column_mask_is_the_same_on_every_slice():
-    mask = augment.block_mask((3, 1, 16, 16, 8), torch.Generator().manual_seed(1), 0.5, (4, 4, 8))
+    mask = common.block_mask((3, 1, 16, 16, 8), torch.Generator().manual_seed(1), 0.5, (4, 4, 8))
     assert torch.equal(mask, mask[..., :1].expand_as(mask))
     assert mask.float().mean().item() == 0.5
 
@@ -48,25 +54,25 @@ def test_column_mask_is_the_same_on_every_slice():
 def test_masked_l1_ignores_unmasked_voxels():
     g = torch.Generator().manual_seed(2)
     pred, target = torch.rand(2, 1, 8, 8, 4, generator=g), torch.rand(2, 1, 8, 8, 4, generator=g)
-    mask = augment.block_mask(pred.shape, g, 0.75, (2, 2, 2))
+    mask = common.block_mask(pred.shape, g, 0.75, (2, 2, 2))
     naive = np.mean([abs(p - t) for p, t, m in zip(pred.flatten().tolist(), target.flatten().tolist(),
                                                     mask.flatten().tolist()) if m])
-    assert loss.masked_l1(pred, target, mask).item() == pytest.approx(naive, rel=1e-6)
+    assert mim.masked_l1(pred, target, mask).item() == pytest.approx(naive, rel=1e-6)
     changed = torch.where(mask, pred, pred + 100.0)    # anything at the visible voxels
-    assert loss.masked_l1(changed, target, mask).item() == pytest.approx(naive, rel=1e-6)
+    assert mim.masked_l1(changed, target, mask).item() == pytest.approx(naive, rel=1e-6)
     pred.requires_grad_(True)
-    loss.masked_l1(pred, target, mask).backward()
+    mim.masked_l1(pred, target, mask).backward()
     assert (pred.grad[~mask] == 0).all() and (pred.grad[mask] != 0).all()
 
 
 def test_mim_input_hides_exactly_the_masked_voxels():
-    net = model.RestorativeModel(dict(in_channels=1, base_channels=4, num_levels=2), mask_token=True)
+    net = common.RestorativeModel(dict(in_channels=1, base_channels=4, num_levels=2), mask_token=True)
     with torch.no_grad():
         net.mask_token.fill_(-7.0)
     seen = []
     net.backbone.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
     x = torch.rand(2, 1, 8, 8, 4)
-    mask = augment.block_mask(x.shape, torch.Generator().manual_seed(3), 0.75, (2, 2, 2))
+    mask = common.block_mask(x.shape, torch.Generator().manual_seed(3), 0.75, (2, 2, 2))
     net(x, mask).sum().backward()
     assert torch.equal(seen[0][mask], torch.full((int(mask.sum()),), -7.0))
     assert torch.equal(seen[0][~mask], x[~mask])
@@ -77,8 +83,8 @@ def test_mim_input_hides_exactly_the_masked_voxels():
 
 def test_outpainting_keeps_exactly_the_inner_box():
     x = torch.rand(16, 1, 21, 14, 7, generator=torch.Generator().manual_seed(4)) * 0.5 + 0.25
-    out = augment.local_outpaint(x, torch.Generator().manual_seed(5))
-    keep = augment.outpaint_box(x.shape, torch.Generator().manual_seed(5))   # the same draws
+    out = genesis.local_outpaint(x, torch.Generator().manual_seed(5))
+    keep = genesis.outpaint_box(x.shape, torch.Generator().manual_seed(5))   # the same draws
     for b in range(16):
         box = torch.nonzero(keep[b, 0])
         lo, hi = box.min(0).values, box.max(0).values + 1
@@ -96,13 +102,13 @@ def test_outpainting_keeps_exactly_the_inner_box():
 def test_genesis_corruption_paints_in_or_out():
     x = torch.rand(32, 1, 16, 16, 8, generator=torch.Generator().manual_seed(6)) * 0.5 + 0.25
     g = torch.Generator().manual_seed(7)
-    only_out = augment.genesis_corrupt(x, g, shuffle_prob=0, bezier_prob=0, paint_prob=1, outpaint_prob=1)
+    only_out = genesis.genesis_corrupt(x, g, shuffle_prob=0, bezier_prob=0, paint_prob=1, outpaint_prob=1)
     kept = (only_out == x).float().mean((1, 2, 3, 4))
     assert ((kept > 3 ** 3 / 7 ** 3 * 0.8) & (kept < 4 ** 3 / 7 ** 3 * 1.2)).all()   # one inner box per patch
-    only_in = augment.genesis_corrupt(x, g, shuffle_prob=0, bezier_prob=0, paint_prob=1, outpaint_prob=0)
+    only_in = genesis.genesis_corrupt(x, g, shuffle_prob=0, bezier_prob=0, paint_prob=1, outpaint_prob=0)
     assert ((only_in == x).float().mean((1, 2, 3, 4)) > 0.4).all()                  # holes, not a box
-    assert torch.equal(augment.genesis_corrupt(x, g, shuffle_prob=0, bezier_prob=0, paint_prob=0), x)
-    default = augment.genesis_corrupt(x, g)
+    assert torch.equal(genesis.genesis_corrupt(x, g, shuffle_prob=0, bezier_prob=0, paint_prob=0), x)
+    default = genesis.genesis_corrupt(x, g)
     assert default.shape == x.shape and default.min() >= 0 and default.max() <= 1
 
 
@@ -111,7 +117,7 @@ def test_genesis_corruption_paints_in_or_out():
 def test_dense_matching_picks_the_most_similar_key():
     g = torch.Generator().manual_seed(8)
     fq, fk = torch.randn(3, 5, 7, generator=g), torch.randn(3, 5, 9, generator=g) * 3   # scale must not matter
-    match = loss.dense_matches(fq, fk)
+    match = densecl.dense_matches(fq, fk)
     for b in range(3):
         for s in range(7):
             cosines = [float(fq[b, :, s] @ fk[b, :, t] / (fq[b, :, s].norm() * fk[b, :, t].norm())) for t in range(9)]
@@ -119,7 +125,7 @@ def test_dense_matching_picks_the_most_similar_key():
 
 
 def test_queue_is_first_in_first_out():
-    queue = model.Queue(5, 2)
+    queue = densecl.Queue(5, 2)
     keys = torch.arange(16, dtype=torch.float32).view(8, 2)
     queue.enqueue(keys[:3])
     assert torch.equal(queue.keys[:3], keys[:3]) and queue.ptr.item() == 3
@@ -148,7 +154,7 @@ def test_densecl_loss_matches_naive_formula():
 
     naive_global = np.mean([nce(qg[b], kg[b], queue_g) for b in range(B)])
     naive_dense = np.mean([nce(qd[b, :, s], kd[b, :, match[b, s]], queue_d) for b in range(B) for s in range(S)])
-    total, l_global, l_dense = loss.densecl_loss(qg, kg, queue_g, qd, kd, match, queue_d, tau, lam)
+    total, l_global, l_dense = densecl.densecl_loss(qg, kg, queue_g, qd, kd, match, queue_d, tau, lam)
     assert l_global.item() == pytest.approx(naive_global, rel=1e-5)
     assert l_dense.item() == pytest.approx(naive_dense, rel=1e-5)
     assert total.item() == pytest.approx((1 - lam) * naive_global + lam * naive_dense, rel=1e-5)
@@ -157,29 +163,30 @@ def test_densecl_loss_matches_naive_formula():
 def test_ema_moves_by_the_momentum_rule_and_takes_no_gradient():
     torch.manual_seed(0)
     student = model.SegmentationModel(dict(in_channels=1, base_channels=4, num_levels=2), 3, "nonlinear")
-    teacher = model.frozen_copy(student)
+    teacher = common.frozen_copy(student)
     assert not any(p.requires_grad for p in teacher.parameters())
     with torch.no_grad():
         for p in student.parameters():
             p.add_(torch.randn_like(p))
     before = [p.clone() for p in teacher.parameters()]
-    model.ema_update(teacher, student, 0.9)
+    common.ema_update(teacher, student, 0.9)
     for t, b, s in zip(teacher.parameters(), before, student.parameters()):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * s, rtol=0, atol=1e-6)
 
 
 def test_medcontext_teacher_gets_no_gradient_and_follows_the_student():
     torch.manual_seed(0)
-    cfg = dict(finetune.PAPER, patch_size=(8, 8, 4), mc_mask_block=(2, 2, 2), mc_momentum=0.9, medcontext=True)
+    cfg = dict(patch_size=(8, 8, 4), mc_mask_block=(2, 2, 2), mc_momentum=0.9, mc_beta=0.5, mc_mask_ratio=0.5,
+               mc_mask_shape="cube")
     student = model.SegmentationModel(dict(in_channels=1, base_channels=4, num_levels=2), 3, "nonlinear")
-    mc = finetune.MedContext(student, cfg, seed=0, device=torch.device("cpu"))
+    mc = medcontext.MedContext(student, cfg, seed=0, device=torch.device("cpu"))
     x, y = torch.rand(2, 1, 8, 8, 4), torch.randint(0, 3, (2, 8, 8, 4))
-    value = mc.loss(finetune.TwoInputs(student), x, y)
+    value = mc.loss(medcontext.TwoInputs(student), x, y)
     value.backward()
     assert all(p.grad is None for p in mc.teacher.parameters())
     assert all(p.grad is not None for p in student.parameters())
     # the loss is the three terms of MedContext, with the mask the generator drew
-    mc2 = finetune.MedContext(student, cfg, seed=0, device=torch.device("cpu"))
+    mc2 = medcontext.MedContext(student, cfg, seed=0, device=torch.device("cpu"))
     mask = mc2.mask(x)
     with torch.no_grad():
         masked = torch.where(mask, 0.0, x)
@@ -190,7 +197,7 @@ def test_medcontext_teacher_gets_no_gradient_and_follows_the_student():
     assert 0.4 < mask.float().mean().item() < 0.6
     before = [p.clone() for p in mc.teacher.parameters()]
     torch.optim.SGD(student.parameters(), lr=0.1).step()
-    mc.update(student)
+    mc.after_step(student)
     for t, b, s in zip(mc.teacher.parameters(), before, student.parameters()):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * s, rtol=0, atol=1e-6)
 
@@ -200,22 +207,23 @@ def test_medcontext_teacher_gets_no_gradient_and_follows_the_student():
 @pytest.mark.parametrize("method", ["genesis", "mim", "densecl"])
 def test_steps_change_the_weights(small_demo, method):
     extra = ["--dense-level", "1", "--queue-size", "8"] if method == "densecl" else []
-    cfg = pretrain.resolve_config(pretrain.parse_args(["--data", str(small_demo), *TINY, "--method", method, *extra]))
+    hook = METHODS[method]
+    cfg = pretrain.resolve_config(pretrain.parse_args(["--data", str(small_demo), *TINY, *extra], hook), hook)
     torch.manual_seed(0)
-    net = pretrain.build_model(cfg)
+    net = hook.build_model(cfg)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
     loader = pretrain.make_loader(small_demo, cfg, seed=0, start_step=0, rank=0, world=1, workers=0)
     g = torch.Generator().manual_seed(0)
     for _, batch in zip(range(3), loader):
-        value, parts = pretrain.training_step(net, batch, cfg, g, torch.device("cpu"), None)
-        assert torch.isfinite(value) and len(parts) == len(pretrain.LOSS_NAMES[method])
+        value, parts = hook.step(net, batch, cfg, g, torch.device("cpu"), None)
+        assert torch.isfinite(value) and len(parts) == len(hook.loss_names)
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
         if method == "densecl":
             key_before = [p.clone() for p in net.key.parameters()]
-            model.ema_update(net.key, net.query, cfg["ema_momentum"])
+            common.ema_update(net.key, net.query, cfg["ema_momentum"])
             assert all(p.grad is None for p in net.key.parameters())
             for k, b, q in zip(net.key.parameters(), key_before, net.query.parameters()):
                 torch.testing.assert_close(k, cfg["ema_momentum"] * b + (1 - cfg["ema_momentum"]) * q, rtol=0, atol=1e-6)
@@ -235,15 +243,16 @@ def test_steps_change_the_weights(small_demo, method):
 
 @pytest.mark.parametrize("method", ["genesis", "mim", "densecl"])
 def test_backbone_file_and_resume(small_demo, tmp_path, method):
-    extra = ["--method", method, "--checkpoint-every", "2"] + (["--queue-size", "4"] if method == "densecl" else [])
+    extra = ["--checkpoint-every", "2"] + (["--queue-size", "4"] if method == "densecl" else [])
     if method == "densecl":
         extra += ["--dense-level", "1"]
-    run(small_demo, tmp_path / "full", "--steps", "4", *extra)
-    run(small_demo, tmp_path / "split", "--steps", "2", *extra)
-    run(small_demo, tmp_path / "split", "--steps", "4", "--resume", *extra)
+    hook = METHODS[method]
+    run(small_demo, tmp_path / "full", hook, "--steps", "4", *extra)
+    run(small_demo, tmp_path / "split", hook, "--steps", "2", *extra)
+    run(small_demo, tmp_path / "split", hook, "--steps", "4", "--resume", *extra)
     full, split = read_log(tmp_path / "full"), read_log(tmp_path / "split")
     assert [r["step"] for r in split] == [1, 2, 3, 4]
-    assert set(full[0]) == {"step", "loss", "lr", "seconds", *pretrain.LOSS_NAMES[method]}
+    assert set(full[0]) == {"step", "loss", "lr", "seconds", *hook.loss_names}
     for a, b in zip(full, split):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
     sa = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
@@ -257,21 +266,30 @@ def test_backbone_file_and_resume(small_demo, tmp_path, method):
     assert info["method"] == method
 
 
-def test_method_flags_are_refused_elsewhere(small_demo, tmp_path):
-    for argv, message in ((["--mask-ratio", "0.5"], "--method ours does not use --mask-ratio"),
-                          (["--method", "genesis", "--recon-weight", "3"], "does not use --recon-weight"),
-                          (["--method", "mim", "--mask-ratio", "1.5"], "--mask-ratio must be in"),
-                          (["--method", "densecl", "--queue-size", "1"], "smaller than one step's keys")):
+def test_method_flags_are_refused_elsewhere(small_demo, tmp_path, capsys):
+    """A method's flags exist only in its own file: anywhere else argparse refuses them."""
+    for argv, hook, message in ((["--mask-ratio", "0.5"], pretrain.OURS, "unrecognized arguments: --mask-ratio"),
+                                (["--recon-weight", "3"], genesis.GENESIS, "unrecognized arguments: --recon-weight")):
+        with pytest.raises(SystemExit):
+            pretrain.parse_args(["--data", str(small_demo), *TINY, *argv], hook)
+        assert message in capsys.readouterr().err
+    for argv, hook, message in ((["--mask-ratio", "1.5"], mim.MIM_METHOD, "--mask-ratio must be in"),
+                                (["--queue-size", "1"], densecl.DENSECL, "smaller than one step's keys")):
         with pytest.raises(ValueError, match=message):
-            pretrain.resolve_config(pretrain.parse_args(["--data", str(small_demo), *TINY, *argv]))
+            pretrain.resolve_config(pretrain.parse_args(["--data", str(small_demo), *TINY, *argv], hook), hook)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--mc-beta", "2"], "--mc-beta without --medcontext"),
-    (["--medcontext", "--mc-mask-ratio", "1.2"], "--medcontext needs 0 < --mc-mask-ratio < 1"),
+@pytest.mark.parametrize("script, argv, message", [
+    ("finetune", ["--mc-beta", "2"], "unrecognized arguments: --mc-beta"),
+    ("medcontext", ["--mc-mask-ratio", "1.2"], "needs 0 < --mc-mask-ratio < 1"),
 ])
-def test_medcontext_flags_are_checked_before_any_folder_is_made(small_demo, tmp_path, argv, message):
-    with pytest.raises(SystemExit, match=message):
-        finetune.main(finetune.parse_args(["--data", str(small_demo), "--init", "random", "--out",
-                                           str(tmp_path / "run"), *argv]))
+def test_medcontext_flags_are_checked_before_any_folder_is_made(small_demo, tmp_path, script, argv, message, capsys):
+    common_argv = ["--data", str(small_demo), "--init", "random", "--out", str(tmp_path / "run"), *argv]
+    with pytest.raises(SystemExit) as e:
+        if script == "finetune":
+            import finetune
+            finetune.main(finetune.parse_args(common_argv))
+        else:
+            medcontext.main(medcontext.parse_args(common_argv))
+    assert message in (str(e.value.code) + capsys.readouterr().err)
     assert not (tmp_path / "run").exists()

@@ -184,20 +184,24 @@ def test_bad_data_folder_is_a_clear_error(tmp_path, make):
     assert str(data) in str(e.value.code)
 
 
-@pytest.mark.parametrize("method", [[], ["--method", "densecl", "--dense-level", "1", "--queue-size", "8"]])
-def test_torchrun_two_processes_gloo(small_demo, tmp_path, method):
+@pytest.mark.parametrize("script, method", [("pretrain.py", []),
+                                            ("neighbours/densecl.py", ["--dense-level", "1", "--queue-size", "8"])])
+def test_torchrun_two_processes_gloo(small_demo, tmp_path, script, method):
     """DDP on CPU: two ranks, a few steps; rank 0 alone writes; the checkpoint resumes in one
     process. DenseCL: keys gathered from both ranks before they are queued."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "pretrain.py"), "--data", str(small_demo), "--out", str(tmp_path), *TINY,
+           str(ROOT / script), "--data", str(small_demo), "--out", str(tmp_path), *TINY,
            "--steps", "3", "--batch-pairs", "4", "--device", "cpu", *method]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_log(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3]          # one writer: no duplicated rows
     assert all(r["loss"] == r["loss"] for r in rows)        # finite (not NaN)
-    run(small_demo, tmp_path, "--steps", "4", "--batch-pairs", "4", "--resume", *method)
+    from neighbours.densecl import DENSECL
+    hook = DENSECL if method else pretrain.OURS
+    pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(tmp_path), *TINY,
+                                       "--steps", "4", "--batch-pairs", "4", "--resume", *method], hook), hook)
     assert read_log(tmp_path)[-1]["step"] == 4
     if method:   # 4 pairs a step (2 per rank, both ranks' keys queued): 3 steps x 4, then 1 step x 4 alone
         queue = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]["queue_global.ptr"]

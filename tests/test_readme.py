@@ -31,6 +31,6 @@ def test_readme_has_commands():
 def test_readme_command_parses(command):
     words = shlex.split(command)
     i = next(k for k, w in enumerate(words) if w.endswith(".py"))
-    module = importlib.import_module(words[i][:-3])
+    module = importlib.import_module(words[i][:-3].replace("/", "."))   # neighbours/x.py -> neighbours.x
     args = module.parse_args(words[i + 1:])   # argparse exits (SystemExit) on an unknown flag
     assert args is not None

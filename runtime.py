@@ -1,0 +1,108 @@
+"""What every stage needs from the machine, once: files written atomically, checkpoints read
+without unpickling code, the device, torchrun and the output folder.
+
+- atomic_write / save_json / save_torch: the file appears under its name only once complete (a
+  temp file with a unique name in the same folder, then os.replace), so a killed run never
+  leaves half a file, and two writers never share a temp file;
+- load_torch: torch.load(weights_only=True): tensors and builtins only, a crafted pickle cannot
+  run code; any failure is one line naming the file;
+- pick_device / setup_distributed / world_info: --device and torchrun;
+- make_output_dir: --out created and writable, or one line saying why not.
+"""
+import json
+import os
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------- files
+
+def atomic_write(path, write_fn):
+    """write_fn(tmp_path) writes the file; it appears under `path` only once complete. The temp
+    name keeps the extension (nibabel and numpy read it) and is unique per call."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_json(path, obj, indent=2):
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=indent)))
+
+
+def save_torch(obj, path):
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch(path, what="checkpoint"):
+    """torch.load on the CPU with weights_only=True; ValueError, one line, for a missing file or
+    one that is not tensors and builtins (a pickle with code in it, a truncated file, ...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{what} {path} could not be read safely ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:200]})") from None
+
+
+def make_output_dir(path, flag="--out"):
+    """Create the output folder (and parents); ValueError, one line, if it cannot be created or written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot create it ({e.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"{flag} {path}: folder is not writable")
+    return path
+
+
+# ----------------------------------------------------------------------------- devices and torchrun
+
+def pick_device(name="auto"):
+    """--device: auto (CUDA if present), cpu, cuda, cuda:1, ...; ValueError for one not here."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch build sees no CUDA GPU (torch {torch.__version__}); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    return device
+
+
+def setup_distributed(device_name="auto"):
+    """Initialise torch.distributed when launched by torchrun. Returns (rank, world, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, pick_device(device_name)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def world_info():
+    """(rank, world size): (0, 1) unless launched by torchrun (setup_distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def unwrap(model):
+    """The model inside DistributedDataParallel (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
