@@ -13,7 +13,7 @@ the total step, peak memory and patch pairs per second; on CUDA also the achieve
 model.count_flops and its fraction of the device's bf16 peak.
 
 Beside the fast path it times a reference-style data path on the same volume, written from
-DESIGN.md's description of the authors' code (not copied from it): bookkeeping over every body
+the documented behaviour of the authors' code (not copied from it): bookkeeping over every body
 voxel of the scan (np.argwhere + box tests), per-patch numpy augmentations with a 5,000-step
 shuffling loop, 100,000-point Bezier curve and np.interp. The speed-up is the ratio of the two
 columns measured in this run, so machine noise cancels. The benchmark volume is synthetic,
@@ -64,7 +64,7 @@ def write_volume(root, shape=VOLUME_SHAPE, seed=0):
 # ----------------------------------------------------------------------------- reference-style path
 
 def reference_pair(image, body, patch, n, rng):
-    """Correspondences the way DESIGN.md says the reference computes them: over every body voxel."""
+    """Correspondences the way the reference computes them (from its description): over every body voxel."""
     coords = np.argwhere(body)                                            # (M, 3): the whole scan
     anchor = coords[rng.integers(len(coords))]
     shape, patch = np.array(image.shape), np.array(patch)
@@ -101,6 +101,15 @@ def reference_augment(x, rng):
 
 
 # ----------------------------------------------------------------------------- timing
+
+def print_rows(title, rows):
+    """One table: a title, then each measurement and its value."""
+    width = max(len(k) for k in rows) + 2
+    print(f"\n{title}\n{'measurement':<{width}} {'value':>14}\n" + "-" * (width + 15))
+    for k, v in rows.items():
+        print(f"{k:<{width}} {v if isinstance(v, str) else f'{v:.3f}':>14}")
+    return rows
+
 
 def timed(fn, device, repeats):
     """Median wall time in ms of fn() over `repeats` runs (after one warm-up), synchronising CUDA."""
@@ -305,13 +314,8 @@ def bench_probe(checkpoint, fold=0, real_scale=1.0, max_seconds=600):
                 rows[f"{key}: steps / iterations"] = steps
                 rows[f"{key}: fold total with evaluation (s)"] = total
                 rows[f"{key}: mean Dice"] = float(np.nanmean(np.nanmean(dice, axis=1)))
-    print(f"\nlinear probe, fold {fold}, backbone {checkpoint}, {torch.get_num_threads()} threads "
-          f"(the full-crop head capped at {max_seconds} s of training)")
-    print(f"{'measurement':<100} {'value':>14}")
-    print("-" * 115)
-    for k, v in rows.items():
-        print(f"{k:<100} {v if isinstance(v, str) else f'{v:.3f}':>14}")
-    return rows
+    return print_rows(f"linear probe, fold {fold}, backbone {checkpoint}, {torch.get_num_threads()} threads "
+                      f"(the full-crop head capped at {max_seconds} s of training)", rows)
 
 
 def bench_finetune(config, device, repeats):
@@ -337,18 +341,14 @@ def bench_finetune(config, device, repeats):
         loss.backward()
         optimizer.step()
 
-    rows = {"supervised augmentation alone (--aug nnunet-like)": timed(lambda: supervised_augment(x, y, generator), device, repeats),
-            "fine-tuning step, --aug none": timed(lambda: step("none"), device, repeats),
-            "fine-tuning step, --aug nnunet-like": timed(lambda: step("nnunet-like"), device, repeats)}
-    print(f"\nfine-tuning step, {config} preset ({cfg['batch_size']} patches of {tuple(cfg['patch_size'])}, "
-          f"{arch['base_channels']}x{arch['num_levels']} FPN), device {device}, median of {repeats}")
-    print(f"{'measurement':<52} {'ms':>10}")
-    print("-" * 63)
-    for k, v in rows.items():
-        print(f"{k:<52} {v:>10.1f}")
-    print(f"{'augmentation share of the step (%)':<52} "
-          f"{100 * rows['supervised augmentation alone (--aug nnunet-like)'] / rows['fine-tuning step, --aug nnunet-like']:>10.1f}")
-    return rows
+    rows = {"supervised augmentation alone, --aug nnunet-like (ms)": timed(lambda: supervised_augment(x, y, generator),
+                                                                          device, repeats),
+            "fine-tuning step, --aug none (ms)": timed(lambda: step("none"), device, repeats),
+            "fine-tuning step, --aug nnunet-like (ms)": timed(lambda: step("nnunet-like"), device, repeats)}
+    rows["augmentation share of the step (%)"] = (100 * rows["supervised augmentation alone, --aug nnunet-like (ms)"]
+                                                  / rows["fine-tuning step, --aug nnunet-like (ms)"])
+    return print_rows(f"fine-tuning step, {config} preset ({cfg['batch_size']} patches of {tuple(cfg['patch_size'])}, "
+                      f"{arch['base_channels']}x{arch['num_levels']} FPN), device {device}, median of {repeats}", rows)
 
 
 def bench_predict(run_dir, cases=6, seed=1):
@@ -379,14 +379,8 @@ def bench_predict(run_dir, cases=6, seed=1):
                 key = f"{name}, {'mirroring (8 flips)' if tta else 'no mirroring'}"
                 rows[f"{key}: seconds per case"] = (time.perf_counter() - t) / len(scans)
                 rows[f"{key}: mean Dice"] = float(np.mean(dice))
-    shape = labels[0].shape
-    print(f"\npredict.py, {run_dir}: {cases} held-out demo phantoms (seed {seed}, e.g. {shape}), "
-          f"{torch.get_num_threads()} threads")
-    print(f"{'measurement':<70} {'value':>10}")
-    print("-" * 81)
-    for k, v in rows.items():
-        print(f"{k:<70} {v:>10.3f}")
-    return rows
+    return print_rows(f"predict.py, {run_dir}: {cases} held-out demo phantoms (seed {seed}, e.g. {labels[0].shape}), "
+                      f"{torch.get_num_threads()} threads", rows)
 
 
 def main(args):

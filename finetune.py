@@ -24,8 +24,8 @@ DIR/model_fold<k>.pt, the fine-tuned network with everything prediction needs (i
 arguments, class names, preprocessing preset and training augmentation). Apply the models to new
 scans with predict.py (`python predict.py -i SCANS -o OUT --model DIR`: all folds, mirroring);
 `finetune.py --predict SCAN --checkpoint DIR/model_fold0.pt --output SEG.nii.gz` is kept as an
-alias for one scan and one model. A variant of the training step (neighbours/medcontext.py)
-brings its own Training class and calls main().
+alias for one scan and one model. A variant of the training step (a file in neighbours/) brings
+its own Training class and calls main().
 """
 import argparse
 import os
@@ -61,7 +61,7 @@ BN_BATCHES = 100  # training batches over which BatchNorm statistics are re-esti
 
 class Training:
     """One step's forward and loss (softmax CE + soft Dice on the augmented patch). A variant
-    (neighbours/medcontext.py) subclasses it: its own flags, forward, loss and after-step update."""
+    (neighbours/) subclasses it: its own flags, forward, loss and after-step update."""
     name, script, demo, keys = "plain", "finetune.py", {}, ()
 
     def __init__(self, model, cfg, seed, device):

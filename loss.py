@@ -77,14 +77,10 @@ def segmentation_loss(logits, label, eps=1e-5):
     int64 in [0, K). Dice loss = 1 - mean over foreground classes of
     (2 sum pg + eps) / (sum p + sum g + eps), sums over the batch and space, p = softmax(logits).
 
-    Deviation from the reference (per-class sigmoid BCE + soft Dice, K - 1 outputs): on the demo,
-    from scratch and at equal budget, the sigmoid loss left whole classes dead (0.000 Dice:
-    their logits stayed below a fixed bias everywhere, the highest sigmoid in every volume being
-    the same number), because at the start every one of the K - 1 sigmoids is pushed down by
-    ~100x more background voxels than it has foreground. A softmax shares one background
-    channel, so no class has to fight the background alone. Measured (fold 0, 300 steps, same
-    network): sigmoid 0.543 mean Dice with 3 dead classes; a RetinaNet-style prior on the
-    sigmoid biases 0.579 with 2; softmax 0.671 with 1 (README, "Why supervised training stalled").
+    Deviation from the reference (per-class sigmoid BCE + soft Dice, K - 1 outputs): with K - 1
+    sigmoids each foreground class fights ~100x more background voxels alone and small classes
+    can die at the start; a softmax shares one background channel (README, "Why supervised
+    training stalled", has the measurements).
     """
     if logits.ndim != label.ndim + 1 or logits.shape[:1] + logits.shape[2:] != label.shape:
         raise ValueError(f"loss.py: logits (B, K, X, Y, Z) and label (B, X, Y, Z) do not match: "

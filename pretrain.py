@@ -89,10 +89,36 @@ def training_step(model, batch, cfg, generator, device, amp_dtype):
 
 
 class Method:
-    """What the loop needs from a pretraining method: the paper's (and vox2vec's, a preset of it).
-    neighbours/*.py subclass it: their own flags and demo values, model, step and after_step."""
-    name, script, arch, loss_names = "ours", "pretrain.py", "balanced", ("loss_contrastive", "loss_recon")
+    """What the training loop needs from a pretraining method (the hook). The paper's is Ours;
+    neighbours/*.py subclass this with their own flags, demo values, model and step."""
+    name, script, arch, loss_names = "method", "pretrain.py", "balanced", ("loss",)
     demo = {}                      # this method's values in the demo preset
+
+    def add_arguments(self, p):    # its own flags
+        pass
+
+    def presets(self, args):       # defaults that depend on a first parse (vox2vec's preset)
+        return {}
+
+    def check(self, cfg):          # ValueError, one line, for a config it cannot train
+        pass
+
+    def build_model(self, cfg):    # -> nn.Module with .backbone (the FPN saved in backbone.pt) and .config
+        raise NotImplementedError
+
+    def step(self, model, batch, cfg, generator, device, amp_dtype):   # -> (loss, [its parts])
+        raise NotImplementedError
+
+    def load_backbone(self, model, state):   # --init-from weights
+        model.backbone.load_state_dict(state)
+
+    def after_step(self, model, cfg):        # after the optimizer's step (an EMA update, ...)
+        pass
+
+
+class Ours(Method):
+    """The paper's method (Sec. 2), and the vox2vec baseline as a preset of it."""
+    name, loss_names = "ours", ("loss_contrastive", "loss_recon")
 
     def add_arguments(self, p):
         p.add_argument("--method", choices=["ours", "vox2vec"], default="ours",
@@ -110,17 +136,14 @@ class Method:
         if cfg["recon_weight"] == 0 and cfg["contrastive_weight"] == 0:
             raise ValueError("--recon-weight and --contrastive-weight are both 0: nothing to train")
 
-    build_model = staticmethod(build_model)
-    step = staticmethod(training_step)
+    def build_model(self, cfg):
+        return build_model(cfg)
 
-    def load_backbone(self, model, state):
-        model.backbone.load_state_dict(state)
-
-    def after_step(self, model, cfg):
-        pass
+    def step(self, model, batch, cfg, generator, device, amp_dtype):
+        return training_step(model, batch, cfg, generator, device, amp_dtype)
 
 
-OURS = Method()
+OURS = Ours()
 
 
 def gather_embeddings(za, zb, max_voxels):

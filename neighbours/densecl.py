@@ -180,17 +180,13 @@ class DenseCL(pretrain.Method):
         p.add_argument("--queue-size", type=int, default=65_536, help="negatives per queue")
         p.add_argument("--ema-momentum", type=float, default=0.999, help="key-encoder momentum")
 
-    def presets(self, args):
-        return {}
-
     def check(self, cfg):
         if not 0 <= cfg["ema_momentum"] < 1:
             raise ValueError(f"--ema-momentum must be in [0, 1), got {cfg['ema_momentum']}")
         if cfg["queue_size"] < cfg["batch_pairs"]:
             raise ValueError(f"--queue-size {cfg['queue_size']} is smaller than one step's keys ({cfg['batch_pairs']})")
 
-    @staticmethod
-    def build_model(cfg):
+    def build_model(self, cfg):
         return DenseCLModel(dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"]),
                             level=cfg["dense_level"], queue_size=cfg["queue_size"])
 
@@ -198,8 +194,7 @@ class DenseCL(pretrain.Method):
         model.backbone.load_state_dict(state)
         model.reset_key()                    # the key encoder starts as the query encoder
 
-    @staticmethod
-    def step(model, batch, cfg, generator, device, amp_dtype):
+    def step(self, model, batch, cfg, generator, device, amp_dtype):
         core = unwrap(model)
         xq = augment_batch(batch["patches_a"].to(device, non_blocking=True), generator, cfg["aug"])
         xk = augment_batch(batch["patches_b"].to(device, non_blocking=True), generator, cfg["aug"])

@@ -81,21 +81,10 @@ class Genesis(pretrain.Method):
     """Models Genesis: restore the corrupted patch (MSE)."""
     name, script, loss_names = "genesis", "neighbours/genesis.py", ("loss_recon",)
 
-    def add_arguments(self, p):
-        pass
-
-    def presets(self, args):
-        return {}
-
-    def check(self, cfg):
-        pass
-
-    @staticmethod
-    def build_model(cfg):
+    def build_model(self, cfg):
         return RestorativeModel(dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"]))
 
-    @staticmethod
-    def step(model, batch, cfg, generator, device, amp_dtype):
+    def step(self, model, batch, cfg, generator, device, amp_dtype):
         x = both_views(batch, device)
         corrupted = genesis_corrupt(x, generator).contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

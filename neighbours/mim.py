@@ -49,22 +49,17 @@ class MIM(pretrain.Method):
         p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of blocks masked")
         p.add_argument("--mask-block", type=int, nargs=3, default=(8, 8, 4), help="block (X, Y, Z) voxels")
 
-    def presets(self, args):
-        return {}
-
     def check(self, cfg):
         cfg["mask_block"] = tuple(cfg["mask_block"])
         if not 0 < cfg["mask_ratio"] < 1 or min(cfg["mask_block"]) < 1:
             raise ValueError(f"--mask-ratio must be in (0, 1) and --mask-block >= 1, got {cfg['mask_ratio']}, "
                              f"{cfg['mask_block']}")
 
-    @staticmethod
-    def build_model(cfg):
+    def build_model(self, cfg):
         return RestorativeModel(dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"]),
                                 mask_token=True)
 
-    @staticmethod
-    def step(model, batch, cfg, generator, device, amp_dtype):
+    def step(self, model, batch, cfg, generator, device, amp_dtype):
         x = both_views(batch, device)
         mask = block_mask(x.shape, generator, cfg["mask_ratio"], cfg["mask_block"], device)   # (2B, 1, X, Y, Z)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def reference_state_dict(in_channels, base, levels, g):
-    """Their FPN3d's state dict, from the layout description (issue / DESIGN.md), random values."""
+    """Their FPN3d's state dict, from the layout in convert.py's docstring, random values."""
     sd = {}
 
     def conv(name, c_out, c_in, k):

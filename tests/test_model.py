@@ -130,7 +130,7 @@ def test_fpn_shapes_for_both_presets(preset):
 def test_parameter_counts_equal_the_reference(preset, expected):
     with torch.device("meta"):
         fpn = FPN3d(**ARCHS[preset])
-    # DESIGN.md / issue: counted by building the authors' FPN3d(1, 32, 5) and FPN3d(1, 16, 6).
+    # Counted by building the authors' FPN3d(1, 32, 5) and FPN3d(1, 16, 6) (README, "Use the authors' weights").
     assert sum(p.numel() for p in fpn.parameters()) == expected
 
 
