@@ -34,7 +34,7 @@ import data
 from data import PairDataset, collate_pairs
 from loss import hybrid_loss, info_nce, reconstruction_loss
 from model import count_flops
-from runtime import pick_device
+from runtime import pick_device, positive_int
 from pretrain import build_model, parse_args as pretrain_args, resolve_config, training_step
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16, vendor datasheets
@@ -429,8 +429,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", choices=["paper", "demo"], default="paper")
     p.add_argument("--device", default="auto")
-    p.add_argument("--steps", type=int, default=5, help="timed repeats of each model measurement")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats of each data measurement")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed repeats of each model measurement")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats of each data measurement")
     p.add_argument("--no-model", action="store_true", help="data path only (the paper model on a CPU takes minutes per step)")
     p.add_argument("--no-reference", action="store_true", help="skip the slow reference-style path")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)

@@ -377,11 +377,12 @@ def main(args):
 
 
 if __name__ == "__main__":
+    from runtime import non_negative_int, positive_int   # the command line only: the module stays standalone
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", required=True, help="folder written by preprocess.py")
-    parser.add_argument("--patch-size", type=int, nargs=3, default=[128, 128, 32], help="(X, Y, Z) voxels")
-    parser.add_argument("--num-voxels", type=int, default=1024, help="positive pairs per patch pair")
-    parser.add_argument("--pairs", type=int, default=20, help="pairs to time")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--patch-size", type=positive_int, nargs=3, default=[128, 128, 32], help="(X, Y, Z) voxels")
+    parser.add_argument("--num-voxels", type=positive_int, default=1024, help="positive pairs per patch pair")
+    parser.add_argument("--pairs", type=positive_int, default=20, help="pairs to time")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     main(parser.parse_args())

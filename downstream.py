@@ -23,7 +23,8 @@ from data import list_cases, load_case, load_dataset_json, sliding_window_infere
 from loss import dice_per_class, predict_labels
 from model import ARCHS, DEMO_ARCHS, SegmentationModel
 from preprocess import resolve_data_dir
-from runtime import make_output_dir, save_json, setup_distributed, world_info
+from runtime import (claim_folder, make_output_dir, non_negative_int, positive_int, save_json, setup_distributed,
+                     world_info)
 
 
 # ----------------------------------------------------------------------------- the segmenter
@@ -118,8 +119,10 @@ def prepare(args, head, script, batch_size=1):
         names = label_names(data_dir)
         plan = plan_folds(args, data_dir, test_dir)
         build_segmenter(args, len(names), head)   # fail fast on a bad checkpoint
-        make_output_dir(args.out)
         rank, world, device = setup_distributed(args.device)
+        if rank == 0:   # one run per folder: claimed before anything is written into it
+            make_output_dir(args.out)
+            claim_folder(args.out, script)
         if batch_size % world:
             raise ValueError(f"--batch-size {batch_size} is the global batch: it must split evenly over {world} processes")
     except ValueError as e:
@@ -215,20 +218,20 @@ def add_common_args(p):
     p.add_argument("--data", required=True, help="preprocessed DATA_DIR, or 'demo'")
     p.add_argument("--test-data", help="evaluate on this labelled set instead of cross-validation")
     p.add_argument("--out", required=True, help="folder for results.json (and models)")
-    p.add_argument("--folds", type=int, default=3, help="k of k-fold cross-validation")
-    p.add_argument("--fold", type=int, help="run only this fold [all]")
-    p.add_argument("--train-cases", type=int, help="label budget: training cases per fold [all]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--folds", type=positive_int, default=3, help="k of k-fold cross-validation")
+    p.add_argument("--fold", type=non_negative_int, help="run only this fold [all]")
+    p.add_argument("--train-cases", type=positive_int, help="label budget: training cases per fold [all]")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--preset", choices=["paper", "demo"],
                    help="demo replaces some defaults with the script's DEMO [demo for --data demo, else paper]")
     # Backbone
     p.add_argument("--checkpoint", help="backbone.pt from pretrain.py (or the authors' weights, convert.py)")
     p.add_argument("--init", choices=["random"], help="random-init baseline instead of --checkpoint")
     p.add_argument("--arch", choices=sorted(ARCHS), default="balanced", help="architecture for --init random")
-    p.add_argument("--base-channels", type=int, default=ARCHS["balanced"]["base_channels"], help="for --init random")
-    p.add_argument("--num-levels", type=int, default=ARCHS["balanced"]["num_levels"], help="for --init random")
+    p.add_argument("--base-channels", type=positive_int, default=ARCHS["balanced"]["base_channels"], help="for --init random")
+    p.add_argument("--num-levels", type=positive_int, default=ARCHS["balanced"]["num_levels"], help="for --init random")
     # Evaluation and device
-    p.add_argument("--eval-patch-size", type=int, nargs=3, default=(128, 128, 32), help="sliding-window size at evaluation")
+    p.add_argument("--eval-patch-size", type=positive_int, nargs=3, default=(128, 128, 32), help="sliding-window size at evaluation")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
 

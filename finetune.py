@@ -44,7 +44,8 @@ from downstream import (add_common_args, announce, evaluate, fold_mean, new_segm
 from loss import segmentation_loss
 from predict import load_model, predict_scan
 from preprocess import save_nifti
-from runtime import pick_device, save_torch, world_info
+from runtime import (non_negative_int, pick_device, positive_float, positive_int, release_folder, save_torch,
+                     world_info)
 
 # The demo (phantom.DEMO_SCALE volumes, model.DEMO_ARCHS network): training from scratch on all
 # demo training cases segments every class in under 3 minutes per fold on 2 CPU cores: 450 steps
@@ -224,7 +225,11 @@ def main(args, training=Training):
             dist.barrier()
     if world > 1:
         dist.destroy_process_group()
-    return write_results(args, cfg, fold_dice, names, info, cases, started, "fine-tune") if rank == 0 else None
+    if rank != 0:
+        return None
+    results = write_results(args, cfg, fold_dice, names, info, cases, started, "fine-tune")
+    release_folder(out)
+    return results
 
 
 def load_saved(model, path, train_ids):
@@ -271,17 +276,17 @@ def build_parser(training=Training):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p)
     # Optimisation and the schedule of Sec. 3.2
-    p.add_argument("--steps", type=int, default=45_000)
-    p.add_argument("--batch-size", type=int, default=7, help="global over torchrun processes")
-    p.add_argument("--patch-size", type=int, nargs=3, default=(128, 128, 32), help="training patch (X, Y, Z)")
-    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
-    p.add_argument("--freeze-steps", type=int, default=15_000, help="backbone frozen this long")
-    p.add_argument("--ramp-steps", type=int, default=1_200, help="exponential backbone-lr ramp")
-    p.add_argument("--ramp-start-lr", type=float, default=3e-5)
+    p.add_argument("--steps", type=positive_int, default=45_000)
+    p.add_argument("--batch-size", type=positive_int, default=7, help="global over torchrun processes")
+    p.add_argument("--patch-size", type=positive_int, nargs=3, default=(128, 128, 32), help="training patch (X, Y, Z)")
+    p.add_argument("--lr", type=positive_float, default=3e-4, help="Adam learning rate")
+    p.add_argument("--freeze-steps", type=non_negative_int, default=15_000, help="backbone frozen this long")
+    p.add_argument("--ramp-steps", type=non_negative_int, default=1_200, help="exponential backbone-lr ramp")
+    p.add_argument("--ramp-start-lr", type=positive_float, default=3e-5)
     p.add_argument("--aug", choices=SUPERVISED_KINDS, default="nnunet-like",
                    help="augmentation of every training patch (augment.supervised_augment): nnU-Net's "
                         "spatial + intensity defaults; 'none' is the paper's protocol. Applies to --init random too")
-    p.add_argument("--workers", type=int, default=1, help="DataLoader processes")
+    p.add_argument("--workers", type=non_negative_int, default=1, help="DataLoader processes")
     p.add_argument("--evaluate-saved", action="store_true",
                    help="no training: take OUT/model_fold<k>.pt of an earlier run of this command, "
                         "re-estimate its BatchNorm statistics and evaluate it again")
@@ -306,4 +311,7 @@ def parse_args(argv=None, training=Training):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except KeyboardInterrupt:
+        sys.exit("finetune.py: interrupted; OUT/model_fold<k>.pt of finished folds are kept")

@@ -38,6 +38,7 @@ Dice per class ignores, in each volume, a class absent from both the prediction 
 mean +- std over folds. `bench.py --probe BACKBONE` times it against volume size.
 """
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,7 +52,7 @@ from data import gaussian_weights, load_case, tile_starts
 from downstream import (add_common_args, announce, fold_mean, new_segmenter, parse_with_preset, prepare,
                         set_backbone_trainable, write_results)
 from loss import dice_per_class, predict_labels
-from runtime import world_info
+from runtime import non_negative_float, positive_int, release_folder, world_info
 
 # The demo's volumes are smaller than one window: each pyramid is computed whole.
 DEMO = dict(eval_patch_size=(96, 96, 48))
@@ -256,8 +257,10 @@ def main(args):
     finally:
         if work is not None:
             work.cleanup()
-    return write_results(args, cfg, fold_dice, names, info, cases, started, "linear probe",
-                         extra=dict(head_training=steps))
+    results = write_results(args, cfg, fold_dice, names, info, cases, started, "linear probe",
+                            extra=dict(head_training=steps))
+    release_folder(args.out)
+    return results
 
 
 def read_labels(ids, folder):
@@ -269,13 +272,16 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_common_args(p)
     # The probe's own training (on voxels sampled from the cached pyramids)
-    p.add_argument("--voxels-per-class", type=int, default=2048, help="training voxels sampled per class and volume")
-    p.add_argument("--max-steps", type=int, default=500, help="cap on L-BFGS iterations of the head")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty on the head's weights")
+    p.add_argument("--voxels-per-class", type=positive_int, default=2048, help="training voxels sampled per class and volume")
+    p.add_argument("--max-steps", type=positive_int, default=500, help="cap on L-BFGS iterations of the head")
+    p.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="L2 penalty on the head's weights")
     p.add_argument("--cache-dir", help="memory-mapped pyramid cache for large data [a temporary folder]")
-    p.add_argument("--cache-ram-gb", type=float, default=4.0, help="keep the cache in memory below this size")
+    p.add_argument("--cache-ram-gb", type=non_negative_float, default=4.0, help="keep the cache in memory below this size")
     return parse_with_preset(p, argv, DEMO)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except KeyboardInterrupt:
+        sys.exit("linear_probe.py: interrupted (a probe has no partial result to keep)")

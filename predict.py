@@ -40,7 +40,8 @@ from tqdm import tqdm
 from downstream import volume_probabilities
 from model import SegmentationModel
 from preprocess import list_nifti, load_nifti, preprocess_arrays, save_nifti, to_original_grid
-from runtime import atomic_write, load_torch, pick_device, save_json
+from runtime import (atomic_write, claim_folder, load_torch, make_output_dir, momentum, non_negative_int, pick_device,
+                     release_folder, save_json)
 
 FLIPS = [tuple(a for a, f in zip((0, 1, 2), bits) if f) for bits in itertools.product((0, 1), repeat=3)]
 MUST_AGREE = ("labels", "modality", "preset")   # models of one ensemble: same classes, same preprocessing
@@ -175,7 +176,8 @@ def find_scans(path):
 
 
 def check_output_folder(inputs, out):
-    """Refuse an output folder equal to or inside the input folder (outputs would mix with scans)."""
+    """Refuse an output folder equal to or inside the input folder (outputs would mix with scans),
+    or one that is a file. -> the resolved path (created later, once the models have loaded)."""
     inputs = Path(inputs).resolve()
     folder = inputs if inputs.is_dir() else inputs.parent
     out = Path(out).resolve()
@@ -183,10 +185,6 @@ def check_output_folder(inputs, out):
         raise ValueError(f"-o {out}: inside the input folder {folder}; write predictions elsewhere")
     if out.exists() and not out.is_dir():
         raise ValueError(f"-o {out}: exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"-o {out}: cannot create it ({e.strerror})") from None
     return out
 
 
@@ -206,11 +204,11 @@ def main(args):
     try:
         scans = find_scans(args.input)
         paths = find_models(args.model, args.folds)
-        if not 0 <= args.overlap < 1:
-            raise ValueError(f"--overlap {args.overlap}: must be in [0, 1)")
         device = pick_device(args.device)
         out_dir = check_output_folder(args.input, args.output)
         models, ckpts = load_ensemble(paths)
+        make_output_dir(out_dir, "-o")
+        claim_folder(out_dir, "predict.py")     # one predict.py per output folder
     except ValueError as e:
         print(f"predict.py: error: {e}", file=sys.stderr)
         return 2
@@ -244,6 +242,7 @@ def main(args):
         save_json(out_dir / "predictions.json", report)
     counts = {s: sum(r["status"] == s for r in report["cases"].values()) for s in ("done", "skipped", "failed")}
     print(f"predict: done {counts['done']} / skipped {counts['skipped']} / failed {counts['failed']} -> {out_dir}")
+    release_folder(out_dir)
     return 1 if failed else 0
 
 
@@ -252,10 +251,10 @@ def parse_args(argv=None):
     p.add_argument("-i", "--input", required=True, help="a scan, a folder of scans, or a Decathlon folder (imagesTs/)")
     p.add_argument("-o", "--output", required=True, help="folder for CASE.nii.gz, predictions.json (and .npz)")
     p.add_argument("--model", required=True, help="a finetune.py run folder (all its folds) or one model_fold<k>.pt")
-    p.add_argument("--folds", type=int, nargs="+", help="only these folds of the run folder [all]")
+    p.add_argument("--folds", type=non_negative_int, nargs="+", help="only these folds of the run folder [all]")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="mirroring over the 8 flips of the axes [on if the models were trained with flips]")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap between tiles, in [0, 1)")
+    p.add_argument("--overlap", type=momentum, default=0.5, help="sliding-window overlap between tiles, in [0, 1)")
     p.add_argument("--save-probabilities", action="store_true", help="also CASE.npz: float16 probabilities")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
@@ -264,4 +263,7 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main(parse_args()))
+    try:
+        sys.exit(main(parse_args()))
+    except KeyboardInterrupt:
+        sys.exit("predict.py: interrupted; finished cases are kept, a re-run skips them")

@@ -45,7 +45,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 import phantom
-from runtime import atomic_write, save_json
+from runtime import atomic_write, non_negative_int, positive_float, positive_int, save_json
 
 FORMAT_VERSION = 1
 PRESETS = {  # Sec. 3.1
@@ -580,14 +580,14 @@ def parse_args(argv=None):
     parser.add_argument("--input", help="Decathlon/nnU-Net folder or flat folder of .nii(.gz)")
     parser.add_argument("--output", help="preprocessed data folder (DATA_DIR)")
     parser.add_argument("--modality", choices=sorted(PRESETS), help="preset of Sec. 3.1")
-    parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+    parser.add_argument("--spacing", type=positive_float, nargs=3, metavar=("X", "Y", "Z"),
                         help="override the preset's spacing (mm)")
     # synthetic demo
     parser.add_argument("--demo", metavar="DATA_DIR", help="write + preprocess the demo set")
-    parser.add_argument("--num-cases", type=int, default=20, help="demo cases")
-    parser.add_argument("--seed", type=int, default=0, help="demo seed")
+    parser.add_argument("--num-cases", type=positive_int, default=20, help="demo cases")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="demo seed")
     # speed
-    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="processes")
+    parser.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS, help="processes")
     return parser.parse_args(argv)
 
 

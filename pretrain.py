@@ -49,7 +49,8 @@ from data import PairDataset, collate_pairs
 from loss import hybrid_loss, info_nce, reconstruction_loss
 from model import ARCHS, DEMO_ARCHS, PretrainModel
 from preprocess import resolve_data_dir
-from runtime import atomic_write, load_torch, make_output_dir, save_torch, setup_distributed, unwrap
+from runtime import (atomic_write, claim_folder, load_torch, make_output_dir, non_negative_float, non_negative_int,
+                     positive_float, positive_int, release_folder, save_torch, setup_distributed, unwrap)
 
 # The demo preset (phantom.DEMO_SCALE volumes of ~52 x 45 x 20 voxels, model.DEMO_ARCHS network):
 # 32 x 32 x 16 patches, about a third of a demo volume, 4 pairs a step (~1 s on 2 CPU cores).
@@ -125,9 +126,9 @@ class Ours(Method):
                        help="ours (the paper), or the vox2vec baseline (VOX2VEC: its arch, augmentations, no L_r)")
         p.add_argument("--arch", choices=sorted(ARCHS), default="balanced", help="voxel representation (Sec. 2.2)")
         p.add_argument("--aug", choices=KINDS, default="local", help="augmentations (Sec. 2.1)")
-        p.add_argument("--recon-weight", type=float, default=10.0, help="lambda of Eq. 3; 0 = contrastive only")
-        p.add_argument("--contrastive-weight", type=float, default=1.0, help="weight of L_c; 0 = restorative only")
-        p.add_argument("--temperature", type=float, default=0.1, help="tau of Eq. 1")
+        p.add_argument("--recon-weight", type=non_negative_float, default=10.0, help="lambda of Eq. 3; 0 = contrastive only")
+        p.add_argument("--contrastive-weight", type=non_negative_float, default=1.0, help="weight of L_c; 0 = restorative only")
+        p.add_argument("--temperature", type=positive_float, default=0.1, help="tau of Eq. 1")
 
     def presets(self, args):
         return VOX2VEC if args.method == "vox2vec" else {}
@@ -227,6 +228,10 @@ def make_loader(data_dir, cfg, seed, start_step, rank, world, workers):
         prefetch_factor=4 if workers > 0 else None)
 
 
+def run_folder(args):
+    return Path(args.out or ("runs/pretrain-demo" if args.data == "demo" else "runs/pretrain"))
+
+
 def setup(args, method):
     """Everything before the first step; every input problem is one line before any work.
     -> (model, optimizer, loader, cfg, run_dir, start step, rank, world, device)."""
@@ -236,7 +241,7 @@ def setup(args, method):
         raise ValueError(f"--batch-pairs {cfg['batch_pairs']} is the global batch: it must split evenly "
                          f"over {world} processes x --pairs-per-volume {cfg['pairs_per_volume']}")
     data_dir = resolve_data_dir(args.data)
-    run_dir = Path(args.out or ("runs/pretrain-demo" if args.data == "demo" else "runs/pretrain"))
+    run_dir = run_folder(args)
     torch.manual_seed(args.seed)
     init = initial_backbone(args, cfg)
     model = method.build_model(cfg)
@@ -245,6 +250,9 @@ def setup(args, method):
     # channels_last_3d: measured faster 3x3x3 convs on GPU and on this 2-core CPU alike (bench.py).
     model = model.to(device, memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=device.type == "cuda")
+    if rank == 0:   # one run per folder: claimed before anything in it is read or written
+        make_output_dir(run_dir)
+        claim_folder(run_dir, method.script)
     start = 0
     if args.resume:
         start = load_run(run_dir, model, optimizer, cfg)
@@ -253,7 +261,6 @@ def setup(args, method):
                          "--resume, or choose another --out")
     loader = make_loader(data_dir, cfg, args.seed, start, rank, world, args.workers)
     if rank == 0:
-        make_output_dir(run_dir)
         if start > 0:
             truncate_log(run_dir / "log.jsonl", start)
         print(f"pretrain: {world} process(es) on {device}, data {data_dir}, run dir {run_dir}, "
@@ -328,10 +335,17 @@ def stop_non_finite(run_dir, first, last, rank):
 
 def main(args, method=OURS):
     try:
-        model, optimizer, loader, cfg, run_dir, start, rank, world, device = setup(args, method)
-    except ValueError as e:
-        sys.exit(f"{method.script}: error: {e}")
-    step = train(model, optimizer, loader, method, cfg, args, run_dir, start, rank, world, device)
+        try:
+            model, optimizer, loader, cfg, run_dir, start, rank, world, device = setup(args, method)
+        except ValueError as e:
+            sys.exit(f"{method.script}: error: {e}")
+        step = train(model, optimizer, loader, method, cfg, args, run_dir, start, rank, world, device)
+    except KeyboardInterrupt:
+        last = run_folder(args) / "checkpoint.pt"
+        sys.exit(f"{method.script}: interrupted; " + (f"the last checkpoint is {last}: continue with --resume"
+                                                        if last.exists() else "no checkpoint was written yet"))
+    finally:
+        release_folder(run_folder(args))
     if rank == 0:
         print(f"done: {step} steps; backbone for linear_probe.py / finetune.py: {run_dir / 'backbone.pt'}")
     if world > 1:
@@ -425,27 +439,27 @@ def build_parser(method=OURS):
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--init-from", help="start from these backbone weights: our backbone.pt or the authors' "
                                        "released files (convert.py lists the formats); they set the FPN's size")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=min(4, max(1, (os.cpu_count() or 2) - 1)),
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--workers", type=non_negative_int, default=min(4, max(1, (os.cpu_count() or 2) - 1)),
                    help="DataLoader processes reading memory-mapped patches")
     p.add_argument("--preset", choices=["paper", "demo"],
                    help="demo replaces some defaults with pretrain.DEMO [demo for --data demo, else paper]")
     # Network (model.ARCHS; the demo preset: model.DEMO_ARCHS)
-    p.add_argument("--base-channels", type=int, default=ARCHS["balanced"]["base_channels"], help="FPN width at full resolution")
-    p.add_argument("--num-levels", type=int, default=ARCHS["balanced"]["num_levels"], help="FPN levels")
+    p.add_argument("--base-channels", type=positive_int, default=ARCHS["balanced"]["base_channels"], help="FPN width at full resolution")
+    p.add_argument("--num-levels", type=positive_int, default=ARCHS["balanced"]["num_levels"], help="FPN levels")
     # The method (Table 1 ablations, or a neighbouring method's own settings)
     method.add_arguments(p)
     # Optimisation (Sec. 3.2)
-    p.add_argument("--steps", type=int, default=50_000)
-    p.add_argument("--batch-pairs", type=int, default=10, help="patch pairs per step, global over processes")
-    p.add_argument("--pairs-per-volume", type=int, default=1, help="pairs cropped from one scan")
-    p.add_argument("--num-voxels", type=int, default=1024, help="positive pairs sampled per patch pair")
-    p.add_argument("--patch-size", type=int, nargs=3, default=(128, 128, 32), help="(X, Y, Z) voxels")
-    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (the reference's)")
+    p.add_argument("--steps", type=positive_int, default=50_000)
+    p.add_argument("--batch-pairs", type=positive_int, default=10, help="patch pairs per step, global over processes")
+    p.add_argument("--pairs-per-volume", type=positive_int, default=1, help="pairs cropped from one scan")
+    p.add_argument("--num-voxels", type=positive_int, default=1024, help="positive pairs sampled per patch pair")
+    p.add_argument("--patch-size", type=positive_int, nargs=3, default=(128, 128, 32), help="(X, Y, Z) voxels")
+    p.add_argument("--lr", type=non_negative_float, default=3e-4, help="Adam learning rate")
+    p.add_argument("--grad-clip", type=positive_float, default=1.0, help="gradient-norm clip (the reference's)")
     # Logging, checkpoints and speed
-    p.add_argument("--log-every", type=int, default=50, help="steps between log rows (and the only host syncs)")
-    p.add_argument("--checkpoint-every", type=int, default=1000)
+    p.add_argument("--log-every", type=positive_int, default=50, help="steps between log rows (and the only host syncs)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=1000)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")

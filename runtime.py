@@ -7,10 +7,16 @@ without unpickling code, the device, torchrun and the output folder.
 - load_torch: torch.load(weights_only=True): tensors and builtins only, a crafted pickle cannot
   run code; any failure is one line naming the file;
 - pick_device / setup_distributed / world_info: --device and torchrun;
-- make_output_dir: --out created and writable, or one line saying why not.
+- make_output_dir: --out created and writable, or one line saying why not;
+- claim_folder: one run per folder (a lock file holding the pid, stale locks recognised);
+- argparse types (positive_int, ...): a bad number exits 2 where it is parsed.
 """
+import argparse
+import atexit
 import json
+import math
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -66,6 +72,55 @@ def make_output_dir(path, flag="--out"):
     return path
 
 
+def claim_folder(path, script):
+    """One run per folder: PATH/.lock, created with O_EXCL, holds this process's pid. A second run
+    into the folder is refused (ValueError, one line); a lock whose pid is no longer running (a run
+    killed with -9) is stale, taken over, and said. Released at exit (or by release_folder)."""
+    lock = Path(path) / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid = _lock_pid(lock)
+            if pid == os.getpid():          # this process claimed it already (an earlier call)
+                return lock
+            if pid is not None and _running(pid):
+                raise ValueError(f"{path} is in use by another run (pid {pid}, {lock}): wait for it to end, "
+                                 "or choose another output folder") from None
+            print(f"{script}: {lock}: a stale lock of pid {pid} (no longer running, e.g. killed); taking over",
+                  file=sys.stderr)
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(release_folder, path)
+        return lock
+    raise ValueError(f"{lock}: could not be claimed (another run took it just now)")
+
+
+def release_folder(path):
+    lock = Path(path) / ".lock"
+    if _lock_pid(lock) == os.getpid():
+        lock.unlink(missing_ok=True)
+
+
+def _lock_pid(lock):
+    try:
+        return int(Path(lock).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # ----------------------------------------------------------------------------- devices and torchrun
 
 def pick_device(name="auto"):
@@ -106,3 +161,69 @@ def world_info():
 def unwrap(model):
     """The model inside DistributedDataParallel (or the model itself)."""
     return model.module if hasattr(model, "module") else model
+
+
+# ----------------------------------------------------------------------------- flag types
+# argparse `type=` functions: a bad value exits 2 with "error: argument --x: <why>" before any
+# work. Every script's numeric flags use these.
+
+def _number(kind, text):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text):
+    value = _number(int, text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text):
+    value = _number(int, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text):
+    value = _number(float, text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
+    return value
+
+
+def non_negative_float(text):
+    value = _number(float, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
+    return value
+
+
+def open_fraction(text):
+    """A probability strictly between 0 and 1."""
+    value = _number(float, text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value:g}")
+    return value
+
+
+def unit_interval(text):
+    """A weight between 0 and 1, both included."""
+    value = _number(float, text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value:g}")
+    return value
+
+
+def momentum(text):
+    """An EMA momentum or an overlap: 0 <= value < 1."""
+    value = _number(float, text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value:g}")
+    return value

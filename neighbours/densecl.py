@@ -34,7 +34,7 @@ import pretrain  # noqa: E402
 from augment import KINDS, augment_batch  # noqa: E402
 from model import FPN3d  # noqa: E402
 from neighbours.common import ema_update, frozen_copy  # noqa: E402
-from runtime import unwrap  # noqa: E402
+from runtime import momentum, non_negative_int, positive_float, positive_int, unit_interval, unwrap  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- network
@@ -174,11 +174,11 @@ class DenseCL(pretrain.Method):
 
     def add_arguments(self, p):
         p.add_argument("--aug", choices=KINDS, default="local", help="augmentations of both views (Sec. 2.1)")
-        p.add_argument("--temperature", type=float, default=0.2, help="tau of both MoCo losses")
-        p.add_argument("--dense-level", type=int, default=3, help="FPN level of the dense head and matching")
-        p.add_argument("--dense-weight", type=float, default=0.5, help="lambda, weight of the dense loss")
-        p.add_argument("--queue-size", type=int, default=65_536, help="negatives per queue")
-        p.add_argument("--ema-momentum", type=float, default=0.999, help="key-encoder momentum")
+        p.add_argument("--temperature", type=positive_float, default=0.2, help="tau of both MoCo losses")
+        p.add_argument("--dense-level", type=non_negative_int, default=3, help="FPN level of the dense head and matching")
+        p.add_argument("--dense-weight", type=unit_interval, default=0.5, help="lambda, weight of the dense loss")
+        p.add_argument("--queue-size", type=positive_int, default=65_536, help="negatives per queue")
+        p.add_argument("--ema-momentum", type=momentum, default=0.999, help="key-encoder momentum")
 
     def check(self, cfg):
         if not 0 <= cfg["ema_momentum"] < 1:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the stage files
 import finetune  # noqa: E402
 from loss import segmentation_loss  # noqa: E402
 from neighbours.common import block_mask, ema_update, frozen_copy  # noqa: E402
-from runtime import world_info  # noqa: E402
+from runtime import momentum, non_negative_float, open_fraction, positive_int, world_info  # noqa: E402
 
 
 def consistency_loss(student_logits, teacher_logits):
@@ -62,18 +62,12 @@ class MedContext(finetune.Training):
 
     @staticmethod
     def add_arguments(p):
-        p.add_argument("--mc-beta", type=float, default=0.5, help="weight of the consistency term")
-        p.add_argument("--mc-mask-ratio", type=float, default=0.5, help="fraction of blocks masked")
-        p.add_argument("--mc-mask-block", type=int, nargs=3, default=(16, 16, 4), help="mask block (X, Y, Z) voxels")
+        p.add_argument("--mc-beta", type=non_negative_float, default=0.5, help="weight of the consistency term")
+        p.add_argument("--mc-mask-ratio", type=open_fraction, default=0.5, help="fraction of blocks masked")
+        p.add_argument("--mc-mask-block", type=positive_int, nargs=3, default=(16, 16, 4), help="mask block (X, Y, Z) voxels")
         p.add_argument("--mc-mask-shape", choices=["cube", "column"], default="cube",
                        help="blocks, or columns through all slices")
-        p.add_argument("--mc-momentum", type=float, default=0.999, help="teacher EMA momentum")
-
-    @staticmethod
-    def check(cfg):
-        if not (0 < cfg["mc_mask_ratio"] < 1 and 0 <= cfg["mc_momentum"] < 1 and cfg["mc_beta"] >= 0):
-            raise ValueError(f"needs 0 < --mc-mask-ratio < 1, 0 <= --mc-momentum < 1 and --mc-beta >= 0 "
-                             f"(got {cfg['mc_mask_ratio']}, {cfg['mc_momentum']}, {cfg['mc_beta']})")
+        p.add_argument("--mc-momentum", type=momentum, default=0.999, help="teacher EMA momentum")
 
     def __init__(self, model, cfg, seed, device):
         super().__init__(model, cfg, seed, device)
@@ -111,10 +105,6 @@ def parse_args(argv=None):
 
 
 def main(args):
-    try:
-        MedContext.check(vars(args))
-    except ValueError as e:
-        sys.exit(f"{MedContext.script}: error: {e}")
     return finetune.main(args, MedContext)
 
 

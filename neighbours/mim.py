@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the stage files, one folder up
 import pretrain  # noqa: E402
+from runtime import open_fraction, positive_int  # noqa: E402
 from neighbours.common import RestorativeModel, block_mask  # noqa: E402
 from neighbours.genesis import both_views  # noqa: E402
 
@@ -46,8 +47,8 @@ class MIM(pretrain.Method):
     demo = dict(mask_block=(4, 4, 2))   # 8 x 8 x 4 mm blocks: a 32 x 32 x 16 demo patch is 512 of them
 
     def add_arguments(self, p):
-        p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of blocks masked")
-        p.add_argument("--mask-block", type=int, nargs=3, default=(8, 8, 4), help="block (X, Y, Z) voxels")
+        p.add_argument("--mask-ratio", type=open_fraction, default=0.75, help="fraction of blocks masked")
+        p.add_argument("--mask-block", type=positive_int, nargs=3, default=(8, 8, 4), help="block (X, Y, Z) voxels")
 
     def check(self, cfg):
         cfg["mask_block"] = tuple(cfg["mask_block"])

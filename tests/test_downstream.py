@@ -281,10 +281,14 @@ def test_predict_checks_its_output_before_any_work(small_demo, tmp_path, problem
 
 
 @pytest.mark.parametrize("budget", ["0", "-1", "99"])
-def test_train_cases_outside_the_fold_is_refused(small_demo, tmp_path, budget):
-    with pytest.raises(SystemExit, match=f"--train-cases {budget}: must be between 1 and"):
+def test_train_cases_outside_the_fold_is_refused(small_demo, tmp_path, budget, capsys):
+    """0 or less is refused where it is parsed (argparse, exit 2); too many once the folds are known."""
+    with pytest.raises(SystemExit) as e:
         finetune.main(finetune.parse_args(["--data", str(small_demo), "--init", "random", "--out", str(tmp_path),
                                            *TINY, "--train-cases", budget]))
+    message = str(e.value.code) + capsys.readouterr().err
+    expected = "argument --train-cases: must be >= 1" if int(budget) < 1 else f"--train-cases {budget}: must be between 1 and"
+    assert expected in message
     assert not (tmp_path / "results.json").exists()
 
 

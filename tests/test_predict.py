@@ -197,12 +197,18 @@ def test_refused_before_any_work(run_dir, scans, small_demo, tmp_path, problem, 
     elif problem == "bad_overlap":
         extra = ["--overlap", "1"]
     before = sorted(p.name for p in scans.iterdir())
-    assert run("-i", scans, "-o", out, "--model", model, *extra) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("predict.py: error:") and "\n" not in err
+    if problem == "bad_overlap":                 # where it is parsed: argparse's line, exit 2
+        with pytest.raises(SystemExit) as e:
+            run("-i", scans, "-o", out, "--model", model, *extra)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+    else:
+        assert run("-i", scans, "-o", out, "--model", model, *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("predict.py: error:") and "\n" not in err
     expected = {"output_is_input": "inside the input", "output_inside_input": "inside the input",
                 "labels_differ": "labels differs", "missing_fold": "--folds 7", "no_models": "no model_fold",
-                "bad_overlap": "--overlap"}[problem]
+                "bad_overlap": "argument --overlap: must be in [0, 1)"}[problem]
     assert expected in err
     assert sorted(p.name for p in scans.iterdir()) == before
-    assert not (out / "predictions.json").exists()
+    assert not (out / "predictions.json").exists() and not (out.exists() and problem != "output_is_input")

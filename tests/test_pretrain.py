@@ -94,9 +94,10 @@ def test_existing_run_folder_is_not_overwritten(small_demo, tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--steps", "--num-voxels"])
-def test_zero_counts_are_refused(small_demo, tmp_path, flag):
-    with pytest.raises(SystemExit, match=f"{flag} must be >= 1"):
+def test_zero_counts_are_refused(small_demo, tmp_path, flag, capsys):
+    with pytest.raises(SystemExit) as e:     # where it is parsed: argparse's one line, exit 2
         run(small_demo, tmp_path, flag, "0")
+    assert e.value.code == 2 and f"argument {flag}: must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "backbone.pt").exists()
 
 
