@@ -106,7 +106,12 @@ def read_backbone_file(path, verbose=True):
                              f"{BACKBONE_VERSION}; version 2 made FPN3d equal to the reference's); re-run pretrain.py")
         info = dict(kind="backbone.pt (pretrain.py)", step=ckpt.get("step"), arch=ckpt.get("arch"), ignored=[],
                     method=(ckpt.get("pretrain_config") or {}).get("method", "ours"))
-        return ckpt["backbone_config"], ckpt["state_dict"], info
+        config, state = ckpt["backbone_config"], ckpt["state_dict"]
+        check_fits(path, "ours (model.FPN3d)", config, state)
+        if verbose:
+            print(f"{path}: {info['kind']}, method {info['method']}, step {info['step']}; FPN3d{tuple(config.values())} "
+                  "(in_channels, base_channels, num_levels)")
+        return config, state, info
     if "kind" in ckpt or "model" in ckpt and "optimizer" in ckpt:
         raise ValueError(f"{path} is not a backbone file (kind: {ckpt.get('kind', 'a resumable checkpoint.pt')}); "
                          "pass RUN_DIR/backbone.pt")
@@ -136,11 +141,7 @@ def read_backbone_file(path, verbose=True):
     state = {k: v for k, v in state.items() if k in names}
     if layout.startswith("reference"):
         state = from_reference(state, config)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in FPN3d(**config).state_dict().items()}
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k, s in shapes.items() if state[k].shape != s]
-    if wrong:
-        raise ValueError(f"{path}: {len(wrong)} tensor(s) do not fit FPN3d({config}), e.g. {wrong[:3]}")
+    check_fits(path, layout, config, state)
     info = dict(kind=f"{kind}, {layout}", step=None, arch=None, ignored=ignored)
     if verbose:
         print(f"{path}: {info['kind']}; FPN3d{tuple(config.values())} "
@@ -149,12 +150,41 @@ def read_backbone_file(path, verbose=True):
     return config, state, info
 
 
+def check_fits(path, layout, config, state):
+    """ValueError, one line, unless `state` (our names) has exactly FPN3d(**config)'s keys and shapes."""
+    try:
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in FPN3d(**config).state_dict().items()}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {layout} with an unusable configuration {config} ({e})") from None
+    missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
+    if missing or extra:
+        raise ValueError(f"{path}: {layout} with {config} but {len(missing)} key(s) missing (e.g. {missing[:3]}) "
+                         f"and {len(extra)} unexpected (e.g. {extra[:3]})")
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k, s in shapes.items() if state[k].shape != s]
+    if wrong:
+        raise ValueError(f"{path}: {len(wrong)} tensor(s) do not fit FPN3d({config}), e.g. {wrong[:3]}")
+
+
+def check_export_target(src, dst, force):
+    """--export-reference writes a new file: never over its input, nor over an existing file
+    (a run's backbone.pt, say) unless --force."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"--export-reference: the output {dst} is the input itself; choose another file name")
+    if dst.exists() and not force:
+        raise ValueError(f"--export-reference: {dst} exists; choose another file name or pass --force")
+    if not dst.parent.is_dir():
+        raise ValueError(f"--export-reference: folder {dst.parent} does not exist")
+
+
 def main(args):
     try:
         if args.inspect:
             read_backbone_file(args.inspect)
         else:
             src, dst = args.export_reference
+            check_export_target(src, dst, args.force)
             config, state, info = read_backbone_file(src)
             save_torch(to_reference(state, config), dst)
             print(f"wrote {dst}: FPN3d({', '.join(f'{k}={v}' for k, v in config.items())}) in the reference's "
@@ -168,6 +198,7 @@ def parse_args(argv=None):
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--inspect", metavar="FILE", help="say what FILE holds")
     g.add_argument("--export-reference", nargs=2, metavar=("OURS", "OUT"), help="write OURS's backbone in the reference layout")
+    p.add_argument("--force", action="store_true", help="--export-reference may replace an existing OUT (never OURS)")
     return p.parse_args(argv)
 
 

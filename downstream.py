@@ -23,7 +23,7 @@ from data import list_cases, load_case, load_dataset_json, sliding_window_infere
 from loss import dice_per_class, predict_labels
 from model import ARCHS, DEMO_ARCHS, SegmentationModel
 from preprocess import resolve_data_dir
-from runtime import (claim_folder, make_output_dir, non_negative_int, positive_int, save_json, setup_distributed,
+from runtime import (claim_folder, explicit_flags, make_output_dir, non_negative_int, positive_int, save_json, setup_distributed,
                      world_info)
 
 
@@ -36,7 +36,8 @@ def random_backbone_config(args):
 def build_segmenter(args, num_classes, head):
     """SegmentationModel from --checkpoint (architecture read from the file) or --init random."""
     if args.checkpoint:
-        backbone_config, state, info = read_backbone_file(args.checkpoint)
+        backbone_config, state, info = read_backbone_file(args.checkpoint, verbose=False)
+        check_backbone_flags(args, backbone_config)
         model = SegmentationModel(backbone_config, num_classes, head=head)
         try:   # strict: name exactly the keys that do not fit (MAE's habit)
             model.backbone.load_state_dict(state, strict=True)
@@ -242,4 +243,17 @@ def parse_with_preset(p, argv, demo):
     first = p.parse_args(argv)
     is_demo = first.preset == "demo" or (first.preset is None and first.data == "demo")
     p.set_defaults(**(DEMO_ARCHS if is_demo else ARCHS)[first.arch], **(demo if is_demo else {}))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.explicit = explicit_flags(p, argv)
+    return args
+
+
+def check_backbone_flags(args, config):
+    """With --checkpoint the file decides the FPN: a contradicting flag is refused, as pretrain.py
+    --init-from refuses it."""
+    explicit = getattr(args, "explicit", ())
+    for k in ("base_channels", "num_levels"):
+        if k in explicit and getattr(args, k) != config[k]:
+            raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)} contradicts {args.checkpoint} ({config[k]})")
+    if "arch" in explicit:
+        raise ValueError(f"--arch applies to --init random; {args.checkpoint} decides the architecture")

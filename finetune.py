@@ -239,7 +239,7 @@ def load_saved(model, path, train_ids):
     model.load_state_dict(saved.state_dict())
 
 
-def check_output(scan, output):
+def check_output(scan, output, force=False):
     """Refuse, before any work, an output that would replace the scan or cannot be written."""
     scan, output = Path(scan), Path(output)
     if not output.name.endswith((".nii", ".nii.gz")):
@@ -250,6 +250,8 @@ def check_output(scan, output):
         raise ValueError(f"--output {output}: folder {output.parent} is not writable")
     if scan.exists() and output.exists() and output.resolve() == scan.resolve():
         raise ValueError(f"--output {output} is the scan itself: it would be replaced by the mask")
+    if output.exists() and not force:
+        raise ValueError(f"--output {output} exists; choose another name or pass --force")
 
 
 def predict_alias(args):
@@ -258,7 +260,7 @@ def predict_alias(args):
     try:
         if not (args.checkpoint and args.output):
             raise ValueError("--predict needs --checkpoint FINETUNED.pt and --output SEG.nii.gz")
-        check_output(args.predict, args.output)
+        check_output(args.predict, args.output, args.force)
         device = pick_device(args.device)
         model, ckpt = load_model(args.checkpoint)
     except ValueError as e:
@@ -302,6 +304,7 @@ def parse_args(argv=None, training=Training):
         p.add_argument("--predict", required=True, help="SCAN.nii.gz to segment with --checkpoint FINETUNED.pt")
         p.add_argument("--checkpoint", help="DIR/model_fold<k>.pt from finetune.py")
         p.add_argument("--output", help="SEG.nii.gz")
+        p.add_argument("--force", action="store_true", help="replace an existing --output")
         p.add_argument("--device", default="auto")
         p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
         return p.parse_args(argv)

@@ -54,6 +54,7 @@ PRESETS = {  # Sec. 3.1
 }
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
+MIN_RESAMPLED_VOXELS = 4  # per axis: fewer means the header's spacing is wrong
 MAX_RESAMPLED_GIB = 4.0   # a 1 x 1 x 2 mm whole-body CT is ~0.5 GiB; far more means a wrong header
 
 
@@ -103,6 +104,9 @@ def validate_case(image, affine, label=None, label_affine=None, names=("image", 
         raise PreprocessError(f"{image_name}: singular or rank-deficient affine (its 3 x 3 part has determinant "
                               f"{np.linalg.det(affine[:3, :3]) if np.all(np.isfinite(affine)) else 'nan'}): "
                               "no voxel size or orientation can be read")
+    if np.iscomplexobj(image):
+        raise PreprocessError(f"{image_name}: complex-valued voxels ({image.dtype}); a scan holds real intensities "
+                              "(take the magnitude first if this is raw MRI data)")
     image = np.asarray(image, dtype=np.float32)
     bad = image.size - np.count_nonzero(np.isfinite(image))
     if bad:
@@ -197,6 +201,10 @@ def preprocess_arrays(image, affine, modality, spacing=None, label=None, *, labe
         raise PreprocessError(f"{names[0]}: spacing {np.round(old_spacing, 3).tolist()} mm x shape {image.shape} "
                               f"would resample to {new_shape} ({gib:.1f} GiB as float32, limit {MAX_RESAMPLED_GIB} GiB); "
                               "is the voxel size in the header right?")
+    if min(new_shape) < MIN_RESAMPLED_VOXELS:
+        raise PreprocessError(f"{names[0]}: spacing {np.round(old_spacing, 4).tolist()} mm x shape {image.shape} "
+                              f"resamples to {new_shape} at {preset['spacing']} mm, almost nothing; is the voxel size "
+                              "in the header right?")
     resampled = resample_image(image, ratio, new_shape)  # step (1)
     if modality == "ct":
         body = resampled > preset["body_threshold_hu"]
@@ -307,11 +315,25 @@ def preprocess_case(image_path, label_path, out_dir, case_id, modality, spacing=
 
 
 def list_nifti(folder):
-    """[(name without extension, path)] of the .nii / .nii.gz files (hidden, '._' skipped)."""
+    """[(name without extension, path)] of the .nii / .nii.gz files (hidden, '._' skipped). A link
+    that leads nowhere (a loop, a missing target) is reported on stderr, not skipped silently."""
     paths = sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []
-    found = [(re.fullmatch(r"(.+)\.nii(\.gz)?", p.name), p) for p in paths
-             if p.is_file() and not p.name.startswith(".")]
-    return [(m.group(1), p) for m, p in found if m]
+    found = []
+    for p in paths:
+        m = re.fullmatch(r"(.+)\.nii(\.gz)?", p.name)
+        if not m or p.name.startswith("."):
+            continue
+        if p.is_symlink():
+            try:
+                p.resolve(strict=True)
+            except (OSError, RuntimeError) as e:
+                print(f"skipped {p}: a symbolic link that leads nowhere ({type(e).__name__}: "
+                      f"{'a loop' if isinstance(e, RuntimeError) or getattr(e, 'errno', 0) == 40 else e.strerror})",
+                      file=sys.stderr)
+                continue
+        if p.is_file():
+            found.append((m.group(1), p))
+    return found
 
 
 def read_label_names(raw_dir):
@@ -440,13 +462,23 @@ def write_dataset_json(out_dir, modality, preset, labels):
               modality=modality, preset=preset, labels=labels, cases=cases))
 
 
-def preprocess_folder(raw_dir, out_dir, modality, spacing=None, workers=1):
-    """Preprocess a raw folder -> dict(done, skipped, failed: one message per bad case)."""
+def preprocess_folder(raw_dir, out_dir, modality, spacing=None, workers=1, force=False):
+    """Preprocess a raw folder -> dict(done, skipped, failed: one message per bad case). An output
+    folder made with another preset is refused unless force (its cases would be redone)."""
     preset = make_preset(modality, spacing)
     raw, out = Path(raw_dir).resolve(), Path(out_dir).resolve()
     if out == raw or raw in out.parents:
         raise PreprocessError(f"--output {out_dir} is (inside) --input {raw_dir}: its dataset.json would replace "
                               "the raw one; choose a folder outside the input")
+    old = Path(out_dir) / "dataset.json"
+    if old.is_file() and not force:
+        try:
+            made_with = json.loads(old.read_text()).get("preset")
+        except (OSError, ValueError, AttributeError):
+            made_with = "an unreadable dataset.json"
+        if made_with != preset:
+            raise PreprocessError(f"--output {out_dir} holds data preprocessed with {made_with}, not {preset}: "
+                                  "its cases would be replaced; choose another folder or pass --force")
     jobs, failed = find_cases(raw_dir)
     labels = read_label_names(raw_dir)
     todo = [j for j in jobs if not is_complete(read_meta(Path(out_dir) / "cases" / j["case_id"]),
@@ -566,7 +598,7 @@ def main(args):
             raise PreprocessError("--input, --output and --modality are required (or --demo)")
         make_preset(args.modality, args.spacing)      # a bad --spacing (nan, 0, -1) fails here, not per case
         result = preprocess_folder(args.input, args.output, args.modality, args.spacing,
-                                   args.workers)
+                                   args.workers, force=args.force)
     except ValueError as e:  # PreprocessError, bad spacing, a demo folder made otherwise
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -586,6 +618,7 @@ def parse_args(argv=None):
     parser.add_argument("--demo", metavar="DATA_DIR", help="write + preprocess the demo set")
     parser.add_argument("--num-cases", type=positive_int, default=20, help="demo cases")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="demo seed")
+    parser.add_argument("--force", action="store_true", help="--output may hold data of another preset (replaced)")
     # speed
     parser.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS, help="processes")
     return parser.parse_args(argv)

@@ -32,6 +32,7 @@ from all processes, so the loss equals the single-process loss on the same globa
 rank 0 logs and writes files; checkpoints move freely between DDP and single-process runs.
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -49,7 +50,7 @@ from data import PairDataset, collate_pairs
 from loss import hybrid_loss, info_nce, reconstruction_loss
 from model import ARCHS, DEMO_ARCHS, PretrainModel
 from preprocess import resolve_data_dir
-from runtime import (atomic_write, claim_folder, load_torch, make_output_dir, non_negative_float, non_negative_int,
+from runtime import (atomic_write, claim_folder, explicit_flags, load_torch, make_output_dir, non_negative_float, non_negative_int,
                      positive_float, positive_int, release_folder, save_torch, setup_distributed, unwrap)
 
 # The demo preset (phantom.DEMO_SCALE volumes of ~52 x 45 x 20 voxels, model.DEMO_ARCHS network):
@@ -57,8 +58,7 @@ from runtime import (atomic_write, claim_folder, load_torch, make_output_dir, no
 DEMO = dict(steps=300, batch_pairs=4, num_voxels=256, patch_size=(32, 32, 16), log_every=10, checkpoint_every=100)
 VOX2VEC = dict(arch="vox2vec", aug="vox2vec", recon_weight=0.0)   # --method vox2vec: the baseline
 # Flags that say where and how to run, not what is trained: not part of a run's config.
-RUN_FLAGS = ("data", "out", "resume", "init_from", "seed", "workers", "preset", "device", "amp", "compile",
-             "explicit", "method")
+RUN_FLAGS = ("data", "out", "resume", "init_from", "workers", "preset", "device", "amp", "compile", "explicit", "method")
 MAY_CHANGE_ON_RESUME = ("steps", "log_every", "checkpoint_every")
 
 
@@ -192,6 +192,9 @@ def resolve_config(args, method=OURS):
     for k in ("steps", "batch_pairs", "num_voxels", "pairs_per_volume", "log_every", "checkpoint_every"):
         if cfg[k] < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}")
+    if cfg["num_voxels"] > int(np.prod(cfg["patch_size"])):
+        raise ValueError(f"--num-voxels {cfg['num_voxels']} is more than a {'x'.join(map(str, cfg['patch_size']))} "
+                         f"patch holds ({int(np.prod(cfg['patch_size']))} voxels)")
     if cfg["batch_pairs"] % cfg["pairs_per_volume"]:
         raise ValueError(f"--batch-pairs {cfg['batch_pairs']} must be a multiple of --pairs-per-volume")
     method.check(cfg)
@@ -228,6 +231,15 @@ def make_loader(data_dir, cfg, seed, start_step, rank, world, workers):
         prefetch_factor=4 if workers > 0 else None)
 
 
+def data_fingerprint(data_dir):
+    """A short hash of the preprocessed folder's dataset.json and every case's meta.json: it
+    changes when a case is added, removed or preprocessed again."""
+    digest = hashlib.sha256((Path(data_dir) / "dataset.json").read_bytes())
+    for meta in sorted(Path(data_dir).glob("cases/*/meta.json")):
+        digest.update(meta.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def run_folder(args):
     return Path(args.out or ("runs/pretrain-demo" if args.data == "demo" else "runs/pretrain"))
 
@@ -241,6 +253,7 @@ def setup(args, method):
         raise ValueError(f"--batch-pairs {cfg['batch_pairs']} is the global batch: it must split evenly "
                          f"over {world} processes x --pairs-per-volume {cfg['pairs_per_volume']}")
     data_dir = resolve_data_dir(args.data)
+    cfg.update(data=str(Path(data_dir).resolve()), data_fingerprint=data_fingerprint(data_dir))   # a resume checks both
     run_dir = run_folder(args)
     torch.manual_seed(args.seed)
     init = initial_backbone(args, cfg)
@@ -464,13 +477,6 @@ def build_parser(method=OURS):
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     return p
-
-
-def explicit_flags(parser, argv):
-    """The destinations of the flags given on the command line (the parser takes no abbreviations)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return sorted({a.dest for a in parser._actions for token in argv
-                   if token in a.option_strings or any(token.startswith(o + "=") for o in a.option_strings)})
 
 
 def parse_args(argv=None, method=OURS):

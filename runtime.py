@@ -163,6 +163,14 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
+def explicit_flags(parser, argv):
+    """The destinations of the flags given on the command line, not taken from a default (the
+    parser must not allow abbreviations)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return sorted({a.dest for a in parser._actions for token in argv
+                   if token in a.option_strings or any(token.startswith(o + "=") for o in a.option_strings)})
+
+
 # ----------------------------------------------------------------------------- flag types
 # argparse `type=` functions: a bad value exits 2 with "error: argument --x: <why>" before any
 # work. Every script's numeric flags use these.

@@ -225,8 +225,11 @@ def test_predict_writes_mask_on_the_original_grid(small_demo, backbone, tmp_path
     _, _, label_pre, meta = preprocess.preprocess_arrays(image, affine, "ct", label=label)
     oracle = torch.nn.functional.one_hot(torch.as_tensor(label_pre.astype(np.int64)), 9).permute(3, 0, 1, 2).float()
     monkeypatch.setattr(predict, "ensemble_probabilities", lambda *a, **k: oracle)
+    with pytest.raises(SystemExit, match="exists; choose another name or pass --force"):   # no silent overwrite
+        finetune.main(finetune.parse_args(["--predict", str(scan), "--checkpoint", str(tmp_path / "model_fold0.pt"),
+                                           "--output", str(out)]))
     finetune.main(finetune.parse_args(["--predict", str(scan), "--checkpoint", str(tmp_path / "model_fold0.pt"),
-                                       "--output", str(out)]))
+                                       "--output", str(out), "--force"]))
     pred = np.asanyarray(nib.load(out).dataobj)
     # exactly the nearest-neighbour round trip of the label (the best any network could do) ...
     np.testing.assert_array_equal(pred, preprocess.to_original_grid(label_pre, meta))

@@ -65,7 +65,7 @@ AFFINE = np.array([[0.0, -1.5, 0, 30], [0, 0, -1.5, 20], [3.0, 0, 0, -40], [0, 0
 
 def args(**kw):
     base = dict(input=None, output=None, modality="ct", spacing=None, workers=1, demo=None,
-                num_cases=20, seed=0)
+                num_cases=20, seed=0, force=False)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -281,8 +281,11 @@ def test_rerun_skips_finished_cases_and_leaves_no_temp_files(tmp_path, capsys):
     assert "done 1 / skipped 2 / failed 0" in capsys.readouterr().out
     assert not [p for p in out.rglob("*") if p.name.startswith(".tmp")]
     assert len(json.loads((out / "dataset.json").read_text())["cases"]) == 3
-    # another spacing is another preset: nothing is skipped
-    assert preprocess.preprocess_folder(raw, out, "ct", spacing=(2, 2, 4))["skipped"] == 0
+    # another spacing is another preset: refused without --force (its cases would be replaced) ...
+    with pytest.raises(preprocess.PreprocessError, match="another folder or pass --force"):
+        preprocess.preprocess_folder(raw, out, "ct", spacing=(2, 2, 4))
+    # ... and with it, nothing is skipped
+    assert preprocess.preprocess_folder(raw, out, "ct", spacing=(2, 2, 4), force=True)["skipped"] == 0
 
 
 def test_flat_folder_is_unlabelled(tmp_path):
