@@ -79,9 +79,21 @@ def pretrain_summary(run_dir):
                 steps=rows[-1]["step"], seconds=rows[-1]["seconds"])
 
 
-def main(args):
+def claim_output(args):
+    """OUT continues an earlier run of the same protocol (finished commands are skipped); one made
+    with other data or another --quick would mix into its tables: refused unless --force."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    record, made = out / "evidence-args.json", dict(data=str(args.data), quick=bool(args.quick))
+    if record.is_file() and json.loads(record.read_text()) != made and not args.force:
+        sys.exit(f"evidence.py: error: {out} holds results made with {record.read_text().strip()}, not {made}; "
+                 "choose another --out or pass --force")
+    record.write_text(json.dumps(made))
+    return out
+
+
+def main(args):
+    out = claim_output(args)
     q = args.quick
     data = ["--data", args.data]
     small = ["--workers", "0", "--preset", "demo"] if q else ["--workers", "0"]   # [2:]: without --workers
@@ -128,7 +140,7 @@ def main(args):
 
 def ablation(args):
     """Table 1's rows on the demo: which of the three changes costs or buys what (probe Dice)."""
-    out = Path(args.out)
+    out = claim_output(args)
     log, rows = [], {}
     variants = {
         "vox2vec baseline": (out / "pretrain-vox2vec", None),
@@ -175,8 +187,7 @@ def neighbours(args):
     pretraining of ours is the main run's (OUT/pretrain-balanced, run here if missing).
     --fold k [k ...] runs only those of the 3 folds (a 2-core machine can do it in pieces: a run
     skips every command already done, and the report averages the folds it was given)."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output(args)
     q = args.quick
     data = ["--data", args.data]
     small = ["--workers", "0", "--preset", "demo"] if q else ["--workers", "0"]   # [2:]: without --workers
@@ -455,6 +466,7 @@ def parse_args(argv=None):
                    help="Models Genesis, MIM, DenseCL and MedContext beside ours (reuses the main run's pretraining)")
     p.add_argument("--fold", type=int, nargs="+", choices=[0, 1, 2], help="--neighbours: run these folds only [all three]")
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--force", action="store_true", help="use an --out that holds results of other data or --quick")
     return p.parse_args(argv)
 
 

@@ -1,0 +1,232 @@
+"""Hostile and mistaken command lines. (1) Table-driven over every script's flags: for each flag
+whose argparse type is one of runtime's checked types, invalid values generated from that type
+must exit 2 with argparse's one line naming the flag, no traceback, and no file written.
+(2) The six cases of the second hostile pass, each of which the code before it got wrong."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Bad values for each checked type (what a careless or hostile user types).
+BAD = {runtime.positive_int: ["0", "-1", "1.5", "abc", ""],
+       runtime.non_negative_int: ["-1", "2.5", "x"],
+       runtime.positive_float: ["0", "-1", "nan", "inf", "x"],
+       runtime.non_negative_float: ["-1", "nan", "-inf", "x"],
+       runtime.open_fraction: ["0", "1", "1.5", "-0.2", "nan"],
+       runtime.unit_interval: ["-0.1", "1.01", "nan"],
+       runtime.momentum: ["1", "-0.1", "2", "nan"]}
+# Every script with flags, and the least it needs to parse.
+SCRIPTS = {"pretrain": ["--data", "d"], "finetune": ["--data", "d", "--out", "o", "--init", "random"],
+           "linear_probe": ["--data", "d", "--out", "o", "--init", "random"],
+           "predict": ["-i", "in", "-o", "out", "--model", "m"], "preprocess": [], "bench": [],
+           "convert": ["--inspect", "x"], "evidence": [],
+           "neighbours.genesis": ["--data", "d"], "neighbours.mim": ["--data", "d"],
+           "neighbours.densecl": ["--data", "d"],
+           "neighbours.medcontext": ["--data", "d", "--out", "o", "--init", "random"]}
+
+
+class _Captured(Exception):
+    pass
+
+
+def parser_of(module, argv):
+    """The ArgumentParser a script's parse_args builds (caught at its first parse_args call)."""
+    real, seen = argparse.ArgumentParser.parse_args, {}
+
+    def capture(self, args=None, namespace=None):
+        seen["parser"] = self
+        raise _Captured
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        module.parse_args(argv)
+    except _Captured:
+        pass
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    return seen["parser"]
+
+
+def cases():
+    import importlib
+    out = []
+    for name, required in SCRIPTS.items():
+        module = importlib.import_module(name)
+        for action in parser_of(module, required)._actions:
+            if action.type in BAD and action.option_strings:
+                flag = action.option_strings[-1]
+                for bad in BAD[action.type]:
+                    values = [bad] + ["1"] * ((action.nargs if isinstance(action.nargs, int) else 1) - 1)
+                    out.append(pytest.param(name, required, flag, values, id=f"{name} {flag} {bad!r}"))
+    return out
+
+
+CASES = cases()
+
+
+def test_every_checked_script_is_covered():
+    """The table reaches every script, and most numeric flags (a regression guard for the table)."""
+    assert {c.values[0] for c in CASES} == set(SCRIPTS) - {"convert", "evidence"}
+    assert len(CASES) > 300
+
+
+@pytest.mark.parametrize("name, required, flag, values", CASES)
+def test_bad_value_exits_2_with_one_line(name, required, flag, values, tmp_path, monkeypatch, capsys):
+    import importlib
+    module = importlib.import_module(name)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        module.parse_args([*required, flag, *values])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2
+    assert f"argument {flag}" in err[-1] and "error:" in err[-1]
+    assert not any("Traceback" in line for line in err)
+    assert not list(tmp_path.iterdir())                              # nothing written
+
+
+# ----------------------------------------------------------------------------- the six cases
+
+def test_negative_grad_clip_is_refused(capsys):
+    import pretrain
+    with pytest.raises(SystemExit) as e:
+        pretrain.parse_args(["--data", "demo", "--steps", "3", "--grad-clip", "-1"])
+    assert e.value.code == 2 and "argument --grad-clip: must be > 0" in capsys.readouterr().err
+
+
+def test_negative_finetune_steps_are_refused(capsys):
+    import finetune
+    with pytest.raises(SystemExit) as e:
+        finetune.parse_args(["--data", "demo", "--init", "random", "--out", "o", "--steps", "-1"])
+    assert e.value.code == 2 and "argument --steps: must be >= 1" in capsys.readouterr().err
+
+
+TINY = ["--base-channels", "4", "--num-levels", "3", "--patch-size", "16", "16", "8", "--batch-pairs", "2",
+        "--num-voxels", "32", "--workers", "0", "--log-every", "1"]
+
+
+def test_two_runs_into_one_folder_and_ctrl_c(small_demo, tmp_path):
+    """Two pretrain.py processes into one --out: the second is refused with one line while the
+    first runs, and the first's log holds its own rows only, in order. Ctrl-C then ends the first
+    with one line naming its last checkpoint, and the folder is free again."""
+    import signal
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "pretrain.py"), "--data", str(small_demo), "--out", str(out), *TINY,
+           "--checkpoint-every", "2"]
+    first = subprocess.Popen([*cmd, "--steps", "100000", "--seed", "1"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run([*cmd, "--steps", "40", "--seed", "2"], env=env, capture_output=True, text=True,
+                            timeout=120)
+    first.send_signal(signal.SIGINT)
+    _, first_err = first.communicate(timeout=120)
+    assert second.returncode == 1
+    assert "is in use by another run (pid" in second.stderr and "Traceback" not in second.stderr
+    assert first.returncode == 1 and "Traceback" not in first_err
+    assert f"interrupted; the last checkpoint is {out / 'checkpoint.pt'}" in first_err.strip().splitlines()[-1]
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and rows
+    assert not (out / ".lock").exists()                              # released
+
+
+def test_stale_lock_of_a_killed_run_is_taken_over(small_demo, tmp_path, capsys):
+    import pretrain
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".lock").write_text(dead.stdout.strip())                  # a pid that no longer runs
+    pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(out), *TINY, "--steps", "1"]))
+    assert "stale lock of pid" in capsys.readouterr().err
+    assert (out / "backbone.pt").exists() and not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--seed", "5"), ("--data", "other")])
+def test_resume_refuses_a_changed_seed_or_data(small_demo, tmp_path, flag, value):
+    import shutil
+    import pretrain
+    out = tmp_path / "run"
+    pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(out), *TINY, "--steps", "1"]))
+    data = small_demo
+    if flag == "--data":                                             # the same cases, in another folder
+        data = tmp_path / "copy"
+        shutil.copytree(small_demo, data, ignore=shutil.ignore_patterns("raw"))
+    extra = [flag, value] if flag == "--seed" else []
+    with pytest.raises(SystemExit, match="--resume with settings that differ") as e:
+        pretrain.main(pretrain.parse_args(["--data", str(data), "--out", str(out), *TINY, "--steps", "2",
+                                           "--resume", *extra]))
+    assert ("--seed 0 -> 5" if flag == "--seed" else "--data ") in str(e.value.code)
+
+
+def test_export_reference_never_writes_over_its_input(small_demo, tmp_path):
+    import convert
+    import pretrain
+    out = tmp_path / "run"
+    pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(out), *TINY, "--steps", "1"]))
+    before = (out / "backbone.pt").read_bytes()
+    with pytest.raises(SystemExit, match="is the input itself"):
+        convert.main(convert.parse_args(["--export-reference", str(out / "backbone.pt"), str(out / "backbone.pt")]))
+    (tmp_path / "taken.pt").write_bytes(b"mine")
+    with pytest.raises(SystemExit, match="exists; choose another file name or pass --force"):
+        convert.main(convert.parse_args(["--export-reference", str(out / "backbone.pt"), str(tmp_path / "taken.pt")]))
+    assert (out / "backbone.pt").read_bytes() == before and (tmp_path / "taken.pt").read_bytes() == b"mine"
+    # a backbone.pt whose tensors do not fit its own configuration is refused, not exported
+    ckpt = torch.load(out / "backbone.pt", weights_only=True)
+    ckpt["state_dict"]["stem.weight"] = torch.zeros(1, 1, 1, 1, 1)
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(SystemExit, match="do not fit FPN3d"):
+        convert.main(convert.parse_args(["--export-reference", str(tmp_path / "bad.pt"), str(tmp_path / "x.pt")]))
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_inspect_reports_our_own_backbone(small_demo, tmp_path, capsys):
+    import convert
+    import pretrain
+    out = tmp_path / "run"
+    pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(out), *TINY, "--steps", "1"]))
+    capsys.readouterr()
+    convert.main(convert.parse_args(["--inspect", str(out / "backbone.pt")]))
+    printed = capsys.readouterr().out
+    assert "backbone.pt (pretrain.py)" in printed and "FPN3d(1, 4, 3)" in printed and "step 1" in printed
+    ckpt = torch.load(out / "backbone.pt", weights_only=True)
+    del ckpt["state_dict"]["stem.bias"]
+    torch.save(ckpt, tmp_path / "missing.pt")
+    with pytest.raises(SystemExit, match="1 key\\(s\\) missing"):
+        convert.main(convert.parse_args(["--inspect", str(tmp_path / "missing.pt")]))
+
+
+def test_checkpoint_decides_the_backbone_in_every_script(small_demo, tmp_path):
+    """--base-channels contradicting the backbone file gets the same answer from the probe,
+    fine-tuning and pretraining's --init-from."""
+    import finetune
+    import linear_probe
+    import pretrain
+    out = tmp_path / "run"
+    pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(out), *TINY, "--steps", "1"]))
+    backbone = str(out / "backbone.pt")
+    for module in (linear_probe, finetune):
+        with pytest.raises(SystemExit, match=f"--base-channels 8 contradicts {backbone} \\(4\\)"):
+            module.main(module.parse_args(["--data", str(small_demo), "--checkpoint", backbone, "--out",
+                                           str(tmp_path / module.__name__), "--base-channels", "8"]))
+    with pytest.raises(SystemExit, match=f"--base-channels 8 contradicts {backbone} \\(4\\)"):
+        pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(tmp_path / "again"), *TINY,
+                                           "--base-channels", "8", "--init-from", backbone]))
+
+
+def test_more_voxels_than_a_patch_holds_is_refused(small_demo, tmp_path):
+    import pretrain
+    with pytest.raises(SystemExit, match="--num-voxels 5000 is more than a 16x16x8 patch holds"):
+        pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(tmp_path / "r"), *TINY,
+                                           "--num-voxels", "5000"]))
