@@ -46,7 +46,10 @@ def run(script, *args, log, done=None):
         return
     print(f"\n$ {shown}", flush=True)
     t = time.time()
-    subprocess.run(cmd, check=True, cwd=HERE)
+    code = subprocess.run(cmd, cwd=HERE).returncode
+    if code:
+        sys.exit(f"evidence.py: error: `{shown}` failed with exit code {code} (its own message is above); "
+                 "fix it and run evidence.py again: finished commands are skipped")
     log.append(dict(command=shown, seconds=round(time.time() - t, 1)))
 
 
@@ -82,6 +85,8 @@ def pretrain_summary(run_dir):
 def claim_output(args):
     """OUT continues an earlier run of the same protocol (finished commands are skipped); one made
     with other data or another --quick would mix into its tables: refused unless --force."""
+    if args.data != "demo" and not (Path(args.data) / "dataset.json").is_file():
+        sys.exit(f"evidence.py: error: --data {args.data}: no dataset.json (a preprocess.py output folder, or 'demo')")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record, made = out / "evidence-args.json", dict(data=str(args.data), quick=bool(args.quick))

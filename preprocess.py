@@ -100,7 +100,8 @@ def validate_case(image, affine, label=None, label_affine=None, names=("image", 
                               "expected 3-D")
     if min(image.shape) == 0:
         raise PreprocessError(f"{image_name}: an empty axis in shape {image.shape}")
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+    sv = np.linalg.svd(affine[:3, :3], compute_uv=False) if np.all(np.isfinite(affine)) else np.zeros(3)
+    if sv.max() == 0 or sv.min() / sv.max() < 1e-6:     # relative: a header in metres is tiny, not singular
         raise PreprocessError(f"{image_name}: singular or rank-deficient affine (its 3 x 3 part has determinant "
                               f"{np.linalg.det(affine[:3, :3]) if np.all(np.isfinite(affine)) else 'nan'}): "
                               "no voxel size or orientation can be read")

@@ -230,3 +230,26 @@ def test_more_voxels_than_a_patch_holds_is_refused(small_demo, tmp_path):
     with pytest.raises(SystemExit, match="--num-voxels 5000 is more than a 16x16x8 patch holds"):
         pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(tmp_path / "r"), *TINY,
                                            "--num-voxels", "5000"]))
+
+
+# ----------------------------------------------------------------------------- inputs that are named
+
+def test_complex_image_tiny_resample_and_dead_links_are_named(tmp_path, capsys):
+    import numpy as np
+    import preprocess
+    from test_preprocess import AFFINE, save, tiny_scan
+    rng = np.random.default_rng(0)
+    image, label = tiny_scan(rng)
+    with pytest.raises(preprocess.PreprocessError, match="complex-valued voxels"):
+        preprocess.preprocess_arrays(image.astype(np.complex64), AFFINE, "ct")
+    tiny = AFFINE.copy()
+    tiny[:3, :3] /= 1000.0                                           # a header in metres, not mm
+    with pytest.raises(preprocess.PreprocessError, match="almost nothing; is the voxel size in the header right"):
+        preprocess.preprocess_arrays(image, tiny, "ct")
+    raw = tmp_path / "raw"
+    save(raw / "good.nii.gz", image, AFFINE)
+    (raw / "loop.nii.gz").symlink_to(raw / "loop.nii.gz")            # a link to itself
+    (raw / "gone.nii.gz").symlink_to(raw / "missing.nii.gz")
+    assert [n for n, _ in preprocess.list_nifti(raw)] == ["good"]
+    err = capsys.readouterr().err
+    assert "loop.nii.gz: a symbolic link that leads nowhere" in err and "gone.nii.gz" in err
