@@ -269,7 +269,7 @@ def full_crop_head(head, cache, labels, train_ids, device, seed=0, lr=1e-2, crop
     return len(history)
 
 
-def bench_probe(checkpoint, fold=0, real_scale=1.0, max_seconds=600):
+def bench_probe(checkpoint, fold=0, real_scale=1.0, max_seconds=300):
     """linear_probe.py's sampled-voxel head vs the full-crop head it replaced, same frozen backbone,
     same cached pyramids and standardisation, on demo fold `fold` (demo-size phantoms) and on a
     3-case fold of phantoms at `real_scale` (real-scan size). Returns {row: value}."""
