@@ -196,7 +196,7 @@ def neighbours(args):
     q = args.quick
     data = ["--data", args.data]
     small = ["--workers", "0", "--preset", "demo"] if q else ["--workers", "0"]   # [2:]: without --workers
-    folds = args.fold if args.fold is not None else [0, 1, 2]
+    folds = args.fold if args.fold is not None else ([0] if q else [0, 1, 2])   # --quick: 2 folds, run one
     log, t0 = [], time.time()
     pre = {"ours": out / "pretrain-balanced", **{m: out / f"pretrain-{m}" for m in NEIGHBOURS}}
     steps = ["--steps", "2"] if q else []

@@ -6,7 +6,7 @@ single (X, Y, Z), int, 0 = background.
   info_nce             Eq. 1: InfoNCE over the n sampled voxel pairs of a batch, tau = 0.1.
   reconstruction_loss  Eq. 2: MSE between the reconstructed and the un-augmented patches.
   hybrid_loss          Eq. 3: L = L_c + lambda * L_r, lambda = 10.
-  segmentation_loss    softmax cross-entropy + soft Dice, for the probe and fine-tuning (the
+  segmentation_loss    softmax cross-entropy + soft Dice, for fine-tuning (the
                        reference: per-class sigmoids; why we changed it: its docstring).
   predict_labels       how the K class scores are read as one label map (argmax).
   dice_per_class       Dice per foreground class of a predicted label map (the reported metric).
