@@ -275,7 +275,8 @@ def predict_alias(args):
 
 def build_parser(training=Training):
     p = argparse.ArgumentParser(description=(training.__doc__ if training is not Training else __doc__).split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)
     add_common_args(p)
     # Optimisation and the schedule of Sec. 3.2
     p.add_argument("--steps", type=positive_int, default=45_000)

@@ -269,7 +269,8 @@ def read_labels(ids, folder):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)
     add_common_args(p)
     # The probe's own training (on voxels sampled from the cached pyramids)
     p.add_argument("--voxels-per-class", type=positive_int, default=2048, help="training voxels sampled per class and volume")

@@ -185,53 +185,20 @@ def _number(kind, text):
     return value
 
 
-def positive_int(text):
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _checked(kind, ok, rule, name):
+    def check(text):
+        value = _number(kind, text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value:g}")
+        return value
+    check.__name__ = name
+    return check
 
 
-def non_negative_int(text):
-    value = _number(int, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def positive_float(text):
-    value = _number(float, text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value:g}")
-    return value
-
-
-def non_negative_float(text):
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
-    return value
-
-
-def open_fraction(text):
-    """A probability strictly between 0 and 1."""
-    value = _number(float, text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value:g}")
-    return value
-
-
-def unit_interval(text):
-    """A weight between 0 and 1, both included."""
-    value = _number(float, text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value:g}")
-    return value
-
-
-def momentum(text):
-    """An EMA momentum or an overlap: 0 <= value < 1."""
-    value = _number(float, text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value:g}")
-    return value
+positive_int = _checked(int, lambda v: v >= 1, ">= 1", "positive_int")
+non_negative_int = _checked(int, lambda v: v >= 0, ">= 0", "non_negative_int")
+positive_float = _checked(float, lambda v: v > 0, "> 0", "positive_float")
+non_negative_float = _checked(float, lambda v: v >= 0, ">= 0", "non_negative_float")
+open_fraction = _checked(float, lambda v: 0 < v < 1, "in (0, 1)", "open_fraction")          # a probability
+unit_interval = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]", "unit_interval")        # a weight
+momentum = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)", "momentum")                  # an EMA momentum, an overlap

@@ -15,7 +15,8 @@ import augment  # noqa: E402
 from finetune import make_optimizer  # noqa: E402
 from loss import info_nce, reconstruction_loss, segmentation_loss  # noqa: E402
 from model import FPN3d, PretrainModel, SegmentationModel, sample_voxels  # noqa: E402
-from pretrain import DEMO, PAPER, training_step  # noqa: E402
+import pretrain  # noqa: E402
+from pretrain import training_step  # noqa: E402
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 FP32 = dict(atol=1e-4, rtol=1e-4)   # fp32 on both sides, TF32 off: only summation order differs
@@ -104,9 +105,7 @@ def pretrain_step(model, optimizer, batch, cfg, generator):
 
 @pytest.mark.parametrize("preset", ["demo", "paper"])
 def test_pretrain_step_bf16_finite_without_host_sync(preset):
-    cfg = {**PAPER, **(DEMO if preset == "demo" else {}), "method": "ours", "arch": "balanced"}
-    cfg.update(dict(base_channels=16, num_levels=4) if preset == "demo" else dict(base_channels=32, num_levels=5))
-    cfg["patch_size"] = tuple(cfg["patch_size"])
+    cfg = pretrain.resolve_config(pretrain.parse_args(["--data", "unused", "--preset", preset]))   # the real presets
     model = PretrainModel(dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"]))
     model = model.to(CUDA, memory_format=torch.channels_last_3d).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=True)
