@@ -30,7 +30,7 @@ BAD = {runtime.positive_int: ["0", "-1", "1.5", "abc", ""],
 SCRIPTS = {"pretrain": ["--data", "d"], "finetune": ["--data", "d", "--out", "o", "--init", "random"],
            "linear_probe": ["--data", "d", "--out", "o", "--init", "random"],
            "predict": ["-i", "in", "-o", "out", "--model", "m"], "preprocess": [], "bench": [],
-           "convert": ["--inspect", "x"], "evidence": [],
+           "convert": ["--inspect", "x"], "evidence": [], "diagnostics": ["--geometry"],
            "neighbours.genesis": ["--data", "d"], "neighbours.mim": ["--data", "d"],
            "neighbours.densecl": ["--data", "d"],
            "neighbours.medcontext": ["--data", "d", "--out", "o", "--init", "random"]}

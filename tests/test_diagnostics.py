@@ -1,0 +1,48 @@
+"""diagnostics.py: the shortcut diagnostic on features whose answer is known (coordinates:
+R^2 ~ 1; random numbers: ~ 0; identical views: retrieval 1), the view-offset statistic on
+geometries whose answer is known, and the paired bootstrap against a numpy computation."""
+import numpy as np
+import torch
+
+import diagnostics
+from model import FPN3d
+
+
+def test_position_r2_on_coordinates_and_on_noise():
+    rng = np.random.default_rng(0)
+    coords = rng.integers(0, 32, (3000, 3))
+    features = np.concatenate([coords * 0.7 + 3, rng.normal(size=(3000, 20))], 1)   # position plus noise channels
+    assert diagnostics.position_r2(features, coords) > 0.99
+    assert diagnostics.position_r2(rng.normal(size=(3000, 40)), coords) < 0.05
+
+
+def test_retrieval_on_identical_and_on_random_views():
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(200, 16))
+    assert diagnostics.retrieval_accuracy(f, f * 3.0) == 1.0          # the same voxel, another scale
+    assert diagnostics.retrieval_accuracy(f, rng.normal(size=(200, 16))) < 0.05
+
+
+def test_view_offsets_by_geometry():
+    same = diagnostics.view_offsets((32, 32, 16), (32, 32, 16), pairs=50)
+    assert np.all(same == 0)                                          # the patch is the volume: no offset
+    big = diagnostics.view_offsets((300, 250, 120), (128, 128, 32), pairs=500)
+    assert np.all(big <= 1) and np.all(np.median(big, 0) > 0.05)
+
+
+def test_paired_bootstrap_matches_numpy():
+    d = np.array([0.05, -0.02, 0.08, 0.01, 0.04, 0.03])
+    mean, (low, high) = diagnostics.paired_bootstrap(d, n_boot=2000, seed=3)
+    rng = np.random.default_rng(3)
+    means = np.array([d[rng.integers(0, len(d), len(d))].mean() for _ in range(2000)])
+    assert mean == d.mean()
+    assert np.isclose(low, np.percentile(means, 2.5)) and np.isclose(high, np.percentile(means, 97.5))
+    assert low < mean < high
+
+
+def test_shortcut_diagnostic_runs_on_a_backbone(small_demo):
+    torch.manual_seed(0)
+    net = FPN3d(in_channels=1, base_channels=4, num_levels=3)
+    out = diagnostics.shortcut_diagnostic(net, small_demo, patch_size=(16, 16, 8), pairs=6, num_voxels=32)
+    assert set(out) == {"median_offset", "pairs", "retrieval_small_offset", "retrieval_large_offset", "r2"}
+    assert 0 <= out["retrieval_small_offset"] <= 1 and out["r2"] <= 1
