@@ -56,11 +56,17 @@ def new_segmenter(args, num_classes, head, device, fold):
     return model.to(device, memory_format=torch.channels_last_3d).train(), info
 
 
-def set_backbone_trainable(model, trainable):
-    """Freeze for real: no gradients, and eval mode so BatchNorm statistics stay as pretrained."""
+def set_backbone_trainable(model, trainable, keep_batchnorm=False):
+    """Freeze for real: no gradients, and eval mode so BatchNorm statistics stay as pretrained.
+    keep_batchnorm: the BatchNorm layers stay trainable and in the model's mode (Lightning's train_bn)."""
     for p in model.backbone.parameters():
         p.requires_grad_(trainable)
     model.backbone.train(trainable and model.training)
+    if keep_batchnorm and not trainable:
+        for m in model.backbone.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.requires_grad_(True)
+                m.train(model.training)
 
 
 # ----------------------------------------------------------------------------- folds

@@ -54,7 +54,7 @@ from runtime import (non_negative_int, pick_device, positive_float, positive_int
 DEMO = dict(steps=450, batch_size=2, patch_size=(32, 32, 16), eval_patch_size=(96, 96, 48),
             lr=2e-3, freeze_steps=150, ramp_steps=40, ramp_start_lr=2e-4)
 CONFIG = ("steps", "batch_size", "patch_size", "eval_patch_size", "lr", "folds", "freeze_steps", "ramp_steps",
-          "ramp_start_lr", "aug")
+          "ramp_start_lr", "backbone_lr_scale", "warmup_steps", "frozen_bn", "aug")
 BN_BATCHES = 100  # training batches over which BatchNorm statistics are re-estimated after training
 
 
@@ -87,31 +87,64 @@ class Training:
 
 
 def backbone_lr(step, cfg):
-    """Sec. 3.2: 0 while frozen, then exponential from ramp_start_lr to lr over ramp_steps."""
-    t = step - cfg["freeze_steps"]
+    """Sec. 3.2: 0 while frozen, then exponential from ramp_start_lr to lr over ramp_steps; both
+    times --backbone-lr-scale (1: the paper; nnssl gives pretrained weights a 10x lower lr)."""
+    t, scale = step - cfg["freeze_steps"], cfg["backbone_lr_scale"]
     if t < 0:
         return 0.0
     if t >= cfg["ramp_steps"]:
-        return cfg["lr"]
-    return cfg["ramp_start_lr"] * (cfg["lr"] / cfg["ramp_start_lr"]) ** (t / cfg["ramp_steps"])
+        return cfg["lr"] * scale
+    return scale * cfg["ramp_start_lr"] * (cfg["lr"] / cfg["ramp_start_lr"]) ** (t / cfg["ramp_steps"])
+
+
+def warmup(step, cfg):
+    """--warmup-steps W: every learning rate grows linearly over the first W steps (nnssl's warm-up)."""
+    return min(1.0, (step + 1) / cfg["warmup_steps"]) if cfg["warmup_steps"] else 1.0
 
 
 def apply_schedule(step, model, optimizer, cfg):
-    """The backbone's lr for this step; frozen for real (no gradients, BN in eval mode) at 0."""
-    lr = backbone_lr(step, cfg)
-    if any(p.requires_grad for p in model.backbone.parameters()) != (lr > 0):
-        set_backbone_trainable(model, lr > 0)
+    """This step's learning rates. At backbone lr 0 the backbone is frozen for real (no gradients,
+    BatchNorm in eval mode), except with --frozen-bn train (Lightning's train_bn, the authors'
+    setting): then its BatchNorm layers keep training, at the head's lr, with batch statistics."""
+    lr, factor = backbone_lr(step, cfg), warmup(step, cfg)
+    bn_trains = cfg["frozen_bn"] == "train"
+    if any(p.requires_grad for p in backbone_weights(model, bn=False)) != (lr > 0):
+        set_backbone_trainable(model, lr > 0, keep_batchnorm=bn_trains)
     for group in optimizer.param_groups:
-        if group["name"] == "backbone":
-            group["lr"] = lr
+        group["lr"] = factor * {"head": cfg["lr"], "backbone": lr,
+                                "backbone_bn": cfg["lr"] if lr == 0 and bn_trains else lr}[group["name"]]
+
+
+def backbone_weights(model, bn):
+    """The backbone's BatchNorm parameters (bn=True) or all its others."""
+    norms = {id(p) for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             for p in m.parameters()}
+    return [p for p in model.backbone.parameters() if (id(p) in norms) == bn]
 
 
 def make_optimizer(model, lr):
-    """Adam over the head, plus a separate (possibly frozen) group for the backbone."""
+    """Adam over the head, the backbone and the backbone's BatchNorm parameters, each its own
+    group so the schedule can freeze or scale them."""
     head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     groups = [dict(params=head, lr=lr, name="head"),
-              dict(params=list(model.backbone.parameters()), lr=lr, name="backbone")]
+              dict(params=backbone_weights(model, bn=False), lr=lr, name="backbone"),
+              dict(params=backbone_weights(model, bn=True), lr=lr, name="backbone_bn")]
     return torch.optim.Adam(groups, lr=lr)
+
+
+def weight_change(model, initial):
+    """Per backbone level, how far training moved the weights: ||w - w0|| / ||w0|| over the
+    level's encoder and decoder parameters (level = the index in their names; stem: level 0)."""
+    now = model.backbone.state_dict()
+    sums = {}
+    for name, w0 in initial.items():
+        if not w0.is_floating_point() or name.endswith(("running_mean", "running_var")):
+            continue
+        parts = name.split(".")
+        level = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else 0
+        moved, size = sums.get(level, (0.0, 0.0))
+        sums[level] = (moved + float((now[name].float() - w0.float()).pow(2).sum()), size + float(w0.float().pow(2).sum()))
+    return {str(level): (moved / size) ** 0.5 if size else None for level, (moved, size) in sorted(sums.items())}
 
 
 def make_loader(data_dir, train_ids, cfg, seed, workers, device):
@@ -206,14 +239,16 @@ def main(args, training=Training):
     device, data_dir, test_dir, names, plan = prepare(args, "nonlinear", training.script, cfg["batch_size"])
     announce("fine-tune", args, cfg, device)
     rank, world = world_info()
-    fold_dice, cases, started, out = {}, {}, time.time(), Path(args.out)
+    fold_dice, cases, moved, started, out = {}, {}, {}, time.time(), Path(args.out)
     for fold, train_ids, test_ids in plan:
         cases[fold] = (train_ids, test_ids)
         model, info = new_segmenter(args, len(names), "nonlinear", device, fold)
+        initial = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
         if args.evaluate_saved:   # the trained weights of an earlier run of the same command
             load_saved(model, out / f"model_fold{fold}.pt", train_ids)
         else:
             train_segmenter(model, data_dir, train_ids, cfg, args, device, desc=f"fold {fold}", training=training)
+        moved[str(fold)] = weight_change(model, initial)      # how far training moved each backbone level
         reestimate_batchnorm(model, data_dir, train_ids, cfg, device, seed=args.seed + 1000 + fold)
         if rank == 0:       # under torchrun, rank 0 alone evaluates and writes; the others wait
             save_model(out / f"model_fold{fold}.pt", model, names, data_dir, cfg, fold, train_ids)
@@ -227,7 +262,8 @@ def main(args, training=Training):
         dist.destroy_process_group()
     if rank != 0:
         return None
-    results = write_results(args, cfg, fold_dice, names, info, cases, started, "fine-tune")
+    results = write_results(args, cfg, fold_dice, names, info, cases, started, "fine-tune",
+                            extra=dict(weight_change=moved))
     release_folder(out)
     return results
 
@@ -286,6 +322,13 @@ def build_parser(training=Training):
     p.add_argument("--freeze-steps", type=non_negative_int, default=15_000, help="backbone frozen this long")
     p.add_argument("--ramp-steps", type=non_negative_int, default=1_200, help="exponential backbone-lr ramp")
     p.add_argument("--ramp-start-lr", type=positive_float, default=3e-5)
+    p.add_argument("--backbone-lr-scale", type=positive_float, default=1.0,
+                   help="the backbone's lr is this times --lr (and its ramp with it)")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=0,
+                   help="every lr grows linearly over these first steps (nnssl's warm-up; 0: none)")
+    p.add_argument("--frozen-bn", choices=["eval", "train"], default="eval",
+                   help="a frozen backbone's BatchNorm: fixed statistics and weights (eval), or trained "
+                        "at the head's lr on batch statistics (train: the authors' Lightning default)")
     p.add_argument("--aug", choices=SUPERVISED_KINDS, default="nnunet-like",
                    help="augmentation of every training patch (augment.supervised_augment): nnU-Net's "
                         "spatial + intensity defaults; 'none' is the paper's protocol. Applies to --init random too")

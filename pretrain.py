@@ -59,7 +59,7 @@ DEMO = dict(steps=300, batch_pairs=4, num_voxels=256, patch_size=(32, 32, 16), l
 VOX2VEC = dict(arch="vox2vec", aug="vox2vec", recon_weight=0.0)   # --method vox2vec: the baseline
 # Flags that say where and how to run, not what is trained: not part of a run's config.
 RUN_FLAGS = ("data", "out", "resume", "init_from", "workers", "preset", "device", "amp", "compile", "explicit", "method")
-MAY_CHANGE_ON_RESUME = ("steps", "log_every", "checkpoint_every")
+MAY_CHANGE_ON_RESUME = ("steps", "log_every", "checkpoint_every", "keep_steps")
 
 
 # ----------------------------------------------------------------------------- the method (Sec. 2)
@@ -299,6 +299,9 @@ def train(model, optimizer, loader, method, cfg, args, run_dir, start, rank, wor
     sums = torch.zeros(1 + len(method.loss_names), device=device)
     t0, n_logged, step = time.time(), 0, start
     bar = tqdm(total=cfg["steps"], initial=start, disable=rank != 0, dynamic_ncols=True)
+    keep = set(cfg["keep_steps"])
+    if rank == 0 and start == 0 and 0 in keep:
+        save_backbone(run_dir / "backbone_step0.pt", model, cfg, 0)
     model.train()
     for batch in loader:
         # Augmentations are a fixed function of (seed, step, rank): resuming reproduces them.
@@ -314,6 +317,8 @@ def train(model, optimizer, loader, method, cfg, args, run_dir, start, rank, wor
         sums += torch.stack([loss.detach(), *[p.detach() for p in parts]]).float()
         n_logged += 1
         bar.update(1)
+        if rank == 0 and step in keep:
+            save_backbone(run_dir / f"backbone_step{step}.pt", model, cfg, step)
         if step % cfg["log_every"] and step % cfg["checkpoint_every"] and step != cfg["steps"]:
             continue
         if world > 1:
@@ -377,11 +382,16 @@ def save_run(run_dir, model, optimizer, cfg, args, step):
                  rng=dict(torch=torch.get_rng_state(), numpy=numpy_rng_state(),
                           cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
     save_torch(state, run_dir / "checkpoint.pt")
+    save_backbone(run_dir / "backbone.pt", model, cfg, step)
+
+
+def save_backbone(path, model, cfg, step):
+    """The FPN alone with its configuration: what linear_probe.py / finetune.py read."""
+    core = unwrap(model)
     save_torch(dict(version=BACKBONE_VERSION, kind="backbone", step=step,
                     backbone_config=dict(core.config["backbone_config"]), arch=cfg["arch"],
                     pretrain_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
-                    state_dict=core.backbone.state_dict()),
-               run_dir / "backbone.pt")
+                    state_dict=core.backbone.state_dict()), path)
 
 
 def load_run(run_dir, model, optimizer, cfg):
@@ -473,6 +483,9 @@ def build_parser(method=OURS):
     # Logging, checkpoints and speed
     p.add_argument("--log-every", type=positive_int, default=50, help="steps between log rows (and the only host syncs)")
     p.add_argument("--checkpoint-every", type=positive_int, default=1000)
+    p.add_argument("--keep-steps", type=non_negative_int, nargs="*", default=[],
+                   help="also keep OUT/backbone_step<N>.pt at these steps (0: the initialisation), for a "
+                        "probe at several points of pretraining")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")

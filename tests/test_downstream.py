@@ -180,11 +180,61 @@ def test_different_label_sets_are_a_clear_error(small_demo, tmp_path):
 
 
 def test_backbone_lr_schedule():
-    cfg = dict(freeze_steps=100, ramp_steps=10, ramp_start_lr=3e-5, lr=3e-4)
+    cfg = dict(freeze_steps=100, ramp_steps=10, ramp_start_lr=3e-5, lr=3e-4, backbone_lr_scale=1.0)
     assert finetune.backbone_lr(0, cfg) == 0 and finetune.backbone_lr(99, cfg) == 0
     assert finetune.backbone_lr(100, cfg) == pytest.approx(3e-5)
     assert finetune.backbone_lr(105, cfg) == pytest.approx(math.sqrt(3e-5 * 3e-4))   # exponential ramp
     assert finetune.backbone_lr(110, cfg) == finetune.backbone_lr(10_000, cfg) == 3e-4
+
+
+def test_backbone_lr_scale_and_warmup():
+    cfg = dict(freeze_steps=0, ramp_steps=0, ramp_start_lr=3e-5, lr=3e-4, backbone_lr_scale=0.1, warmup_steps=4)
+    assert finetune.backbone_lr(0, cfg) == pytest.approx(3e-5) and finetune.backbone_lr(50, cfg) == pytest.approx(3e-5)
+    assert [finetune.warmup(s, cfg) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert finetune.warmup(0, dict(cfg, warmup_steps=0)) == 1.0
+
+
+@pytest.mark.parametrize("frozen_bn", ["eval", "train"])
+def test_frozen_backbone_batchnorm_eval_or_train(frozen_bn):
+    """While the backbone is frozen: with eval nothing of it changes; with train only its BatchNorm
+    weights and statistics do (Lightning's train_bn), at the head's lr; the head trains in both."""
+    torch.manual_seed(0)
+    model = SegmentationModel(dict(in_channels=1, base_channels=4, num_levels=2), 3, head="nonlinear").train()
+    cfg = dict(freeze_steps=10, ramp_steps=2, ramp_start_lr=1e-4, lr=1e-2, backbone_lr_scale=1.0, warmup_steps=0,
+               frozen_bn=frozen_bn)
+    optimizer = finetune.make_optimizer(model, cfg["lr"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.rand(2, 1, 16, 16, 8), torch.randint(0, 3, (2, 16, 16, 8))
+    for step in range(3):
+        finetune.apply_schedule(step, model, optimizer, cfg)
+        loss = finetune.segmentation_loss(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    norm_modules = {n for n, m in model.backbone.named_modules() if isinstance(m, torch.nn.BatchNorm3d)}
+    bn = {k for k in before if k.startswith("backbone.") and k.rsplit(".", 1)[0][len("backbone."):] in norm_modules}
+    assert any(k.startswith("head.") for k in changed)
+    if frozen_bn == "eval":
+        assert not any(k.startswith("backbone.") for k in changed)
+    else:
+        assert {k for k in changed if k.startswith("backbone.")} == bn
+    group = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert group["backbone"] == 0 and group["backbone_bn"] == (0 if frozen_bn == "eval" else cfg["lr"])
+
+
+def test_weight_change_per_level():
+    torch.manual_seed(0)
+    model = SegmentationModel(dict(in_channels=1, base_channels=4, num_levels=3), 3, head="nonlinear")
+    initial = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    assert all(v == 0 for v in finetune.weight_change(model, initial).values())
+    with torch.no_grad():
+        for name, p in model.backbone.named_parameters():
+            if name.startswith(("encoder.2.", "decoder.2.", "lateral.2.", "skip.2.", "down.2.")):
+                p.mul_(2.0)                                     # level 2 moves by exactly ||w0||
+    change = finetune.weight_change(model, initial)
+    assert change["2"] == pytest.approx(1.0) and change["0"] == 0 and change["1"] == 0
 
 
 def test_finetune_freezes_then_trains_backbone(small_demo, backbone, tmp_path, monkeypatch):

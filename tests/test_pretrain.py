@@ -249,3 +249,19 @@ def test_fast_path_matches_plain_reference_path(small_demo):
     plain = hybrid_loss(info_nce(za, zb, cfg["temperature"]), reconstruction_loss(ra, xa, rb, xb),
                         cfg["recon_weight"], cfg["contrastive_weight"])
     torch.testing.assert_close(fast_loss, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_kept_steps_are_backbones_along_the_run(small_demo, tmp_path):
+    """--keep-steps 0 1 3: the initialisation and the backbone after steps 1 and 3, each loadable
+    like backbone.pt; the last equals backbone.pt, the first the untrained FPN."""
+    run(small_demo, tmp_path, "--steps", "3", "--keep-steps", "0", "1", "3")
+    kept = {s: torch.load(tmp_path / f"backbone_step{s}.pt", weights_only=True) for s in (0, 1, 3)}
+    final = torch.load(tmp_path / "backbone.pt", weights_only=True)
+    assert [kept[s]["step"] for s in (0, 1, 3)] == [0, 1, 3]
+    torch.manual_seed(0)
+    fresh = pretrain.build_model(pretrain.resolve_config(pretrain.parse_args(["--data", str(small_demo), *TINY])))
+    for k, v in fresh.backbone.state_dict().items():
+        assert torch.equal(kept[0]["state_dict"][k], v), k
+        assert torch.equal(kept[3]["state_dict"][k], final["state_dict"][k]), k
+    assert any(not torch.equal(kept[0]["state_dict"][k], kept[1]["state_dict"][k]) for k in final["state_dict"])
+    assert not (tmp_path / "backbone_step2.pt").exists()
