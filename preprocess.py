@@ -54,6 +54,7 @@ PRESETS = {  # Sec. 3.1
 }
 DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
+UNLABELLED_STREAM = 7  # seed stream of the unlabelled demo phantoms: rng([seed, 7, i]), never a labelled rng([seed, i])
 MIN_RESAMPLED_VOXELS = 4  # per axis: fewer means the header's spacing is wrong
 MAX_RESAMPLED_GIB = 4.0   # a 1 x 1 x 2 mm whole-body CT is ~0.5 GiB; far more means a wrong header
 
@@ -513,14 +514,18 @@ def preprocess_folder(raw_dir, out_dir, modality, spacing=None, workers=1, force
 # ---------------------------------------------------------------- the demo set
 
 def write_demo_case(job):
-    """Worker: phantom (seed, index) -> imagesTr/ + labelsTr/ NIfTI with a non-RAS affine."""
-    rng = np.random.default_rng([job["seed"], job["index"]])
+    """Worker: phantom (seed, index) -> imagesTr/ + labelsTr/ NIfTI with a non-RAS affine; an
+    unlabelled phantom (job["unlabelled"]) comes from its own seed stream, image only, flat."""
+    unlabelled = job.get("unlabelled", False)
+    rng = np.random.default_rng([job["seed"], UNLABELLED_STREAM, job["index"]] if unlabelled else [job["seed"], job["index"]])
     hu, label, spacing = phantom.demo_phantom(rng, job["scale"])
     canonical_affine = np.diag([*spacing, 1.0])
     canonical_affine[:3, 3] = rng.uniform(-150, 150, 3)  # scanner-style translation
     affine = canonical_affine @ inv_ornt_aff(phantom.DEMO_RAW_ORNT, hu.shape)
-    name = f"demo_{job['index']:03d}.nii.gz"
-    for folder, array in (("labelsTr", label), ("imagesTr", np.round(hu).astype(np.int16))):
+    name = f"{'unlabelled' if unlabelled else 'demo'}_{job['index']:03d}.nii.gz"
+    arrays = (("", np.round(hu).astype(np.int16)),) if unlabelled else \
+        (("labelsTr", label), ("imagesTr", np.round(hu).astype(np.int16)))
+    for folder, array in arrays:
         img = nib.Nifti1Image(apply_orientation(array, phantom.DEMO_RAW_ORNT), affine)
         img.set_qform(affine, code=1)
         img.set_sform(affine, code=1)
@@ -562,6 +567,27 @@ def prepare_demo(data_dir, num_cases=20, seed=0, workers=1, *, scale=phantom.DEM
     return data_dir
 
 
+def prepare_unlabelled_demo(data_dir, num_cases=200, seed=0, workers=1, *, scale=phantom.DEMO_SCALE):
+    """The demo's unlabelled pretraining corpus: num_cases phantoms of another seed stream than the
+    labelled set (no case of it is a labelled, validation or test phantom), written as a flat folder
+    of scans under data_dir/raw and preprocessed into data_dir like real unlabelled data."""
+    data_dir, params = Path(data_dir), dict(seed=seed, num_cases=num_cases, scale=scale, stream=UNLABELLED_STREAM)
+    raw, record = data_dir / "raw", data_dir / "raw" / ".demo-unlabelled.json"
+    if record.is_file() and json.loads(record.read_text()) != params:
+        raise ValueError(f"{raw}: holds an unlabelled demo made with {record.read_text()}, not {params}; "
+                         "use another folder or delete this one")
+    raw.mkdir(parents=True, exist_ok=True)
+    jobs = [dict(raw_dir=str(raw), seed=seed, index=i, scale=scale, unlabelled=True) for i in range(num_cases)
+            if not (raw / f"unlabelled_{i:03d}.nii.gz").is_file()]
+    for _ in tqdm(map_jobs(jobs, workers, write_demo_case), total=len(jobs), desc="unlabelled demo"):
+        pass
+    save_json(record, params)
+    result = preprocess_folder(raw, data_dir, "ct", workers=workers)
+    if result["failed"]:
+        raise RuntimeError(f"demo preprocessing failed: {result['failed']}")
+    return data_dir
+
+
 def ensure_demo():
     """The default demo set (DEMO_DIR), built on first use."""
     if (DEMO_DIR / "dataset.json").is_file():
@@ -569,10 +595,21 @@ def ensure_demo():
     return prepare_demo(DEMO_DIR, workers=DEFAULT_WORKERS)
 
 
+def ensure_unlabelled_demo():
+    """The demo's unlabelled pretraining corpus (DEMO_DIR/unlabelled), built on first use."""
+    folder = DEMO_DIR / "unlabelled"
+    if (folder / "dataset.json").is_file():
+        return folder
+    return prepare_unlabelled_demo(folder, workers=DEFAULT_WORKERS)
+
+
 def resolve_data_dir(arg):
-    """--data argument of the later stages: "demo" -> ensure_demo(), else a preprocessed folder."""
+    """--data argument of the later stages: "demo" -> ensure_demo(), "demo-unlabelled" -> its
+    unlabelled pretraining corpus, else a preprocessed folder."""
     if arg == "demo":
         return ensure_demo()
+    if arg == "demo-unlabelled":
+        return ensure_unlabelled_demo()
     path = Path(arg)
     if not (path / "dataset.json").is_file():
         raise ValueError(f"{path}: no dataset.json; run `python preprocess.py --input RAW_DIR "
@@ -594,6 +631,12 @@ def main(args):
                 print(f"  {name:<14} {contrast[name]:>23.1f} {dice:>20.3f}")
             print(f"(noise SD measured in the air around the body: {noise_sd:.1f} HU; a step >= 2 is a "
                   "visible boundary; intensity-only Dice < 1 where context is needed)")
+            if args.unlabelled_cases:
+                unlabelled = prepare_unlabelled_demo(Path(args.demo) / "unlabelled", args.unlabelled_cases, args.seed,
+                                                     args.workers)
+                print(f"unlabelled pretraining corpus in {unlabelled}: unlabelled : labelled = "
+                      f"{args.unlabelled_cases} : {args.num_cases} ({args.unlabelled_cases / args.num_cases:.0f}x), "
+                      "disjoint seed streams (pretrain.py --data demo-unlabelled)")
             return 0
         if not (args.input and args.output and args.modality):
             raise PreprocessError("--input, --output and --modality are required (or --demo)")
@@ -618,6 +661,8 @@ def parse_args(argv=None):
     # synthetic demo
     parser.add_argument("--demo", metavar="DATA_DIR", help="write + preprocess the demo set")
     parser.add_argument("--num-cases", type=positive_int, default=20, help="demo cases")
+    parser.add_argument("--unlabelled-cases", type=non_negative_int, default=200,
+                        help="demo: also an unlabelled pretraining corpus of this many other phantoms in DATA_DIR/unlabelled")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="demo seed")
     parser.add_argument("--force", action="store_true", help="--output may hold data of another preset (replaced)")
     # speed

@@ -8,6 +8,7 @@ L = L_c + lambda * L_r (Eq. 1-3) with InfoNCE at tau = 0.1 and MSE reconstructio
 
 Run it:
     python pretrain.py --data demo                          # CPU preset, builds data/demo, ~6 min on 2 cores
+    python pretrain.py --data demo-unlabelled               # the same on the demo's separate unlabelled corpus
     python pretrain.py --data DATA_DIR --out runs/ct        # the paper's config (one GPU; see README for speed)
     python pretrain.py --data DATA_DIR --method vox2vec     # the vox2vec baseline (Table 1, row 1)
     python pretrain.py --data DATA_DIR --out runs/ct --resume       # continue an interrupted run
@@ -241,7 +242,7 @@ def data_fingerprint(data_dir):
 
 
 def run_folder(args):
-    return Path(args.out or ("runs/pretrain-demo" if args.data == "demo" else "runs/pretrain"))
+    return Path(args.out or ("runs/pretrain-demo" if args.data in ("demo", "demo-unlabelled") else "runs/pretrain"))
 
 
 def setup(args, method):
@@ -457,7 +458,8 @@ def build_parser(method=OURS):
     p = argparse.ArgumentParser(description=(method.__doc__ if method is not OURS else __doc__).split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     # Data and run folder
-    p.add_argument("--data", required=True, help="preprocessed DATA_DIR (preprocess.py), or 'demo'")
+    p.add_argument("--data", required=True, help="preprocessed DATA_DIR (preprocess.py), 'demo' (the labelled "
+                                                 "demo set) or 'demo-unlabelled' (its separate unlabelled corpus)")
     p.add_argument("--out", help="run folder [runs/pretrain, or runs/pretrain-demo for --data demo]")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--init-from", help="start from these backbone weights: our backbone.pt or the authors' "
@@ -497,7 +499,7 @@ def parse_args(argv=None, method=OURS):
     p = build_parser(method)
     explicit = explicit_flags(p, argv)
     first = p.parse_args(argv)
-    demo = first.preset == "demo" or (first.preset is None and first.data == "demo")
+    demo = first.preset == "demo" or (first.preset is None and first.data in ("demo", "demo-unlabelled"))
     defaults = dict(method.presets(first))
     arch = first.arch if "arch" in explicit else defaults.get("arch", method.arch)
     defaults.update((DEMO_ARCHS if demo else ARCHS)[arch])

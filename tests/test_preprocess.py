@@ -65,7 +65,7 @@ AFFINE = np.array([[0.0, -1.5, 0, 30], [0, 0, -1.5, 20], [3.0, 0, 0, -40], [0, 0
 
 def args(**kw):
     base = dict(input=None, output=None, modality="ct", spacing=None, workers=1, demo=None,
-                num_cases=20, seed=0, force=False)
+                num_cases=20, seed=0, force=False, unlabelled_cases=0)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -533,3 +533,27 @@ def test_kill_worker_and_parent_mid_run_then_rerun(tmp_path):
         clean_meta, clean = load_case(tmp_path / "clean", f"c{i}")
         assert meta == clean_meta and arrays.keys() == clean.keys()
         assert all(np.array_equal(arrays[k], clean[k]) for k in arrays)
+
+
+def test_unlabelled_demo_corpus_is_separate(tmp_path, capsys, monkeypatch):
+    """`preprocess.py --demo DIR --unlabelled-cases N` also writes DIR/unlabelled: N unlabelled
+    phantoms of their own seed stream (none equals a labelled one), says the ratio, and
+    pretraining on it reads no case of the labelled set."""
+    import data
+    import pretrain
+    assert preprocess.main(args(demo=str(tmp_path / "d"), num_cases=3, unlabelled_cases=3, workers=1)) == 0
+    assert "unlabelled : labelled = 3 : 3" in capsys.readouterr().out
+    labelled, unlabelled = tmp_path / "d", tmp_path / "d" / "unlabelled"
+    info = json.loads((unlabelled / "dataset.json").read_text())
+    assert len(info["cases"]) == 3 and not any(c["labelled"] for c in info["cases"])
+    raw_l = [np.asanyarray(nib.load(p).dataobj) for p in sorted((labelled / "raw" / "imagesTr").iterdir())]
+    raw_u = [np.asanyarray(nib.load(p).dataobj) for p in sorted(unlabelled.glob("raw/*.nii.gz"))]
+    assert len(raw_u) == 3
+    assert not any(a.shape == b.shape and np.array_equal(a, b) for a in raw_l for b in raw_u)
+    read = []
+    real = data.load_case
+    monkeypatch.setattr(data, "load_case", lambda d, c: read.append(Path(d).resolve()) or real(d, c))
+    pretrain.main(pretrain.parse_args(["--data", str(unlabelled), "--out", str(tmp_path / "run"), "--steps", "2",
+                                       "--base-channels", "4", "--num-levels", "3", "--patch-size", "16", "16", "8",
+                                       "--batch-pairs", "2", "--num-voxels", "16", "--workers", "0"]))
+    assert read and set(read) == {unlabelled.resolve()}
