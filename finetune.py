@@ -28,6 +28,7 @@ alias for one scan and one model. A variant of the training step (a file in neig
 its own Training class and calls main().
 """
 import argparse
+import copy
 import os
 import sys
 import time
@@ -54,7 +55,7 @@ from runtime import (non_negative_int, pick_device, positive_float, positive_int
 DEMO = dict(steps=450, batch_size=2, patch_size=(32, 32, 16), eval_patch_size=(96, 96, 48),
             lr=2e-3, freeze_steps=150, ramp_steps=40, ramp_start_lr=2e-4)
 CONFIG = ("steps", "batch_size", "patch_size", "eval_patch_size", "lr", "folds", "freeze_steps", "ramp_steps",
-          "ramp_start_lr", "backbone_lr_scale", "warmup_steps", "frozen_bn", "aug")
+          "ramp_start_lr", "backbone_lr_scale", "warmup_steps", "frozen_bn", "aug", "eval_every")
 BN_BATCHES = 100  # training batches over which BatchNorm statistics are re-estimated after training
 
 
@@ -159,10 +160,11 @@ def make_loader(data_dir, train_ids, cfg, seed, workers, device):
                                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
 
 
-def train_segmenter(model, data_dir, train_ids, cfg, args, device, desc="train", training=Training):
+def train_segmenter(model, data_dir, train_ids, cfg, args, device, desc="train", training=Training, score=None):
     """The loop: schedule -> augment -> forward + loss -> backward -> step. DDP is re-wrapped when
     the schedule changes which parameters train (DDP fixes that set when it is built). Every
-    patch draws its own augmentation from one seeded stream on the device (per rank)."""
+    patch draws its own augmentation from one seeded stream on the device (per rank).
+    With --eval-every N and score(model) -> Dice, returns [[step, Dice], ...] every N steps (rank 0)."""
     rank, world = world_info()
     loader = make_loader(data_dir, train_ids, cfg, args.seed, args.workers, device)
     optimizer = make_optimizer(model, cfg["lr"])
@@ -172,6 +174,7 @@ def train_segmenter(model, data_dir, train_ids, cfg, args, device, desc="train",
     aug_generator = torch.Generator(device=device).manual_seed(args.seed * 7919 + 29 + rank)
     step_hook = training(model, cfg, args.seed, device)
     runner, net, trains, losses = step_hook.runner(model), None, None, torch.zeros((), device=device)
+    curve = []
     bar = tqdm(loader, total=cfg["steps"], desc=desc, dynamic_ncols=True, leave=False, disable=rank != 0)
     for step, batch in enumerate(bar):
         apply_schedule(step, model, optimizer, cfg)
@@ -192,7 +195,9 @@ def train_segmenter(model, data_dir, train_ids, cfg, args, device, desc="train",
         if (step + 1) % 25 == 0:
             bar.set_postfix(loss=f"{losses.item() / 25:.3f}")
             losses.zero_()
-    return model
+        if score is not None and cfg["eval_every"] and (step + 1) % cfg["eval_every"] == 0 and rank == 0:
+            curve.append([step + 1, score(model)])
+    return curve
 
 
 @torch.no_grad()
@@ -239,7 +244,7 @@ def main(args, training=Training):
     device, data_dir, test_dir, names, plan = prepare(args, "nonlinear", training.script, cfg["batch_size"])
     announce("fine-tune", args, cfg, device)
     rank, world = world_info()
-    fold_dice, cases, moved, started, out = {}, {}, {}, time.time(), Path(args.out)
+    fold_dice, cases, moved, curves, started, out = {}, {}, {}, {}, time.time(), Path(args.out)
     for fold, train_ids, test_ids in plan:
         cases[fold] = (train_ids, test_ids)
         model, info = new_segmenter(args, len(names), "nonlinear", device, fold)
@@ -247,7 +252,12 @@ def main(args, training=Training):
         if args.evaluate_saved:   # the trained weights of an earlier run of the same command
             load_saved(model, out / f"model_fold{fold}.pt", train_ids)
         else:
-            train_segmenter(model, data_dir, train_ids, cfg, args, device, desc=f"fold {fold}", training=training)
+            def score(m, fold=fold, train_ids=train_ids, test_ids=test_ids):   # Dice of a copy with precise BN
+                twin = reestimate_batchnorm(copy.deepcopy(m), data_dir, train_ids, cfg, device, args.seed + 1000 + fold)
+                return fold_mean(evaluate(twin, test_dir or data_dir, test_ids, len(names), cfg["eval_patch_size"],
+                                          device, args.amp))
+            curves[str(fold)] = train_segmenter(model, data_dir, train_ids, cfg, args, device, desc=f"fold {fold}",
+                                                training=training, score=score)
         moved[str(fold)] = weight_change(model, initial)      # how far training moved each backbone level
         reestimate_batchnorm(model, data_dir, train_ids, cfg, device, seed=args.seed + 1000 + fold)
         if rank == 0:       # under torchrun, rank 0 alone evaluates and writes; the others wait
@@ -263,7 +273,7 @@ def main(args, training=Training):
     if rank != 0:
         return None
     results = write_results(args, cfg, fold_dice, names, info, cases, started, "fine-tune",
-                            extra=dict(weight_change=moved))
+                            extra=dict(weight_change=moved, **({"curve": curves} if cfg["eval_every"] else {})))
     release_folder(out)
     return results
 
@@ -333,6 +343,9 @@ def build_parser(training=Training):
                    help="augmentation of every training patch (augment.supervised_augment): nnU-Net's "
                         "spatial + intensity defaults; 'none' is the paper's protocol. Applies to --init random too")
     p.add_argument("--workers", type=non_negative_int, default=1, help="DataLoader processes")
+    p.add_argument("--eval-every", type=positive_int,
+                   help="also record the test Dice every this many steps (a copy with re-estimated BatchNorm) "
+                        "in results.json 'curve' [off]")
     p.add_argument("--evaluate-saved", action="store_true",
                    help="no training: take OUT/model_fold<k>.pt of an earlier run of this command, "
                         "re-estimate its BatchNorm statistics and evaluate it again")

@@ -377,3 +377,18 @@ def test_reestimated_batchnorm_statistics_are_the_plain_average(small_demo):
     finetune.reestimate_batchnorm(model, small_demo, ids, cfg, torch.device("cpu"), seed=0, batches=5)
     torch.testing.assert_close(bn.running_mean, torch.stack(seen).mean(0), rtol=1e-4, atol=1e-6)
     assert bn.momentum == 0.1
+
+
+def test_eval_every_records_a_curve_without_changing_the_run(small_demo, tmp_path):
+    """--eval-every 2: results.json holds the test Dice at steps 2 and 4 (on a copy with
+    re-estimated BatchNorm), and the trained model is the one a run without it gives."""
+    base = ["--data", str(small_demo), "--init", "random", *TINY, "--steps", "4"]
+    plain = finetune.main(finetune.parse_args([*base, "--out", str(tmp_path / "plain")]))
+    curved = finetune.main(finetune.parse_args([*base, "--out", str(tmp_path / "curve"), "--eval-every", "2"]))
+    steps = [s for s, _ in curved["curve"]["0"]]
+    assert steps == [2, 4] and all(0 <= d <= 1 for _, d in curved["curve"]["0"])
+    assert "curve" not in plain and curved["folds"] == plain["folds"]
+    a = torch.load(tmp_path / "plain" / "model_fold0.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "curve" / "model_fold0.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert curved["curve"]["0"][-1][1] == pytest.approx(curved["folds"]["0"])   # the last point is the final model
