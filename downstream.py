@@ -93,7 +93,10 @@ def plan_folds(args, data_dir, test_dir):
     train_all = list_cases(data_dir, labelled=True)
     if not train_all:
         raise ValueError(f"{data_dir}: no labelled cases")
-    if test_dir is not None:
+    if args.split is not None:   # a fixed split instead of cross-validation: one "fold"
+        split = read_split(args.split, train_all)
+        plan = [(0, split["train"], split[args.evaluate_on])]
+    elif test_dir is not None:
         if label_names(test_dir) != label_names(data_dir):
             raise ValueError(f"label sets differ: {data_dir}/dataset.json {label_names(data_dir)} vs "
                              f"{test_dir}/dataset.json {label_names(test_dir)}")
@@ -109,9 +112,27 @@ def plan_folds(args, data_dir, test_dir):
         if not 1 <= args.train_cases <= smallest:
             raise ValueError(f"--train-cases {args.train_cases}: must be between 1 and {smallest}, the "
                              f"training cases of the smallest fold")
-        rng = np.random.default_rng(args.seed + 1)
+        rng = np.random.default_rng(args.seed + 1 + 7919 * args.draw)   # --draw k: another draw of the same size
         plan = [(k, sorted(rng.permutation(tr)[:args.train_cases].tolist()), te) for k, tr, te in plan]
     return plan
+
+
+def read_split(path, labelled):
+    """A fixed split file {"train": [...], "val": [...], "test": [...]} of labelled case ids
+    (preprocess.py --demo writes one): ValueError, one line, unless the three are disjoint and
+    every id is a labelled case."""
+    try:
+        split = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--split {path}: cannot be read ({e})") from None
+    if not isinstance(split, dict) or set(split) != {"train", "val", "test"}:
+        raise ValueError(f"--split {path}: needs exactly the keys train, val and test")
+    ids = [c for part in split.values() for c in part]
+    unknown = sorted(set(ids) - set(labelled))
+    if unknown or len(ids) != len(set(ids)) or not split["train"] or not split["test"]:
+        raise ValueError(f"--split {path}: train / val / test must be disjoint, non-empty labelled cases "
+                         f"(unknown: {unknown[:3]})")
+    return {k: sorted(v) for k, v in split.items()}
 
 
 def prepare(args, head, script, batch_size=1):
@@ -228,6 +249,9 @@ def add_common_args(p):
     p.add_argument("--folds", type=positive_int, default=3, help="k of k-fold cross-validation")
     p.add_argument("--fold", type=non_negative_int, help="run only this fold [all]")
     p.add_argument("--train-cases", type=positive_int, help="label budget: training cases per fold [all]")
+    p.add_argument("--draw", type=non_negative_int, default=0, help="which seeded draw of --train-cases cases")
+    p.add_argument("--split", help="a fixed split file (train / val / test case ids) instead of cross-validation")
+    p.add_argument("--evaluate-on", choices=["test", "val"], default="test", help="with --split: the cases scored")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--preset", choices=["paper", "demo"],
                    help="demo replaces some defaults with the script's DEMO [demo for --data demo, else paper]")

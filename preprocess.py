@@ -558,13 +558,24 @@ def make_demo_raw(raw_dir, num_cases=20, seed=0, *, scale=phantom.DEMO_SCALE, wo
 
 
 def prepare_demo(data_dir, num_cases=20, seed=0, workers=1, *, scale=phantom.DEMO_SCALE):
-    """Demo raw NIfTI under data_dir/raw, preprocessed into data_dir like real data."""
+    """Demo raw NIfTI under data_dir/raw, preprocessed into data_dir like real data, plus
+    data_dir/split.json: a fixed split of the labelled cases (demo_split)."""
     data_dir = Path(data_dir)
     make_demo_raw(data_dir / "raw", num_cases, seed, scale=scale, workers=workers)
     result = preprocess_folder(data_dir / "raw", data_dir, "ct", workers=workers)
     if result["failed"]:
         raise RuntimeError(f"demo preprocessing failed: {result['failed']}")
+    save_json(data_dir / "split.json", demo_split([f"demo_{i:03d}" for i in range(num_cases)], seed))
     return data_dir
+
+
+def demo_split(case_ids, seed=0):
+    """A fixed split of the labelled demo: a quarter of the cases for testing, 15% (at least one)
+    for validation (choosing a recipe), the rest the training pool, from a shuffle by seed."""
+    order = [case_ids[i] for i in np.random.default_rng([seed, 0x5B1]).permutation(len(case_ids))]
+    n_test, n_val = max(1, len(order) // 4), max(1, round(0.15 * len(order)))
+    return dict(train=sorted(order[n_test + n_val:]), val=sorted(order[n_test:n_test + n_val]),
+                test=sorted(order[:n_test]))
 
 
 def prepare_unlabelled_demo(data_dir, num_cases=200, seed=0, workers=1, *, scale=phantom.DEMO_SCALE):

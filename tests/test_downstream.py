@@ -392,3 +392,26 @@ def test_eval_every_records_a_curve_without_changing_the_run(small_demo, tmp_pat
     b = torch.load(tmp_path / "curve" / "model_fold0.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert curved["curve"]["0"][-1][1] == pytest.approx(curved["folds"]["0"])   # the last point is the final model
+
+
+def test_fixed_split_and_draws(small_demo, tmp_path):
+    """preprocess.py --demo writes split.json (disjoint train / val / test); --split trains on the
+    pool and scores the test (or --evaluate-on val) cases; --draw k picks another subset of the
+    pool; a split that names other cases is refused with one line."""
+    split = json.loads((Path(small_demo) / "split.json").read_text())
+    ids = data.list_cases(small_demo, labelled=True)
+    assert sorted(split["train"] + split["val"] + split["test"]) == sorted(ids)
+    assert split["train"] and split["val"] and split["test"]
+    base = ["--data", str(small_demo), "--init", "random", "--split", str(Path(small_demo) / "split.json")]
+    args = finetune.parse_args([*base, "--out", str(tmp_path / "a")])
+    assert downstream.plan_folds(args, small_demo, None) == [(0, split["train"], split["test"])]
+    args = finetune.parse_args([*base, "--out", str(tmp_path / "a"), "--evaluate-on", "val", "--train-cases", "1"])
+    (_, train, scored), = downstream.plan_folds(args, small_demo, None)
+    assert scored == split["val"] and len(train) == 1 and train[0] in split["train"]
+    draws = {tuple(downstream.plan_folds(finetune.parse_args([*base, "--out", "o", "--train-cases", "1", "--draw", str(k)]),
+                                         small_demo, None)[0][1]) for k in range(6)}
+    assert len(draws) == len(split["train"])                  # 6 draws of 1 case reach every pool case (2 here)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(dict(train=["nope"], val=[], test=split["test"])))
+    with pytest.raises(ValueError, match="bad.json: train / val / test must be disjoint"):
+        downstream.plan_folds(finetune.parse_args([*base[:-1], str(bad), "--out", "o"]), small_demo, None)
