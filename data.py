@@ -89,6 +89,24 @@ def load_case(data_dir, case_id):
     return dict(image=image, body=body, label=label, meta=meta)
 
 
+def read_split(path, labelled):
+    """A fixed split file {"train": [...], "val": [...], "test": [...]} of labelled case ids
+    (preprocess.py --demo writes one): ValueError, one line, unless the three are disjoint and
+    every id is a labelled case."""
+    try:
+        split = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--split {path}: cannot be read ({e})") from None
+    if not isinstance(split, dict) or set(split) != {"train", "val", "test"}:
+        raise ValueError(f"--split {path}: needs exactly the keys train, val and test")
+    ids = [c for part in split.values() for c in part]
+    unknown = sorted(set(ids) - set(labelled))
+    if unknown or len(ids) != len(set(ids)) or not split["train"] or not split["test"]:
+        raise ValueError(f"--split {path}: train / val / test must be disjoint, non-empty labelled cases "
+                         f"(unknown: {unknown[:3]})")
+    return {k: sorted(v) for k, v in split.items()}
+
+
 def check_case_ids(data_dir, case_ids, labelled=None):
     """Validate user-given case ids against dataset.json (all cases of that kind if None)."""
     known = list_cases(data_dir, labelled=labelled)

@@ -26,7 +26,7 @@ from model import sample_voxels
 from runtime import positive_int
 
 PAPER_GEOMETRY = dict(volume=(300, 250, 120), patch=(128, 128, 32))   # abdominal CT at 1 x 1 x 2 mm
-DEMO_GEOMETRY = dict(volume=(52, 45, 20), patch=(32, 32, 16))         # phantom.DEMO_SCALE, pretrain.DEMO
+DEMO_GEOMETRY = dict(volume=(52, 45, 20), patch=(24, 24, 8))          # phantom.DEMO_SCALE, pretrain.DEMO
 
 
 def view_offsets(volume_shape, patch_size, pairs=2000, seed=0):
@@ -73,11 +73,12 @@ def position_r2(features, coords, seed=0):
     return float(np.mean(1 - (residual ** 2).sum(0) / np.maximum((total ** 2).sum(0), 1e-12)))
 
 
-def shortcut_diagnostic(backbone, data_dir, patch_size=(32, 32, 16), pairs=24, num_voxels=128, seed=123):
+def shortcut_diagnostic(backbone, data_dir, patch_size=(24, 24, 8), pairs=24, num_voxels=128, seed=123, case_ids=None):
     """Retrieval at small / large view offsets (split at the median L1 offset, voxels) and the
-    position R^2 of one backbone, on un-augmented pretraining pairs of data_dir. -> dict."""
+    position R^2 of one backbone, on un-augmented pretraining pairs of data_dir (of case_ids
+    only, if given). -> dict."""
     backbone.eval()
-    dataset = PairDataset(data_dir, patch_size, num_voxels=num_voxels, length=pairs, seed=seed)
+    dataset = PairDataset(data_dir, patch_size, num_voxels=num_voxels, length=pairs, seed=seed, case_ids=case_ids)
     offsets, accuracy, feats, coords = [], [], [], []
     for i in range(pairs):
         pair = dataset[i][0]
@@ -133,7 +134,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="demo")
     p.add_argument("--backbone", help="backbone.pt (or the authors' weights)")
     p.add_argument("--random-init", action="store_true", help="also a random FPN of the same size, for comparison")
-    p.add_argument("--patch-size", type=positive_int, nargs=3, default=(32, 32, 16))
+    p.add_argument("--patch-size", type=positive_int, nargs=3, default=(24, 24, 8), help="the pretraining patch")
     p.add_argument("--pairs", type=positive_int, default=24)
     args = p.parse_args(argv)
     if not args.geometry and not args.backbone:

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from convert import read_backbone_file
-from data import list_cases, load_case, load_dataset_json, sliding_window_inference
+from data import list_cases, load_case, load_dataset_json, read_split, sliding_window_inference
 from loss import dice_per_class, predict_labels
 from model import ARCHS, DEMO_ARCHS, SegmentationModel
 from preprocess import resolve_data_dir
@@ -115,24 +115,6 @@ def plan_folds(args, data_dir, test_dir):
         rng = np.random.default_rng(args.seed + 1 + 7919 * args.draw)   # --draw k: another draw of the same size
         plan = [(k, sorted(rng.permutation(tr)[:args.train_cases].tolist()), te) for k, tr, te in plan]
     return plan
-
-
-def read_split(path, labelled):
-    """A fixed split file {"train": [...], "val": [...], "test": [...]} of labelled case ids
-    (preprocess.py --demo writes one): ValueError, one line, unless the three are disjoint and
-    every id is a labelled case."""
-    try:
-        split = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--split {path}: cannot be read ({e})") from None
-    if not isinstance(split, dict) or set(split) != {"train", "val", "test"}:
-        raise ValueError(f"--split {path}: needs exactly the keys train, val and test")
-    ids = [c for part in split.values() for c in part]
-    unknown = sorted(set(ids) - set(labelled))
-    if unknown or len(ids) != len(set(ids)) or not split["train"] or not split["test"]:
-        raise ValueError(f"--split {path}: train / val / test must be disjoint, non-empty labelled cases "
-                         f"(unknown: {unknown[:3]})")
-    return {k: sorted(v) for k, v in split.items()}
 
 
 def prepare(args, head, script, batch_size=1):

@@ -602,6 +602,9 @@ def prepare_unlabelled_demo(data_dir, num_cases=200, seed=0, workers=1, *, scale
 def ensure_demo():
     """The default demo set (DEMO_DIR), built on first use."""
     if (DEMO_DIR / "dataset.json").is_file():
+        if not (DEMO_DIR / "split.json").is_file():   # a demo made before the split existed
+            ids = [c["id"] for c in json.loads((DEMO_DIR / "dataset.json").read_text())["cases"]]
+            save_json(DEMO_DIR / "split.json", demo_split(sorted(ids)))
         return DEMO_DIR
     return prepare_demo(DEMO_DIR, workers=DEFAULT_WORKERS)
 

@@ -47,19 +47,24 @@ from tqdm import tqdm
 
 from augment import KINDS, augment_batch
 from convert import BACKBONE_VERSION, read_backbone_file
-from data import PairDataset, collate_pairs
+from data import PairDataset, collate_pairs, list_cases, read_split
 from loss import hybrid_loss, info_nce, reconstruction_loss
 from model import ARCHS, DEMO_ARCHS, PretrainModel
 from preprocess import resolve_data_dir
 from runtime import (atomic_write, claim_folder, explicit_flags, load_torch, make_output_dir, non_negative_float, non_negative_int,
                      positive_float, positive_int, release_folder, save_torch, setup_distributed, unwrap)
 
-# The demo preset (phantom.DEMO_SCALE volumes of ~52 x 45 x 20 voxels, model.DEMO_ARCHS network):
-# 32 x 32 x 16 patches, about a third of a demo volume, 4 pairs a step (~1 s on 2 CPU cores).
-DEMO = dict(steps=300, batch_pairs=4, num_voxels=256, patch_size=(32, 32, 16), log_every=10, checkpoint_every=100)
+# The demo preset (phantom.DEMO_SCALE volumes of ~52 x 45 x 20 voxels, model.DEMO_ARCHS network).
+# The patch sets how far the two views of a pair move against each other, relative to the patch:
+# 24 x 24 x 8 on a demo volume gives a mean |offset| / patch of 0.19 / 0.16 / 0.20 per axis, the
+# paper's geometry (CT ~300 x 250 x 120, patch 128 x 128 x 32) 0.19 / 0.17 / 0.24
+# (`python diagnostics.py --geometry`). The earlier 32 x 32 x 16 gave 0.13 / 0.10 / 0.07: the
+# views barely moved (4 voxels at most along z), so a CNN could match a positive pair by its
+# position in the crop (README, "Results"). Pretraining cost grows with the patch, not the volume.
+DEMO = dict(steps=300, batch_pairs=4, num_voxels=256, patch_size=(24, 24, 8), log_every=10, checkpoint_every=100)
 VOX2VEC = dict(arch="vox2vec", aug="vox2vec", recon_weight=0.0)   # --method vox2vec: the baseline
 # Flags that say where and how to run, not what is trained: not part of a run's config.
-RUN_FLAGS = ("data", "out", "resume", "init_from", "workers", "preset", "device", "amp", "compile", "explicit", "method")
+RUN_FLAGS = ("data", "split", "out", "resume", "init_from", "workers", "preset", "device", "amp", "compile", "explicit", "method")
 MAY_CHANGE_ON_RESUME = ("steps", "log_every", "checkpoint_every", "keep_steps")
 
 
@@ -224,7 +229,7 @@ def make_loader(data_dir, cfg, seed, start_step, rank, world, workers):
     items = per_rank // cfg["pairs_per_volume"]
     dataset = PairDataset(data_dir, patch_size=cfg["patch_size"], num_voxels=cfg["num_voxels"],
                           pairs_per_volume=cfg["pairs_per_volume"], length=cfg["steps"] * world * items,
-                          seed=seed)
+                          seed=seed, case_ids=cfg.get("cases"))
     order = [(s * world + rank) * items + j for s in range(start_step, cfg["steps"]) for j in range(items)]
     return torch.utils.data.DataLoader(
         dataset, batch_size=items, sampler=order, collate_fn=collate_pairs, num_workers=workers,
@@ -255,6 +260,7 @@ def setup(args, method):
                          f"over {world} processes x --pairs-per-volume {cfg['pairs_per_volume']}")
     data_dir = resolve_data_dir(args.data)
     cfg.update(data=str(Path(data_dir).resolve()), data_fingerprint=data_fingerprint(data_dir))   # a resume checks both
+    cfg["cases"] = read_split(args.split, list_cases(data_dir))["train"] if args.split else None
     run_dir = run_folder(args)
     torch.manual_seed(args.seed)
     init = initial_backbone(args, cfg)
@@ -460,6 +466,8 @@ def build_parser(method=OURS):
     # Data and run folder
     p.add_argument("--data", required=True, help="preprocessed DATA_DIR (preprocess.py), 'demo' (the labelled "
                                                  "demo set) or 'demo-unlabelled' (its separate unlabelled corpus)")
+    p.add_argument("--split", help="pretrain on the 'train' cases of this split file only (preprocess.py --demo "
+                                   "writes DATA/split.json): the labelled-pool control of evidence.py")
     p.add_argument("--out", help="run folder [runs/pretrain, or runs/pretrain-demo for --data demo]")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--init-from", help="start from these backbone weights: our backbone.pt or the authors' "

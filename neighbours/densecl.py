@@ -9,7 +9,7 @@ pooled key vector per image). L = (1 - lambda) L_global + lambda L_dense, tau = 
 queue 65,536, momentum 0.999 (DenseCL's values).
 
 Adapted to the 3D FPN: the dense head and the matching use one level, --dense-level (paper preset
-3: 16 x 16 x 4 = 1,024 locations of a 128 x 128 x 32 patch; demo 2: 8 x 8 x 4 of a 32 x 32 x 16
+3: 16 x 16 x 4 = 1,024 locations of a 128 x 128 x 32 patch; demo 2: 6 x 6 x 2 of a 24 x 24 x 8
 patch). DenseCL uses ResNet's C5 (7 x 7 = 49 locations); matching costs (locations)^2 per pair,
 so a finer level is quadratically dearer, a coarser one leaves too few locations. The global head
 pools the coarsest level. The decoder below the dense level feeds no loss and stays at its

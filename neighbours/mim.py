@@ -44,7 +44,7 @@ def masked_l1(pred, target, mask):
 class MIM(pretrain.Method):
     """Masked image modelling: predict the masked blocks (masked L1)."""
     name, script, loss_names = "mim", "neighbours/mim.py", ("loss_masked_l1",)
-    demo = dict(mask_block=(4, 4, 2))   # 8 x 8 x 4 mm blocks: a 32 x 32 x 16 demo patch is 512 of them
+    demo = dict(mask_block=(4, 4, 2))   # 8 x 8 x 4 mm blocks: a 24 x 24 x 8 demo patch is 144 of them
 
     def add_arguments(self, p):
         p.add_argument("--mask-ratio", type=open_fraction, default=0.75, help="fraction of blocks masked")

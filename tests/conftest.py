@@ -21,3 +21,9 @@ def demo_is_small(small_demo, monkeypatch):
     """Make `--data demo` resolve to the small set, so the scripts' demo path runs in seconds."""
     monkeypatch.setattr(preprocess, "ensure_demo", lambda: Path(small_demo))
     return small_demo
+
+
+@pytest.fixture(scope="session")
+def small_unlabelled(tmp_path_factory):
+    """3 unlabelled phantoms of the demo's separate pretraining stream."""
+    return preprocess.prepare_unlabelled_demo(tmp_path_factory.mktemp("small_unlabelled"), num_cases=3, seed=0)

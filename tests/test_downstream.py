@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import augment
 import data
 import downstream
 import finetune
@@ -415,3 +416,30 @@ def test_fixed_split_and_draws(small_demo, tmp_path):
     bad.write_text(json.dumps(dict(train=["nope"], val=[], test=split["test"])))
     with pytest.raises(ValueError, match="bad.json: train / val / test must be disjoint"):
         downstream.plan_folds(finetune.parse_args([*base[:-1], str(bad), "--out", "o"]), small_demo, None)
+
+
+def test_paired_arms_receive_identical_inputs(small_demo, backbone, tmp_path):
+    """evidence.py's two arms (--checkpoint vs --init random, same --split, --train-cases,
+    --draw and --seed) train on the same cases, the same batches in the same order, the same
+    augmentation stream and the same head initialisation; only the backbone weights differ."""
+    split = str(Path(small_demo) / "split.json")
+    common = ["--data", str(small_demo), "--split", split, "--train-cases", "1", "--draw", "1", "--seed", "1",
+              *TINY, "--aug", "nnunet-like"]
+    arms = {"pretrained": finetune.parse_args([*common, "--checkpoint", str(backbone), "--out", str(tmp_path / "p")]),
+            "scratch": finetune.parse_args([*common, "--init", "random", "--out", str(tmp_path / "s")])}
+    seen = {}
+    for name, args in arms.items():
+        (fold, train, test), = downstream.plan_folds(args, small_demo, None)
+        model, _ = downstream.new_segmenter(args, 10, "nonlinear", torch.device("cpu"), fold)
+        cfg = {k: getattr(args, k) for k in finetune.CONFIG}
+        batches = list(finetune.make_loader(small_demo, train, cfg, args.seed, 0, torch.device("cpu")))
+        g = torch.Generator().manual_seed(args.seed * 7919 + 29)
+        augmented = [augment.supervised_augment(b["image"], b["label"], g, "nnunet-like") for b in batches]
+        seen[name] = dict(cases=(train, test), head={k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")},
+                          backbone=model.backbone.state_dict(), batches=augmented)
+    p, s = seen["pretrained"], seen["scratch"]
+    assert p["cases"] == s["cases"]
+    assert p["head"].keys() == s["head"].keys() and all(torch.equal(p["head"][k], s["head"][k]) for k in p["head"])
+    assert len(p["batches"]) == len(s["batches"]) == 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(p["batches"], s["batches"]))
+    assert any(not torch.equal(p["backbone"][k], s["backbone"][k]) for k in p["backbone"] if k.endswith("weight"))

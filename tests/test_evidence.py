@@ -1,19 +1,51 @@
-"""evidence.py --quick: the whole evidence pipeline (pretrain both methods, probe three inits,
-fine-tune vs scratch, here at one budget) runs end to end on the small demo set. It checks that the
-pipeline runs and produces its table, not the numbers (those need the full run)."""
+"""evidence.py --quick: the whole protocol (pretraining on the separate corpus and on the labelled
+pool, the probe along pretraining, the shortcut diagnostic, the recipe grid and the paired draws)
+runs end to end on the small demo set and writes issue 17's headline keys. It checks that the
+pipeline runs and produces its tables, not the numbers (those need the full run)."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import evidence
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def test_quick_evidence_runs_end_to_end(small_demo, tmp_path):
-    rows = evidence.main(evidence.parse_args(["--quick", "--data", str(small_demo), "--out", str(tmp_path)]))
-    assert len(rows) == 3 + 2 + 2  # --quick: one label budget, with and without augmentation
-    table = (tmp_path / "evidence.md").read_text()
-    for name in ["random init", "vox2vec", "ours", "from scratch", "fine-tuned (ours)", "chance ln(2N-1)"]:
+
+def test_quick_evidence_runs_end_to_end(small_demo, small_unlabelled, tmp_path):
+    out = tmp_path / "ev"
+    evidence.main(evidence.parse_args(["--quick", "--data", str(small_demo), "--unlabelled", str(small_unlabelled),
+                                       "--out", str(out)]))
+    s = json.loads((out / "evidence.json").read_text())
+    assert s["corpus"]["unlabelled_cases"] == 3 and s["corpus"]["labelled_cases"] == 4
+    assert set(s["probe"]) >= {"random", "vox2vec", "ours"}
+    assert set(s["finetune_1"]) >= {"scratch", "pretrained", "paired_diff", "ci95"}
+    assert s["finetune_1"]["ci95"][0] <= s["finetune_1"]["paired_diff"] <= s["finetune_1"]["ci95"][1]
+    assert set(s["shortcut"]) >= {"retrieval_small_offset", "retrieval_large_offset", "r2_random_init", "r2_ours"}
+    assert s["wall_minutes"] > 0
+    assert all(0.0 <= v <= 1.0 for v in s["probe"].values())
+    assert set(s["chosen_recipe"]) == {"scratch", "pretrained"} and len(s["grid"]) == 2 * 2
+    # paired: draw d of both arms trained on the same cases
+    assert len(s["finetune_1"]["train_cases"]) == 2
+    table = (out / "evidence.md").read_text()
+    for name in ["random init", "vox2vec", "ours", "from scratch", "fine-tuned (ours)", "Paired difference", "R^2"]:
         assert name in table
-    for png in ["dice_vs_labels.png", "segmentation_slice.png", "feature_pca.png", "pretraining_curves.png"]:
-        assert (tmp_path / png).stat().st_size > 1000
-    saved = json.loads((tmp_path / "evidence.json").read_text())
-    assert all(0.0 <= r["mean_dice"] <= 1.0 for r in saved["results"])
-    assert len(saved["commands"]) == 2 + 3 + 4
+    for png in ["probe_vs_pretraining.png", "dice_vs_finetune_steps.png", "segmentation_slice.png", "feature_pca.png",
+                "pretraining_curves.png"]:
+        assert (out / png).stat().st_size > 1000
+    # 3 pretrainings, 7 probes (2 methods x 3 steps + the pool control), 4 grid cells, 2 draws x 2 arms
+    assert len(s["commands"]) == 3 + 7 + 4 + 4
+    # a second invocation skips every finished command
+    evidence.main(evidence.parse_args(["--quick", "--data", str(small_demo), "--unlabelled", str(small_unlabelled),
+                                               "--out", str(out), "--no-figures"]))
+    saved = json.loads((out / "evidence.json").read_text())
+    assert all(c["seconds"] is None for c in saved["commands"])
+    assert saved["probe"] == s["probe"] and saved["finetune_1"] == s["finetune_1"]
+
+
+def test_own_data_needs_an_unlabelled_corpus(small_demo, tmp_path):
+    """--data DIR without --unlabelled: one line, before any work (pretraining must not read the labelled set)."""
+    r = subprocess.run([sys.executable, str(ROOT / "evidence.py"), "--data", str(small_demo), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "--unlabelled" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()

@@ -265,3 +265,17 @@ def test_kept_steps_are_backbones_along_the_run(small_demo, tmp_path):
         assert torch.equal(kept[3]["state_dict"][k], final["state_dict"][k]), k
     assert any(not torch.equal(kept[0]["state_dict"][k], kept[1]["state_dict"][k]) for k in final["state_dict"])
     assert not (tmp_path / "backbone_step2.pt").exists()
+
+
+def test_split_pretrains_on_the_training_pool_only(small_demo, tmp_path, monkeypatch):
+    """--split FILE (the control of evidence.py): pretraining reads the split's training cases and
+    never a validation or test case; the cases are part of the run's config."""
+    import data
+    split = json.loads((Path(small_demo) / "split.json").read_text())
+    read = []
+    real = data.load_case
+    monkeypatch.setattr(data, "load_case", lambda d, c: read.append(c) or real(d, c))
+    run(small_demo, tmp_path, "--steps", "4", "--split", str(Path(small_demo) / "split.json"))
+    assert read and set(read) <= set(split["train"])
+    cfg = torch.load(tmp_path / "backbone.pt", weights_only=True)["pretrain_config"]
+    assert cfg["cases"] == split["train"]
