@@ -10,6 +10,8 @@ say what tissue a voxel is, or where it sits in its crop? And how sure is a pair
   voxel's coordinates in its crop. R^2 is high for any CNN (a random FPN included), so only its
   change against random init says something; retrieval that holds only at small offsets is
   matching by position.
+- matching_agreement: how often DenseCL's similarity matching (the most similar location in the
+  other view) finds the geometric correspondent, for one backbone.
 - paired_bootstrap: the mean of paired differences (pretrained - scratch, same cases, seeds and
   batches) with a percentile bootstrap 95% interval.
 
@@ -95,6 +97,33 @@ def shortcut_diagnostic(backbone, data_dir, patch_size=(24, 24, 8), pairs=24, nu
                 retrieval_small_offset=float(accuracy[small].mean()) if small.any() else float("nan"),
                 retrieval_large_offset=float(accuracy[large].mean()) if large.any() else float("nan"),
                 r2=position_r2(np.concatenate(feats), np.concatenate(coords), seed))
+
+
+def matching_agreement(backbone, data_dir, level, pairs=64, patch_size=(32, 32, 16), seed=123):
+    """How often DenseCL's similarity matching agrees with geometry, for one backbone: over
+    un-augmented overlapping crop pairs (data.PairDataset), the fraction of view-A locations of
+    FPN level `level` whose most similar view-B location (densecl.dense_matches on the backbone's
+    features) is the geometrically corresponding one or its neighbour (Chebyshev distance <= 1
+    cell), among the A locations whose correspondent lies inside B."""
+    from neighbours.densecl import dense_matches
+    dataset = PairDataset(data_dir, patch_size, num_voxels=16, length=pairs, seed=seed)
+    hits = total = 0
+    backbone.eval()
+    cell = 2 ** level
+    for i in range(pairs):
+        pair = dataset[i][0]
+        offset = torch.from_numpy(pair["coords_b"][0] - pair["coords_a"][0])      # A voxel c is B voxel c + offset
+        with torch.no_grad():
+            fa, fb = (backbone(torch.from_numpy(pair[f"patch_{v}"])[None, None].float())[level] for v in "ab")
+        match = dense_matches(fa.flatten(2), fb.flatten(2))[0]                    # (S_a,)
+        dims_a, dims_b = torch.tensor(fa.shape[2:]), torch.tensor(fb.shape[2:])
+        grid = torch.stack(torch.meshgrid(*[torch.arange(int(d)) for d in dims_a], indexing="ij"), -1).reshape(-1, 3)
+        expected = torch.div(grid * cell + cell // 2 + offset, cell, rounding_mode="floor")   # (S_a, 3) B cells
+        inside = ((expected >= 0) & (expected < dims_b)).all(1)
+        got = torch.stack([match // (dims_b[1] * dims_b[2]), match // dims_b[2] % dims_b[1], match % dims_b[2]], 1)
+        hits += int((((got - expected).abs().max(1).values <= 1) & inside).sum())
+        total += int(inside.sum())
+    return hits / max(total, 1)
 
 
 def paired_bootstrap(differences, n_boot=10_000, seed=0, level=0.95):

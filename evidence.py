@@ -53,10 +53,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROTOCOL = dict(pretrain_steps=2000, keep_steps=(0, 100, 300, 1000), budgets=(1, 2), draws={1: 5, 2: 3},
                 lr_scales=(1.0, 1 / 3, 1 / 10), schedules=("freeze-ramp", "warm-up"), warmup_steps=50,
-                eval_every=50, target_dice=0.6, aug="none", n_boot=10_000, shortcut_pairs=48)
+                eval_every=50, target_dice=0.6, aug="none", n_boot=10_000, shortcut_pairs=48, agreement_pairs=64)
 # --quick: every command of the protocol with a few steps; checks the pipeline, not the numbers.
-QUICK = dict(PROTOCOL, pretrain_steps=2, keep_steps=(0, 1), budgets=(1,), draws={1: 2}, lr_scales=(1.0,),
-             eval_every=2, shortcut_pairs=4)
+QUICK = dict(PROTOCOL, pretrain_steps=2, keep_steps=(0, 1), budgets=(1,), draws={1: 1}, lr_scales=(1.0,),
+             eval_every=2, shortcut_pairs=4, agreement_pairs=4)
 ARMS = {"scratch": "from scratch", "pretrained": "fine-tuned (ours)"}
 # The paper's numbers, for scale (real CT / MRI, 50,000 pretraining steps on an A100).
 PAPER = {"linear probe": "MRI (Table 1): vox2vec 58.8, ours 65.7; CT/BTCV (Table 2): vox2vec 62.0, ours 65.6",
@@ -183,6 +183,7 @@ def main(args):
     run("pretrain.py", *unlabelled, "--method", "vox2vec", "--out", pre["vox2vec"], *common, log=log,
         done=pre["vox2vec"] / "backbone.pt")
     run("pretrain.py", *data, "--split", split, "--out", pre["pool"], *common, log=log, done=pre["pool"] / "backbone.pt")
+    pretraining = {k: pretrain_summary(v) for k, v in pre.items()}
 
     # 2. the probe along pretraining (fitted on the training pool, scored on the test cases)
     probe_q = ["--max-steps", "3"] if q else []
@@ -200,7 +201,7 @@ def main(args):
     # 3. the shortcut diagnostic of every backbone, random init included
     ends = {"random init": backbones[("ours", 0)], "vox2vec": backbones[("vox2vec", steps[-1])],
             "ours": backbones[("ours", steps[-1])], "ours, labelled pool only": backbones[("pool", steps[-1])]}
-    shortcut = shortcut_rows(out, args.data, split, ends, pretrain_summary(pre["ours"])["patch_size"], proto)
+    shortcut = shortcut_rows(out, args.data, split, ends, pretraining["ours"]["patch_size"], proto)
 
     # 4. fine-tuning, paired: the recipe grid on the validation cases, then every draw on the test cases
     ft_q = ["--steps", "2", "--freeze-steps", "1", "--ramp-steps", "1"] if q else []
@@ -225,7 +226,6 @@ def main(args):
                     done=d / "results.json")
                 finetunes[(budget, arm, draw)] = result(d)
 
-    pretraining = {k: pretrain_summary(v) for k, v in pre.items()}
     summary = summarise(corpus, probes, steps, shortcut, finetunes, cells, chosen, pretraining, proto,
                         (time.time() - t0) / 60)
     summary["view_offsets"] = offset_rows(args.data, pretraining["ours"]["patch_size"])
@@ -414,7 +414,7 @@ def neighbours(args):
     plan = {m: ("finetune.py", ["--checkpoint", pre[m] / "backbone.pt"], recipes["pretrained"]) for m in NEIGHBOURS}
     plan["medcontext"] = ("neighbours/medcontext.py", ["--init", "random"], recipes["scratch"])
     plan["medcontext + ours"] = ("neighbours/medcontext.py", ours, recipes["pretrained"])
-    rows = {}
+    rows, wall = {}, dict(probes=0.0, finetune=0.0)     # seconds by the outputs' own clocks
     for name in plan:
         row = rows[name] = {}
         if name in pre:
@@ -422,6 +422,7 @@ def neighbours(args):
             run("linear_probe.py", *data, "--split", split, "--checkpoint", pre[name] / "backbone.pt", "--out", d,
                 *probe_q, *preset, log=log, done=d / "results.json")
             row["probe"] = result(d)["mean_dice"]
+            wall["probes"] += result(d).get("seconds") or 0
         script, init, recipe = plan[name]
         row["finetune_1"] = []
         for draw in range(proto["draws"][1]):
@@ -429,41 +430,15 @@ def neighbours(args):
             run(script, *base, *init, "--draw", draw, "--seed", draw, *recipe_flags(recipe, proto), "--out", d,
                 log=log, done=d / "results.json")
             row["finetune_1"].append(result(d)["mean_dice"])
+            wall["finetune"] += result(d).get("seconds") or 0
     from preprocess import resolve_data_dir
-    agreement = None if args.quick else agreement_rows(resolve_data_dir(args.data), {"ours": out / "pretrain-ours", **pre},
-                                                       level=2, patch_size=tuple(main_run["pretraining"]["ours"]["patch_size"]))
-    summary = write_neighbours_report(out, rows, main_run, pre, log, (time.time() - t0) / 60, proto, agreement)
+    agreement = None if "densecl" not in pre else agreement_rows(
+        resolve_data_dir(args.data), {"ours": out / "pretrain-ours", **pre}, level=2,
+        patch_size=tuple(main_run["pretraining"]["ours"]["patch_size"]), pairs=proto["agreement_pairs"])
+    wall["pretraining"] = sum(json.loads((d / "log.jsonl").read_text().splitlines()[-1])["seconds"] for d in pre.values())
+    summary = write_neighbours_report(out, rows, main_run, pre, log, (time.time() - t0) / 60, proto, agreement,
+                                      {k: v / 60 for k, v in wall.items()})
     return summary
-
-
-def matching_agreement(backbone, data_dir, level, pairs=64, patch_size=(32, 32, 16), seed=123):
-    """How often DenseCL's similarity matching agrees with geometry, for one backbone: over
-    un-augmented overlapping crop pairs (data.PairDataset), the fraction of view-A locations of
-    FPN level `level` whose most similar view-B location (loss.dense_matches on the backbone's
-    features) is the geometrically corresponding one or its neighbour (Chebyshev distance <= 1
-    cell), among the A locations whose correspondent lies inside B."""
-    import torch
-
-    from data import PairDataset
-    from loss import dense_matches
-    dataset = PairDataset(data_dir, patch_size, num_voxels=16, length=pairs, seed=seed)
-    hits = total = 0
-    backbone.eval()
-    cell = 2 ** level
-    for i in range(pairs):
-        pair = dataset[i][0]
-        offset = torch.from_numpy(pair["coords_b"][0] - pair["coords_a"][0])      # A voxel c is B voxel c + offset
-        with torch.no_grad():
-            fa, fb = (backbone(torch.from_numpy(pair[f"patch_{v}"])[None, None].float())[level] for v in "ab")
-        match = dense_matches(fa.flatten(2), fb.flatten(2))[0]                    # (S_a,)
-        dims_a, dims_b = torch.tensor(fa.shape[2:]), torch.tensor(fb.shape[2:])
-        grid = torch.stack(torch.meshgrid(*[torch.arange(int(d)) for d in dims_a], indexing="ij"), -1).reshape(-1, 3)
-        expected = torch.div(grid * cell + cell // 2 + offset, cell, rounding_mode="floor")   # (S_a, 3) B cells
-        inside = ((expected >= 0) & (expected < dims_b)).all(1)
-        got = torch.stack([match // (dims_b[1] * dims_b[2]), match // dims_b[2] % dims_b[1], match % dims_b[2]], 1)
-        hits += int((((got - expected).abs().max(1).values <= 1) & inside).sum())
-        total += int(inside.sum())
-    return hits / max(total, 1)
 
 
 def load_fpn(path):
@@ -476,18 +451,19 @@ def load_fpn(path):
     return fpn
 
 
-def agreement_rows(data_dir, pre, level, patch_size):
+def agreement_rows(data_dir, pre, level, patch_size, pairs):
     import torch
 
+    from diagnostics import matching_agreement
     from model import FPN3d
     backbones = {name: load_fpn(pre[name] / "backbone.pt") for name in ("ours", "densecl")}
     torch.manual_seed(0)
     random_init = FPN3d(in_channels=1, base_channels=backbones["ours"].channels[0], num_levels=backbones["ours"].num_levels)
     backbones = {"random init": random_init, **backbones}
-    return {name: matching_agreement(b, data_dir, level, patch_size=patch_size) for name, b in backbones.items()}
+    return {name: matching_agreement(b, data_dir, level, pairs, patch_size) for name, b in backbones.items()}
 
 
-def write_neighbours_report(out, rows, main_run, pre, log, minutes, proto, agreement=None):
+def write_neighbours_report(out, rows, main_run, pre, log, minutes, proto, agreement, wall):
     import numpy as np
 
     from diagnostics import paired_bootstrap
@@ -511,17 +487,22 @@ def write_neighbours_report(out, rows, main_run, pre, log, minutes, proto, agree
         lines.append(f"| {name} | {last['step']} | {losses} | {last['seconds'] / 60:.1f} min |")
     if agreement:
         lines += ["", "How often the most similar location (DenseCL's positive) is the geometric correspondent "
-                  "or its neighbour, FPN level 2, 64 un-augmented pairs (evidence.matching_agreement): "
+                  f"or its neighbour, FPN level 2, {proto['agreement_pairs']} un-augmented pairs (diagnostics.matching_agreement): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in agreement.items())]
     lines += ["", "Recipes (the main run's choice on the validation cases): pretrained backbones and MedContext + ours: "
               + recipe_name(main_run["chosen_recipe_cells"]["pretrained"]) + "; MedContext from scratch: "
-              + recipe_name(main_run["chosen_recipe_cells"]["scratch"]) + ".", "",
+              + recipe_name(main_run["chosen_recipe_cells"]["scratch"]) + " (from scratch nothing is frozen, as in the "
+              "main run's scratch arm).", "",
               "Each method's own paper, for scale:", ""] + [f"- {v}" for v in NEIGHBOUR_PAPERS.values()]
-    lines += ["", f"Total {minutes:.1f} min (commands skipped because done count 0) on {os.cpu_count()} CPU cores, "
-              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}.", "", "Commands:", ""]
+    lines += ["", f"Wall time by the outputs' own clocks (a resumed run counts each command once): "
+              f"{sum(wall.values()):.1f} min (pretraining {wall['pretraining']:.1f}, probes {wall['probes']:.1f}, "
+              f"fine-tuning {wall['finetune']:.1f}); this invocation {minutes:.1f} min (finished commands skipped), "
+              f"{os.cpu_count()} CPU cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}.",
+              "", "Commands:", ""]
     lines += [f"    {e['command']}" + (f"    # {e['seconds']:.0f} s" if e["seconds"] else "") for e in log]
     (out / "neighbours.md").write_text("\n".join(lines) + "\n")
-    summary = dict(rows=table, agreement=agreement, commands=log, minutes=minutes)
+    summary = dict(rows=table, agreement=agreement, commands=log, wall_minutes=sum(wall.values()),
+                   wall_minutes_by_part=wall, minutes_this_invocation=minutes)
     (out / "neighbours.json").write_text(json.dumps(summary, indent=1))
     print("\n" + "\n".join(lines))
     return summary

@@ -46,3 +46,37 @@ def test_shortcut_diagnostic_runs_on_a_backbone(small_demo):
     out = diagnostics.shortcut_diagnostic(net, small_demo, patch_size=(16, 16, 8), pairs=6, num_voxels=32)
     assert set(out) == {"median_offset", "pairs", "retrieval_small_offset", "retrieval_large_offset", "r2"}
     assert 0 <= out["retrieval_small_offset"] <= 1 and out["r2"] <= 1
+
+
+
+class _PooledVoxelCodes(torch.nn.Module):
+    """A stand-in backbone: every intensity gets a 256-channel random Fourier code (two voxels of
+    different intensity: nearly orthogonal codes), averaged over each 4 x 4 x 4 cell for level 2,
+    so two cells' cosine grows with the voxels they share; or random numbers of the same shape."""
+
+    def __init__(self, random):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.random = random
+        self.freqs = torch.rand(256, generator=g) * 2000
+        self.phases = torch.rand(256, generator=g) * 6.3
+
+    def forward(self, x):
+        codes = torch.cos(x * self.freqs[:, None, None, None] + self.phases[:, None, None, None])   # (B, 256, X, Y, Z)
+        cells = torch.nn.functional.avg_pool3d(codes, 4)
+        return [None, None, torch.randn_like(cells) if self.random else cells]
+
+
+def test_matching_agreement_on_shared_voxels_and_on_random_features(tmp_path):
+    """matching_agreement's bookkeeping (offsets, cell centres, flat indices) on features
+    whose answer is known: when a cell's feature says which voxels it holds, the most similar B cell
+    is the one sharing most voxels, the geometric correspondent (agreement ~1); random features
+    agree by chance only (~ the share of B cells within one cell of the correspondent)."""
+    from test_data import write_case, write_dataset
+    shape = (40, 40, 16)
+    image = np.random.default_rng(0).random(shape).astype(np.float32)     # distinct intensities
+    write_dataset(tmp_path, [write_case(tmp_path, "noise", image, np.ones(shape, bool))])
+    torch.manual_seed(0)
+    geometric = diagnostics.matching_agreement(_PooledVoxelCodes(False), tmp_path, 2, pairs=8, patch_size=(24, 24, 8))
+    chance = diagnostics.matching_agreement(_PooledVoxelCodes(True), tmp_path, 2, pairs=8, patch_size=(24, 24, 8))
+    assert geometric > 0.95 and chance < 0.6

@@ -1,6 +1,7 @@
 """evidence.py --quick: the whole protocol (pretraining on the separate corpus and on the labelled
 pool, the probe along pretraining, the shortcut diagnostic, the recipe grid and the paired draws)
-runs end to end on the small demo set and writes issue 17's headline keys. It checks that the
+runs end to end on the small demo set and writes issue 17's headline keys; --neighbours then runs
+on the same folder. It checks that the
 pipeline runs and produces its tables, not the numbers (those need the full run)."""
 import json
 import subprocess
@@ -12,7 +13,7 @@ import evidence
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quick_evidence_runs_end_to_end(small_demo, small_unlabelled, tmp_path):
+def test_quick_evidence_runs_end_to_end(small_demo, small_unlabelled, tmp_path, monkeypatch):
     out = tmp_path / "ev"
     evidence.main(evidence.parse_args(["--quick", "--data", str(small_demo), "--unlabelled", str(small_unlabelled),
                                        "--out", str(out)]))
@@ -25,22 +26,33 @@ def test_quick_evidence_runs_end_to_end(small_demo, small_unlabelled, tmp_path):
     assert s["wall_minutes"] > 0
     assert all(0.0 <= v <= 1.0 for v in s["probe"].values())
     assert set(s["chosen_recipe"]) == {"scratch", "pretrained"} and len(s["grid"]) == 2 * 2
-    # paired: draw d of both arms trained on the same cases
-    assert len(s["finetune_1"]["train_cases"]) == 2
+    assert len(s["finetune_1"]["train_cases"]) == 1     # one draw (pairing: test_paired_arms_receive_identical_inputs)
     table = (out / "evidence.md").read_text()
     for name in ["random init", "vox2vec", "ours", "from scratch", "fine-tuned (ours)", "Paired difference", "R^2"]:
         assert name in table
     for png in ["probe_vs_pretraining.png", "dice_vs_finetune_steps.png", "segmentation_slice.png", "feature_pca.png",
                 "pretraining_curves.png"]:
         assert (out / png).stat().st_size > 1000
-    # 3 pretrainings, 7 probes (2 methods x 3 steps + the pool control), 4 grid cells, 2 draws x 2 arms
-    assert len(s["commands"]) == 3 + 7 + 4 + 4
+    # 3 pretrainings, 7 probes (2 methods x 3 steps + the pool control), 4 grid cells, 1 draw x 2 arms
+    assert len(s["commands"]) == 3 + 7 + 4 + 2
     # a second invocation skips every finished command
     evidence.main(evidence.parse_args(["--quick", "--data", str(small_demo), "--unlabelled", str(small_unlabelled),
                                                "--out", str(out), "--no-figures"]))
     saved = json.loads((out / "evidence.json").read_text())
     assert all(c["seconds"] is None for c in saved["commands"])
     assert saved["probe"] == s["probe"] and saved["finetune_1"] == s["finetune_1"]
+
+    # --neighbours on the same folder, one pretraining method (DenseCL: the matching diagnostic
+    # needs it) plus MedContext from scratch and on top of ours, paired against the main run
+    monkeypatch.setattr(evidence, "NEIGHBOURS", ("densecl",))
+    n = evidence.neighbours(evidence.parse_args(["--neighbours", "--quick", "--data", str(small_demo),
+                                                 "--unlabelled", str(small_unlabelled), "--out", str(out)]))
+    assert set(n["rows"]) == {"random init", "ours", "densecl", "medcontext", "medcontext + ours"}
+    assert n["rows"]["ours"]["paired_diff"] == s["finetune_1"]["paired_diff"]
+    assert all(len(r["per_draw"]) == 1 for r in n["rows"].values())
+    assert set(n["agreement"]) == {"random init", "ours", "densecl"}
+    assert all(0.0 <= v <= 1.0 for v in n["agreement"].values()) and n["wall_minutes"] > 0
+    assert "medcontext + ours" in (out / "neighbours.md").read_text()
 
 
 def test_own_data_needs_an_unlabelled_corpus(small_demo, tmp_path):
