@@ -374,6 +374,7 @@ def main(args, method=OURS):
     if rank == 0:
         print(f"done: {step} steps; backbone for linear_probe.py / finetune.py: {run_dir / 'backbone.pt'}")
     if world > 1:
+        dist.barrier()      # rank 0 may still be writing the last checkpoint: tear down together
         dist.destroy_process_group()
     return run_dir
 
