@@ -435,9 +435,7 @@ def neighbours(args):
     agreement = None if "densecl" not in pre else agreement_rows(
         resolve_data_dir(args.data), {"ours": out / "pretrain-ours", **pre}, level=2,
         patch_size=tuple(main_run["pretraining"]["ours"]["patch_size"]), pairs=proto["agreement_pairs"])
-    wall["pretraining"] = sum(json.loads((d / "log.jsonl").read_text().splitlines()[-1])["seconds"] for d in pre.values())
-    summary = write_neighbours_report(out, rows, main_run, pre, log, (time.time() - t0) / 60, proto, agreement,
-                                      {k: v / 60 for k, v in wall.items()})
+    summary = write_neighbours_report(out, rows, main_run, pre, log, (time.time() - t0) / 60, proto, agreement, wall)
     return summary
 
 
@@ -464,6 +462,8 @@ def agreement_rows(data_dir, pre, level, patch_size, pairs):
 
 
 def write_neighbours_report(out, rows, main_run, pre, log, minutes, proto, agreement, wall):
+    """neighbours.md and neighbours.json. wall: seconds of the probes and the fine-tunes by their
+    outputs' own clocks; the pretraining runs' are read from their logs here."""
     import numpy as np
 
     from diagnostics import paired_bootstrap
@@ -481,8 +481,10 @@ def write_neighbours_report(out, rows, main_run, pre, log, minutes, proto, agree
         lines.append(f"| {name} | {probe} | {np.mean(row['finetune_1']):.3f} | "
                      f"{', '.join(f'{v:.3f}' for v in row['finetune_1'])} | {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
     lines += ["", "| pretraining | steps | final losses | wall time |", "|---|---|---|---|"]
+    wall = {k: v / 60 for k, v in dict(wall, pretraining=0.0).items()}     # seconds -> minutes
     for name, run_dir in pre.items():
         last = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])
+        wall["pretraining"] += last["seconds"] / 60
         losses = ", ".join(f"{k.replace('loss_', '')} {v:.4f}" for k, v in last.items() if k.startswith("loss_"))
         lines.append(f"| {name} | {last['step']} | {losses} | {last['seconds'] / 60:.1f} min |")
     if agreement:

@@ -48,7 +48,6 @@ def test_shortcut_diagnostic_runs_on_a_backbone(small_demo):
     assert 0 <= out["retrieval_small_offset"] <= 1 and out["r2"] <= 1
 
 
-
 class _PooledVoxelCodes(torch.nn.Module):
     """A stand-in backbone: every intensity gets a 256-channel random Fourier code (two voxels of
     different intensity: nearly orthogonal codes), averaged over each 4 x 4 x 4 cell for level 2,
