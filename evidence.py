@@ -421,16 +421,18 @@ def neighbours(args):
             d = out / f"probe-{name}"
             run("linear_probe.py", *data, "--split", split, "--checkpoint", pre[name] / "backbone.pt", "--out", d,
                 *probe_q, *preset, log=log, done=d / "results.json")
-            row["probe"] = result(d)["mean_dice"]
-            wall["probes"] += result(d).get("seconds") or 0
+            probe = result(d)
+            row["probe"] = probe["mean_dice"]
+            wall["probes"] += probe.get("seconds") or 0
         script, init, recipe = plan[name]
         row["finetune_1"] = []
         for draw in range(proto["draws"][1]):
             d = out / f"ft-1-{name.replace(' + ', '-')}-draw{draw}"
             run(script, *base, *init, "--draw", draw, "--seed", draw, *recipe_flags(recipe, proto), "--out", d,
                 log=log, done=d / "results.json")
-            row["finetune_1"].append(result(d)["mean_dice"])
-            wall["finetune"] += result(d).get("seconds") or 0
+            finetune = result(d)
+            row["finetune_1"].append(finetune["mean_dice"])
+            wall["finetune"] += finetune.get("seconds") or 0
     from preprocess import resolve_data_dir
     agreement = None if "densecl" not in pre else agreement_rows(
         resolve_data_dir(args.data), {"ours": out / "pretrain-ours", **pre}, level=2,

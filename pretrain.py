@@ -7,7 +7,7 @@ balanced voxel representations sampled at n positive pairs, and the hybrid loss
 L = L_c + lambda * L_r (Eq. 1-3) with InfoNCE at tau = 0.1 and MSE reconstruction at lambda = 10.
 
 Run it:
-    python pretrain.py --data demo-unlabelled --steps 2000  # CPU preset on the demo's unlabelled corpus, ~8 min on 2 cores
+    python pretrain.py --data demo-unlabelled --steps 2000  # CPU preset on the demo's unlabelled corpus, ~9 min on 2 cores
     python pretrain.py --data demo                          # the same on the labelled demo phantoms (they are also the test set)
     python pretrain.py --data DATA_DIR --out runs/ct        # the paper's config (one GPU; see README for speed)
     python pretrain.py --data DATA_DIR --method vox2vec     # the vox2vec baseline (Table 1, row 1)
@@ -16,7 +16,7 @@ Run it:
 
 The paper's values are the flags' defaults (`--help` shows them); `--preset demo` (the default
 for `--data demo`) replaces some of them with DEMO, in one place (parse_args). On the demo's
-unlabelled corpus expect L_c to end near 0.6 x chance after 2,000 steps (~8 minutes on 2 CPU
+unlabelled corpus expect L_c to end near 0.6 x chance after 2,000 steps (~9 minutes on 2 CPU
 cores; README, "Results"). A run writes into --out: `log.jsonl`
 (one row per logged step), `checkpoint.pt` (resumable, every --checkpoint-every steps and at the
 end) and `backbone.pt` (the FPN alone, for linear_probe.py / finetune.py; loads with
