@@ -34,7 +34,7 @@ import data
 from data import PairDataset, collate_pairs
 from loss import hybrid_loss, info_nce, reconstruction_loss
 from model import count_flops
-from runtime import pick_device, positive_int
+from runtime import autocast_dtype, pick_device, positive_int
 from pretrain import build_model, parse_args as pretrain_args, resolve_config, training_step
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16, vendor datasheets
@@ -185,7 +185,7 @@ def bench_model(cfg, batch, device, repeats, amp, compile_model):
     x = x.contiguous(memory_format=torch.channels_last_3d)
     coords = torch.cat([batch["coords_a"], batch["coords_b"] + torch.tensor([B, 0, 0, 0])]).to(device)
     N = batch["coords_a"].shape[0]
-    dtype = torch.bfloat16 if (amp and device.type == "cuda") else None
+    dtype = autocast_dtype(device, amp)
 
     def forward():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

@@ -143,7 +143,7 @@ def prepare(args, head, script, batch_size=1):
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def volume_probabilities(model, image, patch_size, device, amp=True, overlap=0.5, batch_size=2):
+def volume_probabilities(model, image, patch_size, device, amp_dtype=None, overlap=0.5, batch_size=2):
     """Sliding-window softmax of one preprocessed volume: image (X, Y, Z) array or tensor ->
     (K, X, Y, Z) float32 on device, the Gaussian-weighted average of the overlapping tiles."""
     model.eval()
@@ -152,25 +152,25 @@ def volume_probabilities(model, image, patch_size, device, amp=True, overlap=0.5
     patch_size = tuple(min(p, s) for p, s in zip(patch_size, x.shape[1:]))
 
     def probabilities(tiles):                                                      # (b, 1, *patch)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             tiles = tiles.contiguous(memory_format=torch.channels_last_3d)
             return torch.softmax(model(tiles).float(), dim=1)                       # (b, K, *patch)
 
     return sliding_window_inference(x, probabilities, patch_size, overlap=overlap, batch_size=batch_size)
 
 
-def predict_volume(model, image, patch_size, device, amp=True, overlap=0.5, batch_size=2):
+def predict_volume(model, image, patch_size, device, amp_dtype=None, overlap=0.5, batch_size=2):
     """Sliding-window segmentation of one preprocessed volume (X, Y, Z) -> labels (X, Y, Z) int64."""
-    probs = volume_probabilities(model, image, patch_size, device, amp, overlap, batch_size)
+    probs = volume_probabilities(model, image, patch_size, device, amp_dtype, overlap, batch_size)
     return predict_labels(probs[None])[0].cpu()                                     # (X, Y, Z)
 
 
-def evaluate(model, data_dir, test_ids, num_classes, patch_size, device, amp=True):
+def evaluate(model, data_dir, test_ids, num_classes, patch_size, device, amp_dtype=None):
     """Dice per foreground class for each test volume: (len(test_ids), num_classes - 1)."""
     rows = []
     for case_id in tqdm(test_ids, desc="evaluate", leave=False):
         case = load_case(data_dir, case_id)
-        pred = predict_volume(model, case["image"], patch_size, device, amp=amp)
+        pred = predict_volume(model, case["image"], patch_size, device, amp_dtype)
         rows.append(dice_per_class(pred.numpy(), np.asarray(case["label"]), num_classes))
     return np.stack(rows)
 
@@ -246,7 +246,7 @@ def add_common_args(p):
     # Evaluation and device
     p.add_argument("--eval-patch-size", type=positive_int, nargs=3, default=(128, 128, 32), help="sliding-window size at evaluation")
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on a GPU, or on a CPU with bf16 instructions; fp32 elsewhere")
 
 
 def parse_with_preset(p, argv, demo):

@@ -45,7 +45,7 @@ from downstream import (add_common_args, announce, evaluate, fold_mean, new_segm
 from loss import segmentation_loss
 from predict import load_model, predict_scan
 from preprocess import save_nifti
-from runtime import (non_negative_int, pick_device, positive_float, positive_int, release_folder, save_torch,
+from runtime import (autocast_dtype, non_negative_int, training_autocast_dtype, pick_device, positive_float, positive_int, release_folder, save_torch,
                      world_info)
 
 # The demo (phantom.DEMO_SCALE volumes, model.DEMO_ARCHS network): training from scratch on all
@@ -77,9 +77,9 @@ class Training:
         """What one forward call runs (DDP wraps it)."""
         return model
 
-    def loss(self, net, x, y, amp=False):
+    def loss(self, net, x, y, amp_dtype=None):
         """x (b, 1, X, Y, Z), y (b, X, Y, Z) -> scalar."""
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = net(x)                                    # (b, K, X, Y, Z)
         return segmentation_loss(logits.float(), y)
 
@@ -170,7 +170,7 @@ def train_segmenter(model, data_dir, train_ids, cfg, args, device, desc="train",
     optimizer = make_optimizer(model, cfg["lr"])
     if device.type == "cpu":
         torch.set_flush_denormal(True)   # denormal activations slow CPU steps (README, "Speed")
-    amp = device.type == "cuda" and args.amp
+    amp_dtype = training_autocast_dtype(device, args.amp, cfg["patch_size"], model.backbone.num_levels)
     aug_generator = torch.Generator(device=device).manual_seed(args.seed * 7919 + 29 + rank)
     step_hook = training(model, cfg, args.seed, device)
     runner, net, trains, losses = step_hook.runner(model), None, None, torch.zeros((), device=device)
@@ -186,7 +186,7 @@ def train_segmenter(model, data_dir, train_ids, cfg, args, device, desc="train",
         x = batch["image"].to(device, non_blocking=True)   # (b, 1, X, Y, Z)
         y = batch["label"].to(device, non_blocking=True)   # (b, X, Y, Z)
         x, y = supervised_augment(x, y, aug_generator, cfg["aug"])
-        loss = step_hook.loss(net, x.contiguous(memory_format=torch.channels_last_3d), y, amp)
+        loss = step_hook.loss(net, x.contiguous(memory_format=torch.channels_last_3d), y, amp_dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -255,7 +255,7 @@ def main(args, training=Training):
             def score(m, fold=fold, train_ids=train_ids, test_ids=test_ids):   # Dice of a copy with precise BN
                 twin = reestimate_batchnorm(copy.deepcopy(m), data_dir, train_ids, cfg, device, args.seed + 1000 + fold)
                 return fold_mean(evaluate(twin, test_dir or data_dir, test_ids, len(names), cfg["eval_patch_size"],
-                                          device, args.amp))
+                                          device, autocast_dtype(device, args.amp)))
             curves[str(fold)] = train_segmenter(model, data_dir, train_ids, cfg, args, device, desc=f"fold {fold}",
                                                 training=training, score=score)
         moved[str(fold)] = weight_change(model, initial)      # how far training moved each backbone level
@@ -263,7 +263,7 @@ def main(args, training=Training):
         if rank == 0:       # under torchrun, rank 0 alone evaluates and writes; the others wait
             save_model(out / f"model_fold{fold}.pt", model, names, data_dir, cfg, fold, train_ids)
             fold_dice[fold] = evaluate(model, test_dir or data_dir, test_ids, len(names), cfg["eval_patch_size"],
-                                       device, args.amp)
+                                       device, autocast_dtype(device, args.amp))
             print(f"fold {fold}: {len(train_ids)} train / {len(test_ids)} test cases, "
                   f"mean Dice {fold_mean(fold_dice[fold]):.3f}")
         if world > 1:
@@ -312,7 +312,7 @@ def predict_alias(args):
     except ValueError as e:
         sys.exit(f"finetune.py: error: {e}")
     model.to(device, memory_format=torch.channels_last_3d)
-    _, labels, meta = predict_scan(args.predict, [model], [ckpt], device, amp=args.amp)
+    _, labels, meta = predict_scan(args.predict, [model], [ckpt], device, amp_dtype=autocast_dtype(device, args.amp))
     save_nifti(labels, meta["original_affine"], args.output)
     found = {ckpt["labels"][str(c)]: int((labels == c).sum()) for c in range(1, len(ckpt["labels"]))}
     print(f"wrote {args.output} (voxels per class on the scan's grid: {found})")

@@ -52,7 +52,7 @@ from data import gaussian_weights, load_case, tile_starts
 from downstream import (add_common_args, announce, fold_mean, new_segmenter, parse_with_preset, prepare,
                         set_backbone_trainable, write_results)
 from loss import dice_per_class, predict_labels
-from runtime import non_negative_float, positive_int, release_folder, world_info
+from runtime import autocast_dtype, non_negative_float, positive_int, release_folder, world_info
 
 # The demo's volumes are smaller than one window: each pyramid is computed whole.
 DEMO = dict(eval_patch_size=(96, 96, 48))
@@ -61,17 +61,22 @@ DEMO = dict(eval_patch_size=(96, 96, 48))
 # ----------------------------------------------------------------------------- the pyramid cache
 
 @torch.no_grad()
-def compute_pyramid(backbone, image, window, device):
+def compute_pyramid(backbone, image, window, device, amp_dtype=None):
     """The frozen backbone's pyramid of one volume (X, Y, Z) -> list of float16 numpy arrays
     (C_l, X_l, Y_l, Z_l), X_l = ceil(X / 2**l). Whole volume in one forward pass when it fits in
     `window`, else Gaussian-blended tiles of `window` whose starts are multiples of 2**(L-1), so
     that every tile's level l lands exactly on level l's grid (the volume is zero-padded to a
-    multiple of 2**(L-1) for that)."""
+    multiple of 2**(L-1) for that). amp_dtype: autocast for the forward passes (--amp)."""
     backbone.eval()
+
+    def run(tile):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return [level.float() for level in backbone(tile)]
+
     x = torch.as_tensor(np.asarray(image, dtype=np.float32), device=device)[None, None]  # (1, 1, X, Y, Z)
     shape = x.shape[2:]
     if all(s <= w for s, w in zip(shape, window)):
-        return [p[0].to(torch.float16).cpu().numpy() for p in backbone(x)]
+        return [p[0].to(torch.float16).cpu().numpy() for p in run(x)]
     m = 2 ** (backbone.num_levels - 1)
     window = tuple(max(m, w // m * m) for w in window)
     padded = tuple(max(-(-s // m) * m, w) for s, w in zip(shape, window))
@@ -80,7 +85,7 @@ def compute_pyramid(backbone, image, window, device):
     sums, norms = None, None
     for st in starts:
         box = tuple(slice(s, s + w) for s, w in zip(st, window))
-        tile = backbone(x[(slice(None), slice(None)) + box])                    # list of (1, C_l, w/2**l ...)
+        tile = run(x[(slice(None), slice(None)) + box])                         # list of (1, C_l, w/2**l ...)
         if sums is None:
             sums = [torch.zeros((t.shape[1],) + tuple(p // 2 ** l for p in padded), device=device)
                     for l, t in enumerate(tile)]
@@ -94,7 +99,7 @@ def compute_pyramid(backbone, image, window, device):
             for l, (s, n) in enumerate(zip(sums, norms))]
 
 
-def cache_pyramids(backbone, data_dir, case_ids, window, device, cache_dir=None, ram_gb=4.0):
+def cache_pyramids(backbone, data_dir, case_ids, window, device, cache_dir=None, ram_gb=4.0, amp_dtype=None):
     """{case id: list of (C_l, X_l, Y_l, Z_l) float16 arrays}. In memory, or (when the estimated
     size exceeds ram_gb) as memory-mapped .npy files in cache_dir, read back lazily."""
     per_voxel = 2 * sum(c / 8 ** l for l, c in enumerate(backbone.channels))      # bytes, float16
@@ -102,7 +107,7 @@ def cache_pyramids(backbone, data_dir, case_ids, window, device, cache_dir=None,
     on_disk = per_voxel * voxels > ram_gb * 2 ** 30
     cache = {}
     for case_id in tqdm(case_ids, desc="cache pyramids", leave=False):
-        levels = compute_pyramid(backbone, load_case(data_dir, case_id)["image"], window, device)
+        levels = compute_pyramid(backbone, load_case(data_dir, case_id)["image"], window, device, amp_dtype)
         if on_disk:
             folder = Path(cache_dir) / case_id
             folder.mkdir(parents=True, exist_ok=True)
@@ -239,7 +244,7 @@ def main(args):
             set_backbone_trainable(model, False)          # eval mode, no gradients: frozen for real
             before = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
             cache = cache_pyramids(model.backbone, data_dir, train_ids, cfg["eval_patch_size"], device,
-                                   cache_dir / "train", args.cache_ram_gb)
+                                   cache_dir / "train", args.cache_ram_gb, autocast_dtype(device, args.amp))
             model.head.set_statistics(*channel_statistics(cache, train_ids))
             n, loss = train_head(model.head, cache, read_labels(train_ids, data_dir), train_ids, cfg, device,
                                  args.seed + fold, desc=f"fold {fold}")
@@ -249,7 +254,7 @@ def main(args):
             assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
             folder = test_dir or data_dir
             test_cache = cache_pyramids(model.backbone, folder, test_ids, cfg["eval_patch_size"], device,
-                                        cache_dir / "test", args.cache_ram_gb)
+                                        cache_dir / "test", args.cache_ram_gb, autocast_dtype(device, args.amp))
             fold_dice[fold] = evaluate_cached(model.head, test_cache, read_labels(test_ids, folder), test_ids,
                                               len(names), device)
             print(f"fold {fold}: {len(train_ids)} train / {len(test_ids)} test cases, "

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from downstream import volume_probabilities
 from model import SegmentationModel
 from preprocess import list_nifti, load_nifti, preprocess_arrays, save_nifti, to_original_grid
-from runtime import (atomic_write, claim_folder, load_torch, make_output_dir, momentum, non_negative_int, pick_device,
+from runtime import (atomic_write, autocast_dtype, claim_folder, load_torch, make_output_dir, momentum, non_negative_int, pick_device,
                      release_folder, save_json)
 
 FLIPS = [tuple(a for a, f in zip((0, 1, 2), bits) if f) for bits in itertools.product((0, 1), repeat=3)]
@@ -98,14 +98,14 @@ def default_tta(ckpts):
 # ----------------------------------------------------------------------------- prediction
 
 @torch.no_grad()
-def ensemble_probabilities(models, patch_sizes, image, device, tta=False, overlap=0.5, amp=True):
+def ensemble_probabilities(models, patch_sizes, image, device, tta=False, overlap=0.5, amp_dtype=None):
     """Mean softmax over models and (with tta) the 8 mirrorings, each flipped back.
     image: (X, Y, Z) preprocessed -> (K, X, Y, Z) float32 on the CPU."""
     x = torch.as_tensor(np.asarray(image, dtype=np.float32), device=device)       # (X, Y, Z)
     total, count = None, 0
     for model, patch in zip(models, patch_sizes):
         for flip in FLIPS if tta else [()]:
-            probs = volume_probabilities(model, x.flip(flip) if flip else x, patch, device, amp, overlap)
+            probs = volume_probabilities(model, x.flip(flip) if flip else x, patch, device, amp_dtype, overlap)
             probs = probs.flip([1 + a for a in flip]) if flip else probs           # (K, X, Y, Z), flipped back
             total = probs if total is None else total + probs
             count += 1
@@ -119,7 +119,7 @@ def probabilities_on_scan_grid(probs, meta):
                      for k, p in enumerate(probs)])
 
 
-def predict_scan(scan, models, ckpts, device, tta=False, overlap=0.5, amp=True):
+def predict_scan(scan, models, ckpts, device, tta=False, overlap=0.5, amp_dtype=None):
     """Preprocess one NIfTI scan with the models' preset and predict it -> (probabilities (K, X, Y, Z)
     on the preprocessed grid, labels uint8 on the scan's own grid, preprocessing meta)."""
     image, affine = load_nifti(scan)
@@ -127,14 +127,14 @@ def predict_scan(scan, models, ckpts, device, tta=False, overlap=0.5, amp=True):
     image01, _, _, meta = preprocess_arrays(image, affine, ckpts[0]["modality"], spacing=spacing,
                                             names=(str(scan), "label"))
     probs = ensemble_probabilities(models, [tuple(c["patch_size"]) for c in ckpts], image01, device,
-                                   tta, overlap, amp)                             # (K, X, Y, Z)
+                                   tta, overlap, amp_dtype)                             # (K, X, Y, Z)
     labels = to_original_grid(probs.argmax(0).numpy().astype(np.uint8), meta)     # scan's grid
     return probs, labels, meta
 
 
-def segment_case(scan, out_dir, name, models, ckpts, device, tta, overlap, amp, save_probabilities):
+def segment_case(scan, out_dir, name, models, ckpts, device, tta, overlap, amp_dtype, save_probabilities):
     """Predict one case and write its files -> voxels per class name on the scan's grid."""
-    probs, labels, meta = predict_scan(scan, models, ckpts, device, tta, overlap, amp)
+    probs, labels, meta = predict_scan(scan, models, ckpts, device, tta, overlap, amp_dtype)
     classes = [ckpts[0]["labels"][str(k)] for k in range(len(ckpts[0]["labels"]))]
     if save_probabilities:
         on_grid = probabilities_on_scan_grid(probs, meta)
@@ -231,7 +231,7 @@ def main(args):
             record.update(status="skipped", reason="outputs exist (--overwrite redoes them)")
         else:
             try:
-                counts = segment_case(scan, out_dir, name, models, ckpts, device, tta, args.overlap, args.amp,
+                counts = segment_case(scan, out_dir, name, models, ckpts, device, tta, args.overlap, autocast_dtype(device, args.amp),
                                       args.save_probabilities)
                 record.update(status="done", seconds=round(time.time() - t0, 2), voxels_per_class=counts)
             except Exception as e:   # one bad scan must not stop the others
@@ -258,7 +258,7 @@ def parse_args(argv=None):
     p.add_argument("--save-probabilities", action="store_true", help="also CASE.npz: float16 probabilities")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on a GPU, or on a CPU with bf16 instructions; fp32 elsewhere")
     return p.parse_args(argv)
 
 

@@ -35,6 +35,7 @@ rank 0 logs and writes files; checkpoints move freely between DDP and single-pro
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -51,8 +52,9 @@ from data import PairDataset, collate_pairs, list_cases, read_split
 from loss import hybrid_loss, info_nce, reconstruction_loss
 from model import ARCHS, DEMO_ARCHS, PretrainModel
 from preprocess import resolve_data_dir
-from runtime import (atomic_write, claim_folder, explicit_flags, load_torch, make_output_dir, non_negative_float, non_negative_int,
-                     positive_float, positive_int, release_folder, save_torch, setup_distributed, unwrap)
+from runtime import (atomic_write, claim_folder, explicit_flags, load_torch, make_output_dir, non_negative_float,
+                     non_negative_int, positive_float, positive_int, release_folder, save_torch, setup_distributed,
+                     training_autocast_dtype, unwrap)
 
 # The demo preset (phantom.DEMO_SCALE volumes of ~52 x 45 x 20 voxels, model.DEMO_ARCHS network).
 # The patch sets how far the two views of a pair move against each other, relative to the patch:
@@ -294,7 +296,9 @@ def setup(args, method):
 def train(model, optimizer, loader, method, cfg, args, run_dir, start, rank, world, device):
     """nanoGPT's order: augment + forward + loss -> backward -> clip -> step -> log / checkpoint.
     The step never waits for the device; the host reads it every --log-every steps only."""
-    amp_dtype = torch.bfloat16 if device.type == "cuda" and args.amp else None
+    amp_dtype = training_autocast_dtype(device, args.amp, cfg["patch_size"], cfg["num_levels"])
+    if rank == 0:
+        print(f"precision: {'bf16 autocast' if amp_dtype else 'fp32'}")
     if device.type == "cpu":
         torch.set_flush_denormal(True)   # denormal activations slow CPU steps (README, "Speed")
     torch.backends.cudnn.benchmark = True
@@ -317,6 +321,8 @@ def train(model, optimizer, loader, method, cfg, args, run_dir, start, rank, wor
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
         optimizer.step()
         method.after_step(model, cfg)
         step += 1
@@ -347,6 +353,17 @@ def train(model, optimizer, loader, method, cfg, args, run_dir, start, rank, wor
                 save_run(run_dir, model, optimizer, cfg, args, step)
     bar.close()
     return step
+
+
+def learning_rate(step, cfg):
+    """The lr of step `step` (0-based): a linear warm-up over --warmup-steps, then constant
+    (--lr-schedule constant) or a half cosine from --lr to 0 at --steps (cosine)."""
+    lr, warm = cfg["lr"], cfg["warmup_steps"]
+    if step < warm:
+        return lr * (step + 1) / warm
+    if cfg["lr_schedule"] == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg["steps"] - warm)))
+    return lr
 
 
 def stop_non_finite(run_dir, first, last, rank):
@@ -420,6 +437,9 @@ def load_run(run_dir, model, optimizer, cfg):
     changed = [f"--{k.replace('_', '-')} {tuple_or(state['config'].get(k))} -> {tuple_or(cfg.get(k))}"
                for k in sorted(set(cfg) | set(state["config"]))
                if k not in MAY_CHANGE_ON_RESUME and tuple_or(state["config"].get(k)) != tuple_or(cfg.get(k))]
+    if cfg["lr_schedule"] != "constant" and state["config"]["steps"] != cfg["steps"]:
+        changed.append(f"--steps {state['config']['steps']} -> {cfg['steps']} (the {cfg['lr_schedule']} schedule "
+                       "is set by --steps)")
     if changed:
         raise ValueError(f"{path}: --resume with settings that differ from the saved run ({'; '.join(changed)}); "
                          "resume with the same flags, or start a new --out")
@@ -489,7 +509,10 @@ def build_parser(method=OURS):
     p.add_argument("--pairs-per-volume", type=positive_int, default=1, help="pairs cropped from one scan")
     p.add_argument("--num-voxels", type=positive_int, default=1024, help="positive pairs sampled per patch pair")
     p.add_argument("--patch-size", type=positive_int, nargs=3, default=(128, 128, 32), help="(X, Y, Z) voxels")
-    p.add_argument("--lr", type=non_negative_float, default=3e-4, help="Adam learning rate")
+    p.add_argument("--lr", type=non_negative_float, default=3e-4, help="Adam learning rate (the peak, with a schedule)")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear lr warm-up over these first steps")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="after the warm-up: constant, or a half cosine down to 0 at --steps")
     p.add_argument("--grad-clip", type=positive_float, default=1.0, help="gradient-norm clip (the reference's)")
     # Logging, checkpoints and speed
     p.add_argument("--log-every", type=positive_int, default=50, help="steps between log rows (and the only host syncs)")
@@ -498,7 +521,7 @@ def build_parser(method=OURS):
                    help="also keep OUT/backbone_step<N>.pt at these steps (0: the initialisation), for a "
                         "probe at several points of pretraining")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on a GPU, or on a CPU with bf16 instructions (avx512_bf16 / AMX); fp32 elsewhere")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     return p
 

@@ -138,6 +138,36 @@ def pick_device(name="auto"):
     return device
 
 
+def cpu_has_bf16():
+    """Whether this CPU has bf16 instructions (avx512_bf16 or AMX), where bf16 autocast makes 3-D
+    convolutions faster; elsewhere bf16 is emulated and slower than fp32."""
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def autocast_dtype(device, amp=True):
+    """--amp: torch.bfloat16 where bf16 autocast is fast (a CUDA GPU, or a CPU with bf16
+    instructions), else None (fp32). --no-amp: always None."""
+    if not amp:
+        return None
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
+        return torch.bfloat16
+    return None
+
+
+def training_autocast_dtype(device, amp, patch_size, num_levels):
+    """autocast_dtype for training on `patch_size` patches through an FPN of `num_levels`. On the
+    CPU, torch's bf16 3x3x3 convolution returns a wrong weight gradient when the first spatial
+    size is exactly 2 (seen with torch 2.13; tests/test_pretrain.py scans for it), so a patch that
+    puts a pyramid level at 2 voxels along X trains in fp32 there, with a note."""
+    dtype = autocast_dtype(device, amp)
+    sizes = [math.ceil(patch_size[0] / 2 ** l) for l in range(num_levels)]
+    if dtype is not None and device.type == "cpu" and 2 in sizes:
+        print(f"note: --patch-size X = {patch_size[0]} puts a pyramid level at 2 voxels along X, where torch's CPU bf16 "
+              "convolution computes a wrong weight gradient: training in fp32 (another X avoids it)", file=sys.stderr)
+        return None
+    return dtype
+
+
 def setup_distributed(device_name="auto"):
     """Initialise torch.distributed when launched by torchrun. Returns (rank, world, device)."""
     if "RANK" not in os.environ:

@@ -85,9 +85,9 @@ class MedContext(finetune.Training):
         """-> (B, 1, X, Y, Z) bool, True = masked."""
         return block_mask(x.shape, self.generator, self.cfg["mc_mask_ratio"], self.block, x.device)
 
-    def loss(self, net, x, y, amp=False):
+    def loss(self, net, x, y, amp_dtype=None):
         masked = torch.where(self.mask(x), torch.zeros((), dtype=x.dtype, device=x.device), x)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             clean, on_masked = net(x, masked)              # S(x), S(M(x)): (b, K, X, Y, Z) each
             with torch.no_grad():
                 target = self.teacher(x)                   # T(x)
