@@ -23,33 +23,26 @@ Deviations from the numpy reference, all to stay batched on the GPU without Pyth
   - Shuffling uses non-overlapping blocks: a grid of cells at a random offset per patch, of which
     min(num_blocks, n_cells) random cells are shuffled (each by its own permutation). The
     reference places 5000 possibly-overlapping blocks one after another (a 5000-step loop whose
-    overlaps make it no longer a permutation) and uses one permutation for all blocks.
-    The coverage is similar (~34% vs ~29% of the voxels of a 128x128x32 patch).
+    overlaps make it no longer a permutation) and uses one permutation for all blocks; both move
+    about a third of the patch.
   - Bezier: the curve tabulated on a uniform grid of 4096 intensities per patch, applied by index
-    arithmetic and linear interpolation (no search per voxel), instead of 100,000 points +
-    np.interp (~90 ms). It differs from the reference curve by < 6e-5 for 99% of random
-    curves (median 2e-7), by up to ~1.5e-3 next to a near-vertical stretch of the curve.
+    arithmetic and linear interpolation (no search per voxel), instead of 100,000 points and
+    np.interp per patch; tests/test_augment.py bounds its difference to a dense reference curve.
   - In-painting: exactly `num_boxes` boxes (the reference draws a geometric count, mean ~15),
     anywhere fully inside the patch (the reference keeps a 3-voxel margin).
   - vox2vec: blur / sharpen pad borders by replication (scipy reflects); each step clamps to
     [0, 1] (vox2vec clips once, after the window).
 
-Supervised training (finetune.py --aug, not the paper's): nnU-Net's spatial and intensity
-augmentations of an image and its label, section "supervised training" below.
+Supervised training's augmentation (finetune.py --aug, not the paper's) is supervised_augment.py.
 
-`python augment.py` times the pipelines on a random batch (README, "Speed", has the numbers);
-`python -m pytest tests/test_augment.py tests/test_supervised_augment.py` checks each piece
+`python experiments/bench.py` times them; `python -m pytest tests/test_augment.py` checks each piece
 against a reference.
 """
-import argparse
-import time
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 KINDS = ("local", "vox2vec", "none")
-LUT_SIZE = 4096  # Bezier lookup table entries; 1024: ~10x the error vs the reference, 3 ms less on CPU
+LUT_SIZE = 4096  # Bezier lookup table entries: fewer cost accuracy (tests/test_augment.py), more cost time
 HU_WIDTH = 2350.0  # our CT clip window [-1350, 1000] HU; converts vox2vec's HU parameters to [0, 1]
 
 
@@ -307,149 +300,6 @@ def random_window(x, generator, prob=0.8, max_low=350.0 / HU_WIDTH, min_high=165
     return ((x - low) / (high - low)).clamp(0, 1)
 
 
-# ----------------------------------------------------------------------------- supervised training
-# nnU-Net-like augmentation for finetune.py (not part of the paper: its downstream training, like
-# vox2vec's, uses none). Defaults are nnU-Net v2's (nnUNetTrainer.get_training_transforms):
-# probabilities per patch and ranges below. Intensities are not clamped (nnU-Net does not either).
-# Left out: elastic deformation (off in nnU-Net too) and simulated low resolution (each patch
-# would be resampled to its own size, a shape that depends on a random draw).
-SUPERVISED_KINDS = ("nnunet-like", "none")
-
-
-def _bg_factor(generator, batch, low, high, device):
-    """nnU-Net's BGContrast draw: half of the factors from U(low, 1), half from U(1, high). -> (B,)"""
-    u = _rand(generator, batch, 2, device=device)
-    return torch.where(u[:, 0] < 0.5, low + u[:, 1] * (1 - low), 1 + u[:, 1] * (high - 1))
-
-
-def _per_patch(x, fn):
-    """fn over each patch's voxels, kept broadcastable: (B, C, X, Y, Z) -> (B, 1, 1, 1, 1)."""
-    return fn(x.reshape(x.shape[0], -1), 1).view(-1, 1, 1, 1, 1)
-
-
-def random_flip(x, y, generator, prob=0.5, axes=(0, 1, 2)):
-    """Mirror each patch along each of `axes` (0 = X, 1 = Y, 2 = Z) with probability prob, the
-    label with it. x: (B, C, X, Y, Z), y: (B, X, Y, Z) -> the same shapes; exact (no resampling)."""
-    _check_batch(x)
-    flip = _rand(generator, x.shape[0], len(axes), device=x.device) < prob  # (B, A)
-    for i, a in enumerate(axes):
-        x = torch.where(flip[:, i].view(-1, 1, 1, 1, 1), x.flip(2 + a), x)
-        y = torch.where(flip[:, i].view(-1, 1, 1, 1), y.flip(1 + a), y)
-    return x, y
-
-
-def _rotation(angles):
-    """(B, 3) angles in radians about X, Y, Z -> (B, 3, 3) rotation matrices R_z R_y R_x."""
-    c, s = angles.cos(), angles.sin()
-    one, zero = torch.ones_like(c[:, 0]), torch.zeros_like(c[:, 0])
-    rx = torch.stack([one, zero, zero, zero, c[:, 0], -s[:, 0], zero, s[:, 0], c[:, 0]], 1).view(-1, 3, 3)
-    ry = torch.stack([c[:, 1], zero, s[:, 1], zero, one, zero, -s[:, 1], zero, c[:, 1]], 1).view(-1, 3, 3)
-    rz = torch.stack([c[:, 2], -s[:, 2], zero, s[:, 2], c[:, 2], zero, zero, zero, one], 1).view(-1, 3, 3)
-    return rz @ ry @ rx
-
-
-def random_rotate_scale(x, y, generator, rotation_prob=0.2, max_angle=30.0, scale_prob=0.2,
-                        scale_range=(0.7, 1.4), image_mode="bilinear"):
-    """Rotate (each axis by U(-max_angle, max_angle) degrees) with probability rotation_prob and
-    scale (one factor s ~ U(scale_range) for all axes) with probability scale_prob, about the
-    patch centre in voxel coordinates; output voxel p reads input position s * R p (s < 1 zooms in).
-    The image is resampled trilinearly (image_mode), the label by nearest neighbour, so it holds only classes
-    that were in the patch. x: (B, C, X, Y, Z), y: (B, X, Y, Z) -> the same shapes.
-    Deviation from nnU-Net: it transforms a larger region and crops the patch out; here the patch
-    itself is transformed and positions outside it take the nearest border voxel (padding "border")."""
-    _check_batch(x)
-    B, dims = x.shape[0], x.shape[2:]
-    u = _rand(generator, B, 6, device=x.device)  # rotate?, scale?, s, three angles
-    rotate, scale = u[:, 0] < rotation_prob, u[:, 1] < scale_prob
-    angles = torch.where(rotate[:, None], (2 * u[:, 3:] - 1) * max_angle * torch.pi / 180, 0.0)
-    s = torch.where(scale, scale_range[0] + u[:, 2] * (scale_range[1] - scale_range[0]), 1.0)
-    # Voxel-space matrix -> affine_grid's normalised coordinates: D^-1 (s R) D with D = diag(dims / 2),
-    # then reversed to affine_grid's (Z, Y, X) order of (W, H, D).
-    half = torch.tensor([d / 2 for d in dims], device=x.device, dtype=torch.float32)
-    matrix = _rotation(angles) * s.view(-1, 1, 1) * half[None, None, :] / half[None, :, None]  # (B, 3, 3)
-    theta = torch.cat([matrix.flip(1, 2), torch.zeros(B, 3, 1, device=x.device)], 2)  # (B, 3, 4)
-    grid = F.affine_grid(theta, (B, 1, *dims), align_corners=False)  # (B, X, Y, Z, 3)
-    moved_x = F.grid_sample(x.float(), grid, mode=image_mode, padding_mode="border", align_corners=False)
-    moved_y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="border", align_corners=False)
-    keep = (~rotate & ~scale).view(-1, 1, 1, 1, 1)  # untouched patches stay bit-exact
-    return (torch.where(keep, x, moved_x.to(x.dtype)),
-            torch.where(keep[:, 0], y, moved_y[:, 0].round().to(y.dtype)))
-
-
-def additive_noise(x, generator, prob=0.1, variance=(0.0, 0.1)):
-    """Gaussian noise N(0, v * std(patch)^2), v ~ U(variance), with probability prob. nnU-Net adds
-    N(0, v) to z-scored images; scaling by the patch's own standard deviation keeps that meaning on
-    our [0, 1] images. x: (B, C, X, Y, Z) -> the same shape."""
-    _check_batch(x)
-    u = _rand(generator, x.shape[0], 2, device=x.device)
-    v = torch.where(u[:, 0] < prob, variance[0] + u[:, 1] * (variance[1] - variance[0]), 0.0)
-    std = v.to(x.dtype).sqrt().view(-1, 1, 1, 1, 1) * _per_patch(x, torch.std)
-    return x + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
-
-def gaussian_blur(x, generator, prob=0.1, sigma=(0.5, 1.0)):
-    """Gaussian blur with its own sigma ~ U(sigma) voxels per axis, with probability prob (nnU-Net:
-    0.2 per patch x 0.5 per channel). x: (B, C, X, Y, Z) -> the same shape."""
-    _check_batch(x)
-    u = _rand(generator, x.shape[0], 4, device=x.device)  # apply, three sigmas
-    sigmas = torch.where(u[:, :1] < prob, sigma[0] + u[:, 1:] * (sigma[1] - sigma[0]), 0.0)  # (B, 3)
-    return _separable_blur(x, sigmas, radius=int(3 * sigma[1] + 0.5))
-
-
-def brightness(x, generator, prob=0.15, factor=(0.75, 1.25)):
-    """Multiply each patch by f ~ BGContrast(factor) with probability prob. (B, C, X, Y, Z) -> same."""
-    _check_batch(x)
-    f = _bg_factor(generator, x.shape[0], *factor, x.device)
-    apply = _rand(generator, x.shape[0], device=x.device) < prob
-    return x * torch.where(apply, f, 1.0).to(x.dtype).view(-1, 1, 1, 1, 1)
-
-
-def contrast(x, generator, prob=0.15, factor=(0.75, 1.25)):
-    """Scale each patch's deviations from its mean by f ~ BGContrast(factor) with probability prob,
-    then clip to the patch's own [min, max] (nnU-Net's preserve_range). (B, C, X, Y, Z) -> same."""
-    _check_batch(x)
-    f = _bg_factor(generator, x.shape[0], *factor, x.device)
-    apply = _rand(generator, x.shape[0], device=x.device) < prob
-    f = torch.where(apply, f, 1.0).to(x.dtype).view(-1, 1, 1, 1, 1)
-    mean = _per_patch(x, torch.mean)
-    low, high = _per_patch(x, torch.amin), _per_patch(x, torch.amax)
-    return torch.where(apply.view(-1, 1, 1, 1, 1), ((x - mean) * f + mean).clamp(low, high), x)
-
-
-def gamma(x, generator, prob=0.3, gamma_range=(0.7, 1.5), invert=False, eps=1e-7):
-    """x -> x^g on the patch rescaled to [0, 1], g ~ BGContrast(gamma_range), with probability prob;
-    the patch's mean and standard deviation are then restored (nnU-Net's retain_stats). invert:
-    applied to -x (nnU-Net runs it once inverted at prob 0.1 and once plain at 0.3).
-    x: (B, C, X, Y, Z) -> the same shape."""
-    _check_batch(x)
-    g = _bg_factor(generator, x.shape[0], *gamma_range, x.device).to(x.dtype).view(-1, 1, 1, 1, 1)
-    apply = (_rand(generator, x.shape[0], device=x.device) < prob).view(-1, 1, 1, 1, 1)
-    v = -x if invert else x
-    mean, std = _per_patch(v, torch.mean), _per_patch(v, torch.std)
-    low, high = _per_patch(v, torch.amin), _per_patch(v, torch.amax)
-    out = ((v - low) / (high - low + eps)).pow(g) * (high - low + eps) + low
-    out = (out - _per_patch(out, torch.mean)) / (_per_patch(out, torch.std) + 1e-8) * std + mean
-    return torch.where(apply, -out if invert else out, x)
-
-
-def supervised_augment(x, y, generator, kind="nnunet-like"):
-    """finetune.py --aug: each training patch and its label drawn through nnU-Net v2's default
-    order: rotate / scale -> noise -> blur -> brightness -> contrast -> gamma (inverted, then
-    plain) -> mirror. x: (B, C, X, Y, Z) float, y: (B, X, Y, Z) int -> the same shapes."""
-    if kind not in SUPERVISED_KINDS:
-        raise ValueError(f"augment.py: supervised kind must be one of {SUPERVISED_KINDS}, got {kind!r}")
-    if kind == "none":
-        return x, y
-    x, y = random_rotate_scale(x, y, generator)
-    x = additive_noise(x, generator)
-    x = gaussian_blur(x, generator)
-    x = brightness(x, generator)
-    x = contrast(x, generator)
-    x = gamma(x, generator, prob=0.1, invert=True)
-    x = gamma(x, generator)
-    return random_flip(x, y, generator)
-
-
 # ----------------------------------------------------------------------------- pipelines
 def augment_batch(x, generator, kind="local"):
     """The augmentation t ~ T of Sec. 2.1, drawn per patch. x: (B, C, X, Y, Z) -> (B, C, X, Y, Z).
@@ -469,31 +319,3 @@ def augment_batch(x, generator, kind="local"):
         x = gaussian_noise(x, generator)
         return random_window(x, generator)
     return x.clone()
-
-
-def main(args):
-    device = torch.device(args.device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    x = torch.rand((args.batch_size, 1, *args.patch_size), generator=generator, device=device)
-    for kind in KINDS:
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            y = augment_batch(x, generator, kind)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        changed = (y != x).float().mean().item()
-        print(f"{kind:8s} {1000 * np.median(times):8.1f} ms per batch of {tuple(x.shape)} "
-              f"(median of {args.repeats}), {100 * changed:.0f}% of voxels changed")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=10, help="patches per batch (paper: 10 pairs)")
-    parser.add_argument("--patch-size", type=int, nargs=3, default=[128, 128, 32], help="X Y Z voxels")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    main(parser.parse_args())

@@ -1,5 +1,5 @@
 """Datasets on preprocessed arrays: overlapping patch pairs with exact voxel correspondences
-(pretraining, Sec. 2.1-2.2), labelled patches and sliding-window inference (downstream, Sec. 3.2).
+(pretraining, Sec. 2.1-2.2) and labelled patches (downstream, Sec. 3.2).
 
 Reads the folder written by preprocess.py (layout in its docstring; every array is (X, Y, Z) in
 canonical RAS voxel order, opened with np.load(mmap_mode="r") so only the touched region is read):
@@ -19,23 +19,20 @@ Determinism: item i of a dataset draws everything from np.random.default_rng([se
 process therefore produces the same item whoever runs it, so batches do not depend on the number
 of DataLoader workers, and no worker_init_fn is needed to avoid workers sharing one random state.
 
-Run `python data.py --data DIR` to print the dataset summary and the time per pair (expect a few
-ms per 128x128x32 pair with 1024 voxels on a CPU core).
+`python experiments/bench.py --no-model` times the pairs against a reference-style data path.
 """
-import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1              # must match preprocess.FORMAT_VERSION (not imported: stays standalone)
+FORMAT_VERSION = 1              # of the folder preprocess.py writes (dataset.json, meta.json)
+DATA_SPLIT = "DATA/split.json"  # --split without a file: the data folder's own split.json
 ANCHOR_TRIES = 200              # rejection-sampling draws before the argwhere fallback
 ANCHOR_STRIDE = 4               # subsampling of the body mask for the fallback (1/64 of the voxels)
 OVERLAP_RETRIES = 10            # new crops tried when the overlap has < num_voxels body voxels
 MAX_CLASS_VOXELS = 10_000       # per-class voxel coordinates cached for foreground oversampling
-WEIGHT_FLOOR = 1e-3             # min Gaussian weight (of max 1) so border voxels still count
 
 
 # ------------------------------------------------------------------------ the data folder
@@ -91,19 +88,26 @@ def load_case(data_dir, case_id):
 
 def read_split(path, labelled):
     """A fixed split file {"train": [...], "val": [...], "test": [...]} of labelled case ids
-    (preprocess.py --demo writes one): ValueError, one line, unless the three are disjoint and
-    every id is a labelled case."""
+    (preprocess.py --demo writes one): ValueError, one line naming the case or list at fault,
+    unless the three are disjoint, every id is a labelled case, and train and test are not empty."""
     try:
         split = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"--split {path}: cannot be read ({e})") from None
-    if not isinstance(split, dict) or set(split) != {"train", "val", "test"}:
-        raise ValueError(f"--split {path}: needs exactly the keys train, val and test")
-    ids = [c for part in split.values() for c in part]
-    unknown = sorted(set(ids) - set(labelled))
-    if unknown or len(ids) != len(set(ids)) or not split["train"] or not split["test"]:
-        raise ValueError(f"--split {path}: train / val / test must be disjoint, non-empty labelled cases "
-                         f"(unknown: {unknown[:3]})")
+    if not isinstance(split, dict) or set(split) != {"train", "val", "test"} or \
+            not all(isinstance(v, list) for v in split.values()):
+        raise ValueError(f"--split {path}: needs exactly the keys train, val and test, each a list of case ids")
+    rule, seen = f"--split {path}: train / val / test must be disjoint lists of labelled cases, train and test not empty", {}
+    for part, ids in split.items():
+        for c in ids:
+            if c not in labelled:
+                raise ValueError(f"{rule}; case {c!r} in {part!r} is not a labelled case of the data")
+            if c in seen:
+                raise ValueError(f"{rule}; case {c!r} is in both {seen[c]!r} and {part!r}")
+            seen[c] = part
+    for part in ("train", "test"):
+        if not split[part]:
+            raise ValueError(f"{rule}; the {part!r} list is empty")
     return {k: sorted(v) for k, v in split.items()}
 
 
@@ -322,85 +326,3 @@ class LabelledPatchDataset(CaseDataset):
         image = read_patch(c["image"], start, patch).astype(np.float32)
         label = read_patch(c["label"], start, patch).astype(np.int64)
         return dict(image=torch.from_numpy(image)[None], label=torch.from_numpy(label))
-
-
-# ------------------------------------------------------------------------ sliding window
-def tile_starts(shape, patch_size, overlap=0.5):
-    """Start tuples of patch_size tiles covering every voxel of a (X,Y,Z) `shape`: step
-    patch*(1-overlap), last tile aligned to the end; an axis shorter than the patch gets one
-    tile at 0 (the caller pads)."""
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    axes = []
-    for dim, p in zip(shape, patch_size):
-        step = max(1, int(p * (1 - overlap)))
-        starts = list(range(0, max(dim - p, 0) + 1, step))
-        if starts[-1] < dim - p:
-            starts.append(dim - p)
-        axes.append(starts)
-    return [(x, y, z) for x in axes[0] for y in axes[1] for z in axes[2]]
-
-
-def gaussian_weights(patch_size, device=None):
-    """(X,Y,Z) importance map (nnU-Net): Gaussian with sigma = patch/8 per axis, max 1, floored
-    at WEIGHT_FLOOR so no voxel gets zero weight (a border-only voxel would divide by 0)."""
-    w = 1.0
-    for i, p in enumerate(patch_size):
-        x = torch.arange(p, dtype=torch.float32, device=device) - (p - 1) / 2
-        g = torch.exp(-0.5 * (x / (p / 8)) ** 2)
-        w = w * g.view([-1 if j == i else 1 for j in range(3)])
-    return (w / w.max()).clamp_min(WEIGHT_FLOOR)
-
-
-@torch.no_grad()
-def sliding_window_inference(image, predict_fn, patch_size, overlap=0.5, batch_size=4):
-    """Predict a whole volume tile by tile (Sec. 3.2 evaluation). image (C,X,Y,Z) tensor;
-    predict_fn maps (b,C,*patch_size) -> (b,K,*patch_size). Returns (K,X,Y,Z) float32 on
-    image.device: the Gaussian-weighted average of overlapping tile predictions. Autocast and
-    model.eval() are the caller's choice."""
-    shape, patch = tuple(image.shape[1:]), tuple(int(p) for p in patch_size)
-    if image.dim() != 4 or len(patch) != 3:
-        raise ValueError(f"sliding_window_inference: image must be (C,X,Y,Z), patch 3 ints; "
-                         f"got {tuple(image.shape)}, {patch}")
-    padded = tuple(max(d, p) for d, p in zip(shape, patch))  # zero-pad axes shorter than the patch
-    pad = [0, padded[2] - shape[2], 0, padded[1] - shape[1], 0, padded[0] - shape[0]]
-    image = torch.nn.functional.pad(image, pad)
-    weights = gaussian_weights(patch, image.device)  # (X,Y,Z) of the patch
-    starts = tile_starts(padded, patch, overlap)
-    out, norm = None, torch.zeros(padded, device=image.device)
-    for b in range(0, len(starts), batch_size):
-        boxes = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in starts[b:b + batch_size]]
-        pred = predict_fn(torch.stack([image[(slice(None),) + bx] for bx in boxes])).float()  # (b,K,*patch)
-        if pred.shape[0] != len(boxes) or tuple(pred.shape[2:]) != patch:
-            raise ValueError(f"predict_fn returned {tuple(pred.shape)} for {len(boxes)} tiles of {patch}")
-        if out is None:
-            out = torch.zeros((pred.shape[1],) + padded, device=image.device)
-        for bx, p in zip(boxes, pred):
-            out[(slice(None),) + bx] += p * weights
-            norm[bx] += weights
-    return (out / norm)[(slice(None),) + tuple(slice(0, d) for d in shape)]
-
-
-# ------------------------------------------------------------------------ main
-def main(args):
-    info = load_dataset_json(args.data)
-    print(f"{args.data}: {len(info['cases'])} cases, modality {info.get('modality')}, "
-          f"labels {info.get('labels')}")
-    ds = PairDataset(args.data, args.patch_size, args.num_voxels, length=args.pairs, seed=args.seed)
-    t0 = time.perf_counter()
-    counts = [len(ds[i][0]["coords_a"]) for i in range(args.pairs)]
-    ms = (time.perf_counter() - t0) / args.pairs * 1e3
-    print(f"{args.pairs} pairs of {tuple(args.patch_size)}: {ms:.1f} ms per pair, "
-          f"voxels per pair min {min(counts)} mean {np.mean(counts):.0f} (asked {args.num_voxels})")
-
-
-if __name__ == "__main__":
-    from runtime import non_negative_int, positive_int   # the command line only: the module stays standalone
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", required=True, help="folder written by preprocess.py")
-    parser.add_argument("--patch-size", type=positive_int, nargs=3, default=[128, 128, 32], help="(X, Y, Z) voxels")
-    parser.add_argument("--num-voxels", type=positive_int, default=1024, help="positive pairs per patch pair")
-    parser.add_argument("--pairs", type=positive_int, default=20, help="pairs to time")
-    parser.add_argument("--seed", type=non_negative_int, default=0)
-    main(parser.parse_args())

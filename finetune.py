@@ -8,28 +8,29 @@ the same network from scratch (no freezing, backbone at 3e-4 from step 0), the b
 Table 3. Evaluation, folds and label budgets are downstream.py's, shared with linear_probe.py.
 
 Deviation (default `--aug nnunet-like`): every training patch is augmented as nnU-Net does
-(augment.supervised_augment: rotation, scaling, noise, blur, brightness, contrast, gamma,
-mirroring). The paper and vox2vec train downstream without augmentation (`--aug none`); with one
-or two labelled scans a network then learns their intensity scale and fails on other scanners.
-Both arms of a comparison (--checkpoint and --init random) get the same setting.
+(supervised_augment.py: rotation, scaling, noise, blur, brightness, contrast, gamma, mirroring
+along --mirror-axes). The paper and vox2vec train downstream without augmentation (`--aug
+none`); with one or two labelled scans a network then learns their intensity scale and fails on
+other scanners. Both arms of a comparison (--checkpoint and --init random) get the same setting.
+On data whose classes are sided (left / right kidney), leave the left-right axis (0, X in RAS
+order) out of --mirror-axes: a mirrored patch shows the left kidney labelled as the right one.
 
 Run it:
-    python finetune.py --data demo --checkpoint runs/pretrain-demo/backbone.pt --out runs/ft-demo --train-cases 2
-    python finetune.py --data demo --init random --out runs/scratch-demo --train-cases 2
-    python finetune.py --data DATA_DIR --checkpoint backbone.pt --out DIR            # paper schedule
+    python finetune.py --data demo --split --train-cases 1 --checkpoint runs/pretrain-demo --out runs/ft
+    python finetune.py --data demo --split --train-cases 1 --init random --out runs/scratch
+    python finetune.py --data DATA_DIR --checkpoint backbone.pt --out DIR            # the paper's schedule
 
 The paper's values are the flags' defaults (`--help`); `--preset demo` (the default for --data
-demo) replaces some with DEMO. Training writes DIR/results.json (as linear_probe.py) and
-DIR/model_fold<k>.pt, the fine-tuned network with everything prediction needs (its constructor
-arguments, class names, preprocessing preset and training augmentation). Apply the models to new
-scans with predict.py (`python predict.py -i SCANS -o OUT --model DIR`: all folds, mirroring);
-`finetune.py --predict SCAN --checkpoint DIR/model_fold0.pt --output SEG.nii.gz` is kept as an
-alias for one scan and one model. A variant of the training step (a file in neighbours/) brings
-its own Training class and calls main().
+demo) replaces some with DEMO (and DEMO_SCRATCH for --init random): the recipes the evidence
+chose for each arm on the validation cases, and no augmentation (docs/augmentation.md). Training
+writes DIR/results.json (as linear_probe.py) and DIR/model_fold<k>.pt, the fine-tuned network
+with everything prediction needs (its constructor arguments, class names, preprocessing preset,
+training augmentation and mirror axes): `python predict.py -i SCANS -o OUT --model DIR`. A
+variant of the training step (experiments/neighbours/medcontext.py) brings its own Training
+class and calls main().
 """
 import argparse
 import copy
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,32 +39,37 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from augment import SUPERVISED_KINDS, supervised_augment
 from data import LabelledPatchDataset, load_dataset_json
-from downstream import (add_common_args, announce, evaluate, fold_mean, new_segmenter, parse_with_preset, prepare,
+from downstream import (add_common_args, announce, evaluate, fold_mean, new_segmenter, prepare, presets,
                         set_backbone_trainable, write_results)
 from loss import segmentation_loss
-from predict import load_model, predict_scan
-from preprocess import save_nifti
-from runtime import (autocast_dtype, non_negative_int, training_autocast_dtype, pick_device, positive_float, positive_int, release_folder, save_torch,
-                     world_info)
+from predict import load_model
+from runtime import (CHECKPOINT_VERSION, autocast_dtype, axis, non_negative_int, parse_with_presets, positive_float,
+                     positive_int, prepare_training, release_folder, save_torch, training_autocast_dtype, world_info,
+                     wrap_ddp)
+from supervised_augment import SUPERVISED_KINDS, supervised_augment
 
-# The demo (phantom.DEMO_SCALE volumes, model.DEMO_ARCHS network): training from scratch on all
-# demo training cases segments every class in under 3 minutes per fold on 2 CPU cores: 450 steps
-# of two 32 x 32 x 16 patches, Adam at 2e-3 (the paper's 3e-4 is tuned for 45,000 steps), frozen
-# for the first third, then a short exponential ramp (the paper's proportions).
-DEMO = dict(steps=450, batch_size=2, patch_size=(32, 32, 16), eval_patch_size=(96, 96, 48),
-            lr=2e-3, freeze_steps=150, ramp_steps=40, ramp_start_lr=2e-4)
+# The demo (demo.DEMO_SCALE volumes, model.DEMO_ARCHS network): 450 steps of two 32 x 32 x 16
+# patches at Adam 2e-3 (the paper's 3e-4 is tuned for 45,000 steps). The schedules are what the
+# evidence's recipe grid chose on the validation cases (experiments/evidence.py): for a pretrained
+# backbone a 50-step warm-up of every lr with nothing frozen, from scratch plain training.
+# No augmentation, and with --aug nnunet-like no mirroring: on the demo's fold 0 from scratch,
+# any mirrored axis costs Dice at 450 steps, X most (it swaps the phantoms' sided kidneys;
+# docs/augmentation.md).
+DEMO = dict(steps=450, batch_size=2, patch_size=(32, 32, 16), eval_patch_size=(96, 96, 48), lr=2e-3,
+            freeze_steps=0, ramp_steps=0, warmup_steps=50, aug="none", mirror_axes=())
+DEMO_SCRATCH = dict(DEMO, warmup_steps=0)
 CONFIG = ("steps", "batch_size", "patch_size", "eval_patch_size", "lr", "folds", "freeze_steps", "ramp_steps",
-          "ramp_start_lr", "backbone_lr_scale", "warmup_steps", "frozen_bn", "aug", "eval_every")
+          "ramp_start_lr", "backbone_lr_scale", "warmup_steps", "frozen_bn", "aug", "mirror_axes", "eval_every")
 BN_BATCHES = 100  # training batches over which BatchNorm statistics are re-estimated after training
+FROZEN_ONLY = ("freeze_steps", "ramp_steps", "ramp_start_lr", "frozen_bn")   # settings of a frozen backbone
 
 
 # ----------------------------------------------------------------------------- the training step
 
 class Training:
     """One step's forward and loss (softmax CE + soft Dice on the augmented patch). A variant
-    (neighbours/) subclasses it: its own flags, forward, loss and after-step update."""
+    (experiments/neighbours/) subclasses it: its own flags, check, forward, loss and after-step update."""
     name, script, demo, keys = "plain", "finetune.py", {}, ()
 
     def __init__(self, model, cfg, seed, device):
@@ -72,6 +78,10 @@ class Training:
     @staticmethod
     def add_arguments(p):
         pass
+
+    @staticmethod
+    def check(cfg):
+        """ValueError, one line, for a setting of its own this variant cannot honour."""
 
     def runner(self, model):
         """What one forward call runs (DDP wraps it)."""
@@ -168,8 +178,7 @@ def train_segmenter(model, data_dir, train_ids, cfg, args, device, desc="train",
     rank, world = world_info()
     loader = make_loader(data_dir, train_ids, cfg, args.seed, args.workers, device)
     optimizer = make_optimizer(model, cfg["lr"])
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)   # denormal activations slow CPU steps (README, "Speed")
+    prepare_training(device)
     amp_dtype = training_autocast_dtype(device, args.amp, cfg["patch_size"], model.backbone.num_levels)
     aug_generator = torch.Generator(device=device).manual_seed(args.seed * 7919 + 29 + rank)
     step_hook = training(model, cfg, args.seed, device)
@@ -181,11 +190,10 @@ def train_segmenter(model, data_dir, train_ids, cfg, args, device, desc="train",
         trains_now = tuple(p.requires_grad for p in model.parameters())
         if net is None or (world > 1 and trains_now != trains):
             trains = trains_now
-            net = torch.nn.parallel.DistributedDataParallel(
-                runner, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else runner
+            net = wrap_ddp(runner, device)
         x = batch["image"].to(device, non_blocking=True)   # (b, 1, X, Y, Z)
         y = batch["label"].to(device, non_blocking=True)   # (b, X, Y, Z)
-        x, y = supervised_augment(x, y, aug_generator, cfg["aug"])
+        x, y = supervised_augment(x, y, aug_generator, cfg["aug"], cfg["mirror_axes"])
         loss = step_hook.loss(net, x.contiguous(memory_format=torch.channels_last_3d), y, amp_dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -205,7 +213,7 @@ def reestimate_batchnorm(model, data_dir, train_ids, cfg, device, seed, batches=
     """Replace every BatchNorm's running statistics by their plain average over `batches` batches
     of (un-augmented) training patches, the weights fixed ("precise BN", Wu & Johnson 2021): the
     running statistics are an exponential average over the last few small batches, taken while
-    the weights still moved (README, "Results", shows a fold this rescued)."""
+    the weights still moved (docs/history.md shows a fold this rescued)."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return model
@@ -227,24 +235,57 @@ def reestimate_batchnorm(model, data_dir, train_ids, cfg, device, seed, batches=
 
 def save_model(path, model, names, data_dir, cfg, fold, train_ids):
     meta = load_dataset_json(data_dir)
-    save_torch(dict(kind="segmenter", version=1, model_config=model.config, state_dict=model.state_dict(),
-                    labels={str(k): v for k, v in names.items()}, modality=meta["modality"],
-                    preset=meta["preset"], patch_size=list(cfg["eval_patch_size"]), aug=cfg["aug"], fold=fold,
-                    train_cases=list(train_ids)), path)
+    save_torch(dict(kind="segmenter", version=CHECKPOINT_VERSION, model_config=model.config,
+                    state_dict=model.state_dict(), labels={str(k): v for k, v in names.items()},
+                    modality=meta["modality"], preset=meta["preset"], patch_size=list(cfg["eval_patch_size"]),
+                    aug=cfg["aug"], mirror_axes=list(cfg["mirror_axes"]) if cfg["aug"] != "none" else [],
+                    fold=fold, train_cases=list(train_ids)), path)
 
 
 # ----------------------------------------------------------------------------- main
 
+def check_config(args, cfg, training):
+    """A setting the run cannot honour is refused before any work, naming the flag and what works."""
+    if cfg["eval_every"] and cfg["eval_every"] > cfg["steps"]:
+        raise ValueError(f"--eval-every {cfg['eval_every']} is past the end of the run (--steps {cfg['steps']}): "
+                         f"give at most {cfg['steps']}")
+    if cfg["warmup_steps"] >= cfg["steps"]:
+        raise ValueError(f"--warmup-steps {cfg['warmup_steps']} is not shorter than --steps {cfg['steps']}: the lr "
+                         f"would never reach --lr; give fewer than {cfg['steps']}")
+    reasons = {f: "with --init random nothing is frozen" for f in FROZEN_ONLY} if args.init == "random" else {}
+    if cfg["freeze_steps"] == 0:
+        reasons.setdefault("frozen_bn", "with --freeze-steps 0 nothing is frozen")
+    if cfg["ramp_steps"] == 0:
+        reasons.setdefault("ramp_start_lr", "with --ramp-steps 0 there is no ramp")
+    if cfg["aug"] == "none":
+        reasons["mirror_axes"] = "with --aug none nothing is mirrored"
+    for flag in args.explicit:
+        if flag in reasons:
+            raise ValueError(f"--{flag.replace('_', '-')} has no effect in this run ({reasons[flag]}); leave it out")
+    training.check(cfg)
+
+
 def main(args, training=Training):
-    if args.predict:
-        return predict_alias(args)
+    if args.evaluate_saved and args.checkpoint is None and args.init is None:
+        args.init = "random"     # the weights come from OUT/model_fold<k>.pt: where training started is not needed
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in CONFIG + training.keys}
     if args.init == "random":   # from scratch: the whole network trains at lr from step 0
         cfg.update(freeze_steps=0, ramp_steps=0)
-    device, data_dir, test_dir, names, plan = prepare(args, "nonlinear", training.script, cfg["batch_size"])
-    announce("fine-tune", args, cfg, device)
+    try:
+        check_config(args, cfg, training)
+    except ValueError as e:
+        sys.exit(f"{training.script}: error: {e}")
+    outputs = () if args.evaluate_saved else ("results.json", "model_fold*.pt")
+    device, data_dir, test_dir, names, plan = prepare(args, "nonlinear", training.script, cfg["batch_size"], outputs)
+    out = Path(args.out)
+    missing = [f"model_fold{fold}.pt" for fold, _, _ in plan if not (out / f"model_fold{fold}.pt").is_file()]
+    if args.evaluate_saved and missing:
+        sys.exit(f"{training.script}: error: --evaluate-saved evaluates the models of an earlier run of this command, "
+                 f"but {out} has no {', '.join(missing)}")
+    amp_dtype = autocast_dtype(device, args.amp)
+    announce("fine-tune", args, cfg, device, amp_dtype)
     rank, world = world_info()
-    fold_dice, cases, moved, curves, started, out = {}, {}, {}, {}, time.time(), Path(args.out)
+    fold_dice, cases, moved, curves, started = {}, {}, {}, {}, time.time()
     for fold, train_ids, test_ids in plan:
         cases[fold] = (train_ids, test_ids)
         model, info = new_segmenter(args, len(names), "nonlinear", device, fold)
@@ -255,15 +296,16 @@ def main(args, training=Training):
             def score(m, fold=fold, train_ids=train_ids, test_ids=test_ids):   # Dice of a copy with precise BN
                 twin = reestimate_batchnorm(copy.deepcopy(m), data_dir, train_ids, cfg, device, args.seed + 1000 + fold)
                 return fold_mean(evaluate(twin, test_dir or data_dir, test_ids, len(names), cfg["eval_patch_size"],
-                                          device, autocast_dtype(device, args.amp)))
+                                          device, amp_dtype))
             curves[str(fold)] = train_segmenter(model, data_dir, train_ids, cfg, args, device, desc=f"fold {fold}",
                                                 training=training, score=score)
-        moved[str(fold)] = weight_change(model, initial)      # how far training moved each backbone level
+        if not args.evaluate_saved:
+            moved[str(fold)] = weight_change(model, initial)  # how far training moved each backbone level
         reestimate_batchnorm(model, data_dir, train_ids, cfg, device, seed=args.seed + 1000 + fold)
         if rank == 0:       # under torchrun, rank 0 alone evaluates and writes; the others wait
             save_model(out / f"model_fold{fold}.pt", model, names, data_dir, cfg, fold, train_ids)
             fold_dice[fold] = evaluate(model, test_dir or data_dir, test_ids, len(names), cfg["eval_patch_size"],
-                                       device, autocast_dtype(device, args.amp))
+                                       device, amp_dtype)
             print(f"fold {fold}: {len(train_ids)} train / {len(test_ids)} test cases, "
                   f"mean Dice {fold_mean(fold_dice[fold]):.3f}")
         if world > 1:
@@ -279,44 +321,13 @@ def main(args, training=Training):
 
 
 def load_saved(model, path, train_ids):
-    saved, ckpt = load_model(path)
+    try:
+        saved, ckpt = load_model(path)
+    except ValueError as e:
+        sys.exit(f"finetune.py: error: {e}")
     if ckpt["train_cases"] != list(train_ids):
         sys.exit(f"finetune.py: error: {path} was trained on other cases")
     model.load_state_dict(saved.state_dict())
-
-
-def check_output(scan, output, force=False):
-    """Refuse, before any work, an output that would replace the scan or cannot be written."""
-    scan, output = Path(scan), Path(output)
-    if not output.name.endswith((".nii", ".nii.gz")):
-        raise ValueError(f"--output {output}: needs a .nii or .nii.gz name")
-    if not output.parent.is_dir():
-        raise ValueError(f"--output {output}: folder {output.parent} does not exist")
-    if not os.access(output.parent, os.W_OK):
-        raise ValueError(f"--output {output}: folder {output.parent} is not writable")
-    if scan.exists() and output.exists() and output.resolve() == scan.resolve():
-        raise ValueError(f"--output {output} is the scan itself: it would be replaced by the mask")
-    if output.exists() and not force:
-        raise ValueError(f"--output {output} exists; choose another name or pass --force")
-
-
-def predict_alias(args):
-    """--predict, kept for earlier command lines: one scan, one model, no mirroring, to one file.
-    predict.py is the tool (folders, fold ensembles, mirroring, probabilities)."""
-    try:
-        if not (args.checkpoint and args.output):
-            raise ValueError("--predict needs --checkpoint FINETUNED.pt and --output SEG.nii.gz")
-        check_output(args.predict, args.output, args.force)
-        device = pick_device(args.device)
-        model, ckpt = load_model(args.checkpoint)
-    except ValueError as e:
-        sys.exit(f"finetune.py: error: {e}")
-    model.to(device, memory_format=torch.channels_last_3d)
-    _, labels, meta = predict_scan(args.predict, [model], [ckpt], device, amp_dtype=autocast_dtype(device, args.amp))
-    save_nifti(labels, meta["original_affine"], args.output)
-    found = {ckpt["labels"][str(c)]: int((labels == c).sum()) for c in range(1, len(ckpt["labels"]))}
-    print(f"wrote {args.output} (voxels per class on the scan's grid: {found})")
-    return args.output
 
 
 def build_parser(training=Training):
@@ -340,8 +351,11 @@ def build_parser(training=Training):
                    help="a frozen backbone's BatchNorm: fixed statistics and weights (eval), or trained "
                         "at the head's lr on batch statistics (train: the authors' Lightning default)")
     p.add_argument("--aug", choices=SUPERVISED_KINDS, default="nnunet-like",
-                   help="augmentation of every training patch (augment.supervised_augment): nnU-Net's "
-                        "spatial + intensity defaults; 'none' is the paper's protocol. Applies to --init random too")
+                   help="augmentation of every training patch (supervised_augment.py): nnU-Net's spatial + "
+                        "intensity defaults; 'none' is the paper's protocol. Applies to --init random too")
+    p.add_argument("--mirror-axes", type=axis, nargs="*", default=(0, 1, 2),
+                   help="axes --aug nnunet-like may mirror (nnU-Net's allowed mirroring axes; none: no mirroring); "
+                        "leave 0 (X, left-right) out when classes are sided. predict.py mirrors the same axes")
     p.add_argument("--workers", type=non_negative_int, default=1, help="DataLoader processes")
     p.add_argument("--eval-every", type=positive_int,
                    help="also record the test Dice every this many steps (a copy with re-estimated BatchNorm) "
@@ -354,20 +368,10 @@ def build_parser(training=Training):
 
 
 def parse_args(argv=None, training=Training):
-    if argv is None:
-        argv = sys.argv[1:]
-    if "--predict" in argv or any(a.startswith("--predict=") for a in argv):   # the alias needs no training flags
-        p = argparse.ArgumentParser(description="finetune.py --predict: one scan, one model (predict.py does more)")
-        p.add_argument("--predict", required=True, help="SCAN.nii.gz to segment with --checkpoint FINETUNED.pt")
-        p.add_argument("--checkpoint", help="DIR/model_fold<k>.pt from finetune.py")
-        p.add_argument("--output", help="SEG.nii.gz")
-        p.add_argument("--force", action="store_true", help="replace an existing --output")
-        p.add_argument("--device", default="auto")
-        p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
-        return p.parse_args(argv)
-    args = parse_with_preset(build_parser(training), argv, {**DEMO, **training.demo})
-    args.predict = None
-    return args
+    """The paper's defaults, then the demo preset (DEMO, or DEMO_SCRATCH for --init random, and
+    the variant's own), then the flags given."""
+    demo = lambda first: {**(DEMO_SCRATCH if first.init == "random" else DEMO), **training.demo}
+    return parse_with_presets(build_parser(training), argv, presets(demo))
 
 
 if __name__ == "__main__":

@@ -19,23 +19,24 @@ set_statistics; MAE's linear probe does the same with a BatchNorm without affine
 affine map of the features, so still a linear probe, and the features' scale (a random-init
 backbone's are far from unit scale) no longer decides how the solver converges.
 Deviation from the reference: it trains the head end to end on patches with Adam (soft Dice +
-BCE); here a convex problem on sampled voxels is solved to its optimum (README, "Speed").
+BCE); here a convex problem on sampled voxels is solved to its optimum (docs/speed.md compares
+the two).
 
 Cache size: sum_l C_l / 8**l float16 values per voxel, i.e. 85 bytes per voxel for the paper's
-balanced FPN (32, 64/8, 128/64, ...) and 43 for vox2vec's: ~0.8 GB for one 300 x 250 x 120 CT at
-1 x 1 x 2 mm, ~25 GB for 30 BTCV volumes. Below --cache-ram-gb it stays in memory, above it is
-written to memory-mapped files in --cache-dir (default OUT/cache). The demo needs ~0.1 GB.
+balanced FPN (32, 64/8, 128/64, ...) and 43 for vox2vec's: about 0.8 GB for one 300 x 250 x 120
+CT at 1 x 1 x 2 mm. Below --cache-ram-gb it stays in memory, above it is written to memory-mapped
+files in --cache-dir (a temporary folder unless given, deleted at the end).
 
 Run it:
-    python linear_probe.py --data demo --checkpoint runs/pretrain-demo/backbone.pt --out runs/probe-demo
-    python linear_probe.py --data demo --init random --out runs/probe-random   # the baseline beside it
-    python linear_probe.py --data DATA_DIR --checkpoint backbone.pt --out DIR --folds 3
+    python linear_probe.py --data demo --split --checkpoint runs/pretrain-demo --out runs/probe
+    python linear_probe.py --data demo --split --init random --out runs/probe-random   # the baseline beside it
+    python linear_probe.py --data DATA_DIR --checkpoint runs/ct --out DIR --folds 3
 
 Writes DIR/results.json (mean_dice, std_dice over folds, per_class, per-fold numbers, training
 steps and final loss per fold, the arguments and the checkpoint evaluated) and prints a table.
 Dice per class ignores, in each volume, a class absent from both the prediction and the label
 (loss.dice_per_class); the mean over classes is taken per volume, over volumes per fold, and
-mean +- std over folds. `bench.py --probe BACKBONE` times it against volume size.
+mean +- std over folds. `python experiments/bench.py --probe BACKBONE` times it against volume size.
 """
 import argparse
 import sys
@@ -48,11 +49,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import gaussian_weights, load_case, tile_starts
-from downstream import (add_common_args, announce, fold_mean, new_segmenter, parse_with_preset, prepare,
-                        set_backbone_trainable, write_results)
+from data import load_case
+from downstream import (add_common_args, announce, fold_mean, new_segmenter, prepare, presets, set_backbone_trainable,
+                        write_results)
 from loss import dice_per_class, predict_labels
-from runtime import autocast_dtype, non_negative_float, positive_int, release_folder, world_info
+from predict import gaussian_weights, tile_starts
+from runtime import autocast_dtype, non_negative_float, parse_with_presets, positive_int, release_folder, world_info
 
 # The demo's volumes are smaller than one window: each pyramid is computed whole.
 DEMO = dict(eval_patch_size=(96, 96, 48))
@@ -233,7 +235,8 @@ def main(args):
     if world_info()[1] > 1:
         raise SystemExit("linear_probe.py: error: the cached-feature probe runs in one process "
                          "(it trains a linear head only; torchrun gives it nothing)")
-    announce("linear probe", args, cfg, device)
+    amp_dtype = autocast_dtype(device, args.amp)
+    announce("linear probe", args, cfg, device, amp_dtype)
     work = tempfile.TemporaryDirectory(prefix="probe-cache-") if args.cache_dir is None else None
     cache_dir = Path(args.cache_dir or work.name)
     fold_dice, cases, steps, started = {}, {}, {}, time.time()
@@ -244,7 +247,7 @@ def main(args):
             set_backbone_trainable(model, False)          # eval mode, no gradients: frozen for real
             before = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
             cache = cache_pyramids(model.backbone, data_dir, train_ids, cfg["eval_patch_size"], device,
-                                   cache_dir / "train", args.cache_ram_gb, autocast_dtype(device, args.amp))
+                                   cache_dir / "train", args.cache_ram_gb, amp_dtype)
             model.head.set_statistics(*channel_statistics(cache, train_ids))
             n, loss = train_head(model.head, cache, read_labels(train_ids, data_dir), train_ids, cfg, device,
                                  args.seed + fold, desc=f"fold {fold}")
@@ -254,7 +257,7 @@ def main(args):
             assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
             folder = test_dir or data_dir
             test_cache = cache_pyramids(model.backbone, folder, test_ids, cfg["eval_patch_size"], device,
-                                        cache_dir / "test", args.cache_ram_gb, autocast_dtype(device, args.amp))
+                                        cache_dir / "test", args.cache_ram_gb, amp_dtype)
             fold_dice[fold] = evaluate_cached(model.head, test_cache, read_labels(test_ids, folder), test_ids,
                                               len(names), device)
             print(f"fold {fold}: {len(train_ids)} train / {len(test_ids)} test cases, "
@@ -283,7 +286,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="L2 penalty on the head's weights")
     p.add_argument("--cache-dir", help="memory-mapped pyramid cache for large data [a temporary folder]")
     p.add_argument("--cache-ram-gb", type=non_negative_float, default=4.0, help="keep the cache in memory below this size")
-    return parse_with_preset(p, argv, DEMO)
+    return parse_with_presets(p, argv, presets(lambda first: DEMO))
 
 
 if __name__ == "__main__":

@@ -79,8 +79,8 @@ def segmentation_loss(logits, label, eps=1e-5):
 
     Deviation from the reference (per-class sigmoid BCE + soft Dice, K - 1 outputs): with K - 1
     sigmoids each foreground class fights ~100x more background voxels alone and small classes
-    can die at the start; a softmax shares one background channel (README, "Why supervised
-    training stalled", has the measurements).
+    can die at the start; a softmax shares one background channel (docs/history.md has the
+    measurements).
     """
     if logits.ndim != label.ndim + 1 or logits.shape[:1] + logits.shape[2:] != label.shape:
         raise ValueError(f"loss.py: logits (B, K, X, Y, Z) and label (B, X, Y, Z) do not match: "

@@ -5,7 +5,7 @@ al. 2023):
 - FPN3d: a U-Net-like 3D feature pyramid network; the decoder output at every scale forms the
   pyramid (Sec. 2.2). Pre-activation residual blocks, max-pool down, nearest up. The same
   function as the authors' FPN3d (vox2vec / hierarchical-dense-ssl), layer for layer, so their
-  released weights load (convert.py holds the one key map, used in both directions).
+  released weights load (downstream.py holds the one key map, used in both directions).
   Presets (ARCHS): "balanced" = 32 base channels, 5 levels (Sec. 2.2, "fewer levels, doubled
   channels"); "vox2vec" = 16 base channels, 6 levels (the baseline).
 - Balanced voxel representation (Sec. 2.2): every level is projected to the same width (32)
@@ -15,33 +15,23 @@ al. 2023):
 - Reconstruction head (Sec. 2.3): two convolutions on the finest level -> 1 channel (Eq. 2).
 - LinearHead (Sec. 3.2 linear evaluation) and NonLinearHead (Sec. 3.2 fine-tuning).
 
-Measured sizes (`python model.py` prints them): FPN3d "balanced" 47,567,872 parameters and
-"vox2vec" 47,624,448, exactly the authors' modules; with heads (PretrainModel) 48,040,289 and
-48,478,369. Forward cost of one 128 x 128 x 32 patch (count_flops): balanced backbone 0.446
-TFLOP (0.475 with the reconstruction head), about 3x that with the backward pass, matching the
-reference's 1.34 TFLOP per patch; vox2vec backbone 0.114 TFLOP.
+`python model.py` prints the parameter counts of the presets: FPN3d "balanced" 47,567,872 and
+"vox2vec" 47,624,448, exactly the authors' modules (tests/test_weights.py checks both).
 
-Deviations from the authors' code, each on purpose:
-- The per-level projections are registered modules (nn.ModuleList). The reference keeps them
-  in a plain Python list, so they are never trained or saved (a random fixed projection).
-- The reconstruction head has two convolutions, Conv3^3 -> ReLU -> Conv1^3, as the paper says
-  (Sec. 2.3); the reference uses a single 1x1x1 convolution.
-- The reconstruction output is raw (no sigmoid) and compared by MSE with targets in [0, 1]: a
-  sigmoid's vanishing slope near 0 and 1 (much of a CT patch is air, near 0) slows MSE learning.
-- The heads upsample by nearest neighbour (see LinearHead); NonLinearHead's layout is ours, the
-  paper does not specify it. LinearHead standardises each channel with fixed training-set
-  statistics first (an affine map, so still linear; see linear_probe.py).
-- Segmentation heads output one channel per class including the background (softmax; loss.py
-  says why), the reference one per foreground class (sigmoids).
+Deviations from the authors' code, each on purpose: the per-level projections are registered
+modules (the reference keeps them in a plain list: never trained or saved); the reconstruction
+head has two convolutions as the paper says (the reference: one) and a raw output (a sigmoid's
+flat ends slow MSE learning where much of a CT patch is air); the segmentation heads output a
+background channel too (softmax, loss.py says why); NonLinearHead's layout is ours (the paper
+gives none).
 
 Shape notation: volumes (B, C, X, Y, Z) with (X, Y, Z) the canonical RAS voxel axes; sampled
 voxels (N, C); voxel coordinates (N, 4) = (batch_index, x, y, z), int64. Level l of a pyramid
 has shape (B, C_l, X_l, Y_l, Z_l) with X_l = ceil(X / 2**l) and C_l = base_channels * 2**l.
 
 Use: `from model import FPN3d, PretrainModel, SegmentationModel, sample_voxels` (importing runs
-nothing). `python model.py` prints the parameter counts and FLOPs of the presets.
+nothing).
 """
-import math
 from typing import List, Sequence
 
 import torch
@@ -59,7 +49,6 @@ DEMO_ARCHS = {
     "vox2vec": dict(base_channels=8, num_levels=5),
 }
 BLOCKS_PER_STAGE = 2  # residual blocks per encoder level and per decoder level
-PAPER_PATCH = (128, 128, 32)  # (X, Y, Z) voxels, Sec. 3.2 / vox2vec
 
 
 # ----------------------------------------------------------------------------- backbone
@@ -97,10 +86,10 @@ class FPN3d(nn.Module):
     encoder's last output.
 
     It matches vox2vec / hierarchical-dense-ssl's FPN3d layer for layer (same parameter count,
-    same outputs on any input size; tests/test_convert.py checks a forward pass written from
-    their layout), so their released weights load through the key map in convert.py, while our
-    parameter names say what each layer is. Why match it exactly: the authors' released CT and
-    MRI models (and vox2vec's) are the paper's third contribution; a near-copy could not use them. Works under torch.autocast and keeps
+    same outputs on any input size; tests/test_weights.py checks a forward pass written from
+    their layout), so their released weights load through the key map in downstream.py, while our
+    parameter names say what each layer is (the released models are the paper's third
+    contribution; a near-copy could not use them). Works under torch.autocast and keeps
     channels_last_3d inputs channels-last.
     """
 
@@ -147,36 +136,6 @@ class FPN3d(nn.Module):
 def crop_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """x (B, C, X', Y', Z') -> x[..., :X, :Y, :Z]: drop what upsampling added past an odd size."""
     return x[..., :size[0], :size[1], :size[2]]
-
-
-def count_flops(backbone_config: dict, patch_size: Sequence[int], recon_head: bool = False) -> int:
-    """Forward FLOPs (2 x multiply-adds, over all convolutions) of FPN3d(**backbone_config) on one
-    patch (X, Y, Z), the convention of torch.utils.flop_counter; pooling, BN, ReLU, upsampling
-    and additions are not counted. recon_head=True adds PretrainModel's reconstruction head.
-    Backward is about twice the forward."""
-    cfg = dict(dict(in_channels=1, base_channels=32, num_levels=5), **backbone_config)
-    c = [cfg["base_channels"] * 2 ** l for l in range(cfg["num_levels"])]
-    if len(patch_size) != 3:
-        raise ValueError(f"model.py count_flops: patch size must be 3 sizes, got {tuple(patch_size)}")
-    voxels = [math.prod(-(-s // 2 ** l) for s in patch_size) for l in range(len(c))]  # ceil-mode level sizes
-
-    def conv(c_in, c_out, k, v):
-        return 2 * c_in * c_out * k ** 3 * v
-
-    def block(l):                                                   # one ResBlock3d at level l
-        return 2 * conv(c[l], c[l], 3, voxels[l])
-
-    total = conv(cfg["in_channels"], c[0], 3, voxels[0])            # stem
-    for l in range(len(c)):
-        total += BLOCKS_PER_STAGE * block(l)                        # encoder
-        if l > 0:
-            total += conv(c[l - 1], c[l], 1, voxels[l])             # down 1x1x1
-    for l in range(len(c) - 1):
-        total += conv(c[l + 1], c[l], 1, voxels[l + 1]) + conv(c[l], c[l], 1, voxels[l])  # lateral + skip
-        total += BLOCKS_PER_STAGE * block(l)                        # decoder
-    if recon_head:
-        total += conv(c[0], c[0], 3, voxels[0]) + conv(c[0], 1, 1, voxels[0])
-    return total
 
 
 # ----------------------------------------------------------------------------- voxel sampling
@@ -361,16 +320,12 @@ class SegmentationModel(nn.Module):
 # ----------------------------------------------------------------------------- main
 
 def main():
-    """Print parameter counts (built on the meta device: no memory, instant) and forward FLOPs."""
+    """Print parameter counts (built on the meta device: no memory, instant)."""
     for name, cfg in ARCHS.items():
         with torch.device("meta"):
-            backbone = FPN3d(**cfg)
-            full = PretrainModel(cfg, arch=name)
-        n_backbone = sum(p.numel() for p in backbone.parameters())
-        n_full = sum(p.numel() for p in full.parameters())
-        flops, with_recon = count_flops(cfg, PAPER_PATCH), count_flops(cfg, PAPER_PATCH, recon_head=True)
-        print(f"{name:9s} {cfg}: FPN3d {n_backbone:,} parameters, PretrainModel {n_full:,}; forward "
-              f"{flops / 1e12:.3f} TFLOP per {PAPER_PATCH} patch ({with_recon / 1e12:.3f} with the recon head)")
+            backbone, full = FPN3d(**cfg), PretrainModel(cfg, arch=name)
+        print(f"{name:9s} {cfg}: FPN3d {sum(p.numel() for p in backbone.parameters()):,} parameters, "
+              f"PretrainModel {sum(p.numel() for p in full.parameters()):,}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Preprocessing of NIfTI scans into fast-loading arrays (Sec. 3.1); builds the demo set from phantom.py.
+"""Preprocessing of NIfTI scans into fast-loading arrays (Sec. 3.1); `--demo` writes the demo set (demo.py).
 
 Sec. 3.1 of Kats, Hirsch & Heinrich (2024):
   CT:  (1) resample to 1 x 1 x 2 mm, (2) crop to the box of voxels > -500 HU,
@@ -14,12 +14,9 @@ Run:
   python preprocess.py --input RAW_DIR --output DATA_DIR --modality ct [--workers 4]
       RAW_DIR: Decathlon / nnU-Net layout (imagesTr/, labelsTr/, imagesTs/, dataset.json) or
       a flat folder of unlabelled .nii / .nii.gz scans. A re-run skips finished cases.
-  python preprocess.py --demo data/demo   # 20 synthetic abdomen CTs: ~30 s on 2 cores
+  python preprocess.py --demo data/demo   # 20 labelled + 200 unlabelled synthetic abdomen CTs
 Expect one line per bad input (`FAILED imagesTr/x.nii.gz: <reason>`), then
-`done N / skipped N / failed N`; exit code 0, 1 (a case failed) or 2 (nothing to do). A
-512 x 512 x 300 CT takes a few seconds and ~2 GB per worker. The demo ends with the Dice of the
-best intensity-only classifier: organs sharing one intensity distribution (the two kidneys,
-liver and spleen) are confused without context (Dice ~0.5 or less).
+`done N / skipped N / failed N`; exit code 0, 1 (a case failed) or 2 (nothing to do).
 
 Choices the paper leaves open:
 - Resampling grid: new voxel i sits at old voxel coordinate i * new_spacing / old_spacing
@@ -27,6 +24,10 @@ Choices the paper leaves open:
   inverse is a per-axis index lookup. Images: separable linear, labels: nearest.
 - MRI percentiles over the whole resampled volume (background included).
 - body.npy: the threshold mask with holes filled slice by slice (gas in lungs / bowel counts).
+
+Longer than a stage file should be, because it is one stage: every way a NIfTI file can be wrong
+is checked here, per case (validate_case), the geometry is inverted exactly (to_original_grid),
+and a folder is processed by worker processes of which one may die without stopping the batch.
 """
 import argparse
 import json
@@ -44,17 +45,14 @@ from nibabel.orientations import ornt_transform
 from scipy import ndimage
 from tqdm import tqdm
 
-import phantom
+from data import FORMAT_VERSION
 from runtime import atomic_write, non_negative_int, positive_float, positive_int, save_json
 
-FORMAT_VERSION = 1
 PRESETS = {  # Sec. 3.1
     "ct": {"spacing": [1.0, 1.0, 2.0], "clip": [-1350.0, 1000.0], "body_threshold_hu": -500.0},
     "mri": {"spacing": [1.5, 1.5, 1.5], "clip_percentiles": [0.01, 99.9], "body_threshold": 0.3},
 }
-DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
-UNLABELLED_STREAM = 7  # seed stream of the unlabelled demo phantoms: rng([seed, 7, i]), never a labelled rng([seed, i])
 MIN_RESAMPLED_VOXELS = 4  # per axis: fewer means the header's spacing is wrong
 MAX_RESAMPLED_GIB = 4.0   # a 1 x 1 x 2 mm whole-body CT is ~0.5 GiB; far more means a wrong header
 
@@ -511,119 +509,12 @@ def preprocess_folder(raw_dir, out_dir, modality, spacing=None, workers=1, force
     return result
 
 
-# ---------------------------------------------------------------- the demo set
-
-def write_demo_case(job):
-    """Worker: phantom (seed, index) -> imagesTr/ + labelsTr/ NIfTI with a non-RAS affine; an
-    unlabelled phantom (job["unlabelled"]) comes from its own seed stream, image only, flat."""
-    unlabelled = job.get("unlabelled", False)
-    rng = np.random.default_rng([job["seed"], UNLABELLED_STREAM, job["index"]] if unlabelled else [job["seed"], job["index"]])
-    hu, label, spacing = phantom.demo_phantom(rng, job["scale"])
-    canonical_affine = np.diag([*spacing, 1.0])
-    canonical_affine[:3, 3] = rng.uniform(-150, 150, 3)  # scanner-style translation
-    affine = canonical_affine @ inv_ornt_aff(phantom.DEMO_RAW_ORNT, hu.shape)
-    name = f"{'unlabelled' if unlabelled else 'demo'}_{job['index']:03d}.nii.gz"
-    arrays = (("", np.round(hu).astype(np.int16)),) if unlabelled else \
-        (("labelsTr", label), ("imagesTr", np.round(hu).astype(np.int16)))
-    for folder, array in arrays:
-        img = nib.Nifti1Image(apply_orientation(array, phantom.DEMO_RAW_ORNT), affine)
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        atomic_write(Path(job["raw_dir"]) / folder / name, lambda tmp: nib.save(img, str(tmp)))
-
-
-def make_demo_raw(raw_dir, num_cases=20, seed=0, *, scale=phantom.DEMO_SCALE, workers=1):
-    """Synthetic abdomen-like CTs in the Decathlon layout (missing cases only) -> raw_dir."""
-    raw_dir, params = Path(raw_dir), dict(seed=seed, num_cases=num_cases, scale=scale)
-    if (raw_dir / "dataset.json").is_file():
-        old = json.loads((raw_dir / "dataset.json").read_text()).get("demo")
-        if old != params:
-            raise ValueError(f"{raw_dir}: holds a demo made with {old}, not {params}; "
-                             "use another folder or delete this one")
-    for folder in ("imagesTr", "labelsTr"):
-        (raw_dir / folder).mkdir(parents=True, exist_ok=True)
-    names = [f"demo_{i:03d}.nii.gz" for i in range(num_cases)]
-    jobs = [dict(raw_dir=str(raw_dir), seed=seed, index=i, scale=scale) for i, n in
-            enumerate(names) if not all((raw_dir / f / n).is_file() for f in ("imagesTr",
-                                                                               "labelsTr"))]
-    for _ in tqdm(map_jobs(jobs, workers, write_demo_case), total=len(jobs), desc="demo"):
-        pass
-    save_json(raw_dir / "dataset.json", dict(
-        name="demo", description="synthetic abdomen CT (preprocess.py)", modality={"0": "CT"},
-        labels={str(i): n for i, n in enumerate(phantom.DEMO_LABELS)}, demo=params,
-        numTraining=num_cases, training=[dict(image=f"./imagesTr/{n}", label=f"./labelsTr/{n}")
-                                         for n in names], test=[]))
-    return raw_dir
-
-
-
-def prepare_demo(data_dir, num_cases=20, seed=0, workers=1, *, scale=phantom.DEMO_SCALE):
-    """Demo raw NIfTI under data_dir/raw, preprocessed into data_dir like real data, plus
-    data_dir/split.json: a fixed split of the labelled cases (demo_split)."""
-    data_dir = Path(data_dir)
-    make_demo_raw(data_dir / "raw", num_cases, seed, scale=scale, workers=workers)
-    result = preprocess_folder(data_dir / "raw", data_dir, "ct", workers=workers)
-    if result["failed"]:
-        raise RuntimeError(f"demo preprocessing failed: {result['failed']}")
-    save_json(data_dir / "split.json", demo_split([f"demo_{i:03d}" for i in range(num_cases)], seed))
-    return data_dir
-
-
-def demo_split(case_ids, seed=0):
-    """A fixed split of the labelled demo: a quarter of the cases for testing, 15% (at least one)
-    for validation (choosing a recipe), the rest the training pool, from a shuffle by seed."""
-    order = [case_ids[i] for i in np.random.default_rng([seed, 0x5B1]).permutation(len(case_ids))]
-    n_test, n_val = max(1, len(order) // 4), max(1, round(0.15 * len(order)))
-    return dict(train=sorted(order[n_test + n_val:]), val=sorted(order[n_test:n_test + n_val]),
-                test=sorted(order[:n_test]))
-
-
-def prepare_unlabelled_demo(data_dir, num_cases=200, seed=0, workers=1, *, scale=phantom.DEMO_SCALE):
-    """The demo's unlabelled pretraining corpus: num_cases phantoms of another seed stream than the
-    labelled set (no case of it is a labelled, validation or test phantom), written as a flat folder
-    of scans under data_dir/raw and preprocessed into data_dir like real unlabelled data."""
-    data_dir, params = Path(data_dir), dict(seed=seed, num_cases=num_cases, scale=scale, stream=UNLABELLED_STREAM)
-    raw, record = data_dir / "raw", data_dir / "raw" / ".demo-unlabelled.json"
-    if record.is_file() and json.loads(record.read_text()) != params:
-        raise ValueError(f"{raw}: holds an unlabelled demo made with {record.read_text()}, not {params}; "
-                         "use another folder or delete this one")
-    raw.mkdir(parents=True, exist_ok=True)
-    jobs = [dict(raw_dir=str(raw), seed=seed, index=i, scale=scale, unlabelled=True) for i in range(num_cases)
-            if not (raw / f"unlabelled_{i:03d}.nii.gz").is_file()]
-    for _ in tqdm(map_jobs(jobs, workers, write_demo_case), total=len(jobs), desc="unlabelled demo"):
-        pass
-    save_json(record, params)
-    result = preprocess_folder(raw, data_dir, "ct", workers=workers)
-    if result["failed"]:
-        raise RuntimeError(f"demo preprocessing failed: {result['failed']}")
-    return data_dir
-
-
-def ensure_demo():
-    """The default demo set (DEMO_DIR), built on first use."""
-    if (DEMO_DIR / "dataset.json").is_file():
-        if not (DEMO_DIR / "split.json").is_file():   # a demo made before the split existed
-            ids = [c["id"] for c in json.loads((DEMO_DIR / "dataset.json").read_text())["cases"]]
-            save_json(DEMO_DIR / "split.json", demo_split(sorted(ids)))
-        return DEMO_DIR
-    return prepare_demo(DEMO_DIR, workers=DEFAULT_WORKERS)
-
-
-def ensure_unlabelled_demo():
-    """The demo's unlabelled pretraining corpus (DEMO_DIR/unlabelled), built on first use."""
-    folder = DEMO_DIR / "unlabelled"
-    if (folder / "dataset.json").is_file():
-        return folder
-    return prepare_unlabelled_demo(folder, workers=DEFAULT_WORKERS)
-
-
 def resolve_data_dir(arg):
-    """--data argument of the later stages: "demo" -> ensure_demo(), "demo-unlabelled" -> its
+    """--data argument of the later stages: "demo" -> demo.ensure_demo(), "demo-unlabelled" -> its
     unlabelled pretraining corpus, else a preprocessed folder."""
-    if arg == "demo":
-        return ensure_demo()
-    if arg == "demo-unlabelled":
-        return ensure_unlabelled_demo()
+    if arg in ("demo", "demo-unlabelled"):
+        import demo   # the demo writes through this module: imported here, not at the top
+        return demo.ensure_demo() if arg == "demo" else demo.ensure_unlabelled_demo()
     path = Path(arg)
     if not (path / "dataset.json").is_file():
         raise ValueError(f"{path}: no dataset.json; run `python preprocess.py --input RAW_DIR "
@@ -637,20 +528,8 @@ def main(args):
     """-> exit code: 0 ok, 1 some case failed, 2 nothing could be done."""
     try:
         if args.demo:
-            data_dir = prepare_demo(args.demo, args.num_cases, args.seed, args.workers)
-            contrast, noise_sd = phantom.boundary_contrast(data_dir)
-            print(f"demo data in {data_dir}\n"
-                  f"{'class':<14} {'boundary step / noise SD':>25} {'intensity-only Dice':>20}")
-            for name, dice in phantom.intensity_only_dice(data_dir).items():
-                print(f"  {name:<14} {contrast[name]:>23.1f} {dice:>20.3f}")
-            print(f"(noise SD measured in the air around the body: {noise_sd:.1f} HU; a step >= 2 is a "
-                  "visible boundary; intensity-only Dice < 1 where context is needed)")
-            if args.unlabelled_cases:
-                unlabelled = prepare_unlabelled_demo(Path(args.demo) / "unlabelled", args.unlabelled_cases, args.seed,
-                                                     args.workers)
-                print(f"unlabelled pretraining corpus in {unlabelled}: unlabelled : labelled = "
-                      f"{args.unlabelled_cases} : {args.num_cases} ({args.unlabelled_cases / args.num_cases:.0f}x), "
-                      "disjoint seed streams (pretrain.py --data demo-unlabelled)")
+            import demo   # the demo writes through this module: imported here, not at the top
+            demo.build_demo(args.demo, args.num_cases, args.unlabelled_cases, args.seed, args.workers)
             return 0
         if not (args.input and args.output and args.modality):
             raise PreprocessError("--input, --output and --modality are required (or --demo)")

@@ -6,39 +6,34 @@ shuffling, local in-painting and a Bezier intensity curve (Sec. 2.1), one FPN fo
 balanced voxel representations sampled at n positive pairs, and the hybrid loss
 L = L_c + lambda * L_r (Eq. 1-3) with InfoNCE at tau = 0.1 and MSE reconstruction at lambda = 10.
 
-Run it:
-    python pretrain.py --data demo-unlabelled --steps 2000  # CPU preset on the demo's unlabelled corpus, ~9 min on 2 cores
-    python pretrain.py --data demo                          # the same on the labelled demo phantoms (they are also the test set)
-    python pretrain.py --data DATA_DIR --out runs/ct        # the paper's config (one GPU; see README for speed)
+    python pretrain.py --data demo-unlabelled               # the demo preset on the demo's unlabelled corpus (CPU)
+    python pretrain.py --data DATA_DIR --out runs/ct        # the paper's config (one GPU)
     python pretrain.py --data DATA_DIR --method vox2vec     # the vox2vec baseline (Table 1, row 1)
     python pretrain.py --data DATA_DIR --out runs/ct --resume       # continue an interrupted run
     torchrun --nproc_per_node=4 pretrain.py --data DATA_DIR         # several GPUs (DDP)
 
-The paper's values are the flags' defaults (`--help` shows them); `--preset demo` (the default
-for `--data demo`) replaces some of them with DEMO, in one place (parse_args). On the demo's
-unlabelled corpus expect L_c to end near 0.6 x chance after 2,000 steps (~9 minutes on 2 CPU
-cores; README, "Results"). A run writes into --out: `log.jsonl`
-(one row per logged step), `checkpoint.pt` (resumable, every --checkpoint-every steps and at the
-end) and `backbone.pt` (the FPN alone, for linear_probe.py / finetune.py; loads with
-`torch.load(..., weights_only=True)`), each atomically.
+The paper's values are the flags' defaults (`--help`); `--preset demo` (the default for `--data
+demo` and `demo-unlabelled`) replaces some with DEMO. A run writes `log.jsonl`, `checkpoint.pt`
+(resumable) and `backbone.pt` (the FPN alone, for linear_probe.py / finetune.py) into --out, each
+atomically, each loadable with `torch.load(..., weights_only=True)`. Table 1's ablations are
+flags (--arch, --aug, --recon-weight, --contrastive-weight; --method vox2vec is the baseline's
+preset); a neighbouring method (experiments/neighbours/) brings its own Method and calls main.
 
-Ablations of Table 1 are flags: --arch balanced|vox2vec, --aug local|vox2vec|none,
---recon-weight (0 = contrastive only), --contrastive-weight (0 = restorative only);
---method vox2vec is the baseline's preset. A neighbouring method (neighbours/*.py) is a file that
-brings its own Method (model, step, flags) and calls this file's loop.
+Deviations from the paper: InfoNCE is averaged over the 2n anchors, not summed (loss.py); the lr
+may warm up and decay (--warmup-steps, --lr-schedule; the paper: constant), which the demo preset
+uses because its budget is thousands of steps, not 50,000.
 
-Distributed: under torchrun every process trains on its own share of the global batch
-(--batch-pairs is the GLOBAL number of patch pairs per step) and InfoNCE negatives are gathered
-from all processes, so the loss equals the single-process loss on the same global batch. Only
-rank 0 logs and writes files; checkpoints move freely between DDP and single-process runs.
+Distributed: --batch-pairs is the GLOBAL batch; every process crops its share and InfoNCE's
+negatives are gathered from all of them, so the loss is the single-process loss of the global
+batch. Only rank 0 writes; checkpoints move freely between DDP and single-process runs.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,23 +42,25 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from augment import KINDS, augment_batch
-from convert import BACKBONE_VERSION, read_backbone_file
-from data import PairDataset, collate_pairs, list_cases, read_split
+from data import DATA_SPLIT, PairDataset, collate_pairs, list_cases, read_split
+from downstream import check_backbone_flags, read_backbone_file, save_backbone
 from loss import hybrid_loss, info_nce, reconstruction_loss
 from model import ARCHS, DEMO_ARCHS, PretrainModel
 from preprocess import resolve_data_dir
-from runtime import (atomic_write, claim_folder, explicit_flags, load_torch, make_output_dir, non_negative_float,
-                     non_negative_int, positive_float, positive_int, release_folder, save_torch, setup_distributed,
-                     training_autocast_dtype, unwrap)
+from runtime import (CHECKPOINT_VERSION, append_row, claim_output, data_fingerprint, gather_rows, is_demo,
+                     non_negative_float, non_negative_int, parse_with_presets, positive_float,
+                     positive_int, prepare_training, read_checkpoint, release_folder, rng_state,
+                     save_torch, set_rng_state, setup_distributed, training_autocast_dtype, truncate_log, unwrap,
+                     world_info, wrap_ddp)
 
-# The demo preset (phantom.DEMO_SCALE volumes of ~52 x 45 x 20 voxels, model.DEMO_ARCHS network).
-# The patch sets how far the two views of a pair move against each other, relative to the patch:
-# 24 x 24 x 8 on a demo volume gives a mean |offset| / patch of 0.19 / 0.16 / 0.20 per axis, the
-# paper's geometry (CT ~300 x 250 x 120, patch 128 x 128 x 32) 0.19 / 0.17 / 0.24
-# (`python diagnostics.py --geometry`). The earlier 32 x 32 x 16 gave 0.13 / 0.10 / 0.07: the
-# views barely moved (4 voxels at most along z), so a CNN could match a positive pair by its
-# position in the crop (README, "Results"). Pretraining cost grows with the patch, not the volume.
-DEMO = dict(steps=300, batch_pairs=4, num_voxels=256, patch_size=(24, 24, 8), log_every=10, checkpoint_every=100)
+# The demo preset (demo.DEMO_SCALE volumes of ~52 x 45 x 20 voxels, model.DEMO_ARCHS network).
+# The patch sets how far the two views of a pair move against each other relative to the patch:
+# 24 x 24 x 8 on a demo volume moves them as much as the paper's patch on an abdominal CT
+# (`python experiments/diagnostics.py --geometry`), so a CNN cannot match a pair by its position
+# in the crop. Steps, lr, schedule and batch: the cell the recipe grid chose on the validation
+# cases (experiments/pretrain_grid.py, docs/results.md).
+DEMO = dict(steps=1260, batch_pairs=8, num_voxels=128, patch_size=(24, 24, 8), lr=3e-4, warmup_steps=0,
+            lr_schedule="constant", log_every=10, checkpoint_every=100)
 VOX2VEC = dict(arch="vox2vec", aug="vox2vec", recon_weight=0.0)   # --method vox2vec: the baseline
 # Flags that say where and how to run, not what is trained: not part of a run's config.
 RUN_FLAGS = ("data", "split", "out", "resume", "init_from", "workers", "preset", "device", "amp", "compile", "explicit", "method")
@@ -169,57 +166,43 @@ def gather_embeddings(za, zb, max_voxels):
     pad = max_voxels - za.shape[0]
     valid = torch.arange(max_voxels, device=za.device) < za.shape[0]          # (max_voxels,)
     za, zb = (torch.nn.functional.pad(z, (0, 0, 0, pad)) for z in (za, zb))  # (max_voxels, D)
-    return _GatherRows.apply(za), _GatherRows.apply(zb), _GatherRows.apply(valid.float()).bool()
-
-
-class _GatherRows(torch.autograd.Function):
-    """all_gather along dim 0 whose backward sums the gradient over processes and keeps this one's rows."""
-
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+    return gather_rows(za), gather_rows(zb), gather_rows(valid.float()).bool()
 
 
 # ----------------------------------------------------------------------------- setup
 
 def resolve_config(args, method=OURS):
     """The run's config: every parsed setting that changes what is trained (paper defaults, the
-    preset and the flags were already merged by parse_args), checked. ValueError, one line."""
+    preset and the flags were already merged by parse_args), checked. ValueError, one line,
+    naming the flag and a value that would work, for a setting the run cannot honour."""
     cfg = {k: v for k, v in vars(args).items() if k not in RUN_FLAGS}
     cfg["method"] = args.method if method is OURS else method.name
     cfg.setdefault("arch", method.arch)
     cfg["patch_size"] = tuple(cfg["patch_size"])
-    for k in ("steps", "batch_pairs", "num_voxels", "pairs_per_volume", "log_every", "checkpoint_every"):
-        if cfg[k] < 1:
-            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {cfg[k]}")
     if cfg["num_voxels"] > int(np.prod(cfg["patch_size"])):
         raise ValueError(f"--num-voxels {cfg['num_voxels']} is more than a {'x'.join(map(str, cfg['patch_size']))} "
                          f"patch holds ({int(np.prod(cfg['patch_size']))} voxels)")
     if cfg["batch_pairs"] % cfg["pairs_per_volume"]:
         raise ValueError(f"--batch-pairs {cfg['batch_pairs']} must be a multiple of --pairs-per-volume")
+    late = [s for s in cfg["keep_steps"] if s > cfg["steps"]]
+    if late:
+        raise ValueError(f"--keep-steps {' '.join(map(str, late))}: past the end of the run (--steps {cfg['steps']}); "
+                         f"give steps <= {cfg['steps']}")
+    if cfg["warmup_steps"] >= cfg["steps"]:
+        raise ValueError(f"--warmup-steps {cfg['warmup_steps']} is not shorter than --steps {cfg['steps']}: the lr "
+                         f"would never reach --lr; give fewer than {cfg['steps']}")
     method.check(cfg)
     return cfg
 
 
 def initial_backbone(args, cfg):
-    """--init-from FILE (ours or the authors' released weights, convert.py): the file decides the
-    FPN's size (a contradicting --base-channels / --num-levels is refused). -> state dict or None."""
+    """--init-from FILE (ours or the authors' released weights): the file decides the FPN's size
+    (a contradicting --base-channels / --num-levels is refused). -> state dict or None."""
     if not args.init_from:
         return None
     config, state, _ = read_backbone_file(args.init_from)
-    for k in ("base_channels", "num_levels"):
-        if k in args.explicit and getattr(args, k) != config[k]:
-            raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)} contradicts {args.init_from} ({config[k]})")
-        cfg[k] = config[k]
-    cfg["init_from"] = str(args.init_from)
+    check_backbone_flags(args, config, args.init_from)
+    cfg.update(base_channels=config["base_channels"], num_levels=config["num_levels"], init_from=str(args.init_from))
     return state
 
 
@@ -239,22 +222,26 @@ def make_loader(data_dir, cfg, seed, start_step, rank, world, workers):
         prefetch_factor=4 if workers > 0 else None)
 
 
-def data_fingerprint(data_dir):
-    """A short hash of the preprocessed folder's dataset.json and every case's meta.json: it
-    changes when a case is added, removed or preprocessed again."""
-    digest = hashlib.sha256((Path(data_dir) / "dataset.json").read_bytes())
-    for meta in sorted(Path(data_dir).glob("cases/*/meta.json")):
-        digest.update(meta.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def run_folder(args):
     return Path(args.out or ("runs/pretrain-demo" if args.data in ("demo", "demo-unlabelled") else "runs/pretrain"))
 
 
+@dataclass
+class Run:
+    """What setup() hands the loop."""
+    args: argparse.Namespace
+    method: "Method"
+    cfg: dict
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: torch.utils.data.DataLoader
+    folder: Path
+    start: int
+    device: torch.device
+
+
 def setup(args, method):
-    """Everything before the first step; every input problem is one line before any work.
-    -> (model, optimizer, loader, cfg, run_dir, start step, rank, world, device)."""
+    """Everything before the first step; every input problem is one line before any work."""
     rank, world, device = setup_distributed(args.device)
     cfg = resolve_config(args, method)
     if cfg["batch_pairs"] % (world * cfg["pairs_per_volume"]):
@@ -262,61 +249,56 @@ def setup(args, method):
                          f"over {world} processes x --pairs-per-volume {cfg['pairs_per_volume']}")
     data_dir = resolve_data_dir(args.data)
     cfg.update(data=str(Path(data_dir).resolve()), data_fingerprint=data_fingerprint(data_dir))   # a resume checks both
-    cfg["cases"] = read_split(args.split, list_cases(data_dir))["train"] if args.split else None
-    run_dir = run_folder(args)
+    split = data_dir / "split.json" if args.split == DATA_SPLIT else args.split
+    cfg["cases"] = read_split(split, list_cases(data_dir, labelled=True))["train"] if args.split else None
+    folder = run_folder(args)
     torch.manual_seed(args.seed)
     init = initial_backbone(args, cfg)
     model = method.build_model(cfg)
     if init is not None:
         method.load_backbone(model, init)
-    # channels_last_3d: measured faster 3x3x3 convs on GPU and on this 2-core CPU alike (bench.py).
+    # channels_last_3d: measured faster 3x3x3 convs on GPU and on this 2-core CPU alike (experiments/bench.py).
     model = model.to(device, memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], fused=device.type == "cuda")
     if rank == 0:   # one run per folder: claimed before anything in it is read or written
-        make_output_dir(run_dir)
-        claim_folder(run_dir, method.script)
-    start = 0
-    if args.resume:
-        start = load_run(run_dir, model, optimizer, cfg)
-    elif any((run_dir / name).exists() for name in ("checkpoint.pt", "log.jsonl")):
-        raise ValueError(f"{run_dir} already holds a run (checkpoint.pt / log.jsonl): continue it with "
-                         "--resume, or choose another --out")
+        claim_output(folder, method.script, () if args.resume else ("checkpoint.pt", "log.jsonl"), what="run",
+                     hint="continue it with --resume")
+    start = load_run(folder, model, optimizer, cfg) if args.resume else 0
     loader = make_loader(data_dir, cfg, args.seed, start, rank, world, args.workers)
     if rank == 0:
         if start > 0:
-            truncate_log(run_dir / "log.jsonl", start)
-        print(f"pretrain: {world} process(es) on {device}, data {data_dir}, run dir {run_dir}, "
+            truncate_log(folder / "log.jsonl", start)   # rows after the checkpoint are logged again
+        print(f"pretrain: {world} process(es) on {device}, data {data_dir}, run dir {folder}, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, starting at step {start}")
         print("config: " + json.dumps(cfg))
-    return model, optimizer, loader, cfg, run_dir, start, rank, world, device
+    return Run(args, method, cfg, model, optimizer, loader, folder, start, device)
 
 
 # ----------------------------------------------------------------------------- the training loop
 
-def train(model, optimizer, loader, method, cfg, args, run_dir, start, rank, world, device):
-    """nanoGPT's order: augment + forward + loss -> backward -> clip -> step -> log / checkpoint.
-    The step never waits for the device; the host reads it every --log-every steps only."""
-    amp_dtype = training_autocast_dtype(device, args.amp, cfg["patch_size"], cfg["num_levels"])
+def train(run):
+    """nanoGPT's order: augment + forward + loss -> backward -> clip -> lr -> step -> log /
+    checkpoint. The step never waits for the device; the host reads it every --log-every steps only."""
+    cfg, model, optimizer, device, method = run.cfg, run.model, run.optimizer, run.device, run.method
+    rank, world = world_info()
+    amp_dtype = training_autocast_dtype(device, run.args.amp, cfg["patch_size"], cfg["num_levels"])
     if rank == 0:
         print(f"precision: {'bf16 autocast' if amp_dtype else 'fp32'}")
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)   # denormal activations slow CPU steps (README, "Speed")
-    torch.backends.cudnn.benchmark = True
-    net = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    net = torch.compile(net) if args.compile else net
+    prepare_training(device)
+    net = wrap_ddp(model, device)
+    net = torch.compile(net) if run.args.compile else net
     generator = torch.Generator(device=device)
     bad = torch.zeros((), dtype=torch.bool, device=device)       # any non-finite loss since the last log
     sums = torch.zeros(1 + len(method.loss_names), device=device)
-    t0, n_logged, step = time.time(), 0, start
-    bar = tqdm(total=cfg["steps"], initial=start, disable=rank != 0, dynamic_ncols=True)
+    t0, n_logged, step = time.time(), 0, run.start
+    bar = tqdm(total=cfg["steps"], initial=run.start, disable=rank != 0, dynamic_ncols=True)
     keep = set(cfg["keep_steps"])
-    if rank == 0 and start == 0 and 0 in keep:
-        save_backbone(run_dir / "backbone_step0.pt", model, cfg, 0)
+    if rank == 0 and run.start == 0 and 0 in keep:
+        save_backbone(run.folder / "backbone_step0.pt", model, cfg, 0)
     model.train()
-    for batch in loader:
+    for batch in run.loader:
         # Augmentations are a fixed function of (seed, step, rank): resuming reproduces them.
-        generator.manual_seed((args.seed * 1_000_003 + step) * 64 + rank)
+        generator.manual_seed((run.args.seed * 1_000_003 + step) * 64 + rank)
         loss, parts = method.step(net, batch, cfg, generator, device, amp_dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -331,7 +313,7 @@ def train(model, optimizer, loader, method, cfg, args, run_dir, start, rank, wor
         n_logged += 1
         bar.update(1)
         if rank == 0 and step in keep:
-            save_backbone(run_dir / f"backbone_step{step}.pt", model, cfg, step)
+            save_backbone(run.folder / f"backbone_step{step}.pt", model, cfg, step)
         if step % cfg["log_every"] and step % cfg["checkpoint_every"] and step != cfg["steps"]:
             continue
         if world > 1:
@@ -339,25 +321,25 @@ def train(model, optimizer, loader, method, cfg, args, run_dir, start, rank, wor
             dist.all_reduce(sums)
             sums /= world
         if bad.item():   # the only host sync
-            stop_non_finite(run_dir, step - n_logged + 1, step, rank)
+            stop_non_finite(run.folder, step - n_logged + 1, step, rank)
         mean = (sums / n_logged).tolist()
         row = dict(step=step, loss=mean[0], **dict(zip(method.loss_names, mean[1:])),
                    lr=optimizer.param_groups[0]["lr"], seconds=round(time.time() - t0, 3))
         sums.zero_()
         n_logged = 0
         if rank == 0:
-            log_row(run_dir / "log.jsonl", row)
+            append_row(run.folder / "log.jsonl", row)
             bar.set_postfix(loss=f"{mean[0]:.4f}", **{n.replace("loss_", ""): f"{v:.4f}"
                                                       for n, v in zip(method.loss_names, mean[1:])})
             if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:
-                save_run(run_dir, model, optimizer, cfg, args, step)
+                save_run(run, step)
     bar.close()
     return step
 
 
 def learning_rate(step, cfg):
     """The lr of step `step` (0-based): a linear warm-up over --warmup-steps, then constant
-    (--lr-schedule constant) or a half cosine from --lr to 0 at --steps (cosine)."""
+    (--lr-schedule constant, the paper's) or a half cosine from --lr to 0 at --steps (cosine)."""
     lr, warm = cfg["lr"], cfg["warmup_steps"]
     if step < warm:
         return lr * (step + 1) / warm
@@ -366,9 +348,9 @@ def learning_rate(step, cfg):
     return lr
 
 
-def stop_non_finite(run_dir, first, last, rank):
+def stop_non_finite(folder, first, last, rank):
     if rank == 0:
-        ck = run_dir / "checkpoint.pt"
+        ck = folder / "checkpoint.pt"
         where = f"the last good checkpoint is {ck}" if ck.exists() else "no checkpoint was written yet"
         print(f"pretrain.py: non-finite loss between steps {first} and {last}; stopping. {where} "
               "(try a lower --lr).", file=sys.stderr)
@@ -378,105 +360,48 @@ def stop_non_finite(run_dir, first, last, rank):
 def main(args, method=OURS):
     try:
         try:
-            model, optimizer, loader, cfg, run_dir, start, rank, world, device = setup(args, method)
+            run = setup(args, method)
         except ValueError as e:
             sys.exit(f"{method.script}: error: {e}")
-        step = train(model, optimizer, loader, method, cfg, args, run_dir, start, rank, world, device)
+        step = train(run)
     except KeyboardInterrupt:
         last = run_folder(args) / "checkpoint.pt"
         sys.exit(f"{method.script}: interrupted; " + (f"the last checkpoint is {last}: continue with --resume"
                                                         if last.exists() else "no checkpoint was written yet"))
     finally:
         release_folder(run_folder(args))
+    rank, world = world_info()
     if rank == 0:
-        print(f"done: {step} steps; backbone for linear_probe.py / finetune.py: {run_dir / 'backbone.pt'}")
+        print(f"done: {step} steps; backbone for linear_probe.py / finetune.py: {run.folder / 'backbone.pt'}")
     if world > 1:
         dist.barrier()      # rank 0 may still be writing the last checkpoint: tear down together
         dist.destroy_process_group()
-    return run_dir
+    return run.folder
 
 
 # ----------------------------------------------------------------------------- checkpoints and the log
 
-def save_run(run_dir, model, optimizer, cfg, args, step):
+def save_run(run, step):
     """checkpoint.pt (everything a bit-equal resume needs) and backbone.pt (the FPN alone), both
     tensors and builtins only, so weights_only=True loads them."""
-    core = unwrap(model)
-    state = dict(version=BACKBONE_VERSION, step=step, config=cfg, args=vars(args),
-                 model_config=core.config, model=core.state_dict(), optimizer=optimizer.state_dict(),
-                 rng=dict(torch=torch.get_rng_state(), numpy=numpy_rng_state(),
-                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
-    save_torch(state, run_dir / "checkpoint.pt")
-    save_backbone(run_dir / "backbone.pt", model, cfg, step)
+    core = unwrap(run.model)
+    state = dict(version=CHECKPOINT_VERSION, step=step, config=run.cfg, args=vars(run.args),
+                 model_config=core.config, model=core.state_dict(), optimizer=run.optimizer.state_dict(),
+                 rng=rng_state())
+    save_torch(state, run.folder / "checkpoint.pt")
+    save_backbone(run.folder / "backbone.pt", run.model, run.cfg, step)
 
 
-def save_backbone(path, model, cfg, step):
-    """The FPN alone with its configuration: what linear_probe.py / finetune.py read."""
-    core = unwrap(model)
-    save_torch(dict(version=BACKBONE_VERSION, kind="backbone", step=step,
-                    backbone_config=dict(core.config["backbone_config"]), arch=cfg["arch"],
-                    pretrain_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
-                    state_dict=core.backbone.state_dict()), path)
-
-
-def load_run(run_dir, model, optimizer, cfg):
-    """--resume: model, optimizer and RNG states from RUN/checkpoint.pt -> the step to continue from.
-    Any changed setting other than the run's length and cadence is refused (README, "Reliability")."""
-    path = run_dir / "checkpoint.pt"
-    if not path.exists():
-        raise ValueError(f"--resume: no checkpoint at {path}")
-    try:
-        state = load_torch(path)
-    except ValueError as e:
-        raise ValueError(f"{path}: not a checkpoint this code can read safely ({str(e).split('(', 1)[-1]}") from None
-    if not isinstance(state, dict) or state.get("version") != BACKBONE_VERSION:
-        version = state.get("version") if isinstance(state, dict) else None
-        raise ValueError(f"{path}: checkpoint version {version}, this code writes {BACKBONE_VERSION} "
-                         "(version 2 changed the FPN to the reference's); start a new run folder")
-    state["config"].setdefault("method", cfg["method"])     # written before --method was recorded
-    changed = [f"--{k.replace('_', '-')} {tuple_or(state['config'].get(k))} -> {tuple_or(cfg.get(k))}"
-               for k in sorted(set(cfg) | set(state["config"]))
-               if k not in MAY_CHANGE_ON_RESUME and tuple_or(state["config"].get(k)) != tuple_or(cfg.get(k))]
-    if cfg["lr_schedule"] != "constant" and state["config"]["steps"] != cfg["steps"]:
-        changed.append(f"--steps {state['config']['steps']} -> {cfg['steps']} (the {cfg['lr_schedule']} schedule "
-                       "is set by --steps)")
-    if changed:
-        raise ValueError(f"{path}: --resume with settings that differ from the saved run ({'; '.join(changed)}); "
-                         "resume with the same flags, or start a new --out")
+def load_run(folder, model, optimizer, cfg):
+    """--resume: model, optimizer and random states from RUN/checkpoint.pt -> the step to continue
+    from. A changed setting other than the run's length and cadence is refused; the length too
+    under a schedule, whose shape --steps sets."""
+    may_change = [k for k in MAY_CHANGE_ON_RESUME if k != "steps" or cfg["lr_schedule"] == "constant"]
+    state = read_checkpoint(folder / "checkpoint.pt", cfg, may_change)
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    set_numpy_rng_state(state["rng"]["numpy"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    set_rng_state(state["rng"])
     return state["step"]
-
-
-def truncate_log(path, step):
-    """Drop the rows logged after the checkpoint a run resumes from (they will be logged again)."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write(path, lambda tmp: tmp.write_text("".join(r + "\n" for r in rows)))
-
-
-def log_row(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def numpy_rng_state():
-    """np.random's global state as tensors and builtins (weights_only-loadable, unlike its tuple)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
-                has_gauss=int(has_gauss), gauss=float(gauss))
-
-
-def set_numpy_rng_state(s):
-    np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["gauss"]))
-
-
-def tuple_or(v):
-    return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
 # ----------------------------------------------------------------------------- command line
@@ -487,12 +412,13 @@ def build_parser(method=OURS):
     # Data and run folder
     p.add_argument("--data", required=True, help="preprocessed DATA_DIR (preprocess.py), 'demo' (the labelled "
                                                  "demo set) or 'demo-unlabelled' (its separate unlabelled corpus)")
-    p.add_argument("--split", help="pretrain on the 'train' cases of this split file only (preprocess.py --demo "
-                                   "writes DATA/split.json): the labelled-pool control of evidence.py")
+    p.add_argument("--split", nargs="?", const=DATA_SPLIT, metavar="FILE",
+                   help="pretrain on the 'train' cases of this split file only (without FILE: DATA/split.json, "
+                        "which preprocess.py --demo writes): the labelled-pool control of experiments/evidence.py")
     p.add_argument("--out", help="run folder [runs/pretrain, or runs/pretrain-demo for --data demo]")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--init-from", help="start from these backbone weights: our backbone.pt or the authors' "
-                                       "released files (convert.py lists the formats); they set the FPN's size")
+                                       "released files (README, 'Use the authors' weights'); they set the FPN's size")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--workers", type=non_negative_int, default=min(4, max(1, (os.cpu_count() or 2) - 1)),
                    help="DataLoader processes reading memory-mapped patches")
@@ -521,26 +447,22 @@ def build_parser(method=OURS):
                    help="also keep OUT/backbone_step<N>.pt at these steps (0: the initialisation), for a "
                         "probe at several points of pretraining")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on a GPU, or on a CPU with bf16 instructions (avx512_bf16 / AMX); fp32 elsewhere")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast on a GPU, or on a CPU with bf16 instructions (avx512_bf16 / AMX); fp32 elsewhere")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     return p
 
 
 def parse_args(argv=None, method=OURS):
-    """The paper's defaults, then the presets (demo, a method's), then the flags given."""
-    p = build_parser(method)
-    explicit = explicit_flags(p, argv)
-    first = p.parse_args(argv)
-    demo = first.preset == "demo" or (first.preset is None and first.data in ("demo", "demo-unlabelled"))
-    defaults = dict(method.presets(first))
-    arch = first.arch if "arch" in explicit else defaults.get("arch", method.arch)
-    defaults.update((DEMO_ARCHS if demo else ARCHS)[arch])
-    if demo:
-        defaults.update(DEMO, **method.demo)
-    p.set_defaults(**defaults)
-    args = p.parse_args(argv)
-    args.explicit = explicit
-    return args
+    """The paper's defaults, then the presets (a method's, the demo's), then the flags given."""
+    def presets(first, explicit):
+        defaults = dict(method.presets(first))
+        arch = first.arch if "arch" in explicit else defaults.get("arch", method.arch)
+        defaults.update((DEMO_ARCHS if is_demo(first) else ARCHS)[arch])
+        if is_demo(first):
+            defaults.update(DEMO, **method.demo)
+        return defaults
+    return parse_with_presets(build_parser(method), argv, presets)
 
 
 if __name__ == "__main__":

@@ -24,34 +24,15 @@ A re-run skips every command whose output exists.
 """
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository: the stage files
+from experiments.lab import ROOT, command_lines, run_stage  # noqa: E402
+
 PROTOCOL = dict(steps=1800, steps_8=1260, lrs=(3e-4, 1e-3, 3e-3), warmup_steps=100, seed=0,
                 schedules=("constant", "warm-up + cosine"), batches=("4 x 256", "8 x 128"))
 QUICK = dict(PROTOCOL, steps=2, steps_8=2, warmup_steps=1)
-
-
-def shown(arg):
-    """A command-line word as the report shows it: paths relative to the repository."""
-    path = Path(str(arg))
-    return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else str(arg)
-
-
-def run(args, done, log):
-    """One stage command from the repository root; skipped when `done` exists. -> exit code."""
-    shown_line = "python " + " ".join(map(shown, args))
-    if Path(done).exists():
-        print(f"(already done: {shown_line})", flush=True)
-        return 0
-    print(f"\n$ {shown_line}", flush=True)
-    t = time.time()
-    code = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT).returncode
-    log.append(dict(command=shown_line, seconds=round(time.time() - t, 1), exit_code=code))
-    return code
 
 
 def cell_flags(proto, lr, schedule, batch):
@@ -65,12 +46,13 @@ def cell_flags(proto, lr, schedule, batch):
 def pretrain_and_probe(out, name, flags, split, log, quick):
     """Pretrain one cell and probe it on the validation cases -> dict (Dice, minutes, final L_c)."""
     run_dir, probe = out / name, out / f"{name}-probe"
-    code = run(["pretrain.py", "--data", "demo-unlabelled", "--out", run_dir, "--workers", "1", *flags],
-               run_dir / "backbone.pt", log)
+    code = run_stage("pretrain.py", "--data", "demo-unlabelled", "--out", run_dir, "--workers", "1", *flags, log=log,
+                     done=run_dir / "backbone.pt", stop_on_failure=False)
     if code or not (run_dir / "backbone.pt").exists():
         return dict(val_dice=0.0, diverged=True, flags=list(map(str, flags)))
-    run(["linear_probe.py", "--data", "demo", "--split", split, "--evaluate-on", "val", "--checkpoint",
-         run_dir / "backbone.pt", "--out", probe, *(["--max-steps", "3"] if quick else [])], probe / "results.json", log)
+    run_stage("linear_probe.py", "--data", "demo", "--split", split, "--evaluate-on", "val", "--checkpoint",
+              run_dir / "backbone.pt", "--out", probe, *(["--max-steps", "3"] if quick else []), log=log,
+              done=probe / "results.json", name="pretrain_grid.py")
     last = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])
     return dict(val_dice=json.loads((probe / "results.json").read_text())["mean_dice"], diverged=False,
                 minutes=round(last["seconds"] / 60, 2), loss_contrastive=last["loss_contrastive"],
@@ -109,8 +91,7 @@ def main(args):
     lines += [f"| {k} | {c['val_dice']:.3f} | {c.get('minutes', '-')} |" for k, c in checks.items()]
     lines += ["", f"precision effect {precision:.3f}, seed effect {seed:.3f}: bf16 "
               + ("kept" if precision <= seed else "NOT kept") + " as the CPU default.", "", "Commands:", ""]
-    lines += [f"    {e['command']}    # {e['seconds']:.0f} s" + (f", exit {e['exit_code']}" if e["exit_code"] else "")
-              for e in log]
+    lines += command_lines(log)
     (out / "grid.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return summary

@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import predict  # noqa: E402
 
 PATCH = (16, 16, 8)
 
@@ -264,7 +265,7 @@ def test_tile_starts_cover_every_voxel(shape, patch):
     for overlap in (0.0, 0.5, 0.75):
         padded = tuple(max(d, p) for d, p in zip(shape, patch))
         count = np.zeros(padded, int)
-        for s in data.tile_starts(shape, patch, overlap):
+        for s in predict.tile_starts(shape, patch, overlap):
             assert all(0 <= a and a + p <= d for a, p, d in zip(s, patch, padded))
             count[s[0]:s[0] + patch[0], s[1]:s[1] + patch[1], s[2]:s[2] + patch[2]] += 1
         assert count.min() >= 1
@@ -277,9 +278,9 @@ def naive_blend(image, predict_fn, patch, overlap):
     img = np.zeros((image.shape[0], *padded), np.float32)
     img[:, :shape[0], :shape[1], :shape[2]] = image.numpy()
     g = [np.exp(-0.5 * ((np.arange(p) - (p - 1) / 2) / (p / 8)) ** 2) for p in patch]
-    w = np.maximum(np.einsum("i,j,k->ijk", *g) / (g[0].max() * g[1].max() * g[2].max()), data.WEIGHT_FLOOR)
+    w = np.maximum(np.einsum("i,j,k->ijk", *g) / (g[0].max() * g[1].max() * g[2].max()), predict.WEIGHT_FLOOR)
     num, den = 0.0, np.zeros(padded)
-    for s in data.tile_starts(shape, patch, overlap):
+    for s in predict.tile_starts(shape, patch, overlap):
         box = tuple(slice(a, a + p) for a, p in zip(s, patch))
         pred = predict_fn(torch.from_numpy(img[(slice(None),) + box][None]))[0].numpy()
         tile = np.zeros((pred.shape[0], *padded))
@@ -293,14 +294,14 @@ def test_sliding_window_inference(shape):
     patch = (8, 8, 4)
     image = torch.rand((2,) + shape, generator=torch.Generator().manual_seed(0))
     const = lambda x: torch.tensor([3.0, -1.5]).view(1, 2, 1, 1, 1).expand(len(x), 2, *patch)  # noqa: E731
-    out = data.sliding_window_inference(image, const, patch)
+    out = predict.sliding_window_inference(image, const, patch)
     assert out.shape == (2,) + shape and out.device == image.device and out.dtype == torch.float32
     assert torch.allclose(out[0], torch.tensor(3.0)) and torch.allclose(out[1], torch.tensor(-1.5))
-    assert torch.allclose(data.sliding_window_inference(image, lambda x: x, patch, 0.5, 3), image, atol=1e-6)
+    assert torch.allclose(predict.sliding_window_inference(image, lambda x: x, patch, 0.5, 3), image, atol=1e-6)
     # a tile-dependent prediction (each tile's mean + its voxels) exercises the weighting
     tile_fn = lambda x: (x.mean(dim=(1, 2, 3, 4), keepdim=True) + x[:, :1]).expand(-1, 3, *patch)  # noqa: E731
     ref = naive_blend(image, tile_fn, patch, 0.5)
-    outs = [data.sliding_window_inference(image, tile_fn, patch, 0.5, b) for b in (1, 3, 1000)]
+    outs = [predict.sliding_window_inference(image, tile_fn, patch, 0.5, b) for b in (1, 3, 1000)]
     for o in outs:
         np.testing.assert_allclose(o.numpy(), ref, rtol=1e-5, atol=1e-6)
     assert torch.allclose(outs[0], outs[1], atol=1e-6) and torch.allclose(outs[0], outs[2], atol=1e-6)

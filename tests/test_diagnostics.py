@@ -1,10 +1,10 @@
-"""diagnostics.py: the shortcut diagnostic on features whose answer is known (coordinates:
+"""experiments/diagnostics.py: the shortcut diagnostic on features whose answer is known (coordinates:
 R^2 ~ 1; random numbers: ~ 0; identical views: retrieval 1), the view-offset statistic on
 geometries whose answer is known, and the paired bootstrap against a numpy computation."""
 import numpy as np
 import torch
 
-import diagnostics
+from experiments import diagnostics
 from model import FPN3d
 
 

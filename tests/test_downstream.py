@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import augment
+import supervised_augment as augment
 import data
 import downstream
 import finetune
@@ -21,7 +21,7 @@ import preprocess
 from model import FPN3d, SegmentationModel
 
 PROBE_TINY = ["--eval-patch-size", "64", "64", "32", "--folds", "2", "--fold", "0", "--preset", "demo"]
-TINY = ["--steps", "3", "--batch-size", "1", "--patch-size", "16", "16", "8", "--workers", "0", *PROBE_TINY]
+TINY = ["--steps", "3", "--batch-size", "1", "--patch-size", "16", "16", "8", "--workers", "0", "--warmup-steps", "0", *PROBE_TINY]
 
 
 @pytest.fixture(scope="module")
@@ -263,42 +263,42 @@ def test_predict_writes_mask_on_the_original_grid(small_demo, backbone, tmp_path
     raw = Path(small_demo) / "raw"
     scan = sorted((raw / "imagesTr").iterdir())[0]
     label_file = raw / "labelsTr" / scan.name.replace("_0000", "")
-    out = tmp_path / "seg.nii.gz"
-    finetune.main(finetune.parse_args(["--predict", str(scan), "--checkpoint", str(tmp_path / "model_fold0.pt"),
-                                       "--output", str(out)]))
-    written, original = nib.load(out), nib.load(label_file)
+    out = tmp_path / "pred"
+    seg = out / scan.name
+    predict_one = lambda *extra: predict.main(predict.parse_args(["-i", str(scan), "-o", str(out), "--model",
+                                                                  str(tmp_path / "model_fold0.pt"), *extra]))
+    assert predict_one() == 0
+    written, original = nib.load(seg), nib.load(label_file)
     assert written.shape == original.shape and np.allclose(written.affine, original.affine)
 
     # Alignment: with an oracle in place of the network (the preprocessed label itself), the
-    # mask that --predict writes must coincide with the label on the scan's own grid.
+    # mask that predict.py writes must coincide with the label on the scan's own grid.
     image, affine = preprocess.load_nifti(scan)
     label = np.asanyarray(original.dataobj)
     _, _, label_pre, meta = preprocess.preprocess_arrays(image, affine, "ct", label=label)
     oracle = torch.nn.functional.one_hot(torch.as_tensor(label_pre.astype(np.int64)), 9).permute(3, 0, 1, 2).float()
     monkeypatch.setattr(predict, "ensemble_probabilities", lambda *a, **k: oracle)
-    with pytest.raises(SystemExit, match="exists; choose another name or pass --force"):   # no silent overwrite
-        finetune.main(finetune.parse_args(["--predict", str(scan), "--checkpoint", str(tmp_path / "model_fold0.pt"),
-                                           "--output", str(out)]))
-    finetune.main(finetune.parse_args(["--predict", str(scan), "--checkpoint", str(tmp_path / "model_fold0.pt"),
-                                       "--output", str(out), "--force"]))
-    pred = np.asanyarray(nib.load(out).dataobj)
+    before = seg.read_bytes()
+    assert predict_one() == 0 and seg.read_bytes() == before          # no silent overwrite: the case is skipped
+    assert predict_one("--force") == 0
+    pred = np.asanyarray(nib.load(seg).dataobj)
     # exactly the nearest-neighbour round trip of the label (the best any network could do) ...
     np.testing.assert_array_equal(pred, preprocess.to_original_grid(label_pre, meta))
     # ... which lies on the label: the round trip 0.86 -> 1 -> 0.86 mm loses boundary voxels of
-    # the demo's few-voxel-thick organs (~0.94 mean here, ~0.98 at twice the scale,
-    # test_preprocess), while a one-voxel shift or a flipped axis would lose far more.
+    # the demo's few-voxel-thick organs (test_preprocess), while a one-voxel shift or a flipped
+    # axis would lose far more.
     fg = [c for c in np.unique(label) if c]
     dice = [2 * np.sum((pred == c) & (label == c)) / (np.sum(pred == c) + np.sum(label == c)) for c in fg]
     assert np.mean(dice) >= 0.9 and min(dice) >= 0.85, dice
 
 
-def test_predict_needs_a_finetuned_checkpoint(backbone, tmp_path):
-    with pytest.raises(SystemExit, match="not a fine-tuned model"):
-        finetune.main(finetune.parse_args(["--predict", "x.nii.gz", "--checkpoint", str(backbone),
-                                           "--output", str(tmp_path / "o.nii.gz")]))
+def test_predict_needs_a_finetuned_checkpoint(small_demo, backbone, tmp_path, capsys):
+    scan = sorted((Path(small_demo) / "raw" / "imagesTr").iterdir())[0]
+    assert predict.main(predict.parse_args(["-i", str(scan), "-o", str(tmp_path / "o"), "--model", str(backbone)])) == 2
+    assert "not a fine-tuned model" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("script", ["finetune.py", "neighbours/medcontext.py"])
+@pytest.mark.parametrize("script", ["finetune.py", "experiments/neighbours/medcontext.py"])
 def test_finetune_under_torchrun_two_processes(small_demo, backbone, tmp_path, script):
     """DDP fine-tuning on CPU (gloo): freeze -> unfreeze re-wraps DDP; rank 0 alone evaluates and
     writes; the saved model loads in a single process. With MedContext: its two-input forward
@@ -319,19 +319,21 @@ def test_finetune_under_torchrun_two_processes(small_demo, backbone, tmp_path, s
     assert model.config["head"] == "nonlinear"
 
 
-@pytest.mark.parametrize("problem", ["same_as_scan", "no_extension", "missing_folder"])
-def test_predict_checks_its_output_before_any_work(small_demo, tmp_path, problem, monkeypatch):
+@pytest.mark.parametrize("problem", ["output_is_the_scan", "output_is_a_file"])
+def test_predict_checks_its_output_before_any_work(small_demo, tmp_path, problem, monkeypatch, capsys):
     scan = sorted((Path(small_demo) / "raw" / "imagesTr").iterdir())[0]
-    copy = tmp_path / scan.name
+    copy = tmp_path / "in" / scan.name
+    copy.parent.mkdir()
     shutil.copy(scan, copy)
+    (tmp_path / "taken.txt").write_text("mine")
     before = copy.read_bytes()
-    output = {"same_as_scan": copy, "no_extension": tmp_path / "seg.npy",
-              "missing_folder": tmp_path / "nowhere" / "seg.nii.gz"}[problem]
-    monkeypatch.setattr(finetune, "load_model", lambda *a: pytest.fail("work started before the output was checked"))
-    with pytest.raises(SystemExit) as e:
-        finetune.main(finetune.parse_args(["--predict", str(copy), "--checkpoint", "x.pt", "--output", str(output)]))
-    assert str(output) in str(e.value.code) and "\n" not in str(e.value.code)
-    assert copy.read_bytes() == before and not list(tmp_path.glob(".tmp-*"))
+    output = {"output_is_the_scan": copy, "output_is_a_file": tmp_path / "taken.txt"}[problem]
+    monkeypatch.setattr(predict, "load_model", lambda *a: pytest.fail("work started before the output was checked"))
+    assert predict.main(predict.parse_args(["-i", str(copy), "-o", str(output), "--model", str(tmp_path)])) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(output) in err and "\n" not in err
+    assert copy.read_bytes() == before and (tmp_path / "taken.txt").read_text() == "mine"
+    assert not list(tmp_path.rglob(".tmp-*"))
 
 
 @pytest.mark.parametrize("budget", ["0", "-1", "99"])

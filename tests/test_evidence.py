@@ -1,4 +1,4 @@
-"""evidence.py --quick: the whole protocol (pretraining on the separate corpus and on the labelled
+"""experiments/evidence.py --quick: the whole protocol (pretraining on the separate corpus and on the labelled
 pool, the probe along pretraining, the shortcut diagnostic, the recipe grid and the paired draws)
 runs end to end on the small demo set and writes issue 17's headline keys; --neighbours then runs
 on the same folder. It checks that the pipeline runs and produces its tables, not the numbers
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import evidence
+from experiments import evidence
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,8 +33,10 @@ def test_quick_evidence_runs_end_to_end(small_demo, small_unlabelled, tmp_path, 
     for png in ["probe_vs_pretraining.png", "dice_vs_finetune_steps.png", "segmentation_slice.png", "feature_pca.png",
                 "pretraining_curves.png"]:
         assert (out / png).stat().st_size > 1000
-    # 3 pretrainings, 7 probes (2 methods x 3 steps + the pool control), 4 grid cells, 1 draw x 2 arms
-    assert len(s["commands"]) == 3 + 7 + 4 + 2
+    # 3 pretrainings (ours and vox2vec to the end of the curve, the pool control), 7 probes (2 methods x
+    # 3 steps + the pool control), 4 grid cells, 1 draw x 2 arms, the quick start's cell
+    assert len(s["commands"]) == 3 + 7 + 4 + 2 + 1
+    assert set(s["quick_start"]) >= {"probe", "probe_random", "finetune_1", "scratch_1"}
     # a second invocation skips every finished command
     evidence.main(evidence.parse_args(["--quick", "--data", str(small_demo), "--unlabelled", str(small_unlabelled),
                                                "--out", str(out), "--no-figures"]))
@@ -57,7 +59,7 @@ def test_quick_evidence_runs_end_to_end(small_demo, small_unlabelled, tmp_path, 
 
 def test_own_data_needs_an_unlabelled_corpus(small_demo, tmp_path):
     """--data DIR without --unlabelled: one line, before any work (pretraining must not read the labelled set)."""
-    r = subprocess.run([sys.executable, str(ROOT / "evidence.py"), "--data", str(small_demo), "--out", str(tmp_path / "o")],
+    r = subprocess.run([sys.executable, str(ROOT / "experiments" / "evidence.py"), "--data", str(small_demo), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "--unlabelled" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()

@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import (ARCHS, FPN3d, LinearHead, NonLinearHead, PretrainModel, ResBlock3d,  # noqa: E402
-                   SegmentationModel, count_flops, sample_voxels)
+                   SegmentationModel, sample_voxels)
+from experiments.bench import count_flops  # noqa: E402
 
 TINY = dict(in_channels=1, base_channels=4, num_levels=3)
 TINY_PATCH = (16, 16, 8)  # (X, Y, Z)

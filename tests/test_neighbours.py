@@ -1,6 +1,6 @@
 """The neighbouring methods (README, "Neighbouring methods"): Models Genesis, masked image
-modelling, DenseCL (neighbours/genesis.py, mim.py, densecl.py: pretrain.py's loop with their own
-step) and MedContext (neighbours/medcontext.py: finetune.py's loop with its own step).
+modelling, DenseCL (experiments/neighbours/genesis.py, mim.py, densecl.py: pretrain.py's loop with their own
+step) and MedContext (experiments/neighbours/medcontext.py: finetune.py's loop with its own step).
 Each method-specific piece against a naive reference or an invariant, then real training
 steps: weights change, backbone.pt loads downstream, resume equals an uninterrupted run."""
 import math
@@ -12,8 +12,8 @@ import torch
 import loss
 import model
 import pretrain
-from convert import read_backbone_file as load_backbone
-from neighbours import common, densecl, genesis, medcontext, mim
+from downstream import read_backbone_file as load_backbone
+from experiments.neighbours import common, densecl, genesis, medcontext, mim
 from test_pretrain import TINY, read_log
 
 METHODS = {"genesis": genesis.GENESIS, "mim": mim.MIM_METHOD, "densecl": densecl.DENSECL}

@@ -1,6 +1,6 @@
 """predict.py: the fold ensemble and the mirroring against naive loops, world-space agreement for
 a scan stored with other axes, probabilities that sum to 1, one corrupt scan among good ones,
-skip / --overwrite, and the refusals (output inside the input, mismatched models)."""
+skip / --force, and the refusals (output inside the input, mismatched models)."""
 import json
 import shutil
 from pathlib import Path
@@ -36,7 +36,7 @@ def make_run(folder, small_demo, folds=(0, 1, 2), aug="nnunet-like", num_classes
                     m.running_mean.uniform_(-0.1, 0.1)
                     m.running_var.uniform_(0.5, 1.5)
         finetune.save_model(folder / f"model_fold{fold}.pt", model, names, small_demo,
-                            dict(eval_patch_size=PATCH, aug=aug), fold, ["x"])
+                            dict(eval_patch_size=PATCH, aug=aug, mirror_axes=(0, 1, 2)), fold, ["x"])
     return folder
 
 
@@ -69,7 +69,7 @@ def test_ensemble_is_the_mean_of_the_single_models(run_dir, small_demo):
     x = image01(small_demo)
     cpu = torch.device("cpu")
     ensemble = predict.ensemble_probabilities(models, [PATCH] * 3, x, cpu)
-    singles = [downstream.volume_probabilities(m, x, PATCH, cpu) for m in models]
+    singles = [predict.volume_probabilities(m, x, PATCH, cpu) for m in models]
     torch.testing.assert_close(ensemble, sum(singles) / 3, atol=1e-6, rtol=0)
     assert not torch.allclose(singles[0], singles[1], atol=1e-3)        # the models differ
 
@@ -78,17 +78,17 @@ def test_mirroring_is_the_mean_over_the_eight_flips(run_dir, small_demo):
     models, _ = predict.load_ensemble(predict.find_models(run_dir, [0]))
     x = torch.as_tensor(image01(small_demo))
     cpu = torch.device("cpu")
-    tta = predict.ensemble_probabilities(models, [PATCH], x, cpu, tta=True)
+    tta = predict.ensemble_probabilities(models, [PATCH], x, cpu, mirror_axes=(0, 1, 2))
     naive = []
     for fx in (False, True):
         for fy in (False, True):
             for fz in (False, True):
                 dims = [d for d, f in zip((0, 1, 2), (fx, fy, fz)) if f]
-                p = downstream.volume_probabilities(models[0], x.flip(dims) if dims else x, PATCH, cpu)
+                p = predict.volume_probabilities(models[0], x.flip(dims) if dims else x, PATCH, cpu)
                 naive.append(p.flip([1 + d for d in dims]) if dims else p)
     assert len(naive) == 8
     torch.testing.assert_close(tta, sum(naive) / 8, atol=1e-6, rtol=0)
-    plain = predict.ensemble_probabilities(models, [PATCH], x, cpu, tta=False)
+    plain = predict.ensemble_probabilities(models, [PATCH], x, cpu)
     assert not torch.allclose(tta, plain, atol=1e-4)                     # a random net is not mirror-symmetric
 
 
@@ -134,7 +134,7 @@ def test_outputs_probabilities_and_report(run_dir, scans, tmp_path):
         assert record["voxels_per_class"][classes["0"]] == int((labels == 0).sum())
 
 
-def test_a_corrupt_scan_fails_alone_then_rerun_skips_and_overwrite_redoes(run_dir, scans, tmp_path):
+def test_a_corrupt_scan_fails_alone_then_rerun_skips_and_force_redoes(run_dir, scans, tmp_path):
     inputs = tmp_path / "in"
     shutil.copytree(scans, inputs)
     (inputs / "broken_0000.nii.gz").write_bytes(b"not a nifti at all")
@@ -152,7 +152,7 @@ def test_a_corrupt_scan_fails_alone_then_rerun_skips_and_overwrite_redoes(run_di
     cases = json.loads((out / "predictions.json").read_text())["cases"]
     assert all(cases[n]["status"] == "skipped" for n in good)
     assert all((out / f"{n}.nii.gz").stat().st_mtime_ns == stamps[n] for n in good)
-    assert run("-i", inputs, "-o", out, "--model", run_dir, "--no-tta", "--overwrite") == 0
+    assert run("-i", inputs, "-o", out, "--model", run_dir, "--no-tta", "--force") == 0
     cases = json.loads((out / "predictions.json").read_text())["cases"]
     assert all(cases[n]["status"] == "done" for n in good)
     assert all((out / f"{n}.nii.gz").stat().st_mtime_ns != stamps[n] for n in good)
@@ -170,10 +170,7 @@ def test_decathlon_folder_and_single_file_inputs(run_dir, scans, tmp_path):
 def test_default_mirroring_follows_the_training_augmentation(small_demo, tmp_path):
     plain = make_run(tmp_path / "plain", small_demo, folds=(0,), aug="none")
     _, ckpts = predict.load_ensemble(predict.find_models(plain))
-    assert predict.default_tta(ckpts) is False
-    ckpt = torch.load(plain / "model_fold0.pt", weights_only=True)
-    del ckpt["aug"]                                      # a model saved before --aug existed
-    assert predict.default_tta([ckpt]) is False
+    assert predict.trained_mirror_axes(ckpts) == ()
 
 
 @pytest.mark.parametrize("problem", ["output_is_input", "output_inside_input", "labels_differ", "missing_fold",

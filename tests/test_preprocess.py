@@ -19,7 +19,7 @@ from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import phantom  # noqa: E402
+import demo as phantom  # noqa: E402
 import preprocess  # noqa: E402
 
 DEMO_SCALE = 0.6  # twice the demo scale: round-trip Dice is measured on organs of realistic voxel size; 3 cases
@@ -28,7 +28,7 @@ DEMO_SCALE = 0.6  # twice the demo scale: round-trip Dice is measured on organs 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("demo")
-    return preprocess.prepare_demo(data_dir, num_cases=3, seed=1, scale=DEMO_SCALE)
+    return phantom.prepare_demo(data_dir, num_cases=3, seed=1, scale=DEMO_SCALE)
 
 
 def load_case(data_dir, case_id):
@@ -312,7 +312,7 @@ def test_resolve_data_dir(tmp_path, demo):
 
 def test_demo_generator_deterministic(tmp_path):
     def make(folder, seed):
-        preprocess.make_demo_raw(tmp_path / folder, num_cases=1, seed=seed, scale=0.3)
+        phantom.make_demo_raw(tmp_path / folder, num_cases=1, seed=seed, scale=0.3)
         img = nib.load(str(tmp_path / folder / "imagesTr" / "demo_000.nii.gz"))
         lab = nib.load(str(tmp_path / folder / "labelsTr" / "demo_000.nii.gz"))
         return np.asarray(img.dataobj).tobytes() + np.asarray(lab.dataobj).tobytes(), img.affine
@@ -322,15 +322,15 @@ def test_demo_generator_deterministic(tmp_path):
 
 
 def test_demo_command(tmp_path, capsys):
-    """`python preprocess.py --demo DIR` at full phantom size (one case)."""
-    assert preprocess.main(args(demo=str(tmp_path / "d"), num_cases=1, workers=1)) == 0
+    """`python preprocess.py --demo DIR` at full phantom size (three cases, the fewest a split takes)."""
+    assert preprocess.main(args(demo=str(tmp_path / "d"), num_cases=3, workers=1)) == 0
     out = capsys.readouterr().out
-    assert "done 1 / skipped 0 / failed 0" in out and "kidney_left" in out and "boundary step / noise SD" in out
+    assert "done 3 / skipped 0 / failed 0" in out and "kidney_left" in out and "boundary step / noise SD" in out
     meta, arrays = load_case(tmp_path / "d", "demo_000")
     assert list(arrays["image"].shape) == meta["shape"] and meta["spacing"] == [1.0, 1.0, 2.0]
     assert 0 <= arrays["image"].min() and arrays["image"].max() <= 1
     # asking the same folder for another demo is a clear error, not a silent mix
-    assert preprocess.main(args(demo=str(tmp_path / "d"), num_cases=2)) == 2
+    assert preprocess.main(args(demo=str(tmp_path / "d"), num_cases=4)) == 2
     assert "holds a demo made with" in capsys.readouterr().err
 
 

@@ -119,10 +119,10 @@ def test_crafted_checkpoint_is_refused_on_resume(small_demo, tmp_path):
 
 def test_init_from_reference_weights(small_demo, tmp_path):
     """--init-from takes the authors' layout; the FPN size comes from the file."""
-    import convert
+    import downstream
     config = dict(in_channels=1, base_channels=4, num_levels=3)
     start = FPN3d(**config).state_dict()
-    torch.save(convert.to_reference(start, config), tmp_path / "released.pt")
+    torch.save(downstream.to_reference(start, config), tmp_path / "released.pt")
     out = tmp_path / "run"
     pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(out), *TINY[4:], "--steps", "1",
                                        "--init-from", str(tmp_path / "released.pt"), "--lr", "0"]))
@@ -187,7 +187,7 @@ def test_bad_data_folder_is_a_clear_error(tmp_path, make):
 
 
 @pytest.mark.parametrize("script, method", [("pretrain.py", []),
-                                            ("neighbours/densecl.py", ["--dense-level", "1", "--queue-size", "8"])])
+                                            ("experiments/neighbours/densecl.py", ["--dense-level", "1", "--queue-size", "8"])])
 def test_torchrun_two_processes_gloo(small_demo, tmp_path, script, method):
     """DDP on CPU: two ranks, a few steps; rank 0 alone writes; the checkpoint resumes in one
     process. DenseCL: keys gathered from both ranks before they are queued."""
@@ -200,7 +200,7 @@ def test_torchrun_two_processes_gloo(small_demo, tmp_path, script, method):
     rows = read_log(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3]          # one writer: no duplicated rows
     assert all(r["loss"] == r["loss"] for r in rows)        # finite (not NaN)
-    from neighbours.densecl import DENSECL
+    from experiments.neighbours.densecl import DENSECL
     hook = DENSECL if method else pretrain.OURS
     pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(tmp_path), *TINY,
                                        "--steps", "4", "--batch-pairs", "4", "--resume", *method], hook), hook)

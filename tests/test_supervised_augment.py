@@ -1,4 +1,4 @@
-"""augment.py's supervised (nnU-Net-like) augmentation for finetune.py: image and label stay
+"""supervised_augment.py (nnU-Net-like augmentation for finetune.py): image and label stay
 aligned, flips are exact, zero strength is the identity, each transform's draws follow its
 parameters, no class appears that was not in the patch, meta tensors (no host sync), and the
 blur against scipy."""
@@ -11,7 +11,7 @@ import torch
 from scipy.ndimage import gaussian_filter1d
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import augment  # noqa: E402
+import supervised_augment as augment  # noqa: E402
 
 
 def gen(seed=0):

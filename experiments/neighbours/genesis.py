@@ -9,8 +9,8 @@ so this is Table 1's "L_r only" row with out-painting and Models Genesis' rates.
 Adapted: our FPN + the paper's reconstruction head, our data, optimiser and budgets, not the
 3D U-Net and schedule of Models Genesis.
 
-    python neighbours/genesis.py --data demo --out runs/genesis-demo
-    python neighbours/genesis.py --data DATA_DIR --out runs/genesis       # paper-scale settings
+    python experiments/neighbours/genesis.py --data demo --out runs/genesis-demo
+    python experiments/neighbours/genesis.py --data DATA_DIR --out runs/genesis       # paper-scale settings
 
 Every pretrain.py flag applies (data, network, optimisation, resume, torchrun); writes the same
 backbone.pt for linear_probe.py and finetune.py.
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the stage files, one folder up
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository: the stage files
 import pretrain  # noqa: E402
 from augment import _check_batch, _rand, bezier_intensity, inpaint_mask, local_pixel_shuffle  # noqa: E402
-from neighbours.common import RestorativeModel  # noqa: E402
+from experiments.neighbours.common import RestorativeModel  # noqa: E402
 
 
 def outpaint_box(shape, generator, device=None, keep_fraction=(3 / 7, 4 / 7)):
@@ -79,7 +79,7 @@ def both_views(batch, device):
 
 class Genesis(pretrain.Method):
     """Models Genesis: restore the corrupted patch (MSE)."""
-    name, script, loss_names = "genesis", "neighbours/genesis.py", ("loss_recon",)
+    name, script, loss_names = "genesis", "experiments/neighbours/genesis.py", ("loss_recon",)
 
     def build_model(self, cfg):
         return RestorativeModel(dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"]))

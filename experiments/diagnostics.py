@@ -15,20 +15,23 @@ say what tissue a voxel is, or where it sits in its crop? And how sure is a pair
 - paired_bootstrap: the mean of paired differences (pretrained - scratch, same cases, seeds and
   batches) with a percentile bootstrap 95% interval.
 
-    python diagnostics.py --geometry                                   # the offset statistic, demo vs paper
-    python diagnostics.py --data demo --backbone runs/pretrain-demo/backbone.pt --random-init
+    python experiments/diagnostics.py --geometry                     # the offset statistic, demo vs paper
+    python experiments/diagnostics.py --data demo --backbone runs/pretrain-demo --random-init
 """
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from data import PairDataset, sample_pair
-from model import sample_voxels
-from runtime import positive_int
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository: the stage files
+from data import PairDataset, sample_pair  # noqa: E402
+from model import sample_voxels  # noqa: E402
+from runtime import positive_int  # noqa: E402
 
 PAPER_GEOMETRY = dict(volume=(300, 250, 120), patch=(128, 128, 32))   # abdominal CT at 1 x 1 x 2 mm
-DEMO_GEOMETRY = dict(volume=(52, 45, 20), patch=(24, 24, 8))          # phantom.DEMO_SCALE, pretrain.DEMO
+DEMO_VOLUME = (52, 45, 20)                                             # a demo phantom at demo.DEMO_SCALE
 
 
 def view_offsets(volume_shape, patch_size, pairs=2000, seed=0):
@@ -105,7 +108,7 @@ def matching_agreement(backbone, data_dir, level, pairs=64, patch_size=(32, 32, 
     FPN level `level` whose most similar view-B location (densecl.dense_matches on the backbone's
     features) is the geometrically corresponding one or its neighbour (Chebyshev distance <= 1
     cell), among the A locations whose correspondent lies inside B."""
-    from neighbours.densecl import dense_matches
+    from experiments.neighbours.densecl import dense_matches
     dataset = PairDataset(data_dir, patch_size, num_voxels=16, length=pairs, seed=seed)
     hits = total = 0
     backbone.eval()
@@ -138,12 +141,13 @@ def paired_bootstrap(differences, n_boot=10_000, seed=0, level=0.95):
 
 def main(args):
     if args.geometry:
-        for name, g in (("demo", DEMO_GEOMETRY), ("paper", PAPER_GEOMETRY)):
+        from pretrain import DEMO
+        for name, g in (("demo", dict(volume=DEMO_VOLUME, patch=tuple(DEMO["patch_size"]))), ("paper", PAPER_GEOMETRY)):
             o = view_offsets(g["volume"], g["patch"], args.pairs)
             print(f"{name:<6} volume {g['volume']}, patch {g['patch']}: median |view offset| / patch per axis "
                   f"{np.round(np.median(o, 0), 3).tolist()}, mean {np.round(o.mean(0), 3).tolist()}")
         return
-    from convert import read_backbone_file
+    from downstream import read_backbone_file
     from model import FPN3d
     from preprocess import resolve_data_dir
     data_dir = resolve_data_dir(args.data)
@@ -161,7 +165,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--geometry", action="store_true", help="the view-offset statistic for the demo and paper geometry")
     p.add_argument("--data", default="demo")
-    p.add_argument("--backbone", help="backbone.pt (or the authors' weights)")
+    p.add_argument("--backbone", help="a pretrain.py run folder or its backbone.pt (or the authors' weights)")
     p.add_argument("--random-init", action="store_true", help="also a random FPN of the same size, for comparison")
     p.add_argument("--patch-size", type=positive_int, nargs=3, default=(24, 24, 8), help="the pretraining patch")
     p.add_argument("--pairs", type=positive_int, default=24)

@@ -1,17 +1,18 @@
 """Pieces two neighbouring methods share (nothing of the paper's method uses them):
-- block_mask: masked-image-modelling masks (mim.py; medcontext.py masks the same way);
+- block_mask, check_mask_block: masked-image-modelling masks (mim.py; medcontext.py masks the same way);
 - RestorativeModel: the FPN with a reconstruction head (genesis.py, mim.py);
 - ema_update / frozen_copy: an exponential-moving-average copy of a network (DenseCL's key
   encoder, MedContext's teacher).
 """
 import copy
+import math
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the stage files, one folder up
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository: the stage files
 from model import FPN3d, reconstruction_head  # noqa: E402
 
 
@@ -33,6 +34,17 @@ def block_mask(shape, generator, ratio, block, device=None):
     for a, b in enumerate(block):
         masked = masked.repeat_interleave(b, dim=1 + a)
     return masked[:, None, :dims[0], :dims[1], :dims[2]]
+
+
+def check_mask_block(flag, block, patch_size, ratio, ratio_flag):
+    """ValueError, one line, for a mask block that cannot honour the asked ratio: larger than the
+    patch (block_mask would cut it to the patch), or so large that the patch holds too few blocks
+    for round(ratio * blocks) / blocks to come within 0.1 of the ratio."""
+    cells = math.prod(-(-p // max(1, min(b, p))) for b, p in zip(block, patch_size))
+    masked = round(ratio * cells) / cells
+    if any(b > p for b, p in zip(block, patch_size)) or abs(masked - ratio) > 0.1:
+        raise ValueError(f"{flag} {' '.join(map(str, block))} in a {'x'.join(map(str, patch_size))} patch masks "
+                         f"{masked:.0%} of it, not the {ratio:.0%} of {ratio_flag}: give a smaller block")
 
 
 class RestorativeModel(nn.Module):

@@ -1,4 +1,4 @@
-"""convert.py and FPN3d against the authors' layout: a state dict built here from the layout
+"""downstream.py's key map and file reader, and FPN3d against the authors' layout: a state dict built here from the layout
 description alone (their key names and shapes), converted and loaded strictly, must give the
 pyramid of a forward pass written here from the same description, on odd input sizes."""
 import pickle
@@ -10,14 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import convert
+import downstream as convert
+import runtime
 from model import ARCHS, FPN3d
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def reference_state_dict(in_channels, base, levels, g):
-    """Their FPN3d's state dict, from the layout in convert.py's docstring, random values."""
+    """Their FPN3d's state dict, from the layout in downstream.py's comment, random values."""
     sd = {}
 
     def conv(name, c_out, c_in, k):
@@ -171,9 +172,9 @@ def test_export_reference_cli(tmp_path):
     config = dict(in_channels=1, base_channels=2, num_levels=3)
     state = FPN3d(**config).state_dict()
     ours = tmp_path / "backbone.pt"
-    torch.save(dict(kind="backbone", version=convert.BACKBONE_VERSION, backbone_config=config, state_dict=state), ours)
+    torch.save(dict(kind="backbone", version=runtime.CHECKPOINT_VERSION, backbone_config=config, state_dict=state), ours)
     out = tmp_path / "theirs.pt"
-    r = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--export-reference", str(ours), str(out)],
+    r = subprocess.run([sys.executable, str(ROOT / "experiments" / "convert.py"), "--export-reference", str(ours), str(out)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     theirs = torch.load(out, weights_only=True)

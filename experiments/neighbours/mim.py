@@ -12,8 +12,8 @@ rewarded; (3) masks are blocks of several voxels at a high ratio (the 3D MIM pap
 which a 3x3x3 convolution cannot bridge by interpolation. What still passes is the mask pattern
 (the network knows where the holes are, as SimMIM's token does).
 
-    python neighbours/mim.py --data demo --out runs/mim-demo
-    python neighbours/mim.py --data DATA_DIR --out runs/mim --mask-ratio 0.75 --mask-block 8 8 4
+    python experiments/neighbours/mim.py --data demo --out runs/mim-demo
+    python experiments/neighbours/mim.py --data DATA_DIR --out runs/mim --mask-ratio 0.75 --mask-block 8 8 4
 
 Every pretrain.py flag applies; writes the same backbone.pt for linear_probe.py and finetune.py.
 """
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the stage files, one folder up
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository: the stage files
 import pretrain  # noqa: E402
 from runtime import open_fraction, positive_int  # noqa: E402
-from neighbours.common import RestorativeModel, block_mask  # noqa: E402
-from neighbours.genesis import both_views  # noqa: E402
+from experiments.neighbours.common import RestorativeModel, block_mask, check_mask_block  # noqa: E402
+from experiments.neighbours.genesis import both_views  # noqa: E402
 
 
 def masked_l1(pred, target, mask):
@@ -43,7 +43,7 @@ def masked_l1(pred, target, mask):
 
 class MIM(pretrain.Method):
     """Masked image modelling: predict the masked blocks (masked L1)."""
-    name, script, loss_names = "mim", "neighbours/mim.py", ("loss_masked_l1",)
+    name, script, loss_names = "mim", "experiments/neighbours/mim.py", ("loss_masked_l1",)
     demo = dict(mask_block=(4, 4, 2))   # 8 x 8 x 4 mm blocks: a 24 x 24 x 8 demo patch is 144 of them
 
     def add_arguments(self, p):
@@ -52,9 +52,7 @@ class MIM(pretrain.Method):
 
     def check(self, cfg):
         cfg["mask_block"] = tuple(cfg["mask_block"])
-        if not 0 < cfg["mask_ratio"] < 1 or min(cfg["mask_block"]) < 1:
-            raise ValueError(f"--mask-ratio must be in (0, 1) and --mask-block >= 1, got {cfg['mask_ratio']}, "
-                             f"{cfg['mask_block']}")
+        check_mask_block("--mask-block", cfg["mask_block"], cfg["patch_size"], cfg["mask_ratio"], "--mask-ratio")
 
     def build_model(self, cfg):
         return RestorativeModel(dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"]),

@@ -1,16 +1,17 @@
 """Where the time of a pretraining step goes, measured: one table, ratios taken in the same run.
 
-    python bench.py                                   # data path at the paper's config on this CPU
-    python bench.py --config demo --device cpu        # whole demo step on CPU
-    python bench.py --config paper --device cuda      # whole paper step on a GPU (TFLOP/s, % of bf16 peak)
-    python bench.py --probe runs/evidence/pretrain-balanced/backbone.pt   # linear probe vs volume size
-    python bench.py --finetune --config demo --steps 20   # fine-tuning step, --aug none vs nnunet-like
-    python bench.py --predict runs/ft-demo                # predict.py: single folds vs ensemble, mirroring
+    python experiments/bench.py                               # data path at the paper's config on this CPU
+    python experiments/bench.py --config demo --device cpu    # whole demo step on CPU, bf16 and fp32 columns
+    python experiments/bench.py --config paper --device cuda  # whole paper step on a GPU (TFLOP/s, % of bf16 peak)
+    python experiments/bench.py --probe runs/pretrain-demo    # linear probe vs volume size
+    python experiments/bench.py --finetune --config demo --steps 20   # fine-tuning step, --aug none vs nnunet-like
+    python experiments/bench.py --predict runs/ft             # predict.py: single folds vs ensemble, mirroring
 
 Rows: the data path for one batch (crops + correspondences on the DataLoader side, the
 augmentations on the training device), the model forward + backward, the loss, the optimizer,
-the total step, peak memory and patch pairs per second; on CUDA also the achieved TFLOP/s from
-model.count_flops and its fraction of the device's bf16 peak.
+the total step, peak memory and patch pairs per second, each with bf16 autocast (what --amp does
+on this device, when it has bf16) and in fp32; on CUDA also the achieved TFLOP/s from count_flops
+and its fraction of the device's bf16 peak.
 
 Beside the fast path it times a reference-style data path on the same volume, written from
 the documented behaviour of the authors' code (not copied from it): bookkeeping over every body
@@ -22,6 +23,8 @@ preprocessed data.
 """
 import argparse
 import json
+import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,16 +32,47 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from augment import augment_batch
-import data
-from data import PairDataset, collate_pairs
-from loss import hybrid_loss, info_nce, reconstruction_loss
-from model import count_flops
-from runtime import autocast_dtype, pick_device, positive_int
-from pretrain import build_model, parse_args as pretrain_args, resolve_config, training_step
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository: the stage files
+import data  # noqa: E402
+from augment import augment_batch  # noqa: E402
+from data import FORMAT_VERSION, PairDataset, collate_pairs  # noqa: E402
+from loss import hybrid_loss, info_nce, reconstruction_loss  # noqa: E402
+from model import BLOCKS_PER_STAGE  # noqa: E402
+from pretrain import build_model, parse_args as pretrain_args, resolve_config, training_step  # noqa: E402
+from runtime import autocast_dtype, pick_device, positive_int  # noqa: E402
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16, vendor datasheets
 VOLUME_SHAPE = (320, 320, 160)
+
+
+def count_flops(backbone_config, patch_size, recon_head=False):
+    """Forward FLOPs (2 x multiply-adds, over all convolutions) of model.FPN3d(**backbone_config)
+    on one patch (X, Y, Z), the convention of torch.utils.flop_counter; pooling, BN, ReLU,
+    upsampling and additions are not counted. recon_head=True adds PretrainModel's reconstruction
+    head. Backward is about twice the forward."""
+    cfg = dict(dict(in_channels=1, base_channels=32, num_levels=5), **backbone_config)
+    c = [cfg["base_channels"] * 2 ** l for l in range(cfg["num_levels"])]
+    if len(patch_size) != 3:
+        raise ValueError(f"count_flops: patch size must be 3 sizes, got {tuple(patch_size)}")
+    voxels = [math.prod(-(-s // 2 ** l) for s in patch_size) for l in range(len(c))]  # ceil-mode level sizes
+
+    def conv(c_in, c_out, k, v):
+        return 2 * c_in * c_out * k ** 3 * v
+
+    def block(l):                                                   # one ResBlock3d at level l
+        return 2 * conv(c[l], c[l], 3, voxels[l])
+
+    total = conv(cfg["in_channels"], c[0], 3, voxels[0])            # stem
+    for l in range(len(c)):
+        total += BLOCKS_PER_STAGE * block(l)                        # encoder
+        if l > 0:
+            total += conv(c[l - 1], c[l], 1, voxels[l])             # down 1x1x1
+    for l in range(len(c) - 1):
+        total += conv(c[l + 1], c[l], 1, voxels[l + 1]) + conv(c[l], c[l], 1, voxels[l])  # lateral + skip
+        total += BLOCKS_PER_STAGE * block(l)                        # decoder
+    if recon_head:
+        total += conv(c[0], c[0], 3, voxels[0]) + conv(c[0], 1, 1, voxels[0])
+    return total
 
 
 # ----------------------------------------------------------------------------- a benchmark volume
@@ -54,9 +88,9 @@ def write_volume(root, shape=VOLUME_SHAPE, seed=0):
     case.mkdir(parents=True)
     np.save(case / "image.npy", image.astype(np.float16))
     np.save(case / "body.npy", body)
-    (case / "meta.json").write_text(json.dumps(dict(format_version=1, case_id="bench_000", shape=list(shape))))
+    (case / "meta.json").write_text(json.dumps(dict(format_version=FORMAT_VERSION, case_id="bench_000", shape=list(shape))))
     (Path(root) / "dataset.json").write_text(json.dumps(dict(
-        format_version=1, modality="ct", preset=dict(name="ct"), labels=None,
+        format_version=FORMAT_VERSION, modality="ct", preset=dict(name="ct"), labels=None,
         cases=[dict(id="bench_000", split="unlabelled", labelled=False, shape=list(shape))])))
     return image, body
 
@@ -172,9 +206,10 @@ def conv_peak(device, repeats, dtype=None):
     return flops / (timed(fwd_bwd, device, repeats) / 1e3) / 1e9
 
 
-def bench_model(cfg, batch, device, repeats, amp, compile_model):
+def bench_model(cfg, batch, device, repeats, dtype, compile_model):
     """Forward, backward, loss, optimizer and the whole step (pretrain.training_step, the real one),
-    each timed separately; GFLOP/s of the model against conv_peak."""
+    each timed separately under autocast to `dtype` (None: fp32); GFLOP/s of the model against
+    conv_peak."""
     model = build_model(cfg).to(device, memory_format=torch.channels_last_3d)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -185,7 +220,6 @@ def bench_model(cfg, batch, device, repeats, amp, compile_model):
     x = x.contiguous(memory_format=torch.channels_last_3d)
     coords = torch.cat([batch["coords_a"], batch["coords_b"] + torch.tensor([B, 0, 0, 0])]).to(device)
     N = batch["coords_a"].shape[0]
-    dtype = autocast_dtype(device, amp)
 
     def forward():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -276,6 +310,7 @@ def bench_probe(checkpoint, fold=0, real_scale=1.0, max_seconds=300):
     from types import SimpleNamespace
     import downstream
     import linear_probe
+    import demo
     import preprocess
     device = torch.device("cpu")
     args = SimpleNamespace(checkpoint=checkpoint, init=None)
@@ -283,7 +318,7 @@ def bench_probe(checkpoint, fold=0, real_scale=1.0, max_seconds=300):
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         sets = {"demo": preprocess.resolve_data_dir("demo"),
-                f"real size (scale {real_scale})": preprocess.prepare_demo(Path(tmp) / "real", num_cases=3, scale=real_scale)}
+                f"real size (scale {real_scale})": demo.prepare_demo(Path(tmp) / "real", num_cases=3, scale=real_scale)}
         for name, data_dir in sets.items():
             ids = data.list_cases(data_dir, labelled=True)
             train_ids, test_ids = downstream.split_folds(ids, 3, 0)[fold]
@@ -322,7 +357,7 @@ def bench_finetune(config, device, repeats):
     """One fine-tuning step of finetune.py's preset (random data, 9 classes) with --aug none vs
     --aug nnunet-like, and the supervised augmentation alone. Returns {row: ms}."""
     import finetune
-    from augment import supervised_augment
+    from supervised_augment import supervised_augment
     from loss import segmentation_loss
     from model import SegmentationModel
     args = finetune.parse_args(["--data", "unused", "--init", "random", "--out", "unused", "--preset", config])
@@ -357,14 +392,14 @@ def bench_predict(run_dir, cases=6, seed=1):
     fold ensemble, without and with mirroring. Returns {row: value}."""
     import nibabel as nib
     import predict
-    import preprocess
+    import demo
     from loss import dice_per_class
     device = torch.device("cpu")
     paths = predict.find_models(run_dir)
     models, ckpts = predict.load_ensemble(paths)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        raw = preprocess.make_demo_raw(Path(tmp) / "raw", num_cases=cases, seed=seed)
+        raw = demo.make_demo_raw(Path(tmp) / "raw", num_cases=cases, seed=seed)
         scans = sorted((raw / "imagesTr").iterdir())
         labels = [np.asanyarray(nib.load(raw / "labelsTr" / s.name).dataobj) for s in scans]
         setups = {f"fold {i} alone": [i] for i in range(len(models))}
@@ -374,7 +409,7 @@ def bench_predict(run_dir, cases=6, seed=1):
                 dice, t = [], time.perf_counter()
                 for scan, label in zip(scans, labels):
                     _, pred, _ = predict.predict_scan(scan, [models[i] for i in chosen], [ckpts[i] for i in chosen],
-                                                      device, tta=tta)
+                                                      device, mirror_axes=(0, 1, 2) if tta else ())
                     dice.append(np.nanmean(dice_per_class(pred, label, len(ckpts[0]["labels"]))))
                 key = f"{name}, {'mirroring (8 flips)' if tta else 'no mirroring'}"
                 rows[f"{key}: seconds per case"] = (time.perf_counter() - t) / len(scans)
@@ -397,32 +432,39 @@ def main(args):
           f"per pair, {cfg['base_channels']}x{cfg['num_levels']} FPN), device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
     rows, batch = bench_data(cfg, device, args.repeats, not args.no_reference)
-    extra = {}
-    if not args.no_model:
-        model_rows, extra = bench_model(cfg, batch, device, args.steps, args.amp, args.compile)
-        rows.update(model_rows)
-        step_ms = rows["total step (device side: augment + model + loss + optimizer)"]
-        if device.type == "cpu":   # the CPU data side runs in DataLoader workers in parallel with the step;
-            step_ms = max(step_ms, rows["crops + correspondences (CPU, per batch)"])  # on one core it would add
-        extra["patch pairs per second"] = cfg["batch_pairs"] / step_ms * 1e3
-        extra["data path share of the step (%)"] = 100 * rows[f"augmentations ({device.type}, both views)"] / step_ms
-        if device.type == "cuda":
-            tflops = extra["model TFLOP per step (fwd + bwd, backbone)"] / (rows["model forward + backward"] / 1e3)
-            extra["achieved TFLOP/s (model fwd + bwd)"] = tflops
-            name = torch.cuda.get_device_name(device)
-            peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-            if peak:
-                extra["fraction of bf16 peak (%)"] = 100 * tflops / peak
-    print(f"\n{'measurement':<62} {'value':>12}")
-    print("-" * 75)
+    columns = {}
+    if not args.no_model:   # bf16 autocast where --amp uses it on this device, and fp32
+        dtypes = {"bf16": autocast_dtype(device), "fp32": None} if autocast_dtype(device) else {"fp32": None}
+        for name, dtype in dtypes.items():
+            model_rows, extra = bench_model(cfg, batch, device, args.steps, dtype, args.compile)
+            step_ms = model_rows["total step (device side: augment + model + loss + optimizer)"]
+            if device.type == "cpu":   # the CPU data side runs in DataLoader workers in parallel with the step
+                step_ms = max(step_ms, rows["crops + correspondences (CPU, per batch)"])
+            extra["patch pairs per second"] = cfg["batch_pairs"] / step_ms * 1e3
+            if device.type == "cuda":
+                tflops = extra["model TFLOP per step (fwd + bwd, backbone)"] / (model_rows["model forward + backward"] / 1e3)
+                extra["achieved TFLOP/s (model fwd + bwd)"] = tflops
+                peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+                if peak:
+                    extra["fraction of bf16 peak (%)"] = 100 * tflops / peak
+            columns[name] = {**{k + " (ms)": v for k, v in model_rows.items()}, **extra}
+    print(f"\n{'measurement':<66} {'value':>12}")
+    print("-" * 79)
     for k, v in rows.items():
-        print(f"{k + ' (ms)':<62} {v:>12.1f}")
-    for k, v in extra.items():
-        print(f"{k:<62} {v:>12.2f}")
+        print(f"{k + ' (ms)':<66} {v:>12.1f}")
     if "reference-style: data path total" in rows:
-        print(f"{'speed-up of the data path vs reference-style (x)':<62} "
+        print(f"{'speed-up of the data path vs reference-style (x)':<66} "
               f"{rows['reference-style: data path total'] / rows['data path total']:>12.1f}")
-    return rows, extra
+    if columns:
+        names = list(columns)
+        print(f"\n{'model step':<66} " + " ".join(f"{n:>10}" for n in names)
+              + (f" {'fp32 / bf16':>12}" if len(names) == 2 else ""))
+        print("-" * (79 + 11 * len(names)))
+        for k in columns[names[0]]:
+            values = [columns[n][k] for n in names]
+            ratio = f" {values[1] / values[0]:>12.2f}" if len(names) == 2 and values[0] else ""
+            print(f"{k:<66} " + " ".join(f"{v:>10.2f}" for v in values) + ratio)
+    return rows, columns
 
 
 def parse_args(argv=None):
@@ -433,7 +475,6 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=positive_int, default=5, help="timed repeats of each data measurement")
     p.add_argument("--no-model", action="store_true", help="data path only (the paper model on a CPU takes minutes per step)")
     p.add_argument("--no-reference", action="store_true", help="skip the slow reference-style path")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--predict", metavar="RUN_DIR", help="instead: predict.py's fold ensemble and mirroring on held-out "
                                                         "demo phantoms (a finetune.py --out folder)")

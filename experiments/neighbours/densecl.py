@@ -16,8 +16,8 @@ pools the coarsest level. The decoder below the dense level feeds no loss and st
 initialisation (frozen, which DDP needs). The views are our overlapping crops with the local
 augmentations, as for ours: only the matching differs. No shuffle-BN.
 
-    python neighbours/densecl.py --data demo --out runs/densecl-demo
-    python neighbours/densecl.py --data DATA_DIR --out runs/densecl
+    python experiments/neighbours/densecl.py --data demo --out runs/densecl-demo
+    python experiments/neighbours/densecl.py --data DATA_DIR --out runs/densecl
 
 Every pretrain.py flag applies; writes the same backbone.pt for linear_probe.py and finetune.py.
 """
@@ -29,11 +29,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the stage files, one folder up
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository: the stage files
 import pretrain  # noqa: E402
 from augment import KINDS, augment_batch  # noqa: E402
 from model import FPN3d  # noqa: E402
-from neighbours.common import ema_update, frozen_copy  # noqa: E402
+from experiments.neighbours.common import ema_update, frozen_copy  # noqa: E402
 from runtime import momentum, non_negative_int, positive_float, positive_int, unit_interval, unwrap  # noqa: E402
 
 
@@ -166,7 +166,7 @@ def gather_keys(k):
 
 class DenseCL(pretrain.Method):
     """DenseCL: global MoCo + dense loss with similarity-matched positives."""
-    name, script, loss_names = "densecl", "neighbours/densecl.py", ("loss_global", "loss_dense")
+    name, script, loss_names = "densecl", "experiments/neighbours/densecl.py", ("loss_global", "loss_dense")
     # The demo's 300 steps: level 2 (level 3 of a demo patch leaves 32 locations), a queue of 256
     # (4 keys per step: full after 64 steps), momentum 0.99 (at 0.999 the key encoder would keep
     # 74% of its random initialisation after 300 steps).
@@ -181,8 +181,6 @@ class DenseCL(pretrain.Method):
         p.add_argument("--ema-momentum", type=momentum, default=0.999, help="key-encoder momentum")
 
     def check(self, cfg):
-        if not 0 <= cfg["ema_momentum"] < 1:
-            raise ValueError(f"--ema-momentum must be in [0, 1), got {cfg['ema_momentum']}")
         if cfg["queue_size"] < cfg["batch_pairs"]:
             raise ValueError(f"--queue-size {cfg['queue_size']} is smaller than one step's keys ({cfg['batch_pairs']})")
 

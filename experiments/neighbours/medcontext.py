@@ -16,8 +16,8 @@ re-estimation after training no longer matches), inside one forward call (TwoInp
 DDP sees one forward per step. The teacher runs in train mode (batch statistics), as MoCo's key
 encoder, its running statistics never being trained; the student is what is saved.
 
-    python neighbours/medcontext.py --data demo --init random --out runs/medcontext-demo --train-cases 1
-    python neighbours/medcontext.py --data demo --checkpoint runs/pretrain-demo/backbone.pt --out runs/mc-ours
+    python experiments/neighbours/medcontext.py --data demo --init random --out runs/medcontext-demo --train-cases 1
+    python experiments/neighbours/medcontext.py --data demo --checkpoint runs/pretrain-demo/backbone.pt --out runs/mc-ours
 
 Every finetune.py flag applies (it is finetune.py's loop with this step); writes the same
 results.json and model_fold<k>.pt.
@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the stage files, one folder up
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository: the stage files
 import finetune  # noqa: E402
 from loss import segmentation_loss  # noqa: E402
-from neighbours.common import block_mask, ema_update, frozen_copy  # noqa: E402
+from experiments.neighbours.common import block_mask, check_mask_block, ema_update, frozen_copy  # noqa: E402
 from runtime import momentum, non_negative_float, open_fraction, positive_int, world_info  # noqa: E402
 
 
@@ -56,7 +56,7 @@ class TwoInputs(torch.nn.Module):
 
 class MedContext(finetune.Training):
     """MedContext: supervised training plus a masked student and an EMA teacher's consistency."""
-    name, script = "medcontext", "neighbours/medcontext.py"
+    name, script = "medcontext", "experiments/neighbours/medcontext.py"
     demo = dict(mc_mask_block=(4, 4, 2), mc_momentum=0.99)
     keys = ("mc_beta", "mc_mask_ratio", "mc_mask_block", "mc_mask_shape", "mc_momentum")
 
@@ -68,6 +68,11 @@ class MedContext(finetune.Training):
         p.add_argument("--mc-mask-shape", choices=["cube", "column"], default="cube",
                        help="blocks, or columns through all slices")
         p.add_argument("--mc-momentum", type=momentum, default=0.999, help="teacher EMA momentum")
+
+    @staticmethod
+    def check(cfg):
+        block = cfg["mc_mask_block"] if cfg["mc_mask_shape"] == "cube" else (*cfg["mc_mask_block"][:2], cfg["patch_size"][2])
+        check_mask_block("--mc-mask-block", block, cfg["patch_size"], cfg["mc_mask_ratio"], "--mc-mask-ratio")
 
     def __init__(self, model, cfg, seed, device):
         super().__init__(model, cfg, seed, device)

@@ -1,8 +1,10 @@
-"""Hostile and mistaken command lines. (1) Table-driven over every script's flags: for each flag
-whose argparse type is one of runtime's checked types, invalid values generated from that type
-must exit 2 with argparse's one line naming the flag, no traceback, and no file written.
-(2) The six cases of the second hostile pass, each of which the code before it got wrong."""
+"""Command lines, checked where they are parsed. (1) Every flag type of runtime.py: good values
+pass, bad ones exit 2 with argparse's one line naming the flag and the rule; and every numeric
+flag of every script (the stages, predict.py, the lab's) is declared with one of those types.
+(2) Hostile and mistaken command lines of the earlier passes, each of which the code before it
+got wrong."""
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -18,22 +20,25 @@ import runtime
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Bad values for each checked type (what a careless or hostile user types).
-BAD = {runtime.positive_int: ["0", "-1", "1.5", "abc", ""],
-       runtime.non_negative_int: ["-1", "2.5", "x"],
-       runtime.positive_float: ["0", "-1", "nan", "inf", "x"],
-       runtime.non_negative_float: ["-1", "nan", "-inf", "x"],
-       runtime.open_fraction: ["0", "1", "1.5", "-0.2", "nan"],
-       runtime.unit_interval: ["-0.1", "1.01", "nan"],
-       runtime.momentum: ["1", "-0.1", "2", "nan"]}
 # Every script with flags, and the least it needs to parse.
 SCRIPTS = {"pretrain": ["--data", "d"], "finetune": ["--data", "d", "--out", "o", "--init", "random"],
            "linear_probe": ["--data", "d", "--out", "o", "--init", "random"],
-           "predict": ["-i", "in", "-o", "out", "--model", "m"], "preprocess": [], "bench": [],
-           "convert": ["--inspect", "x"], "evidence": [], "diagnostics": ["--geometry"],
-           "neighbours.genesis": ["--data", "d"], "neighbours.mim": ["--data", "d"],
-           "neighbours.densecl": ["--data", "d"],
-           "neighbours.medcontext": ["--data", "d", "--out", "o", "--init", "random"]}
+           "predict": ["-i", "in", "-o", "out", "--model", "m"], "preprocess": [],
+           "experiments.bench": [], "experiments.convert": ["--inspect", "x"], "experiments.evidence": [],
+           "experiments.diagnostics": ["--geometry"], "experiments.pretrain_grid": [],
+           "experiments.compare": ["a"],
+           "experiments.neighbours.genesis": ["--data", "d"], "experiments.neighbours.mim": ["--data", "d"],
+           "experiments.neighbours.densecl": ["--data", "d"],
+           "experiments.neighbours.medcontext": ["--data", "d", "--out", "o", "--init", "random"]}
+# Each checked type: values it takes, values it refuses and the words of its message.
+TYPES = {runtime.positive_int: (["1", "7"], ["0", "-1", "1.5", "abc", ""], ">= 1"),
+         runtime.non_negative_int: (["0", "3"], ["-1", "2.5", "x"], ">= 0"),
+         runtime.positive_float: (["1e-3", "2"], ["0", "-1", "nan", "inf", "x"], "> 0"),
+         runtime.non_negative_float: (["0", "0.5"], ["-1", "nan", "-inf", "x"], ">= 0"),
+         runtime.open_fraction: (["0.5", "0.01"], ["0", "1", "1.5", "-0.2", "nan"], "in (0, 1)"),
+         runtime.unit_interval: (["0", "1", "0.3"], ["-0.1", "1.01", "nan"], "in [0, 1]"),
+         runtime.momentum: (["0", "0.999"], ["1", "-0.1", "2", "nan"], "in [0, 1)"),
+         runtime.axis: (["0", "2"], ["3", "-1", "x"], "0, 1 or 2")}
 
 
 class _Captured(Exception):
@@ -58,41 +63,56 @@ def parser_of(module, argv):
     return seen["parser"]
 
 
-def cases():
-    import importlib
-    out = []
-    for name, required in SCRIPTS.items():
-        module = importlib.import_module(name)
-        for action in parser_of(module, required)._actions:
-            if action.type in BAD and action.option_strings:
-                flag = action.option_strings[-1]
-                for bad in BAD[action.type]:
-                    values = [bad] + ["1"] * ((action.nargs if isinstance(action.nargs, int) else 1) - 1)
-                    out.append(pytest.param(name, required, flag, values, id=f"{name} {flag} {bad!r}"))
-    return out
+def test_the_types_cover_every_checked_type():
+    assert set(TYPES) == set(runtime.CHECKED_TYPES)
 
 
-CASES = cases()
+@pytest.mark.parametrize("kind", list(TYPES), ids=lambda k: k.__name__)
+def test_each_flag_type_takes_good_values_and_names_bad_ones(kind, capsys):
+    good, bad, rule = TYPES[kind]
+    p = argparse.ArgumentParser(prog="script")
+    p.add_argument("--value", type=kind)
+    for text in good:
+        assert p.parse_args([f"--value={text}"]).value == pytest.approx(float(text))
+    for text in bad:
+        with pytest.raises(SystemExit) as e:
+            p.parse_args([f"--value={text}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and err[-1].startswith("script: error: argument --value: ")
+        assert (rule in err[-1]) or "not a" in err[-1] or "finite" in err[-1]
 
 
-def test_every_checked_script_is_covered():
-    """The table reaches every script, and most numeric flags (a regression guard for the table)."""
-    assert {c.values[0] for c in CASES} == set(SCRIPTS) - {"convert", "evidence"}
-    assert len(CASES) > 300
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_every_numeric_flag_is_declared_with_a_checked_type(name):
+    """A flag that takes a number is parsed by a checked type (not int / float, not a string):
+    the type is one of runtime.CHECKED_TYPES whenever there is a type, and a flag whose default
+    is a number has one."""
+    parser = parser_of(importlib.import_module(name), SCRIPTS[name])
+    for action in parser._actions:
+        if not action.option_strings or isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction,
+                                                            argparse.BooleanOptionalAction)):
+            continue
+        defaults = action.default if isinstance(action.default, (list, tuple)) else [action.default]
+        numeric = any(isinstance(d, (int, float)) and not isinstance(d, bool) for d in defaults)
+        flag = action.option_strings[-1]
+        if action.type is not None or numeric:
+            assert action.type in runtime.CHECKED_TYPES, f"{name} {flag}: type {action.type}"
 
 
-@pytest.mark.parametrize("name, required, flag, values", CASES)
-def test_bad_value_exits_2_with_one_line(name, required, flag, values, tmp_path, monkeypatch, capsys):
-    import importlib
-    module = importlib.import_module(name)
+def test_a_bad_value_exits_2_before_any_file_is_written(tmp_path, monkeypatch, capsys):
+    """One bad value per script, where it is parsed: exit 2, argparse's line, nothing written."""
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        module.parse_args([*required, flag, *values])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2
-    assert f"argument {flag}" in err[-1] and "error:" in err[-1]
-    assert not any("Traceback" in line for line in err)
-    assert not list(tmp_path.iterdir())                              # nothing written
+    for name, required in SCRIPTS.items():
+        parser = parser_of(importlib.import_module(name), required)
+        action = next((a for a in parser._actions if a.type in runtime.CHECKED_TYPES), None)
+        if action is None:
+            continue
+        values = [TYPES[action.type][1][0]] + ["1"] * ((action.nargs if isinstance(action.nargs, int) else 1) - 1)
+        with pytest.raises(SystemExit) as e:
+            importlib.import_module(name).parse_args([*required, action.option_strings[-1], *values])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and f"argument {action.option_strings[-1]}" in err[-1], name
+        assert not any("Traceback" in line for line in err) and not list(tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------------- the six cases
@@ -171,7 +191,7 @@ def test_resume_refuses_a_changed_seed_or_data(small_demo, tmp_path, flag, value
 
 
 def test_export_reference_never_writes_over_its_input(small_demo, tmp_path):
-    import convert
+    from experiments import convert
     import pretrain
     out = tmp_path / "run"
     pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(out), *TINY, "--steps", "1"]))
@@ -192,7 +212,7 @@ def test_export_reference_never_writes_over_its_input(small_demo, tmp_path):
 
 
 def test_inspect_reports_our_own_backbone(small_demo, tmp_path, capsys):
-    import convert
+    from experiments import convert
     import pretrain
     out = tmp_path / "run"
     pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(out), *TINY, "--steps", "1"]))

@@ -1,20 +1,26 @@
-"""What pretraining buys, measured: every number and figure in the README's "Results" comes from
-this script, which only runs the stage scripts' own command lines (issue 17's protocol).
+"""What pretraining buys, measured: every number and figure of docs/results.md comes from this
+script, which only runs the stage scripts' own command lines (from the repository root).
 
-    python evidence.py                                    # the demo evidence (~100 min on 2 idle CPU cores)
-    python evidence.py --data LABELLED --unlabelled UNLABELLED [--preset demo]   # the same on your scans
-    python evidence.py --neighbours                       # Models Genesis, MIM, DenseCL, MedContext beside ours
-    python evidence.py --ablation                         # Table 1's rows (after the above)
-    python evidence.py --quick --data DIR --unlabelled U  # a few steps of everything (the test suite runs this)
+    python experiments/evidence.py                        # the demo evidence (2 CPU cores: docs/results.md says how long)
+    python experiments/evidence.py --data LABELLED --unlabelled UNLABELLED [--preset demo]   # the same on your scans
+    python experiments/evidence.py --neighbours           # Models Genesis, MIM, DenseCL, MedContext beside ours
+    python experiments/evidence.py --ablation             # Table 1's rows (after the above)
+    python experiments/evidence.py --quick --data DIR --unlabelled U   # a few steps of everything (the tests run this)
 
-The protocol (PROTOCOL below), fixed before its first run on 2026-11-29 and not changed after:
+The protocol (PROTOCOL below; changed only by a commit made before the run that uses it):
 1. Corpora kept apart. Pretraining reads the unlabelled corpus (`demo-unlabelled`: 200 phantoms of
-   their own seed stream); the labelled set has a fixed split (DATA/split.json, or OUT/split.json
-   made by preprocess.demo_split): a training pool, validation cases (choosing a recipe only) and
-   test cases (every reported Dice). The control pretrains on the labelled training pool alone.
-2. A pretraining curve: ours and vox2vec (--method vox2vec), the same steps, backbones kept at
-   `keep_steps` (0 = random init); a linear probe (fitted on the training pool, scored on the test
-   cases) of every kept backbone. "random init" is ours at step 0.
+   their own seed stream; a corpus that shares a scan with the labelled set is refused); the
+   labelled set has a fixed split (DATA/split.json, or OUT/split.json made by demo.demo_split): a
+   training pool, validation cases (choosing a recipe only) and test cases (every reported Dice).
+   The control pretrains on the labelled training pool alone.
+2. A pretraining curve: ours and vox2vec (--method vox2vec) with the demo's recipe (`pretrain`:
+   the one experiments/pretrain_grid.py chose on the validation cases, whose `steps` are the
+   quick start's budget), run on to `curve_steps` (the end of the curve, where the aims are read),
+   backbones kept at `keep_steps` (0 = random init; the default budget among them); a linear probe
+   (fitted on the training pool, scored on the test cases) of every kept backbone. "random init"
+   is ours at step 0. At a constant lr the curve's backbone at the default budget is the default
+   run's own (the data order does not depend on the run's length); under a schedule it is a run
+   of its own.
 3. The shortcut diagnostic (diagnostics.py) of every backbone, random init included, on
    un-augmented pairs cropped from the test cases with the pretraining patch.
 4. Fine-tuning as a paired comparison, pretrained (ours, end of the curve) vs from scratch, at
@@ -23,40 +29,49 @@ The protocol (PROTOCOL below), fixed before its first run on 2026-11-29 and not 
    and head initialisation. The recipe: a grid of backbone lr scale x schedule, run on draw 0
    with one case, scored on the validation cases; each arm takes its best cell, then runs every
    draw with it. Schedules: "freeze-ramp" is the paper's (backbone frozen, then an exponential
-   ramp) with BatchNorm trainable while frozen (the authors' Lightning setting); "warm-up" trains
-   everything from step 0 after a linear warm-up of every lr (nnssl). For the scratch arm
-   finetune.py never freezes (a frozen random backbone is no recipe anyone uses), so its
-   "freeze-ramp" cells are plain training at the scaled lr. Both arms: --aug none, the paper's
-   protocol (on the demo finetune.py's default augmentation costs scratch 0.75 -> 0.33 at one
-   case, README "Augmentation in supervised training").
+   ramp, `freeze_ramp`) with BatchNorm trainable while frozen (the authors' Lightning setting);
+   "warm-up" trains everything from step 0 after a linear warm-up of every lr (nnssl). From
+   scratch finetune.py never freezes (a frozen random backbone is no recipe anyone uses), so
+   there the "freeze-ramp" cells are plain training at the scaled lr. Both arms: --aug none, the
+   paper's protocol (docs/augmentation.md shows what nnU-Net's augmentation costs the demo).
    Reported: test Dice every `eval_every` steps (convergence), the mean paired difference
    (pretrained - scratch, one pair per draw) with a percentile bootstrap 95% interval, the steps
    each arm needs to reach `target_dice`, and how far fine-tuning moved each backbone level.
-Aims (issue 17): probe ours - random >= +0.10 at the end of the curve, ours >= vox2vec;
-fine-tuned - scratch >= +0.05 at one case with the interval above 0; ours' retrieval at large view
-offsets >= 0.5 x at small ones. That last one, said before the run: it is a necessary sign that
-the features do not match voxels by their place in the crop, not a sufficient one (the probe
-says whether what they match by is useful), so it is read beside the probe and the R^2 change.
-Results: OUT/evidence.md, OUT/evidence.json (the headline keys of issue 17 and every cell),
-OUT/*.png. A re-run skips every command whose output exists: an interrupted run continues.
+   Draw 0 of one case is also fine-tuned from the backbone at the default budget (the quick
+   start's cell).
+Aims: probe ours - random >= +0.10 at the end of the curve, ours >= vox2vec; fine-tuned - scratch
+>= +0.05 at one case with the interval above 0; ours' retrieval at large view offsets >= 0.5 x at
+small ones (a necessary sign that the features do not match voxels by their place in the crop,
+not a sufficient one, so it is read beside the probe and the R^2 change).
+Results: OUT/evidence.md, OUT/evidence.json (the headline keys and every cell), OUT/*.png, every
+path relative to the repository. A re-run skips every command whose output exists: an
+interrupted run continues.
 """
 import argparse
 import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-PROTOCOL = dict(pretrain_steps=2000, keep_steps=(0, 100, 300, 1000), budgets=(1, 2), draws={1: 5, 2: 3},
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository: the stage files
+from experiments.lab import command_lines, run_stage, shown  # noqa: E402
+
+# The pretraining recipe is the one experiments/pretrain_grid.py chose on the validation cases
+# (pretrain.DEMO holds the same values, so the quick start reproduces this protocol's cells).
+PROTOCOL = dict(pretrain=dict(steps=1260, lr=3e-4, warmup_steps=0, lr_schedule="constant", batch_pairs=8,
+                              num_voxels=128),
+                # curve_steps: the wall time of the earlier 6,000-step run of 4 pairs (docs/history.md), at 8 pairs
+                curve_steps=4200, keep_steps=(0, 100, 300, 700, 1260, 2100, 3150), budgets=(1, 2), draws={1: 5, 2: 3},
                 lr_scales=(1.0, 1 / 3, 1 / 10), schedules=("freeze-ramp", "warm-up"), warmup_steps=50,
+                freeze_ramp=dict(freeze_steps=150, ramp_steps=40, ramp_start_lr=2e-4),
                 eval_every=50, target_dice=0.6, aug="none", n_boot=10_000, shortcut_pairs=48, agreement_pairs=64)
 # --quick: every command of the protocol with a few steps; checks the pipeline, not the numbers.
-QUICK = dict(PROTOCOL, pretrain_steps=2, keep_steps=(0, 1), budgets=(1,), draws={1: 1}, lr_scales=(1.0,),
-             eval_every=2, shortcut_pairs=4, agreement_pairs=4)
+QUICK = dict(PROTOCOL, pretrain=dict(PROTOCOL["pretrain"], steps=2, warmup_steps=0), curve_steps=3, keep_steps=(0, 2),
+             budgets=(1,), draws={1: 1}, lr_scales=(1.0,), freeze_ramp=dict(freeze_steps=1, ramp_steps=1, ramp_start_lr=2e-4),
+             warmup_steps=1, eval_every=2, shortcut_pairs=4, agreement_pairs=4)
 ARMS = {"scratch": "from scratch", "pretrained": "fine-tuned (ours)"}
 # The paper's numbers, for scale (real CT / MRI, 50,000 pretraining steps on an A100).
 PAPER = {"linear probe": "MRI (Table 1): vox2vec 58.8, ours 65.7; CT/BTCV (Table 2): vox2vec 62.0, ours 65.6",
@@ -64,35 +79,22 @@ PAPER = {"linear probe": "MRI (Table 1): vox2vec 58.8, ours 65.7; CT/BTCV (Table
 
 
 def run(script, *args, log, done=None):
-    """Run one stage's own command line; skipped when its output `done` exists (a re-run continues)."""
-    cmd = [sys.executable, str(HERE / script), *map(str, args)]
-    shown = "python " + " ".join([script, *map(str, args)])
-    if finished(done, script, [str(a) for a in args]):
-        print(f"\n(already done: {shown})", flush=True)
-        log.append(dict(command=shown, seconds=None))
-        return
-    print(f"\n$ {shown}", flush=True)
-    t = time.time()
-    code = subprocess.run(cmd, cwd=HERE).returncode
-    if code:
-        sys.exit(f"evidence.py: error: `{shown}` failed with exit code {code} (its own message is above); "
-                 "fix it and run evidence.py again: finished commands are skipped")
-    log.append(dict(command=shown, seconds=round(time.time() - t, 1)))
-
-
-def finished(done, script, args):
-    """The command's output exists and was made with the same augmentation: a fine-tune from before
-    finetune.py had --aug (trained without augmentation) is another experiment, run again."""
-    if done is None or not Path(done).exists():
-        return False
-    if script in ("finetune.py", "neighbours/medcontext.py") and Path(done).name == "results.json":
-        aug = args[args.index("--aug") + 1] if "--aug" in args else "nnunet-like"
-        return json.loads(Path(done).read_text())["config"].get("aug", "none") == aug
-    return True
+    """One stage's own command line, from the repository root; skipped when its output exists."""
+    run_stage(script, *args, log=log, done=done, name="evidence.py")
 
 
 def result(path):
     return json.loads((Path(path) / "results.json").read_text())
+
+
+def pretrain_flags(recipe):
+    """pretrain.py flags of a recipe dict (steps, lr, warmup_steps, lr_schedule, batch_pairs, num_voxels)."""
+    return [w for k, v in recipe.items() for w in (f"--{k.replace('_', '-')}", v)]
+
+
+def curve_flags(proto):
+    """The recipe's flags for a run to the end of the curve (the neighbours' and the ablation's)."""
+    return pretrain_flags(dict(proto["pretrain"], steps=proto["curve_steps"]))
 
 
 def pretrain_summary(run_dir):
@@ -106,9 +108,11 @@ def pretrain_summary(run_dir):
                 steps=rows[-1]["step"], seconds=rows[-1]["seconds"], patch_size=cfg["patch_size"])
 
 
-def claim_output(args):
-    """OUT continues an earlier run of the same protocol (finished commands are skipped); one made
-    with other data or another --quick would mix into its tables: refused unless --force."""
+def check_inputs(args):
+    """Before any work: the labelled set and a corpus kept apart from it, each a preprocess.py
+    folder; a labelled set large enough for a training pool, a validation and a test case."""
+    from data import list_cases, load_case
+    from preprocess import resolve_data_dir
     if args.data != "demo" and not (Path(args.data) / "dataset.json").is_file():
         sys.exit(f"evidence.py: error: --data {args.data}: no dataset.json (a preprocess.py output folder, or 'demo')")
     if args.unlabelled is None:
@@ -118,7 +122,26 @@ def claim_output(args):
         args.unlabelled = "demo-unlabelled"
     elif args.unlabelled != "demo-unlabelled" and not (Path(args.unlabelled) / "dataset.json").is_file():
         sys.exit(f"evidence.py: error: --unlabelled {args.unlabelled}: no dataset.json (a preprocess.py output folder)")
+    data, corpus = resolve_data_dir(args.data), resolve_data_dir(args.unlabelled)
+    labelled = list_cases(data, labelled=True)
+    if len(labelled) < 3:
+        sys.exit(f"evidence.py: error: --data {args.data}: {len(labelled)} labelled case(s); the protocol needs a "
+                 "training pool, a validation and a test case, at least 3")
+    scans = lambda folder, ids: {load_case(folder, c)["meta"].get("image_file") for c in ids}
+    shared = scans(data, labelled) & scans(corpus, list_cases(corpus))
+    if Path(data).resolve() == Path(corpus).resolve() or shared:
+        sys.exit(f"evidence.py: error: --unlabelled {args.unlabelled} is not kept apart from --data {args.data}: "
+                 + (f"{len(shared)} of its scans are labelled cases (e.g. {sorted(shared)[0]})" if shared else
+                    "it is the same folder") + "; pretrain on a corpus without the labelled scans")
+
+
+def claim_output(args):
+    """OUT continues an earlier run of the same protocol (finished commands are skipped); one made
+    with other data or another --quick would mix into its tables: refused unless --force."""
+    check_inputs(args)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        sys.exit(f"evidence.py: error: --out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     record = out / "evidence-args.json"
     made = dict(data=str(args.data), unlabelled=str(args.unlabelled), quick=bool(args.quick), preset=args.preset)
@@ -131,27 +154,36 @@ def claim_output(args):
 
 def split_file(data_arg, out):
     """The labelled set's fixed split: DATA/split.json (preprocess.py --demo writes one), else one
-    made here (preprocess.demo_split over the labelled cases) and kept as OUT/split.json."""
-    from data import list_cases
-    from preprocess import demo_split, resolve_data_dir
+    made here (demo.demo_split over the labelled cases) and kept as OUT/split.json."""
+    from data import list_cases, read_split
+    from demo import demo_split
+    from preprocess import resolve_data_dir
     data_dir = resolve_data_dir(data_arg)
-    if (data_dir / "split.json").is_file():
-        return data_dir / "split.json"
-    if not (out / "split.json").is_file():
-        ids = list_cases(data_dir, labelled=True)
-        if len(ids) < 3:
-            sys.exit(f"evidence.py: error: --data {data_arg}: {len(ids)} labelled case(s); a training pool, "
-                     "a validation and a test case need at least 3")
-        (out / "split.json").write_text(json.dumps(demo_split(ids), indent=1))
-    return out / "split.json"
+    path = data_dir / "split.json"
+    if not path.is_file():
+        path = out / "split.json"
+        if not path.is_file():
+            path.write_text(json.dumps(demo_split(list_cases(data_dir, labelled=True)), indent=1))
+    try:
+        split = read_split(path, list_cases(data_dir, labelled=True))
+    except ValueError as e:
+        sys.exit(f"evidence.py: error: {e}")
+    if not split["val"]:
+        sys.exit(f"evidence.py: error: {path}: the 'val' list is empty; the recipe grid is scored on it")
+    return path
 
 
-def recipe_flags(recipe, proto):
-    """finetune.py flags of one grid cell {"schedule", "lr_scale"}."""
-    flags = ["--backbone-lr-scale", f"{recipe['lr_scale']:.6g}"]
-    if recipe["schedule"] == "freeze-ramp":
-        return flags + ["--frozen-bn", "train"]
-    return flags + ["--freeze-steps", "0", "--ramp-steps", "0", "--warmup-steps", str(proto["warmup_steps"])]
+def recipe_flags(recipe, proto, arm):
+    """finetune.py flags of one grid cell {"schedule", "lr_scale"} for one arm. From scratch
+    finetune.py never freezes, so there a "freeze-ramp" cell is plain training at the scaled lr."""
+    flags = ["--backbone-lr-scale", f"{recipe['lr_scale']:.6g}",
+             "--warmup-steps", proto["warmup_steps"] if recipe["schedule"] == "warm-up" else 0]
+    if arm == "scratch":
+        return flags
+    if recipe["schedule"] == "warm-up":
+        return flags + ["--freeze-steps", "0", "--ramp-steps", "0"]
+    return flags + [w for k, v in proto["freeze_ramp"].items() for w in (f"--{k.replace('_', '-')}", v)] + \
+        ["--frozen-bn", "train"]
 
 
 def recipe_name(recipe):
@@ -175,22 +207,30 @@ def main(args):
     print(f"corpora: {corpus['unlabelled_cases']} unlabelled (pretraining) : {corpus['labelled_cases']} labelled "
           f"({corpus['train_pool']} training pool / {corpus['val']} validation / {corpus['test']} test)", flush=True)
 
-    # 1. pretraining: ours and vox2vec on the unlabelled corpus, ours on the labelled pool (control)
-    keep = ["--keep-steps", *proto["keep_steps"]]
-    common = ["--steps", proto["pretrain_steps"], *keep, "--workers", "0", *preset]
+    # 1. pretraining: ours and vox2vec on the unlabelled corpus to the end of the curve, ours on the
+    #    labelled pool (control) for the default budget
+    recipe, default, end = proto["pretrain"], proto["pretrain"]["steps"], proto["curve_steps"]
+    curve = [*curve_flags(proto), "--keep-steps", *proto["keep_steps"], "--workers", "0", *preset]
     pre = {"ours": out / "pretrain-ours", "vox2vec": out / "pretrain-vox2vec", "pool": out / "pretrain-pool"}
-    run("pretrain.py", *unlabelled, "--out", pre["ours"], *common, log=log, done=pre["ours"] / "backbone.pt")
-    run("pretrain.py", *unlabelled, "--method", "vox2vec", "--out", pre["vox2vec"], *common, log=log,
+    run("pretrain.py", *unlabelled, "--out", pre["ours"], *curve, log=log, done=pre["ours"] / "backbone.pt")
+    run("pretrain.py", *unlabelled, "--method", "vox2vec", "--out", pre["vox2vec"], *curve, log=log,
         done=pre["vox2vec"] / "backbone.pt")
-    run("pretrain.py", *data, "--split", split, "--out", pre["pool"], *common, log=log, done=pre["pool"] / "backbone.pt")
+    run("pretrain.py", *data, "--split", split, "--out", pre["pool"], *pretrain_flags(recipe), "--workers", "0",
+        *preset, log=log, done=pre["pool"] / "backbone.pt")
+    if recipe["lr_schedule"] != "constant":   # a schedule's shape depends on --steps: the default run is its own
+        pre["default"] = out / "pretrain-default"
+        run("pretrain.py", *unlabelled, "--out", pre["default"], *pretrain_flags(recipe), "--workers", "0", *preset,
+            log=log, done=pre["default"] / "backbone.pt")
     pretraining = {k: pretrain_summary(v) for k, v in pre.items()}
 
     # 2. the probe along pretraining (fitted on the training pool, scored on the test cases)
     probe_q = ["--max-steps", "3"] if q else []
-    steps = [*proto["keep_steps"], proto["pretrain_steps"]]
-    backbones = {(m, s): pre[m] / (f"backbone_step{s}.pt" if s != steps[-1] else "backbone.pt")
+    steps = sorted({*proto["keep_steps"], end})
+    backbones = {(m, s): pre[m] / (f"backbone_step{s}.pt" if s != end else "backbone.pt")
                  for m in ("ours", "vox2vec") for s in steps}
-    backbones[("pool", steps[-1])] = pre["pool"] / "backbone.pt"
+    backbones[("pool", default)] = pre["pool"] / "backbone.pt"
+    if "default" in pre:
+        backbones[("ours", default)] = pre["default"] / "backbone.pt"
     probes = {}
     for (m, s), path in backbones.items():
         d = out / f"probe-{m}-step{s}"
@@ -199,13 +239,14 @@ def main(args):
         probes[(m, s)] = result(d)
 
     # 3. the shortcut diagnostic of every backbone, random init included
-    ends = {"random init": backbones[("ours", 0)], "vox2vec": backbones[("vox2vec", steps[-1])],
-            "ours": backbones[("ours", steps[-1])], "ours, labelled pool only": backbones[("pool", steps[-1])]}
+    ends = {"random init": backbones[("ours", 0)], "vox2vec": backbones[("vox2vec", end)],
+            "ours": backbones[("ours", end)], f"ours at {default} steps": backbones[("ours", default)],
+            "ours, labelled pool only": backbones[("pool", default)]}
     shortcut = shortcut_rows(out, args.data, split, ends, pretraining["ours"]["patch_size"], proto)
 
     # 4. fine-tuning, paired: the recipe grid on the validation cases, then every draw on the test cases
-    ft_q = ["--steps", "2", "--freeze-steps", "1", "--ramp-steps", "1"] if q else []
-    inits = {"scratch": ["--init", "random"], "pretrained": ["--checkpoint", backbones[("ours", steps[-1])]]}
+    ft_q = ["--steps", "3"] if q else []
+    inits = {"scratch": ["--init", "random"], "pretrained": ["--checkpoint", backbones[("ours", end)]]}
     base = [*data, "--split", split, "--aug", proto["aug"], "--workers", "0", *ft_q, *preset]
     grid = [dict(schedule=s, lr_scale=x) for s in proto["schedules"] for x in proto["lr_scales"]]
     cells, chosen = {}, {}
@@ -213,7 +254,7 @@ def main(args):
         for recipe in grid:
             d = out / f"grid-{arm}-{recipe_folder(recipe)}"
             run("finetune.py", *base, *init, "--train-cases", 1, "--draw", 0, "--seed", 0, "--evaluate-on", "val",
-                *recipe_flags(recipe, proto), "--out", d, log=log, done=d / "results.json")
+                *recipe_flags(recipe, proto, arm), "--out", d, log=log, done=d / "results.json")
             cells[(arm, recipe_name(recipe))] = result(d)
         chosen[arm] = max(grid, key=lambda r: cells[(arm, recipe_name(r))]["mean_dice"])   # the first of equals
     finetunes = {}
@@ -222,9 +263,14 @@ def main(args):
             for arm, init in inits.items():
                 d = out / f"ft-{budget}-{arm}-draw{draw}"
                 run("finetune.py", *base, *init, "--train-cases", budget, "--draw", draw, "--seed", draw,
-                    "--eval-every", proto["eval_every"], *recipe_flags(chosen[arm], proto), "--out", d, log=log,
+                    "--eval-every", proto["eval_every"], *recipe_flags(chosen[arm], proto, arm), "--out", d, log=log,
                     done=d / "results.json")
                 finetunes[(budget, arm, draw)] = result(d)
+    d = out / "ft-1-pretrained-default-draw0"      # the quick start's cell: the default budget's backbone
+    run("finetune.py", *base, "--checkpoint", backbones[("ours", default)], "--train-cases", 1, "--draw", 0, "--seed", 0,
+        "--eval-every", proto["eval_every"], *recipe_flags(chosen["pretrained"], proto, "pretrained"), "--out", d,
+        log=log, done=d / "results.json")
+    finetunes[("default", "pretrained", 0)] = result(d)
 
     summary = summarise(corpus, probes, steps, shortcut, finetunes, cells, chosen, pretraining, proto,
                         (time.time() - t0) / 60)
@@ -250,12 +296,12 @@ def shortcut_rows(out, data_arg, split, backbones, patch_size, proto):
     known = json.loads(path.read_text()) if path.is_file() else {}
     import torch
 
-    from diagnostics import shortcut_diagnostic
+    from experiments.diagnostics import shortcut_diagnostic
     from preprocess import resolve_data_dir
     test_ids = json.loads(Path(split).read_text())["test"]
     rows = {}
     for name, file in backbones.items():
-        key = f"{name} | {file} | {list(patch_size)} | {proto['shortcut_pairs']}"
+        key = f"{name} | {shown(file)} | {list(patch_size)} | {proto['shortcut_pairs']}"
         if key not in known:
             torch.manual_seed(0)
             known[key] = shortcut_diagnostic(load_fpn(file), resolve_data_dir(data_arg), tuple(patch_size),
@@ -272,7 +318,7 @@ def offset_rows(data_arg, patch_size):
     import numpy as np
 
     from data import load_dataset_json
-    from diagnostics import PAPER_GEOMETRY, view_offsets
+    from experiments.diagnostics import PAPER_GEOMETRY, view_offsets
     from preprocess import resolve_data_dir
     shapes = [c["shape"] for c in load_dataset_json(resolve_data_dir(data_arg))["cases"] if c["labelled"]]
     rows = {}
@@ -290,15 +336,17 @@ def steps_to(curve, target):
 
 
 def summarise(corpus, probes, steps, shortcut, finetunes, cells, chosen, pretraining, proto, minutes):
-    """Every cell of the protocol, and the headline numbers under issue 17's keys."""
+    """Every cell of the protocol, and the headline numbers under the keys evidence.json has always had."""
     import numpy as np
 
-    from diagnostics import paired_bootstrap
-    end = steps[-1]
-    s = dict(corpus=corpus, protocol={k: (list(v) if isinstance(v, tuple) else v) for k, v in proto.items()})
+    from experiments.diagnostics import paired_bootstrap
+    end, default = steps[-1], proto["pretrain"]["steps"]
+    s = dict(corpus=corpus, protocol=json.loads(json.dumps(proto)))
     s["probe"] = {"random": probes[("ours", 0)]["mean_dice"], "vox2vec": probes[("vox2vec", end)]["mean_dice"],
-                  "ours": probes[("ours", end)]["mean_dice"], "ours_labelled_pool_only": probes[("pool", end)]["mean_dice"],
-                  "random_vox2vec_arch": probes[("vox2vec", 0)]["mean_dice"]}
+                  "ours": probes[("ours", end)]["mean_dice"],
+                  "ours_labelled_pool_only": probes[("pool", default)]["mean_dice"],
+                  "random_vox2vec_arch": probes[("vox2vec", 0)]["mean_dice"],
+                  "ours_default_steps": probes[("ours", default)]["mean_dice"]}
     s["probe_curve"] = {m: {str(st): probes[(m, st)]["mean_dice"] for st in steps} for m in ("ours", "vox2vec")}
     s["grid"] = {f"{arm} | {name}": r["mean_dice"] for (arm, name), r in cells.items()}
     s["chosen_recipe"] = {arm: recipe_name(r) for arm, r in chosen.items()}
@@ -319,6 +367,10 @@ def summarise(corpus, probes, steps, shortcut, finetunes, cells, chosen, pretrai
             weight_change={a: {lv: float(np.mean([r["weight_change"]["0"][lv] for r in rs])) for lv in levels}
                            for a, rs in arm.items()},
             train_cases=[r["train_cases"]["0"] for r in arm["scratch"]])
+    quick = finetunes[("default", "pretrained", 0)]
+    s["quick_start"] = dict(steps=default, probe=s["probe"]["ours_default_steps"], probe_random=s["probe"]["random"],
+                            finetune_1=quick["mean_dice"], scratch_1=finetunes[(1, "scratch", 0)]["mean_dice"],
+                            seconds=quick.get("seconds"))
     s["shortcut"] = dict(retrieval_small_offset=shortcut["ours"]["retrieval_small_offset"],
                          retrieval_large_offset=shortcut["ours"]["retrieval_large_offset"],
                          r2_random_init=shortcut["random init"]["r2"], r2_ours=shortcut["ours"]["r2"],
@@ -346,7 +398,7 @@ def ablation(args):
     preset = ["--preset", args.preset] if args.preset else (["--preset", "demo"] if args.quick else [])
     split = split_file(args.data, out)
     log, rows = [], {}
-    end = proto["pretrain_steps"]
+    end = proto["curve_steps"]
     variants = {
         "vox2vec baseline": (out / "pretrain-vox2vec", None),
         "+ local augmentations": (out / "ablation-localaug", ["--arch", "vox2vec", "--aug", "local", "--recon-weight", "0"]),
@@ -356,7 +408,7 @@ def ablation(args):
     }
     for name, (run_dir, flags) in variants.items():
         if flags is not None:
-            run("pretrain.py", "--data", args.unlabelled, "--out", run_dir, "--steps", end, "--workers", "0", *flags,
+            run("pretrain.py", "--data", args.unlabelled, "--out", run_dir, *curve_flags(proto), "--workers", "0", *flags,
                 *preset, log=log, done=run_dir / "backbone.pt")
         probe = out / ("probe-" + run_dir.name.replace("pretrain-", "") + (f"-step{end}" if flags is None else ""))
         run("linear_probe.py", "--data", args.data, "--split", split, "--checkpoint", run_dir / "backbone.pt", "--out",
@@ -365,8 +417,7 @@ def ablation(args):
     lines = ["| Table 1 row (demo) | linear probe, mean Dice on the test cases | paper (MRI) |", "|---|---|---|"]
     paper = ["58.8", "62.1", "44.4", "-", "65.7"]
     lines += [f"| {n} | {r['mean_dice']:.3f} | {p} |" for (n, r), p in zip(rows.items(), paper)]
-    lines += ["", "Commands:", ""] + [f"    {e['command']}" + (f"    # {e['seconds']:.0f} s" if e["seconds"] else "")
-                                      for e in log]
+    lines += ["", "Commands:", ""] + command_lines(log)
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return rows
@@ -387,7 +438,7 @@ NEIGHBOUR_PAPERS = {
 def neighbours(args):
     """The neighbouring methods under the main protocol (run `python evidence.py` into the same
     --out first: it supplies ours, the scratch arm, the draws and the chosen recipes). Each
-    pretraining method (its own file in neighbours/) pretrains on the same unlabelled corpus for
+    pretraining method (its own file in experiments/neighbours/) pretrains on the same unlabelled corpus for
     the same steps, gets a linear probe on the test cases and the one-case fine-tune over the same
     draws with the pretrained arm's recipe; MedContext (a training method, no pretraining) runs
     the one-case draws from scratch with the scratch arm's recipe and on top of ours with the
@@ -405,15 +456,15 @@ def neighbours(args):
     log, t0 = [], time.time()
     pre = {m: out / f"pretrain-{m}" for m in NEIGHBOURS}
     for name, run_dir in pre.items():
-        run(f"neighbours/{name}.py", *unlabelled, "--out", run_dir, "--steps", proto["pretrain_steps"], "--workers", "0",
+        run(f"experiments/neighbours/{name}.py", *unlabelled, "--out", run_dir, *curve_flags(proto), "--workers", "0",
             *preset, log=log, done=run_dir / "backbone.pt")
     probe_q = ["--max-steps", "3"] if args.quick else []
-    ft_q = ["--steps", "2", "--freeze-steps", "1", "--ramp-steps", "1"] if args.quick else []
+    ft_q = ["--steps", "3"] if args.quick else []
     base = [*data, "--split", split, "--aug", proto["aug"], "--workers", "0", "--train-cases", 1, *ft_q, *preset]
     ours = ["--checkpoint", out / "pretrain-ours" / "backbone.pt"]
-    plan = {m: ("finetune.py", ["--checkpoint", pre[m] / "backbone.pt"], recipes["pretrained"]) for m in NEIGHBOURS}
-    plan["medcontext"] = ("neighbours/medcontext.py", ["--init", "random"], recipes["scratch"])
-    plan["medcontext + ours"] = ("neighbours/medcontext.py", ours, recipes["pretrained"])
+    plan = {m: ("finetune.py", ["--checkpoint", pre[m] / "backbone.pt"], "pretrained") for m in NEIGHBOURS}
+    plan["medcontext"] = ("experiments/neighbours/medcontext.py", ["--init", "random"], "scratch")
+    plan["medcontext + ours"] = ("experiments/neighbours/medcontext.py", ours, "pretrained")
     rows, wall = {}, dict(probes=0.0, finetune=0.0)     # seconds by the outputs' own clocks
     for name in plan:
         row = rows[name] = {}
@@ -424,12 +475,12 @@ def neighbours(args):
             probe = result(d)
             row["probe"] = probe["mean_dice"]
             wall["probes"] += probe.get("seconds") or 0
-        script, init, recipe = plan[name]
+        script, init, arm = plan[name]
         row["finetune_1"] = []
         for draw in range(proto["draws"][1]):
             d = out / f"ft-1-{name.replace(' + ', '-')}-draw{draw}"
-            run(script, *base, *init, "--draw", draw, "--seed", draw, *recipe_flags(recipe, proto), "--out", d,
-                log=log, done=d / "results.json")
+            run(script, *base, *init, "--draw", draw, "--seed", draw, *recipe_flags(recipes[arm], proto, arm), "--out",
+                d, log=log, done=d / "results.json")
             finetune = result(d)
             row["finetune_1"].append(finetune["mean_dice"])
             wall["finetune"] += finetune.get("seconds") or 0
@@ -443,7 +494,7 @@ def neighbours(args):
 
 def load_fpn(path):
     """The FPN3d of a backbone file, weights loaded."""
-    from convert import read_backbone_file as load_backbone
+    from downstream import read_backbone_file as load_backbone
     from model import FPN3d
     config, state, _ = load_backbone(path)
     fpn = FPN3d(**config)
@@ -454,7 +505,7 @@ def load_fpn(path):
 def agreement_rows(data_dir, pre, level, patch_size, pairs):
     import torch
 
-    from diagnostics import matching_agreement
+    from experiments.diagnostics import matching_agreement
     from model import FPN3d
     backbones = {name: load_fpn(pre[name] / "backbone.pt") for name in ("ours", "densecl")}
     torch.manual_seed(0)
@@ -468,7 +519,7 @@ def write_neighbours_report(out, rows, main_run, pre, log, minutes, proto, agree
     outputs' own clocks; the pretraining runs' are read from their logs here."""
     import numpy as np
 
-    from diagnostics import paired_bootstrap
+    from experiments.diagnostics import paired_bootstrap
     scratch = main_run["finetune_1"]["per_draw"]["scratch"]
     ref = {"random init": dict(probe=main_run["probe"]["random"], finetune_1=scratch),
            "ours": dict(probe=main_run["probe"]["ours"], finetune_1=main_run["finetune_1"]["per_draw"]["pretrained"])}
@@ -503,7 +554,7 @@ def write_neighbours_report(out, rows, main_run, pre, log, minutes, proto, agree
               f"fine-tuning {wall['finetune']:.1f}); this invocation {minutes:.1f} min (finished commands skipped), "
               f"{os.cpu_count()} CPU cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}.",
               "", "Commands:", ""]
-    lines += [f"    {e['command']}" + (f"    # {e['seconds']:.0f} s" if e["seconds"] else "") for e in log]
+    lines += command_lines(log)
     (out / "neighbours.md").write_text("\n".join(lines) + "\n")
     summary = dict(rows=table, agreement=agreement, commands=log, wall_minutes=sum(wall.values()),
                    wall_minutes_by_part=wall, minutes_this_invocation=minutes)
@@ -515,7 +566,7 @@ def write_neighbours_report(out, rows, main_run, pre, log, minutes, proto, agree
 # ----------------------------------------------------------------------------- report and figures
 
 def write_report(out, s, figures, log):
-    p, end = s["probe"], s["protocol"]["pretrain_steps"]
+    p, end = s["probe"], s["protocol"]["pretrain"]["steps"]
     c = s["corpus"]
     lines = [f"Corpora: {c['unlabelled_cases']} unlabelled scans for pretraining : {c['labelled_cases']} labelled "
              f"({c['train_pool']} training pool / {c['val']} validation / {c['test']} test).", "",
@@ -529,8 +580,13 @@ def write_report(out, s, figures, log):
                                                           f"{v['mean']}, median {v['median']}"
                                                           for k, v in s["view_offsets"].items()) + "."]
     lines += ["", f"End of the curve ({end} steps): random init {p['random']:.3f}, vox2vec {p['vox2vec']:.3f}, "
-              f"ours {p['ours']:.3f}, ours pretrained on the labelled training pool only {p['ours_labelled_pool_only']:.3f}. "
-              f"Ours - random init: {p['ours'] - p['random']:+.3f}.", "",
+              f"ours {p['ours']:.3f}. Ours - random init: {p['ours'] - p['random']:+.3f}. At the default budget "
+              f"({s['protocol']['pretrain']['steps']} steps, the quick start's): ours {p['ours_default_steps']:.3f} "
+              f"({p['ours_default_steps'] - p['random']:+.3f}); ours pretrained on the labelled training pool only "
+              f"{p['ours_labelled_pool_only']:.3f}.", "",
+              f"The quick start's cells (the default budget's backbone; one labelled case, draw 0): probe "
+              f"{s['quick_start']['probe']:.3f} vs random init {s['quick_start']['probe_random']:.3f}; fine-tuned "
+              f"{s['quick_start']['finetune_1']:.3f} vs from scratch {s['quick_start']['scratch_1']:.3f}.", "",
               "Shortcut diagnostic (diagnostics.shortcut_diagnostic; un-augmented pairs of the test cases, "
               "retrieval split at the median view offset):", "",
               "| backbone | retrieval, small offsets | retrieval, large offsets | large / small | position R^2 | median offset (voxels, L1) |",
@@ -568,7 +624,7 @@ def write_report(out, s, figures, log):
               f"(commands already done count 0) on {os.cpu_count()} CPU cores "
               f"({platform.processor() or platform.machine()}), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}.",
               "Figures: " + ", ".join(figures), "", "Commands:", ""]
-    lines += [f"    {e['command']}" + (f"    # {e['seconds']:.0f} s" if e["seconds"] else "") for e in log]
+    lines += command_lines(log)
     (out / "evidence.md").write_text("\n".join(lines) + "\n")
     s = dict(s, commands=log)
     (out / "evidence.json").write_text(json.dumps(s, indent=1))
@@ -583,8 +639,7 @@ def make_figures(out, data_arg, split, ends, pretraining, probes, steps, finetun
     import torch
 
     from data import load_case
-    from downstream import predict_volume
-    from predict import load_model
+    from predict import load_model, predict_volume
     from preprocess import resolve_data_dir
 
     data_dir = resolve_data_dir(data_arg)
@@ -594,7 +649,9 @@ def make_figures(out, data_arg, split, ends, pretraining, probes, steps, finetun
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for m, marker in (("ours", "s"), ("vox2vec", "o")):
         ax.plot(steps, [probes[(m, st)]["mean_dice"] for st in steps], marker=marker, label=m)
-    ax.plot([steps[-1]], [probes[("pool", steps[-1])]["mean_dice"]], "k^", label="ours, labelled pool only")
+    default = proto["pretrain"]["steps"]
+    ax.plot([default], [probes[("pool", default)]["mean_dice"]], "k^", label="ours, labelled pool only")
+    ax.axvline(default, ls=":", c="gray", label="the default budget")
     ax.set_xscale("symlog", linthresh=100)
     ax.set_xlabel("pretraining steps (0 = random init)")
     ax.set_ylabel("linear probe, mean Dice (test)")

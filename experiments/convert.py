@@ -1,0 +1,59 @@
+"""Say what a weight file is, or write our backbone in the authors' layout.
+
+    python experiments/convert.py --inspect FILE                        # what the file is, its FPN
+    python experiments/convert.py --export-reference runs/pretrain-demo/backbone.pt fpn_reference.pt
+
+The stages read the authors' released files directly (`--checkpoint` / `--init-from` take our
+backbone.pt, a raw state dict in their layout or ours, a Lightning checkpoint with or without the
+`backbone.` prefix, any of these from DDP): downstream.read_backbone_file, through the one key map
+between their FPN3d's names and ours (downstream.py lists it). This tool only reports and exports.
+--export-reference writes a raw state dict that their `FPN3d(...).load_state_dict` takes.
+Nothing is downloaded: get the authors' files by hand (README, "Use the authors' weights").
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository: the stage files
+from downstream import read_backbone_file, to_reference  # noqa: E402
+from runtime import save_torch  # noqa: E402
+
+
+def check_export_target(src, dst, force):
+    """--export-reference writes a new file: never over its input, nor over an existing file
+    (a run's backbone.pt, say) unless --force."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"--export-reference: the output {dst} is the input itself; choose another file name")
+    if dst.exists() and not force:
+        raise ValueError(f"--export-reference: {dst} exists; choose another file name or pass --force")
+    if not dst.parent.is_dir():
+        raise ValueError(f"--export-reference: folder {dst.parent} does not exist")
+
+
+def main(args):
+    try:
+        if args.inspect:
+            read_backbone_file(args.inspect)
+        else:
+            src, dst = args.export_reference
+            check_export_target(src, dst, args.force)
+            config, state, info = read_backbone_file(src)
+            save_torch(to_reference(state, config), dst)
+            print(f"wrote {dst}: FPN3d({', '.join(f'{k}={v}' for k, v in config.items())}) in the reference's "
+                  "layout, a raw state_dict: their FPN3d(in_channels, base_channels, num_scales).load_state_dict() takes it")
+    except ValueError as e:
+        sys.exit(f"convert.py: error: {e}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--inspect", metavar="FILE", help="say what FILE holds")
+    g.add_argument("--export-reference", nargs=2, metavar=("OURS", "OUT"), help="write OURS's backbone in the reference layout")
+    p.add_argument("--force", action="store_true", help="--export-reference may replace an existing OUT (never OURS)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
