@@ -1,12 +1,10 @@
 """Local augmentations of Sec. 2.1 (Kats et al. 2024) and the vox2vec baseline's intensity augmentations.
 
 Shapes: a batch of patches is (B, C, X, Y, Z) (C = 1 in this project), values in [0, 1].
-Every function is a pure, batched torch function: it runs on the batch's device, draws all its
-randomness from the `generator` it is given (a torch.Generator on that same device), never
-modifies its input and returns a new tensor of the same shape and dtype (the pretraining ones
-clamped to [0, 1]).
-No function reads a device value back to the host (no .item(), .tolist(), data-dependent shapes):
-random offsets and indices stay device tensors, so the training step never waits for the GPU.
+Every function is pure and batched: it runs on the batch's device, draws all its randomness from
+the `generator` it is given (on that device), never modifies its input, returns a new tensor of the
+same shape and dtype (clamped to [0, 1]) and reads nothing back to the host (no .item(), no
+data-dependent shapes), so the training step never waits for the GPU.
 
 Sec. 2.1 ("local" pipeline, the local augmentations of Zhou et al. 2021; parameters *(ref)*
 hierarchical-dense-ssl):
@@ -34,9 +32,6 @@ Deviations from the numpy reference, all to stay batched on the GPU without Pyth
     [0, 1] (vox2vec clips once, after the window).
 
 Supervised training's augmentation (finetune.py --aug, not the paper's) is supervised_augment.py.
-
-`python experiments/bench.py` times them; `python -m pytest tests/test_augment.py` checks each piece
-against a reference.
 """
 import torch
 import torch.nn.functional as F

@@ -18,8 +18,6 @@ Augmentation is left to augment.py (batched on the training device): items are u
 Determinism: item i of a dataset draws everything from np.random.default_rng([seed, i]). A worker
 process therefore produces the same item whoever runs it, so batches do not depend on the number
 of DataLoader workers, and no worker_init_fn is needed to avoid workers sharing one random state.
-
-`python experiments/bench.py --no-model` times the pairs against a reference-style data path.
 """
 import json
 from pathlib import Path

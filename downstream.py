@@ -177,6 +177,17 @@ def check_backbone_flags(args, config, source):
         raise ValueError(f"--arch applies to --init random; {source} decides the architecture")
 
 
+def init_from_file(args, cfg):
+    """--init-from FILE (ours or the authors' released weights): the file decides the FPN's size
+    (a contradicting --base-channels / --num-levels is refused). -> state dict or None."""
+    if not args.init_from:
+        return None
+    config, state, _ = read_backbone_file(args.init_from)
+    check_backbone_flags(args, config, args.init_from)
+    cfg.update(base_channels=config["base_channels"], num_levels=config["num_levels"], init_from=str(args.init_from))
+    return state
+
+
 def save_backbone(path, model, cfg, step):
     """backbone.pt: the FPN alone with its configuration, what read_backbone_file reads (pretrain.py
     writes it)."""

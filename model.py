@@ -28,9 +28,6 @@ gives none).
 Shape notation: volumes (B, C, X, Y, Z) with (X, Y, Z) the canonical RAS voxel axes; sampled
 voxels (N, C); voxel coordinates (N, 4) = (batch_index, x, y, z), int64. Level l of a pyramid
 has shape (B, C_l, X_l, Y_l, Z_l) with X_l = ceil(X / 2**l) and C_l = base_channels * 2**l.
-
-Use: `from model import FPN3d, PretrainModel, SegmentationModel, sample_voxels` (importing runs
-nothing).
 """
 from typing import List, Sequence
 

@@ -20,12 +20,13 @@ flags (--arch, --aug, --recon-weight, --contrastive-weight; --method vox2vec is 
 preset); a neighbouring method (experiments/neighbours/) brings its own Method and calls main.
 
 Deviations from the paper: InfoNCE is averaged over the 2n anchors, not summed (loss.py); the lr
-may warm up and decay (--warmup-steps, --lr-schedule; the paper: constant), which the demo preset
-uses because its budget is thousands of steps, not 50,000.
+may warm up and decay (--warmup-steps, --lr-schedule; the paper: constant).
 
-Distributed: --batch-pairs is the GLOBAL batch; every process crops its share and InfoNCE's
-negatives are gathered from all of them, so the loss is the single-process loss of the global
-batch. Only rank 0 writes; checkpoints move freely between DDP and single-process runs.
+Distributed: --batch-pairs is the GLOBAL batch and InfoNCE's negatives are gathered from every
+process (runtime.gather_embeddings), so the loss is the single-process loss of the global batch.
+Only rank 0 writes; checkpoints move freely between DDP and single-process runs. pretrain.py is
+over the ~350-line guide because its command line (every flag of Table 1's ablations) and the
+hook for the neighbouring methods (Method) live here, beside the loop they configure.
 """
 import argparse
 import json
@@ -43,15 +44,14 @@ from tqdm import tqdm
 
 from augment import KINDS, augment_batch
 from data import DATA_SPLIT, PairDataset, collate_pairs, list_cases, read_split
-from downstream import check_backbone_flags, read_backbone_file, save_backbone
+from downstream import init_from_file, save_backbone
 from loss import hybrid_loss, info_nce, reconstruction_loss
 from model import ARCHS, DEMO_ARCHS, PretrainModel
 from preprocess import resolve_data_dir
-from runtime import (CHECKPOINT_VERSION, append_row, claim_output, data_fingerprint, gather_rows, is_demo,
-                     non_negative_float, non_negative_int, parse_with_presets, positive_float,
-                     positive_int, prepare_training, read_checkpoint, release_folder, rng_state,
-                     save_torch, set_rng_state, setup_distributed, training_autocast_dtype, truncate_log, unwrap,
-                     world_info, wrap_ddp)
+from runtime import (append_row, claim_output, data_fingerprint, gather_embeddings, is_demo, non_negative_float,
+                     non_negative_int, parse_with_presets, positive_float, positive_int, prepare_training,
+                     release_folder, resume_training, save_training_state, setup_distributed, stop_non_finite,
+                     training_autocast_dtype, truncate_log, world_info, wrap_ddp)
 
 # The demo preset (demo.DEMO_SCALE volumes of ~52 x 45 x 20 voxels, model.DEMO_ARCHS network).
 # The patch sets how far the two views of a pair move against each other relative to the patch:
@@ -152,23 +152,6 @@ class Ours(Method):
 OURS = Ours()
 
 
-def gather_embeddings(za, zb, max_voxels):
-    """All processes' embeddings, differentiably, so InfoNCE sees the global batch's negatives.
-
-    Each process pads its (N, D) rows to the static max_voxels (a pair can yield fewer voxels
-    than asked, data.sample_pair) and marks the padding in `valid`, so no sizes are exchanged.
-    Backward: the gathered copy's gradient is summed over processes and each keeps its chunk;
-    DDP's averaging of parameter gradients then gives exactly the single-process gradient.
-    Returns (za, zb, valid) with (W * max_voxels, D) rows, or the inputs and None for one process.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return za, zb, None
-    pad = max_voxels - za.shape[0]
-    valid = torch.arange(max_voxels, device=za.device) < za.shape[0]          # (max_voxels,)
-    za, zb = (torch.nn.functional.pad(z, (0, 0, 0, pad)) for z in (za, zb))  # (max_voxels, D)
-    return gather_rows(za), gather_rows(zb), gather_rows(valid.float()).bool()
-
-
 # ----------------------------------------------------------------------------- setup
 
 def resolve_config(args, method=OURS):
@@ -193,17 +176,6 @@ def resolve_config(args, method=OURS):
                          f"would never reach --lr; give fewer than {cfg['steps']}")
     method.check(cfg)
     return cfg
-
-
-def initial_backbone(args, cfg):
-    """--init-from FILE (ours or the authors' released weights): the file decides the FPN's size
-    (a contradicting --base-channels / --num-levels is refused). -> state dict or None."""
-    if not args.init_from:
-        return None
-    config, state, _ = read_backbone_file(args.init_from)
-    check_backbone_flags(args, config, args.init_from)
-    cfg.update(base_channels=config["base_channels"], num_levels=config["num_levels"], init_from=str(args.init_from))
-    return state
 
 
 def make_loader(data_dir, cfg, seed, start_step, rank, world, workers):
@@ -253,7 +225,7 @@ def setup(args, method):
     cfg["cases"] = read_split(split, list_cases(data_dir, labelled=True))["train"] if args.split else None
     folder = run_folder(args)
     torch.manual_seed(args.seed)
-    init = initial_backbone(args, cfg)
+    init = init_from_file(args, cfg)
     model = method.build_model(cfg)
     if init is not None:
         method.load_backbone(model, init)
@@ -263,7 +235,9 @@ def setup(args, method):
     if rank == 0:   # one run per folder: claimed before anything in it is read or written
         claim_output(folder, method.script, () if args.resume else ("checkpoint.pt", "log.jsonl"), what="run",
                      hint="continue it with --resume")
-    start = load_run(folder, model, optimizer, cfg) if args.resume else 0
+    # A resume may change the run's length and cadence; the length not under a schedule, whose shape it sets.
+    may_change = [k for k in MAY_CHANGE_ON_RESUME if k != "steps" or cfg["lr_schedule"] == "constant"]
+    start = resume_training(folder / "checkpoint.pt", model, optimizer, cfg, may_change) if args.resume else 0
     loader = make_loader(data_dir, cfg, args.seed, start, rank, world, args.workers)
     if rank == 0:
         if start > 0:
@@ -321,7 +295,7 @@ def train(run):
             dist.all_reduce(sums)
             sums /= world
         if bad.item():   # the only host sync
-            stop_non_finite(run.folder, step - n_logged + 1, step, rank)
+            stop_non_finite(run.folder / "checkpoint.pt", step - n_logged + 1, step, method.script)
         mean = (sums / n_logged).tolist()
         row = dict(step=step, loss=mean[0], **dict(zip(method.loss_names, mean[1:])),
                    lr=optimizer.param_groups[0]["lr"], seconds=round(time.time() - t0, 3))
@@ -331,8 +305,9 @@ def train(run):
             append_row(run.folder / "log.jsonl", row)
             bar.set_postfix(loss=f"{mean[0]:.4f}", **{n.replace("loss_", ""): f"{v:.4f}"
                                                       for n, v in zip(method.loss_names, mean[1:])})
-            if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:
-                save_run(run, step)
+            if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:   # both loadable with weights_only=True
+                save_training_state(run.folder / "checkpoint.pt", step, cfg, vars(run.args), model, optimizer)
+                save_backbone(run.folder / "backbone.pt", model, cfg, step)
     bar.close()
     return step
 
@@ -346,15 +321,6 @@ def learning_rate(step, cfg):
     if cfg["lr_schedule"] == "cosine":
         return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg["steps"] - warm)))
     return lr
-
-
-def stop_non_finite(folder, first, last, rank):
-    if rank == 0:
-        ck = folder / "checkpoint.pt"
-        where = f"the last good checkpoint is {ck}" if ck.exists() else "no checkpoint was written yet"
-        print(f"pretrain.py: non-finite loss between steps {first} and {last}; stopping. {where} "
-              "(try a lower --lr).", file=sys.stderr)
-    sys.exit(1)
 
 
 def main(args, method=OURS):
@@ -377,31 +343,6 @@ def main(args, method=OURS):
         dist.barrier()      # rank 0 may still be writing the last checkpoint: tear down together
         dist.destroy_process_group()
     return run.folder
-
-
-# ----------------------------------------------------------------------------- checkpoints and the log
-
-def save_run(run, step):
-    """checkpoint.pt (everything a bit-equal resume needs) and backbone.pt (the FPN alone), both
-    tensors and builtins only, so weights_only=True loads them."""
-    core = unwrap(run.model)
-    state = dict(version=CHECKPOINT_VERSION, step=step, config=run.cfg, args=vars(run.args),
-                 model_config=core.config, model=core.state_dict(), optimizer=run.optimizer.state_dict(),
-                 rng=rng_state())
-    save_torch(state, run.folder / "checkpoint.pt")
-    save_backbone(run.folder / "backbone.pt", run.model, run.cfg, step)
-
-
-def load_run(folder, model, optimizer, cfg):
-    """--resume: model, optimizer and random states from RUN/checkpoint.pt -> the step to continue
-    from. A changed setting other than the run's length and cadence is refused; the length too
-    under a schedule, whose shape --steps sets."""
-    may_change = [k for k in MAY_CHANGE_ON_RESUME if k != "steps" or cfg["lr_schedule"] == "constant"]
-    state = read_checkpoint(folder / "checkpoint.pt", cfg, may_change)
-    unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    return state["step"]
 
 
 # ----------------------------------------------------------------------------- command line

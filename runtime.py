@@ -278,6 +278,23 @@ class _GatherRows(torch.autograd.Function):
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
+def gather_embeddings(za, zb, max_voxels):
+    """All processes' embeddings, differentiably, so InfoNCE sees the global batch's negatives.
+
+    Each process pads its (N, D) rows to the static max_voxels (a pair can yield fewer voxels
+    than asked, data.sample_pair) and marks the padding in `valid`, so no sizes are exchanged.
+    Backward: the gathered copy's gradient is summed over processes and each keeps its chunk;
+    DDP's averaging of parameter gradients then gives exactly the single-process gradient.
+    Returns (za, zb, valid) with (W * max_voxels, D) rows, or the inputs and None for one process.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return za, zb, None
+    pad = max_voxels - za.shape[0]
+    valid = torch.arange(max_voxels, device=za.device) < za.shape[0]          # (max_voxels,)
+    za, zb = (torch.nn.functional.pad(z, (0, 0, 0, pad)) for z in (za, zb))  # (max_voxels, D)
+    return gather_rows(za), gather_rows(zb), gather_rows(valid.float()).bool()
+
+
 def unwrap(model):
     """The model inside DistributedDataParallel (or the model itself)."""
     return model.module if hasattr(model, "module") else model
@@ -335,6 +352,32 @@ def read_checkpoint(path, cfg, may_change=()):
         raise ValueError(f"{path}: --resume with settings that differ from the saved run ({'; '.join(changed)}); "
                          "resume with the same flags, or start a new --out")
     return state
+
+
+def save_training_state(path, step, cfg, args, model, optimizer):
+    """checkpoint.pt: everything a bit-equal --resume needs, as tensors and builtins only."""
+    core = unwrap(model)
+    save_torch(dict(version=CHECKPOINT_VERSION, step=step, config=cfg, args=args, model_config=core.config,
+                    model=core.state_dict(), optimizer=optimizer.state_dict(), rng=rng_state()), path)
+
+
+def resume_training(path, model, optimizer, cfg, may_change=()):
+    """--resume: model, optimizer and random states from `path` (read_checkpoint's checks) -> the
+    step to continue from."""
+    state = read_checkpoint(path, cfg, may_change)
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return state["step"]
+
+
+def stop_non_finite(checkpoint, first, last, script):
+    """Stop every process on a non-finite loss, rank 0 naming the last good checkpoint."""
+    if world_info()[0] == 0:
+        where = f"the last good checkpoint is {checkpoint}" if Path(checkpoint).exists() else "no checkpoint was written yet"
+        print(f"{script}: non-finite loss between steps {first} and {last}; stopping. {where} (try a lower --lr).",
+              file=sys.stderr)
+    sys.exit(1)
 
 
 def append_row(path, row):

@@ -566,7 +566,7 @@ def write_neighbours_report(out, rows, main_run, pre, log, minutes, proto, agree
 # ----------------------------------------------------------------------------- report and figures
 
 def write_report(out, s, figures, log):
-    p, end = s["probe"], s["protocol"]["pretrain"]["steps"]
+    p, end = s["probe"], s["protocol"]["curve_steps"]
     c = s["corpus"]
     lines = [f"Corpora: {c['unlabelled_cases']} unlabelled scans for pretraining : {c['labelled_cases']} labelled "
              f"({c['train_pool']} training pool / {c['val']} validation / {c['test']} test).", "",

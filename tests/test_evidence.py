@@ -1,6 +1,6 @@
 """experiments/evidence.py --quick: the whole protocol (pretraining on the separate corpus and on the labelled
 pool, the probe along pretraining, the shortcut diagnostic, the recipe grid and the paired draws)
-runs end to end on the small demo set and writes issue 17's headline keys; --neighbours then runs
+runs end to end on the small demo set and writes the report's headline keys; --neighbours then runs
 on the same folder. It checks that the pipeline runs and produces its tables, not the numbers
 (those need the full run)."""
 import json

@@ -432,7 +432,7 @@ def test_nnunet_v2_and_malformed_dataset_json(tmp_path, labels, message):
         assert str(path) in str(e.value)
 
 
-# ------------------------------------------------------------------ faults (issue 10)
+# ------------------------------------------------------------------ faults
 
 def test_zero_length_axis_is_named(tmp_path):
     with pytest.raises(preprocess.PreprocessError, match=r"scan.nii.gz: an empty axis in shape \(20, 0, 8\)"):
