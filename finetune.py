@@ -62,8 +62,8 @@ DEMO = dict(steps=450, batch_size=2, patch_size=(32, 32, 16), eval_patch_size=(9
             aug="none", mirror_axes=())
 DEMO_SCRATCH = dict(DEMO, freeze_steps=0, ramp_steps=0)
 CONFIG = ("steps", "batch_size", "patch_size", "eval_patch_size", "lr", "folds", "freeze_steps", "ramp_steps",
-          "ramp_start_lr", "backbone_lr_scale", "warmup_steps", "frozen_bn", "aug", "mirror_axes", "eval_every")
-BN_BATCHES = 100  # training batches over which BatchNorm statistics are re-estimated after training
+          "ramp_start_lr", "backbone_lr_scale", "warmup_steps", "frozen_bn", "aug", "mirror_axes", "eval_every",
+          "bn_batches")
 FROZEN_ONLY = ("freeze_steps", "ramp_steps", "ramp_start_lr", "frozen_bn")   # settings of a frozen backbone
 
 
@@ -211,11 +211,11 @@ def train_segmenter(model, data_dir, train_ids, cfg, args, device, desc="train",
 
 
 @torch.no_grad()
-def reestimate_batchnorm(model, data_dir, train_ids, cfg, device, seed, batches=BN_BATCHES):
-    """Replace every BatchNorm's running statistics by their plain average over `batches` batches
-    of (un-augmented) training patches, the weights fixed ("precise BN", Wu & Johnson 2021): the
-    running statistics are an exponential average over the last few small batches, taken while
-    the weights still moved (docs/history.md shows a fold this rescued)."""
+def reestimate_batchnorm(model, data_dir, train_ids, cfg, device, seed):
+    """Replace every BatchNorm's running statistics by their plain average over cfg["bn_batches"]
+    batches of (un-augmented) training patches, the weights fixed ("precise BN", Wu & Johnson
+    2021): the running statistics are an exponential average over the last few small batches,
+    taken while the weights still moved (docs/history.md shows a fold this rescued)."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return model
@@ -223,6 +223,7 @@ def reestimate_batchnorm(model, data_dir, train_ids, cfg, device, seed, batches=
     for m in norms:
         m.reset_running_stats()
         m.momentum = None                     # cumulative average instead of an exponential one
+    batches = cfg["bn_batches"]
     dataset = LabelledPatchDataset(data_dir, train_ids, patch_size=cfg["patch_size"],
                                    length=batches * cfg["batch_size"], seed=seed)
     model.train()
@@ -362,6 +363,8 @@ def build_parser(training=Training):
     p.add_argument("--eval-every", type=positive_int,
                    help="also record the test Dice every this many steps (a copy with re-estimated BatchNorm) "
                         "in results.json 'curve' [off]")
+    p.add_argument("--bn-batches", type=positive_int, default=100,
+                   help="training batches over which BatchNorm statistics are re-estimated before each evaluation")
     p.add_argument("--evaluate-saved", action="store_true",
                    help="no training: take OUT/model_fold<k>.pt of an earlier run of this command, "
                         "re-estimate its BatchNorm statistics and evaluate it again")

@@ -537,7 +537,7 @@ def main(args):
         result = preprocess_folder(args.input, args.output, args.modality, args.spacing,
                                    args.workers, force=args.force)
     except ValueError as e:  # PreprocessError, bad spacing, a demo folder made otherwise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"preprocess.py: error: {e}", file=sys.stderr)
         return 2
     return 1 if result["failed"] else 0
 

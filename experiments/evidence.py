@@ -245,7 +245,7 @@ def main(args):
     shortcut = shortcut_rows(out, args.data, split, ends, pretraining["ours"]["patch_size"], proto)
 
     # 4. fine-tuning, paired: the recipe grid on the validation cases, then every draw on the test cases
-    ft_q = ["--steps", "3"] if q else []
+    ft_q = ["--steps", "3", "--bn-batches", "2"] if q else []
     inits = {"scratch": ["--init", "random"], "pretrained": ["--checkpoint", backbones[("ours", end)]]}
     base = [*data, "--split", split, "--aug", proto["aug"], "--workers", "0", *ft_q, *preset]
     grid = [dict(schedule=s, lr_scale=x) for s in proto["schedules"] for x in proto["lr_scales"]]
@@ -390,7 +390,7 @@ def wall_by_part(probes, finetunes, cells, pretraining):
 
 
 def ablation(args):
-    """Table 1's rows under the main protocol (after `python evidence.py` into the same --out: it
+    """Table 1's rows under the main protocol (after `python experiments/evidence.py` into the same --out: it
     supplies the vox2vec and ours rows): each variant pretrains on the unlabelled corpus for the
     same steps; the probe is fitted on the training pool and scored on the test cases."""
     out = claim_output(args)
@@ -436,7 +436,7 @@ NEIGHBOUR_PAPERS = {
 
 
 def neighbours(args):
-    """The neighbouring methods under the main protocol (run `python evidence.py` into the same
+    """The neighbouring methods under the main protocol (run `python experiments/evidence.py` into the same
     --out first: it supplies ours, the scratch arm, the draws and the chosen recipes). Each
     pretraining method (its own file in experiments/neighbours/) pretrains on the same unlabelled corpus for
     the same steps, gets a linear probe on the test cases and the one-case fine-tune over the same
@@ -446,7 +446,7 @@ def neighbours(args):
     out = claim_output(args)
     proto = QUICK if args.quick else PROTOCOL
     if not (out / "evidence.json").is_file():
-        sys.exit(f"evidence.py: error: --neighbours compares against the main run: run `python evidence.py` with "
+        sys.exit(f"evidence.py: error: --neighbours compares against the main run: run `python experiments/evidence.py` with "
                  f"--out {out} (and the same --data) first")
     main_run = json.loads((out / "evidence.json").read_text())
     recipes = main_run["chosen_recipe_cells"]
@@ -459,7 +459,7 @@ def neighbours(args):
         run(f"experiments/neighbours/{name}.py", *unlabelled, "--out", run_dir, *curve_flags(proto), "--workers", "0",
             *preset, log=log, done=run_dir / "backbone.pt")
     probe_q = ["--max-steps", "3"] if args.quick else []
-    ft_q = ["--steps", "3"] if args.quick else []
+    ft_q = ["--steps", "3", "--bn-batches", "2"] if args.quick else []
     base = [*data, "--split", split, "--aug", proto["aug"], "--workers", "0", "--train-cases", 1, *ft_q, *preset]
     ours = ["--checkpoint", out / "pretrain-ours" / "backbone.pt"]
     plan = {m: ("finetune.py", ["--checkpoint", pre[m] / "backbone.pt"], "pretrained") for m in NEIGHBOURS}

@@ -21,7 +21,8 @@ import preprocess
 from model import FPN3d, SegmentationModel
 
 PROBE_TINY = ["--eval-patch-size", "64", "64", "32", "--folds", "2", "--fold", "0", "--preset", "demo"]
-TINY = ["--steps", "3", "--batch-size", "1", "--patch-size", "16", "16", "8", "--workers", "0", "--warmup-steps", "0", *PROBE_TINY]
+TINY = ["--steps", "3", "--batch-size", "1", "--patch-size", "16", "16", "8", "--workers", "0", "--warmup-steps", "0",
+        "--bn-batches", "2", *PROBE_TINY]
 
 
 @pytest.fixture(scope="module")
@@ -375,9 +376,10 @@ def test_reestimated_batchnorm_statistics_are_the_plain_average(small_demo):
     bn.running_mean.fill_(100.0)
     seen = []
     bn.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().mean((0, 2, 3, 4))))
-    cfg = dict(patch_size=(16, 16, 8), batch_size=2)
+    cfg = dict(patch_size=(16, 16, 8), batch_size=2, bn_batches=5)
     ids = data.list_cases(small_demo, labelled=True)
-    finetune.reestimate_batchnorm(model, small_demo, ids, cfg, torch.device("cpu"), seed=0, batches=5)
+    finetune.reestimate_batchnorm(model, small_demo, ids, cfg, torch.device("cpu"), seed=0)
+    assert len(seen) == 5                   # --bn-batches 5: five batches, no more
     torch.testing.assert_close(bn.running_mean, torch.stack(seen).mean(0), rtol=1e-4, atol=1e-6)
     assert bn.momentum == 0.1
 

@@ -19,7 +19,7 @@ import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 FT = ["--steps", "2", "--batch-size", "1", "--patch-size", "16", "16", "8", "--workers", "0", "--warmup-steps", "0",
-      "--eval-patch-size", "64", "64", "32", "--folds", "2", "--fold", "0", "--preset", "demo"]
+      "--bn-batches", "2", "--eval-patch-size", "64", "64", "32", "--folds", "2", "--fold", "0", "--preset", "demo"]
 PROBE = ["--eval-patch-size", "64", "64", "32", "--folds", "2", "--fold", "0", "--preset", "demo", "--max-steps", "3"]
 PRE = ["--base-channels", "4", "--num-levels", "3", "--patch-size", "16", "16", "8", "--batch-pairs", "2",
        "--num-voxels", "32", "--workers", "0", "--log-every", "1"]
@@ -137,8 +137,12 @@ def test_finetune_refuses_what_the_run_cannot_honour(small_demo, tmp_path, init,
 
 
 @pytest.mark.parametrize("script, flags, words", [
-    ("mim", ["--mask-block", "32", "32", "16"], ["--mask-block 32 32 16", "masks 100%", "not the 75%"]),
-    ("medcontext", ["--mc-mask-block", "64", "64", "16"], ["--mc-mask-block 64 64 16", "not the 50%"]),
+    ("mim", ["--mask-block", "16", "16", "8"], ["--mask-block 16 16 8", "masks 100%", "not the 75%"]),
+    ("mim", ["--mask-block", "32", "32", "16"], ["--mask-block 32 32 16", "larger than the 16x16x8 patch",
+                                                 "X 32 > 16", "Z 16 > 8"]),
+    ("medcontext", ["--mc-mask-block", "64", "64", "16"], ["--mc-mask-block 64 64 16", "larger than the 16x16x8"]),
+    ("medcontext", ["--mc-mask-shape", "column", "--mc-mask-block", "64", "4", "4"],
+     ["--mc-mask-block 64 4 4", "larger than the 16x16x8 patch (X 64 > 16)"]),
 ])
 def test_a_mask_block_larger_than_the_patch_is_refused(small_demo, tmp_path, script, flags, words):
     import importlib

@@ -445,7 +445,7 @@ def test_output_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch
     (tmp_path / "a_file").write_text("not a folder")
     assert preprocess.main(args(input=str(raw), output=str(tmp_path / "a_file" / "out"))) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: --output {tmp_path / 'a_file' / 'out'}: cannot create the folder")
+    assert err.startswith(f"preprocess.py: error: --output {tmp_path / 'a_file' / 'out'}: cannot create the folder")
     assert "Traceback" not in err and (tmp_path / "a_file").read_text() == "not a folder"
     # a read-only folder (simulated: the tests may run as root, who may write anywhere)
     (tmp_path / "ro").mkdir()

@@ -72,7 +72,8 @@ class MedContext(finetune.Training):
     @staticmethod
     def check(cfg):
         block = cfg["mc_mask_block"] if cfg["mc_mask_shape"] == "cube" else (*cfg["mc_mask_block"][:2], cfg["patch_size"][2])
-        check_mask_block("--mc-mask-block", block, cfg["patch_size"], cfg["mc_mask_ratio"], "--mc-mask-ratio")
+        check_mask_block("--mc-mask-block", block, cfg["patch_size"], cfg["mc_mask_ratio"], "--mc-mask-ratio",
+                         given=cfg["mc_mask_block"])
 
     def __init__(self, model, cfg, seed, device):
         super().__init__(model, cfg, seed, device)
