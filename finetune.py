@@ -26,8 +26,8 @@ chose for each arm on the validation cases, and no augmentation (docs/augmentati
 writes DIR/results.json (as linear_probe.py) and DIR/model_fold<k>.pt, the fine-tuned network
 with everything prediction needs (its constructor arguments, class names, preprocessing preset,
 training augmentation and mirror axes): `python predict.py -i SCANS -o OUT --model DIR`. A
-variant of the training step (experiments/neighbours/medcontext.py) brings its own Training
-class and calls main().
+variant of the training step (a file of its own under experiments/neighbours/) brings its own
+Training class and calls main().
 """
 import argparse
 import copy
