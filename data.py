@@ -1,24 +1,27 @@
 """Datasets on preprocessed arrays: overlapping patch pairs with exact voxel correspondences
-(pretraining, Sec. 2.1-2.2) and labelled patches (downstream, Sec. 3.2).
+(pretraining, Sec. 2.2) and labelled patches (downstream, Sec. 3.2), and the one reader of a
+preprocessed case.
 
-Reads the folder written by preprocess.py (layout in its docstring; every array is (X, Y, Z) in
-canonical RAS voxel order, opened with np.load(mmap_mode="r") so only the touched region is read):
+Reads the folder written by preprocess.py (every array in canonical RAS voxel order, opened with
+np.load(mmap_mode="r") so only the touched region is read):
     DATA_DIR/dataset.json, DATA_DIR/cases/<id>/{image.npy, body.npy, label.npy, meta.json}
+image.npy is (X, Y, Z) for a single-channel case and (C, X, Y, Z) for a multi-channel one.
 
 Shape notation: volumes (B, C, X, Y, Z), a single volume (X, Y, Z), voxel coordinates (N, 3) =
 (x, y, z) in one patch's frame, or (N, 4) = (pair index in the batch, x, y, z) after collation.
 
-Pairs (Sec. 2.1-2.2, vox2vec): pick an anchor body voxel, crop two patches that both contain it
+Pairs (Sec. 2.2, vox2vec): pick an anchor body voxel, crop two patches that both contain it
 (pure shifts, no spatial transform), sample n voxels that lie in the body and in both crops. A
 positive pair is the same volume voxel seen at coords_a in patch A and coords_b in patch B. The
 reference does this bookkeeping over every body voxel of the scan (~4 s per batch); here only the
 body mask inside the crops' intersection box is read, so the cost scales with the patch.
 Augmentation is left to augment.py (batched on the training device): items are un-augmented.
 
-Determinism: item i of a dataset draws everything from np.random.default_rng([seed, i]). A worker
-process therefore produces the same item whoever runs it, so batches do not depend on the number
-of DataLoader workers, and no worker_init_fn is needed to avoid workers sharing one random state.
+Determinism: item i of a dataset draws everything from np.random.default_rng([seed, i]), so a
+worker process produces the same item whoever runs it, and batches do not depend on the number
+of DataLoader workers (no worker_init_fn needed).
 """
+import hashlib
 import json
 from pathlib import Path
 
@@ -26,14 +29,23 @@ import numpy as np
 import torch
 
 FORMAT_VERSION = 1              # of the folder preprocess.py writes (dataset.json, meta.json)
-DATA_SPLIT = "DATA/split.json"  # --split without a file: the data folder's own split.json
+DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"   # `--data demo`: what `preprocess.py --demo data/demo` writes
 ANCHOR_TRIES = 200              # rejection-sampling draws before the argwhere fallback
 ANCHOR_STRIDE = 4               # subsampling of the body mask for the fallback (1/64 of the voxels)
 OVERLAP_RETRIES = 10            # new crops tried when the overlap has < num_voxels body voxels
 MAX_CLASS_VOXELS = 10_000       # per-class voxel coordinates cached for foreground oversampling
 
 
-# ------------------------------------------------------------------------ the data folder
+# ------------------------------------------------------------------------ the data folder and its cases
+def data_folder(arg, demo_part=""):
+    """--data: a preprocessed folder, or `demo` (DEMO_DIR / demo_part). ValueError naming the fix."""
+    path = DEMO_DIR / demo_part if arg == "demo" else Path(arg)
+    if arg == "demo" and not (path / "dataset.json").is_file():
+        raise ValueError(f"--data demo: {path} is not built yet; run `python preprocess.py --demo data/demo` first")
+    load_dataset_json(path)
+    return path
+
+
 def load_dataset_json(data_dir):
     """Read and validate DATA_DIR/dataset.json; ValueError naming the path and the fix."""
     data_dir = Path(data_dir)
@@ -42,45 +54,58 @@ def load_dataset_json(data_dir):
         raise ValueError(f"{data_dir}: no such data folder; create it with preprocess.py")
     if not path.is_file():
         raise ValueError(f"{path}: missing (an unfinished or foreign folder); run preprocess.py on it")
-    with open(path) as f:
-        info = json.load(f)
-    version = info.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {version}, this code reads {FORMAT_VERSION}; "
-                         "re-run preprocess.py")
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({type(e).__name__}); re-run preprocess.py") from None
+    if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {info.get('format_version') if isinstance(info, dict) else None}, "
+                         f"this code reads {FORMAT_VERSION}; re-run preprocess.py")
     if not info.get("cases"):
         raise ValueError(f"{path}: lists no cases; re-run preprocess.py on a folder with scans")
     return info
 
 
-def list_cases(data_dir, labelled=None, split=None):
-    """Case ids in dataset.json order, optionally only (un)labelled ones or one split."""
-    if split not in (None, "train", "test", "unlabelled"):
-        raise ValueError(f"split must be 'train', 'test', 'unlabelled' or None, got {split!r}")
-    return [c["id"] for c in load_dataset_json(data_dir)["cases"]
-            if (labelled is None or c["labelled"] == labelled) and (split is None or c["split"] == split)]
+def list_cases(data_dir, labelled=None):
+    """Case ids in dataset.json order, optionally only the (un)labelled ones."""
+    return [c["id"] for c in load_dataset_json(data_dir)["cases"] if labelled is None or c["labelled"] == labelled]
 
 
-def load_case(data_dir, case_id):
-    """dict(image memmap float16 (X,Y,Z), body memmap bool, label memmap uint8 or None, meta)."""
+def fingerprint(data_dir):
+    """A short hash of dataset.json and every case's meta.json: it changes when a case is added,
+    removed or preprocessed again."""
+    digest = hashlib.sha256((Path(data_dir) / "dataset.json").read_bytes())
+    for meta in sorted(Path(data_dir).glob("cases/*/meta.json")):
+        digest.update(meta.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def read_case(data_dir, case_id, need_label=False):
+    """The one reader of a preprocessed case -> dict(image memmap float16 (C, X, Y, Z), body memmap
+    bool (X, Y, Z), label memmap uint8 (X, Y, Z) or None, meta). A case that is missing, incomplete,
+    truncated, of mismatched shapes, or without the label its meta (or need_label) asks for is one
+    ValueError naming the case, the file and the fix."""
     case_dir = Path(data_dir) / "cases" / str(case_id)
-    if not (case_dir / "meta.json").is_file():  # meta.json is written last: absent = incomplete
-        raise ValueError(f"{case_dir}: case {case_id!r} not found or incomplete; "
-                         f"list_cases({str(data_dir)!r}) gives the ids, re-run preprocess.py to finish it")
+    fix = f"re-run preprocess.py on it (delete {case_dir} first)"
+    if not (case_dir / "meta.json").is_file():          # meta.json is written last: absent = incomplete
+        raise ValueError(f"{case_dir}: case {case_id!r} not found or incomplete; {fix}")
     arrays = {}
-    try:
-        with open(case_dir / "meta.json") as f:
-            meta = json.load(f)
-        for name in ("image", "body", "label"):
-            path = case_dir / f"{name}.npy"
-            arrays[name] = np.load(path, mmap_mode="r") if name != "label" or path.is_file() else None
-    except (OSError, ValueError) as e:   # deleted, truncated ("mmap length is greater than file size")
-        raise ValueError(f"{case_dir}: unreadable case ({type(e).__name__}: {e}); re-run preprocess.py on "
-                         "it (delete the folder first)") from None
-    image, body, label = arrays["image"], arrays["body"], arrays["label"]
+    for name in ("meta", "image", "body", "label"):
+        path = case_dir / f"{name}.{'json' if name == 'meta' else 'npy'}"
+        try:
+            if name == "meta":
+                meta = json.loads(path.read_text())
+            elif name != "label" or path.is_file():
+                arrays[name] = np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:    # deleted, truncated ("mmap length is greater than file size")
+            raise ValueError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:80]}); {fix}") from None
+    image, body, label = arrays["image"], arrays["body"], arrays.get("label")
+    image = image[None] if image.ndim == 3 else image
+    if label is None and (need_label or meta.get("label_file")):
+        raise ValueError(f"{case_dir / 'label.npy'}: missing, though case {case_id!r} is labelled; {fix}")
     for name, a in (("body", body), ("label", label)):
-        if a is not None and a.shape != image.shape:
-            raise ValueError(f"{case_dir}/{name}.npy: shape {a.shape} != image {image.shape}; re-run preprocess.py")
+        if a is not None and a.shape != image.shape[1:]:
+            raise ValueError(f"{case_dir / (name + '.npy')}: shape {a.shape} != image {image.shape[1:]}; {fix}")
     return dict(image=image, body=body, label=label, meta=meta)
 
 
@@ -109,30 +134,18 @@ def read_split(path, labelled):
     return {k: sorted(v) for k, v in split.items()}
 
 
-def check_case_ids(data_dir, case_ids, labelled=None):
-    """Validate user-given case ids against dataset.json (all cases of that kind if None)."""
-    known = list_cases(data_dir, labelled=labelled)
-    case_ids = known if case_ids is None else list(case_ids)
-    missing = [c for c in case_ids if c not in set(known)]
-    if missing or not case_ids:
-        kind = "labelled " if labelled else ""
-        raise ValueError(f"{Path(data_dir) / 'dataset.json'}: no {kind}case(s) {missing or ''}; "
-                         "pick ids from list_cases(data_dir)")
-    return case_ids
-
-
 # ------------------------------------------------------------------------ patches
 def read_patch(array, start, size, fill=0):
-    """array[start : start + size] of a (X,Y,Z) array/memmap, `fill` outside the volume.
+    """array[..., start : start + size] of a (..., X, Y, Z) array/memmap, `fill` outside the volume.
 
     start may be negative or run past the end. Only the in-volume part is sliced (a memmap reads
-    just those pages) and copied into a new array of shape `size`."""
-    start, size, shape = np.asarray(start, np.int64), np.asarray(size, np.int64), np.asarray(array.shape)
+    just those pages) and copied into a new array of shape (..., *size)."""
+    start, size, shape = np.asarray(start, np.int64), np.asarray(size, np.int64), np.asarray(array.shape[-3:])
     lo, hi = np.maximum(start, 0), np.minimum(start + size, shape)
-    out = np.full(tuple(size), fill, dtype=array.dtype)
+    out = np.full(array.shape[:-3] + tuple(size), fill, dtype=array.dtype)
     if np.all(hi > lo):
-        src = tuple(slice(a, b) for a, b in zip(lo, hi))
-        dst = tuple(slice(a, b) for a, b in zip(lo - start, hi - start))
+        src = (..., *(slice(a, b) for a, b in zip(lo, hi)))
+        dst = (..., *(slice(a, b) for a, b in zip(lo - start, hi - start)))
         out[dst] = np.asarray(array[src])
     return out
 
@@ -201,60 +214,61 @@ def sample_pair(image, body, patch_size, num_voxels, rng):
 
 
 class CaseDataset(torch.utils.data.Dataset):
-    """Base of the map-style datasets below: `length` items, item i from case_ids[i % num_cases]
-    (every case equally often; shuffle in the DataLoader), cases opened lazily in each worker."""
+    """Base of the map-style datasets below: `length` items, item i from volume i % num_volumes.
+    Every case is read once here (data.read_case: a broken case is one line before any work) and
+    again lazily in each worker."""
 
-    def __init__(self, data_dir, case_ids, length, seed, labelled=None):
-        self.data_dir, self.length, self.seed = Path(data_dir), length, seed
-        self.case_ids = check_case_ids(data_dir, case_ids, labelled)
-        self.cases = {}  # case id -> load_case() dict
+    def __init__(self, data_dir, case_ids, length, seed, patch_size, need_label=False):
+        self.data_dir, self.length, self.seed, self.patch_size = Path(data_dir), length, seed, tuple(patch_size)
+        known = list_cases(data_dir, labelled=True if need_label else None)
+        self.case_ids = known if case_ids is None else list(case_ids)
+        missing = [c for c in self.case_ids if c not in set(known)]
+        if missing or not self.case_ids:
+            raise ValueError(f"{self.data_dir / 'dataset.json'}: no {'labelled ' if need_label else ''}case(s) "
+                             f"{missing or ''}; pick ids from data.list_cases")
+        self.need_label, self.cases = need_label, {}
+        shapes = {c: read_case(data_dir, c, need_label)["image"].shape for c in self.case_ids}
+        small = [f"{c} {s[1:]}" for c, s in shapes.items() if any(n < p for n, p in zip(s[1:], self.patch_size))]
+        if small:
+            print(f"note: {len(small)} case(s) smaller than the patch {self.patch_size} along some axis, "
+                  f"zero-padded: {', '.join(small[:5])}{' ...' if len(small) > 5 else ''}")
+        self.channels = {c: s[0] for c, s in shapes.items()}
 
     def __getstate__(self):  # a pickled memmap becomes a full in-memory copy: reopen in the worker
         return {**self.__dict__, "cases": {}}
 
     def case(self, case_id):
         if case_id not in self.cases:
-            self.cases[case_id] = load_case(self.data_dir, case_id)
+            self.cases[case_id] = read_case(self.data_dir, case_id, self.need_label)
         return self.cases[case_id]
 
     def __len__(self):
         return self.length
 
 
-def warn_small_cases(data_dir, case_ids, patch_size):
-    """One line per case smaller than the patch (it is zero-padded, which a user should know)."""
-    shapes = {c["id"]: c.get("shape") for c in load_dataset_json(data_dir)["cases"]}
-    small = [f"{c} {tuple(shapes[c])}" for c in case_ids
-             if shapes.get(c) and any(s < p for s, p in zip(shapes[c], patch_size))]
-    if small:
-        print(f"note: {len(small)} case(s) smaller than the patch {tuple(patch_size)} along some axis, "
-              f"zero-padded: {', '.join(small[:5])}{' ...' if len(small) > 5 else ''}")
-    return small
-
-
 class PairDataset(CaseDataset):
     """Pretraining pairs. Item i is a list of pairs_per_volume sample_pair dicts (plus case_id)
-    from case case_ids[i % num_cases], drawn with np.random.default_rng([seed, i]).
+    from volume i % num_volumes, drawn with np.random.default_rng([seed, i]); a multi-channel case
+    is read as one volume per channel (the backbone is single-channel, as the paper's).
 
     The paper's batch is 10 pairs (Sec. 3): the reference takes them from one volume
-    (pairs_per_volume=10, loader batch 1); pairs_per_volume=1 with loader batch 10 mixes volumes.
-    Set length >= steps * batch so no item is revisited (a revisited item is the same crop)."""
+    (pairs_per_volume=10, loader batch 1); pairs_per_volume=1 with loader batch 10 mixes volumes."""
 
     def __init__(self, data_dir, patch_size=(128, 128, 32), num_voxels=1024, pairs_per_volume=1,
                  length=100_000, seed=0, case_ids=None):
-        super().__init__(data_dir, case_ids, length, seed)
-        self.patch_size, self.num_voxels, self.pairs_per_volume = tuple(patch_size), num_voxels, pairs_per_volume
-        warn_small_cases(data_dir, self.case_ids, self.patch_size)
+        super().__init__(data_dir, case_ids, length, seed, patch_size)
+        self.num_voxels, self.pairs_per_volume = num_voxels, pairs_per_volume
+        self.volumes = [(c, k) for c in self.case_ids for k in range(self.channels[c])]
 
     def __getitem__(self, i):
         rng = np.random.default_rng([self.seed, i])
-        case_id = self.case_ids[i % len(self.case_ids)]
+        case_id, channel = self.volumes[i % len(self.volumes)]
         c = self.case(case_id)
         try:
-            return [dict(sample_pair(c["image"], c["body"], self.patch_size, self.num_voxels, rng),
+            return [dict(sample_pair(c["image"][channel], c["body"], self.patch_size, self.num_voxels, rng),
                          case_id=case_id) for _ in range(self.pairs_per_volume)]
         except ValueError as e:
-            raise ValueError(f"{self.data_dir / 'cases' / case_id}: {e}") from e
+            raise ValueError(f"{self.data_dir / 'cases' / case_id}: {e}") from None
 
 
 def collate_pairs(items):
@@ -290,7 +304,7 @@ def class_voxels(label, rng, max_voxels=MAX_CLASS_VOXELS):
 
 class LabelledPatchDataset(CaseDataset):
     """Downstream training patches (Sec. 3.2): item i (from case case_ids[i % num_cases], rng
-    np.random.default_rng([seed, i])) is dict(image (1,X,Y,Z) float32, label (X,Y,Z) int64).
+    np.random.default_rng([seed, i])) is dict(image (C,X,Y,Z) float32, label (X,Y,Z) int64).
 
     Foreground oversampling as in the reference (nnU-Net style): with foreground_prob the patch
     is centred on a voxel of a random class present in the case (clipped into the volume), else
@@ -298,13 +312,13 @@ class LabelledPatchDataset(CaseDataset):
     subsampled to MAX_CLASS_VOXELS, so an item does not scan the whole label."""
 
     def __init__(self, data_dir, case_ids, patch_size, length, seed=0, foreground_prob=0.5):
-        super().__init__(data_dir, case_ids, length, seed, labelled=True)
-        self.patch_size, self.foreground_prob = tuple(patch_size), foreground_prob
-        warn_small_cases(data_dir, self.case_ids, self.patch_size)
-        self.classes = {}  # case id -> class_voxels() dict, built lazily in each worker
+        super().__init__(data_dir, case_ids, length, seed, patch_size, need_label=True)
+        self.foreground_prob, self.classes = foreground_prob, {}
 
-    def class_voxels(self, case_id):
-        if case_id not in self.classes:  # own seed stream, so it is the same in every worker
+    def foreground(self, case_id):
+        """class_voxels of a case, built lazily in each worker from its own seed stream (so the
+        same in every worker)."""
+        if case_id not in self.classes:
             rng = np.random.default_rng([self.seed, self.case_ids.index(case_id), 0x5EED])
             self.classes[case_id] = class_voxels(self.case(case_id)["label"], rng)
         return self.classes[case_id]
@@ -313,14 +327,41 @@ class LabelledPatchDataset(CaseDataset):
         rng = np.random.default_rng([self.seed, i])
         case_id = self.case_ids[i % len(self.case_ids)]
         c, patch = self.case(case_id), np.asarray(self.patch_size)
-        shape = np.asarray(c["image"].shape)
+        shape = np.asarray(c["label"].shape)
         lo, hi = np.minimum(0, shape - patch), np.maximum(0, shape - patch)  # starts inside the volume
-        classes = self.class_voxels(case_id) if rng.random() < self.foreground_prob else {}
+        classes = self.foreground(case_id) if rng.random() < self.foreground_prob else {}
         if classes:
             voxels = classes[list(classes)[rng.integers(len(classes))]]
             start = np.clip(voxels[rng.integers(len(voxels))] - patch // 2, lo, hi)
         else:
             start = rng.integers(lo, hi + 1)
-        image = read_patch(c["image"], start, patch).astype(np.float32)
+        image = read_patch(c["image"], start, patch).astype(np.float32)          # (C, X, Y, Z)
         label = read_patch(c["label"], start, patch).astype(np.int64)
-        return dict(image=torch.from_numpy(image)[None], label=torch.from_numpy(label))
+        return dict(image=torch.from_numpy(image), label=torch.from_numpy(label))
+
+
+# ------------------------------------------------------------------------ batches of a run
+class StepOrder(torch.utils.data.Sampler):
+    """The item indices of steps [start, steps) for rank r of W, per_rank items each: step s reads
+    items (s * W + r) * per_rank + j. Item k being a fixed function of (seed, k), a resumed run and
+    a run with another worker count see exactly the same data, and W processes see exactly the
+    batches of one. Lazy: nothing is materialised per step."""
+
+    def __init__(self, steps, per_rank, rank=0, world=1, start=0):
+        self.steps, self.per_rank, self.rank, self.world, self.start = steps, per_rank, rank, world, start
+
+    def __iter__(self):
+        for s in range(self.start, self.steps):
+            first = (s * self.world + self.rank) * self.per_rank
+            yield from range(first, first + self.per_rank)
+
+    def __len__(self):
+        return (self.steps - self.start) * self.per_rank
+
+
+def step_loader(dataset, steps, per_rank, rank=0, world=1, start=0, workers=0, collate_fn=None):
+    """A DataLoader of `per_rank` items per step over StepOrder."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=per_rank, sampler=StepOrder(steps, per_rank, rank, world, start), collate_fn=collate_fn,
+        num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None)

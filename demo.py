@@ -1,23 +1,19 @@
 """The demo data every stage's `--data demo` uses: synthetic abdomen-like CT phantoms, written as
-real NIfTI files and preprocessed like real data.
+real NIfTI files that preprocess.py then preprocesses like real data.
 
-`python preprocess.py --demo DATA_DIR` writes DATA_DIR/raw/ in the Medical Segmentation Decathlon
-layout (int16 Hounsfield units, anisotropic ~0.8 x 0.8 x 2.5 mm spacing, a non-RAS affine with
-permuted and flipped axes), preprocesses it exactly like real data into DATA_DIR, writes a fixed
-split of the labelled cases (DATA_DIR/split.json: training pool / validation / test) and a
-separate unlabelled pretraining corpus of other phantoms (DATA_DIR/unlabelled, `--data
-demo-unlabelled`). `--data demo` builds all of it under data/demo on first use.
+`python preprocess.py --demo data/demo` calls write_case for every phantom raw_jobs lists: the
+labelled set in data/demo/raw/ in the Medical Segmentation Decathlon layout (int16 Hounsfield
+units, anisotropic ~0.8 x 0.8 x 2.5 mm spacing, a non-RAS affine with permuted and flipped axes),
+preprocessed into data/demo with a fixed split (demo_split -> data/demo/split.json: training pool
+/ validation / test), and a separate unlabelled pretraining corpus of other phantoms
+(data/demo/unlabelled, what `pretrain.py --data demo` reads).
 
 What a phantom holds (demo_phantom's docstring lists it): anatomy at several scales, so that a
 voxel is told by its surroundings, with every organ's boundary visible, as fat planes and
 enhancement show it in real CT; what needs context is telling look-alike organs apart. Liver
 and spleen share one mean intensity, the two kidneys are the same pattern mirrored (so the
-labels are sided: a left-right mirror swaps two classes). Two measurements, printed by
-`preprocess.py --demo`:
-- boundary_contrast: the mean intensity step across each organ's surface in units of the
-  noise SD measured on the images (>= 2 for every class: boundaries are seen);
-- intensity_only_dice: the best per-voxel intensity-only classifier (Bayes rule on the
-  histogram, an upper bound): poor for spleen vs liver and for the two kidneys.
+labels are sided: a left-right mirror swaps two classes). docs/demo.md shows both, measured
+(`python experiments/diagnostics.py --demo-classes data/demo`).
 
 Scale: `scale` shrinks the anatomy (not the voxel size or the textures). The demo uses
 DEMO_SCALE, a ~52 x 45 x 20-voxel volume at the paper's 1 x 1 x 2 mm, because the demo's
@@ -26,16 +22,13 @@ that are a few voxels thick at that scale (adrenal, gallbladder, kidneys) are dr
 relative to the body than in an adult, so that they are more than a few voxels across.
 """
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff
 from scipy import ndimage
-from tqdm import tqdm
 
-import preprocess
 from runtime import atomic_write, save_json
 
 
@@ -51,8 +44,6 @@ HU = dict(air=-1000, fat=-95, muscle=50, liver=100, spleen=100, kidney_cortex=18
 NOISE_HU = 15  # quantum noise SD of the raw phantom
 DEMO_SCALE = 0.3  # see the module docstring
 DEMO_RAW_ORNT = np.array([[1, -1], [2, -1], [0, 1]])  # RAS (x, y, z) -> stored (z, -x, -y)
-DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
-DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
 UNLABELLED_STREAM = 7  # seed stream of the unlabelled demo phantoms: rng([seed, 7, i]), never a labelled rng([seed, i])
 
 
@@ -191,117 +182,50 @@ def demo_phantom(rng, scale=1.0):
     return np.clip(hu, -1024, 3071), label, spacing
 
 
-def intensity_only_dice(data_dir, num_bins=1000):
-    """Dice per class of the best intensity-only classifier -> {class name: dice}.
-
-    Bayes rule on a fine histogram: every intensity bin predicts its majority class over all
-    body voxels of all labelled cases (fitted and scored on the same voxels: an upper bound).
-    """
-    info = json.loads((Path(data_dir) / "dataset.json").read_text())
-    names = info["labels"]
-    k = max(int(c) for c in names) + 1
-    counts = np.zeros((num_bins, k), np.int64)  # (bins, classes)
-    for case in (c for c in info["cases"] if c["labelled"]):
-        folder = Path(data_dir) / "cases" / case["id"]
-        body = np.load(folder / "body.npy")
-        bins = np.minimum((np.load(folder / "image.npy")[body] * num_bins).astype(np.int64),
-                          num_bins - 1)
-        counts += np.bincount(bins * k + np.load(folder / "label.npy")[body],
-                              minlength=num_bins * k).reshape(num_bins, k)
-    predicted = counts.argmax(axis=1)  # (bins,)
-    dice = {}
-    for c in range(1, k):
-        overlap, size = counts[predicted == c, c].sum(), counts[predicted == c].sum()
-        total = size + counts[:, c].sum()
-        dice[names[str(c)]] = float(2 * overlap / total) if total else float("nan")
-    return dice
-
-
-def boundary_contrast(data_dir, shell=2):
-    """Visibility of each organ's boundary -> ({class name: step / noise SD}, noise SD in HU).
-
-    Step: mean HU inside the organ minus mean HU in a `shell`-voxel shell just outside it (a
-    dilation of the mask minus the mask), averaged over the labelled cases where the organ is
-    present. Noise SD: robust (median absolute deviation) SD of the air voxels of the cropped
-    volumes (outside body.npy), i.e. measured on the preprocessed images, not assumed."""
-    info = json.loads((Path(data_dir) / "dataset.json").read_text())
-    names, lo, hi = info["labels"], *info["preset"]["clip"]
-    steps, air = {}, []
-    for case in (c for c in info["cases"] if c["labelled"]):
-        folder = Path(data_dir) / "cases" / case["id"]
-        image = np.load(folder / "image.npy").astype(np.float32) * (hi - lo) + lo   # (X, Y, Z) HU
-        label, body = np.load(folder / "label.npy"), np.load(folder / "body.npy")
-        outside = image[~body & (image < -900)]
-        air.append(outside - np.median(outside))
-        for c in range(1, len(names)):
-            mask = label == c
-            if mask.any():
-                ring = ndimage.binary_dilation(mask, iterations=shell) & ~mask
-                steps.setdefault(names[str(c)], []).append(abs(image[mask].mean() - image[ring].mean()))
-    noise_sd = 1.4826 * float(np.median(np.abs(np.concatenate(air))))
-    return {n: float(np.mean(v)) / noise_sd for n, v in steps.items()}, noise_sd
-
-
 # ----------------------------------------------------------------------------- the demo set
 
-def write_demo_case(job):
+def write_case(job):
     """Worker: phantom (seed, index) -> imagesTr/ + labelsTr/ NIfTI with a non-RAS affine; an
     unlabelled phantom (job["unlabelled"]) comes from its own seed stream, image only, flat."""
-    unlabelled = job.get("unlabelled", False)
+    unlabelled = job["unlabelled"]
     rng = np.random.default_rng([job["seed"], UNLABELLED_STREAM, job["index"]] if unlabelled else [job["seed"], job["index"]])
     hu, label, spacing = demo_phantom(rng, job["scale"])
     canonical_affine = np.diag([*spacing, 1.0])
     canonical_affine[:3, 3] = rng.uniform(-150, 150, 3)  # scanner-style translation
     affine = canonical_affine @ inv_ornt_aff(DEMO_RAW_ORNT, hu.shape)
-    name = f"{'unlabelled' if unlabelled else 'demo'}_{job['index']:03d}.nii.gz"
     arrays = (("", np.round(hu).astype(np.int16)),) if unlabelled else \
         (("labelsTr", label), ("imagesTr", np.round(hu).astype(np.int16)))
     for folder, array in arrays:
         img = nib.Nifti1Image(apply_orientation(array, DEMO_RAW_ORNT), affine)
         img.set_qform(affine, code=1)
         img.set_sform(affine, code=1)
-        atomic_write(Path(job["raw_dir"]) / folder / name, lambda tmp: nib.save(img, str(tmp)))
+        atomic_write(Path(job["raw_dir"]) / folder / job["name"], lambda tmp: nib.save(img, str(tmp)))
 
 
-def make_demo_raw(raw_dir, num_cases=20, seed=0, *, scale=DEMO_SCALE, workers=1):
-    """Synthetic abdomen-like CTs in the Decathlon layout (missing cases only) -> raw_dir."""
-    raw_dir, params = Path(raw_dir), dict(seed=seed, num_cases=num_cases, scale=scale)
-    if (raw_dir / "dataset.json").is_file():
-        old = json.loads((raw_dir / "dataset.json").read_text()).get("demo")
-        if old != params:
-            raise ValueError(f"{raw_dir}: holds a demo made with {old}, not {params}; "
-                             "use another folder or delete this one")
-    for folder in ("imagesTr", "labelsTr"):
+def raw_jobs(raw_dir, num_cases, seed=0, scale=DEMO_SCALE, unlabelled=False):
+    """The write_case jobs of the phantoms raw_dir still lacks: the labelled set in the Decathlon
+    layout (raw_dir/imagesTr, labelsTr, dataset.json), or an unlabelled corpus as a flat folder of
+    scans of another seed stream (no case of it is a labelled, validation or test phantom).
+    ValueError for a folder that holds a demo made with other settings."""
+    raw_dir = Path(raw_dir)
+    params = dict(seed=seed, num_cases=num_cases, scale=scale, **({"stream": UNLABELLED_STREAM} if unlabelled else {}))
+    record = raw_dir / (".demo-unlabelled.json" if unlabelled else "dataset.json")
+    made = json.loads(record.read_text()) if record.is_file() else None
+    made = made if unlabelled or made is None else made.get("demo")
+    if made is not None and made != params:
+        raise ValueError(f"{raw_dir}: holds a demo made with {made}, not {params}; use another folder or delete this one")
+    names = [f"{'unlabelled' if unlabelled else 'demo'}_{i:03d}.nii.gz" for i in range(num_cases)]
+    for folder in ("",) if unlabelled else ("imagesTr", "labelsTr"):
         (raw_dir / folder).mkdir(parents=True, exist_ok=True)
-    names = [f"demo_{i:03d}.nii.gz" for i in range(num_cases)]
-    jobs = [dict(raw_dir=str(raw_dir), seed=seed, index=i, scale=scale) for i, n in
-            enumerate(names) if not all((raw_dir / f / n).is_file() for f in ("imagesTr",
-                                                                               "labelsTr"))]
-    for _ in tqdm(preprocess.map_jobs(jobs, workers, write_demo_case), total=len(jobs), desc="demo"):
-        pass
-    save_json(raw_dir / "dataset.json", dict(
-        name="demo", description="synthetic abdomen CT (preprocess.py)", modality={"0": "CT"},
-        labels={str(i): n for i, n in enumerate(DEMO_LABELS)}, demo=params,
-        numTraining=num_cases, training=[dict(image=f"./imagesTr/{n}", label=f"./labelsTr/{n}")
-                                         for n in names], test=[]))
-    return raw_dir
-
-
-def prepare_demo(data_dir, num_cases=20, seed=0, workers=1, *, scale=DEMO_SCALE):
-    """Demo raw NIfTI under data_dir/raw, preprocessed into data_dir like real data, plus
-    data_dir/split.json: a fixed split of the labelled cases (demo_split)."""
-    data_dir = Path(data_dir)
-    if num_cases < 3:
-        raise ValueError(f"--num-cases {num_cases}: the demo's split needs at least 3 labelled cases (a training, "
-                         "a validation and a test case)")
-    if data_dir.exists() and not data_dir.is_dir():
-        raise ValueError(f"--demo {data_dir}: exists and is not a folder")
-    make_demo_raw(data_dir / "raw", num_cases, seed, scale=scale, workers=workers)
-    result = preprocess.preprocess_folder(data_dir / "raw", data_dir, "ct", workers=workers)
-    if result["failed"]:
-        raise RuntimeError(f"demo preprocessing failed: {result['failed']}")
-    save_json(data_dir / "split.json", demo_split([f"demo_{i:03d}" for i in range(num_cases)], seed))
-    return data_dir
+    if unlabelled:
+        save_json(record, params)
+    else:
+        save_json(record, dict(name="demo", description="synthetic abdomen CT (preprocess.py)", modality={"0": "CT"},
+                               labels={str(i): n for i, n in enumerate(DEMO_LABELS)}, demo=params, numTraining=num_cases,
+                               training=[dict(image=f"./imagesTr/{n}", label=f"./labelsTr/{n}") for n in names], test=[]))
+    done = lambda n: (raw_dir / n).is_file() if unlabelled else all((raw_dir / f / n).is_file() for f in ("imagesTr", "labelsTr"))
+    return [dict(raw_dir=str(raw_dir), seed=seed, index=i, scale=scale, unlabelled=unlabelled, name=n)
+            for i, n in enumerate(names) if not done(n)]
 
 
 def demo_split(case_ids, seed=0):
@@ -311,56 +235,3 @@ def demo_split(case_ids, seed=0):
     n_test, n_val = max(1, len(order) // 4), max(1, round(0.15 * len(order)))
     return dict(train=sorted(order[n_test + n_val:]), val=sorted(order[n_test:n_test + n_val]),
                 test=sorted(order[:n_test]))
-
-
-def prepare_unlabelled_demo(data_dir, num_cases=200, seed=0, workers=1, *, scale=DEMO_SCALE):
-    """The demo's unlabelled pretraining corpus: num_cases phantoms of another seed stream than the
-    labelled set (no case of it is a labelled, validation or test phantom), written as a flat folder
-    of scans under data_dir/raw and preprocessed into data_dir like real unlabelled data."""
-    data_dir, params = Path(data_dir), dict(seed=seed, num_cases=num_cases, scale=scale, stream=UNLABELLED_STREAM)
-    raw, record = data_dir / "raw", data_dir / "raw" / ".demo-unlabelled.json"
-    if record.is_file() and json.loads(record.read_text()) != params:
-        raise ValueError(f"{raw}: holds an unlabelled demo made with {record.read_text()}, not {params}; "
-                         "use another folder or delete this one")
-    raw.mkdir(parents=True, exist_ok=True)
-    jobs = [dict(raw_dir=str(raw), seed=seed, index=i, scale=scale, unlabelled=True) for i in range(num_cases)
-            if not (raw / f"unlabelled_{i:03d}.nii.gz").is_file()]
-    for _ in tqdm(preprocess.map_jobs(jobs, workers, write_demo_case), total=len(jobs), desc="unlabelled demo"):
-        pass
-    save_json(record, params)
-    result = preprocess.preprocess_folder(raw, data_dir, "ct", workers=workers)
-    if result["failed"]:
-        raise RuntimeError(f"demo preprocessing failed: {result['failed']}")
-    return data_dir
-
-
-def ensure_demo():
-    """The default demo set (DEMO_DIR), built on first use."""
-    if (DEMO_DIR / "dataset.json").is_file():
-        return DEMO_DIR
-    return prepare_demo(DEMO_DIR, workers=DEFAULT_WORKERS)
-
-
-def ensure_unlabelled_demo():
-    """The demo's unlabelled pretraining corpus (DEMO_DIR/unlabelled), built on first use."""
-    folder = DEMO_DIR / "unlabelled"
-    if (folder / "dataset.json").is_file():
-        return folder
-    return prepare_unlabelled_demo(folder, workers=DEFAULT_WORKERS)
-
-
-def build_demo(data_dir, num_cases=20, unlabelled_cases=200, seed=0, workers=DEFAULT_WORKERS):
-    """`preprocess.py --demo DATA_DIR`: the labelled set, its split, the two measurements of its
-    classes and the unlabelled corpus, each said on the terminal."""
-    data_dir = prepare_demo(data_dir, num_cases, seed, workers)
-    contrast, noise_sd = boundary_contrast(data_dir)
-    print(f"demo data in {data_dir}\n{'class':<14} {'boundary step / noise SD':>25} {'intensity-only Dice':>20}")
-    for name, dice in intensity_only_dice(data_dir).items():
-        print(f"  {name:<14} {contrast[name]:>23.1f} {dice:>20.3f}")
-    print(f"(noise SD measured in the air around the body: {noise_sd:.1f} HU; a step >= 2 is a visible boundary; "
-          "intensity-only Dice < 1 where context is needed)")
-    if unlabelled_cases:
-        unlabelled = prepare_unlabelled_demo(Path(data_dir) / "unlabelled", unlabelled_cases, seed, workers)
-        print(f"unlabelled pretraining corpus in {unlabelled}: unlabelled : labelled = {unlabelled_cases} : {num_cases} "
-              f"({unlabelled_cases / num_cases:.0f}x), disjoint seed streams (pretrain.py --data demo-unlabelled)")
-    return data_dir

@@ -36,10 +36,9 @@ Writes DIR/results.json (mean_dice, std_dice over folds, per_class, per-fold num
 steps and final loss per fold, the arguments and the checkpoint evaluated) and prints a table.
 Dice per class ignores, in each volume, a class absent from both the prediction and the label
 (loss.dice_per_class); the mean over classes is taken per volume, over volumes per fold, and
-mean +- std over folds. `python experiments/bench.py --probe BACKBONE` times it against volume size.
+mean +- std over folds.
 """
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,12 +48,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import load_case
-from downstream import (add_common_args, announce, fold_mean, new_segmenter, prepare, presets, set_backbone_trainable,
-                        write_results)
+import downstream
+import runtime
+from data import read_case
+from downstream import announce, fold_mean, new_segmenter, prepare, set_backbone_trainable, write_results
 from loss import dice_per_class, predict_labels
-from predict import gaussian_weights, tile_starts
-from runtime import autocast_dtype, non_negative_float, parse_with_presets, positive_int, release_folder, world_info
+from runtime import non_negative_float, positive_int, world_info
 
 # The demo's volumes are smaller than one window: each pyramid is computed whole.
 DEMO = dict(eval_patch_size=(96, 96, 48))
@@ -64,52 +63,33 @@ DEMO = dict(eval_patch_size=(96, 96, 48))
 
 @torch.no_grad()
 def compute_pyramid(backbone, image, window, device, amp_dtype=None):
-    """The frozen backbone's pyramid of one volume (X, Y, Z) -> list of float16 numpy arrays
-    (C_l, X_l, Y_l, Z_l), X_l = ceil(X / 2**l). Whole volume in one forward pass when it fits in
-    `window`, else Gaussian-blended tiles of `window` whose starts are multiples of 2**(L-1), so
-    that every tile's level l lands exactly on level l's grid (the volume is zero-padded to a
-    multiple of 2**(L-1) for that). amp_dtype: autocast for the forward passes (--amp)."""
+    """The frozen backbone's pyramid of one volume (C, X, Y, Z) -> list of float16 numpy arrays
+    (C_l, X_l, Y_l, Z_l), X_l = ceil(X / 2**l): one forward pass when the volume fits in `window`,
+    else Gaussian-blended windows whose starts are multiples of 2**(L-1), so that every window's
+    level l lands exactly on level l's grid (downstream.sliding_window)."""
     backbone.eval()
 
-    def run(tile):
+    def run(tiles):                                                          # (b, C, ...) -> pyramid
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            return [level.float() for level in backbone(tile)]
+            return [level.float() for level in backbone(tiles)]
 
-    x = torch.as_tensor(np.asarray(image, dtype=np.float32), device=device)[None, None]  # (1, 1, X, Y, Z)
-    shape = x.shape[2:]
-    if all(s <= w for s, w in zip(shape, window)):
-        return [p[0].to(torch.float16).cpu().numpy() for p in run(x)]
-    m = 2 ** (backbone.num_levels - 1)
-    window = tuple(max(m, w // m * m) for w in window)
-    padded = tuple(max(-(-s // m) * m, w) for s, w in zip(shape, window))
-    x = F.pad(x, [0, padded[2] - shape[2], 0, padded[1] - shape[1], 0, padded[0] - shape[0]])
-    starts = [tuple(t // m * m for t in st) for st in tile_starts(padded, window, overlap=0.5)]
-    sums, norms = None, None
-    for st in starts:
-        box = tuple(slice(s, s + w) for s, w in zip(st, window))
-        tile = run(x[(slice(None), slice(None)) + box])                         # list of (1, C_l, w/2**l ...)
-        if sums is None:
-            sums = [torch.zeros((t.shape[1],) + tuple(p // 2 ** l for p in padded), device=device)
-                    for l, t in enumerate(tile)]
-            norms = [torch.zeros(tuple(p // 2 ** l for p in padded), device=device) for l in range(len(tile))]
-        for l, t in enumerate(tile):
-            w = gaussian_weights(t.shape[2:], device)                           # (w_l, ...)
-            sub = tuple(slice(s // 2 ** l, s // 2 ** l + n) for s, n in zip(st, t.shape[2:]))
-            sums[l][(slice(None),) + sub] += t[0].float() * w
-            norms[l][sub] += w
-    return [(s / n)[(slice(None),) + tuple(slice(0, -(-d // 2 ** l)) for d in shape)].to(torch.float16).cpu().numpy()
-            for l, (s, n) in enumerate(zip(sums, norms))]
+    x = torch.as_tensor(np.asarray(image, dtype=np.float32), device=device)  # (C, X, Y, Z)
+    if all(s <= w for s, w in zip(x.shape[1:], window)):
+        levels = [p[0] for p in run(x[None])]
+    else:
+        levels = downstream.sliding_window(x, run, window, overlap=0.5, batch_size=1, align=2 ** (backbone.num_levels - 1))
+    return [level.to(torch.float16).cpu().numpy() for level in levels]
 
 
 def cache_pyramids(backbone, data_dir, case_ids, window, device, cache_dir=None, ram_gb=4.0, amp_dtype=None):
     """{case id: list of (C_l, X_l, Y_l, Z_l) float16 arrays}. In memory, or (when the estimated
     size exceeds ram_gb) as memory-mapped .npy files in cache_dir, read back lazily."""
     per_voxel = 2 * sum(c / 8 ** l for l, c in enumerate(backbone.channels))      # bytes, float16
-    voxels = sum(int(np.prod(load_case(data_dir, c)["image"].shape)) for c in case_ids)
+    voxels = sum(int(np.prod(read_case(data_dir, c)["image"].shape[1:])) for c in case_ids)
     on_disk = per_voxel * voxels > ram_gb * 2 ** 30
     cache = {}
     for case_id in tqdm(case_ids, desc="cache pyramids", leave=False):
-        levels = compute_pyramid(backbone, load_case(data_dir, case_id)["image"], window, device, amp_dtype)
+        levels = compute_pyramid(backbone, read_case(data_dir, case_id)["image"], window, device, amp_dtype)
         if on_disk:
             folder = Path(cache_dir) / case_id
             folder.mkdir(parents=True, exist_ok=True)
@@ -148,7 +128,7 @@ def as_tensors(levels, device, crop=None):
 
 # ----------------------------------------------------------------------------- training the head
 
-def sample_voxels(label, num_classes, per_class, rng):
+def balanced_voxel_sample(label, num_classes, per_class, rng):
     """Class-balanced sample of one volume's voxels: for every class present (background
     included), min(count, per_class) of its voxels without replacement. label (X, Y, Z) ->
     coords (n, 3) int64, classes (n,) int64, voxels per class in the whole volume (num_classes,)."""
@@ -174,7 +154,7 @@ def gather_levels(levels, coords):
     return out
 
 
-def train_head(head, cache, labels, train_ids, cfg, device, seed=0, desc="probe"):
+def train_head(head, cache, labels, train_ids, cfg, device, seed=0):
     """Fit the linear head (Sec. 3.2) on a fixed class-balanced sample of training voxels
     (--voxels-per-class per class and volume), gathered from the cached pyramids: multinomial
     logistic regression, cross-entropy with a small L2 penalty (--weight-decay), solved by full-batch
@@ -186,7 +166,7 @@ def train_head(head, cache, labels, train_ids, cfg, device, seed=0, desc="probe"
     num_classes = head.convs[0].out_channels
     per_level, classes, totals = [[] for _ in head.convs], [], np.zeros(num_classes)
     for case_id in train_ids:
-        coords, y, counts = sample_voxels(labels[case_id], num_classes, cfg["voxels_per_class"], rng)
+        coords, y, counts = balanced_voxel_sample(labels[case_id], num_classes, cfg["voxels_per_class"], rng)
         for l, f in enumerate(gather_levels(cache[case_id], coords)):
             per_level[l].append(f)
         classes.append(y)
@@ -231,66 +211,55 @@ def evaluate_cached(head, cache, labels, test_ids, num_classes, device):
 def main(args):
     cfg = dict(voxels_per_class=args.voxels_per_class, max_steps=args.max_steps, weight_decay=args.weight_decay,
                eval_patch_size=tuple(args.eval_patch_size), folds=args.folds)
-    device, data_dir, test_dir, names, plan = prepare(args, "linear", "linear_probe.py")
+    run = prepare(args, "linear", "linear_probe.py")
     if world_info()[1] > 1:
-        raise SystemExit("linear_probe.py: error: the cached-feature probe runs in one process "
-                         "(it trains a linear head only; torchrun gives it nothing)")
-    amp_dtype = autocast_dtype(device, args.amp)
-    announce("linear probe", args, cfg, device, amp_dtype)
-    work = tempfile.TemporaryDirectory(prefix="probe-cache-") if args.cache_dir is None else None
-    cache_dir = Path(args.cache_dir or work.name)
+        raise ValueError("the cached-feature probe runs in one process (it trains a linear head only; torchrun gives "
+                         "it nothing)")
+    amp_dtype = runtime.autocast_dtype(run.device, args.amp)
+    announce("linear probe", args, cfg, run.device, amp_dtype)
     fold_dice, cases, steps, started = {}, {}, {}, time.time()
-    try:
-        for fold, train_ids, test_ids in plan:
+    with tempfile.TemporaryDirectory(prefix="probe-cache-") as work:
+        cache_dir = Path(args.cache_dir or work)
+        for fold, train_ids, test_ids in run.plan:
             cases[fold] = (train_ids, test_ids)
-            model, info = new_segmenter(args, len(names), "linear", device, fold)
+            model, info = new_segmenter(args, run.backbone, len(run.names), "linear", run.device, fold)
             set_backbone_trainable(model, False)          # eval mode, no gradients: frozen for real
             before = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
-            cache = cache_pyramids(model.backbone, data_dir, train_ids, cfg["eval_patch_size"], device,
+            cache = cache_pyramids(model.backbone, run.data_dir, train_ids, cfg["eval_patch_size"], run.device,
                                    cache_dir / "train", args.cache_ram_gb, amp_dtype)
             model.head.set_statistics(*channel_statistics(cache, train_ids))
-            n, loss = train_head(model.head, cache, read_labels(train_ids, data_dir), train_ids, cfg, device,
-                                 args.seed + fold, desc=f"fold {fold}")
+            n, loss = train_head(model.head, cache, read_labels(train_ids, run.data_dir), train_ids, cfg, run.device,
+                                 args.seed + fold)
             steps[str(fold)] = dict(steps=n, final_loss=round(loss, 5))
             print(f"fold {fold}: head trained {n} steps, final loss {loss:.4f}")
             # The check that only the head trained (MAE's probe left its encoder in train mode).
             assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
-            folder = test_dir or data_dir
-            test_cache = cache_pyramids(model.backbone, folder, test_ids, cfg["eval_patch_size"], device,
+            test_cache = cache_pyramids(model.backbone, run.test_dir, test_ids, cfg["eval_patch_size"], run.device,
                                         cache_dir / "test", args.cache_ram_gb, amp_dtype)
-            fold_dice[fold] = evaluate_cached(model.head, test_cache, read_labels(test_ids, folder), test_ids,
-                                              len(names), device)
+            fold_dice[fold] = evaluate_cached(model.head, test_cache, read_labels(test_ids, run.test_dir), test_ids,
+                                              len(run.names), run.device)
             print(f"fold {fold}: {len(train_ids)} train / {len(test_ids)} test cases, "
                   f"mean Dice {fold_mean(fold_dice[fold]):.3f}")
-    finally:
-        if work is not None:
-            work.cleanup()
-    results = write_results(args, cfg, fold_dice, names, info, cases, started, "linear probe",
-                            extra=dict(head_training=steps))
-    release_folder(args.out)
-    return results
+    return write_results(args, cfg, fold_dice, run.names, info, cases, started, "linear probe",
+                         extra=dict(head_training=steps))
 
 
 def read_labels(ids, folder):
-    return {c: np.asarray(load_case(folder, c)["label"]) for c in ids}
+    return {c: np.asarray(read_case(folder, c, need_label=True)["label"]) for c in ids}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                allow_abbrev=False)
-    add_common_args(p)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    downstream.add_common_args(p)
     # The probe's own training (on voxels sampled from the cached pyramids)
     p.add_argument("--voxels-per-class", type=positive_int, default=2048, help="training voxels sampled per class and volume")
     p.add_argument("--max-steps", type=positive_int, default=500, help="cap on L-BFGS iterations of the head")
     p.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="L2 penalty on the head's weights")
     p.add_argument("--cache-dir", help="memory-mapped pyramid cache for large data [a temporary folder]")
     p.add_argument("--cache-ram-gb", type=non_negative_float, default=4.0, help="keep the cache in memory below this size")
-    return parse_with_presets(p, argv, presets(lambda first: DEMO))
+    return runtime.parse(p, argv, downstream.presets(lambda args: DEMO), downstream.RULES)
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except KeyboardInterrupt:
-        sys.exit("linear_probe.py: interrupted (a probe has no partial result to keep)")
+    runtime.cli(main, parse_args, interrupted="interrupted (a probe has no partial result to keep)")

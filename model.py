@@ -29,6 +29,7 @@ Shape notation: volumes (B, C, X, Y, Z) with (X, Y, Z) the canonical RAS voxel a
 voxels (N, C); voxel coordinates (N, 4) = (batch_index, x, y, z), int64. Level l of a pyramid
 has shape (B, C_l, X_l, Y_l, Z_l) with X_l = ceil(X / 2**l) and C_l = base_channels * 2**l.
 """
+import math
 from typing import List, Sequence
 
 import torch
@@ -46,6 +47,10 @@ DEMO_ARCHS = {
     "vox2vec": dict(base_channels=8, num_levels=5),
 }
 BLOCKS_PER_STAGE = 2  # residual blocks per encoder level and per decoder level
+# Float32-sized copies of a pyramid level that one training step keeps for its backward pass (the
+# inputs of the level's BatchNorms, ReLUs and convolutions): a lower estimate, what bf16 autocast
+# keeps (fp32 keeps about twice as much; `python experiments/bench.py --memory` measures both).
+SAVED_PER_LEVEL = 11
 
 
 # ----------------------------------------------------------------------------- backbone
@@ -133,6 +138,15 @@ class FPN3d(nn.Module):
 def crop_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """x (B, C, X', Y', Z') -> x[..., :X, :Y, :Z]: drop what upsampling added past an odd size."""
     return x[..., :size[0], :size[1], :size[2]]
+
+
+def training_bytes(channels: Sequence[int], patch_size: Sequence[int], patches: int, voxel_pairs: int = 0) -> int:
+    """A lower estimate of the memory a training step through an FPN of `channels` per level holds
+    for its backward pass: SAVED_PER_LEVEL float32 copies of every level of `patches` patches, and
+    for InfoNCE over `voxel_pairs` pairs its (2N, 2N) logits three times (logits, softmax, gradient)."""
+    voxels = math.prod(patch_size)
+    levels = sum(c * math.ceil(voxels / 8 ** l) for l, c in enumerate(channels))
+    return 4 * (SAVED_PER_LEVEL * patches * levels + 3 * (2 * voxel_pairs) ** 2)
 
 
 # ----------------------------------------------------------------------------- voxel sampling

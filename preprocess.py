@@ -7,7 +7,7 @@ Sec. 3.1 of Kats, Hirsch & Heinrich (2024):
        [0, 1], (3) crop to the box of voxels > 0.3.
 Every scan is first turned to canonical RAS voxel order, so a stored volume is (X, Y, Z) and the
 paper's 128 x 128 x 32 patch is (X, Y, Z) = (128, 128, 32). meta.json keeps what is needed to
-map a prediction back onto the original scan (`to_original_grid`, `save_on_original_grid`).
+map a prediction back onto the original scan (`to_original_grid`).
 Output: DATA_DIR/cases/<id>/{image.npy, body.npy, label.npy, meta.json}, DATA_DIR/dataset.json.
 
 Run:
@@ -45,6 +45,8 @@ from nibabel.orientations import ornt_transform
 from scipy import ndimage
 from tqdm import tqdm
 
+import demo
+import runtime
 from data import FORMAT_VERSION
 from runtime import atomic_write, non_negative_int, positive_float, positive_int, save_json
 
@@ -262,11 +264,6 @@ def to_original_grid(array, meta, fill=0):
     return np.ascontiguousarray(out)
 
 
-def save_on_original_grid(array, meta, path):
-    """Write `array` (preprocessed grid) as a NIfTI on the original scan's grid, atomically."""
-    return save_nifti(to_original_grid(array, meta), meta["original_affine"], path)
-
-
 def save_nifti(array, affine, path):
     """Write an (I, J, K) array with its affine as NIfTI, atomically: labels as uint8 (int16 when
     they do not fit), anything else as float32."""
@@ -463,36 +460,23 @@ def write_dataset_json(out_dir, modality, preset, labels):
 
 
 def preprocess_folder(raw_dir, out_dir, modality, spacing=None, workers=1, force=False):
-    """Preprocess a raw folder -> dict(done, skipped, failed: one message per bad case). An output
-    folder made with another preset is refused unless force (its cases would be redone)."""
+    """Preprocess a raw folder -> dict(done, skipped, failed: one message per bad case). The output
+    folder is claimed as one run of this preset (runtime.claim_run): a re-run continues it, skipping
+    finished cases; a folder made with another preset is refused unless force (its cases are redone)."""
     preset = make_preset(modality, spacing)
     raw, out = Path(raw_dir).resolve(), Path(out_dir).resolve()
     if out == raw or raw in out.parents:
         raise PreprocessError(f"--output {out_dir} is (inside) --input {raw_dir}: its dataset.json would replace "
                               "the raw one; choose a folder outside the input")
-    old = Path(out_dir) / "dataset.json"
-    if old.is_file() and not force:
-        try:
-            made_with = json.loads(old.read_text()).get("preset")
-        except (OSError, ValueError, AttributeError):
-            made_with = "an unreadable dataset.json"
-        if made_with != preset:
-            raise PreprocessError(f"--output {out_dir} holds data preprocessed with {made_with}, not {preset}: "
-                                  "its cases would be replaced; choose another folder or pass --force")
     jobs, failed = find_cases(raw_dir)
     labels = read_label_names(raw_dir)
-    todo = [j for j in jobs if not is_complete(read_meta(Path(out_dir) / "cases" / j["case_id"]),
-                                               preset)]
+    runtime.claim_run(out_dir, "preprocess.py", ("dataset.json",), dict(preset=preset), force=force, resume=not force,
+                      flag="--output")
+    todo = [j for j in jobs if not is_complete(read_meta(Path(out_dir) / "cases" / j["case_id"]), preset)]
     for job in todo:
         job.update(out_dir=str(out_dir), modality=modality, spacing=spacing, root=Path(raw_dir),
                    max_label=max(map(int, labels)) if labels else 255)
-    try:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as e:                    # a file of that name, a read-only parent, ...
-        raise PreprocessError(f"--output {out_dir}: cannot create the folder ({e.strerror or e})")
-    if not os.access(out_dir, os.W_OK):
-        raise PreprocessError(f"--output {out_dir}: folder is not writable")
-    for stale in [*Path(out_dir).glob(".tmp-*"), *Path(out_dir).glob("cases/*/.tmp-*")]:
+    for stale in Path(out_dir).glob("cases/*/.tmp-*"):
         stale.unlink(missing_ok=True)       # left by a killed run (atomic_write names them so)
     for message in failed:
         print(f"FAILED {message}", file=sys.stderr)
@@ -504,64 +488,73 @@ def preprocess_folder(raw_dir, out_dir, modality, spacing=None, workers=1, force
             tqdm.write(f"FAILED {message}", file=sys.stderr)
             failed.append(message)
     write_dataset_json(out_dir, modality, preset, labels)
+    runtime.finish_run(out_dir)
     result = dict(done=done, skipped=len(jobs) - len(todo), failed=failed)
     print(f"done {done} / skipped {result['skipped']} / failed {len(failed)}")
     return result
 
 
-def resolve_data_dir(arg):
-    """--data argument of the later stages: "demo" -> demo.ensure_demo(), "demo-unlabelled" -> its
-    unlabelled pretraining corpus, else a preprocessed folder."""
-    if arg in ("demo", "demo-unlabelled"):
-        import demo   # the demo writes through this module: imported here, not at the top
-        return demo.ensure_demo() if arg == "demo" else demo.ensure_unlabelled_demo()
-    path = Path(arg)
-    if not (path / "dataset.json").is_file():
-        raise ValueError(f"{path}: no dataset.json; run `python preprocess.py --input RAW_DIR "
-                         f"--output {path} --modality ct|mri` first (or use --data demo)")
-    return path
+def build_demo(folder, num_cases=20, unlabelled_cases=200, seed=0, workers=1, scale=demo.DEMO_SCALE):
+    """`--demo DATA_DIR`: the demo's phantoms (demo.py) written as raw NIfTI and preprocessed like
+    real data: the labelled set into DATA_DIR with its fixed split (split.json), and the unlabelled
+    pretraining corpus of other phantoms into DATA_DIR/unlabelled."""
+    folder = Path(folder)
+    if num_cases < 3:
+        raise ValueError(f"--num-cases {num_cases}: the demo's split needs at least 3 labelled cases (a training, "
+                         "a validation and a test case)")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--demo {folder}: exists and is not a folder")
+    for out, count, unlabelled in ((folder, num_cases, False), (folder / "unlabelled", unlabelled_cases, True)):
+        if count:
+            jobs = demo.raw_jobs(out / "raw", count, seed, scale, unlabelled)
+            for _ in tqdm(map_jobs(jobs, workers, demo.write_case), total=len(jobs), desc="demo phantoms"):
+                pass
+            result = preprocess_folder(out / "raw", out, "ct", workers=workers)
+            if result["failed"]:
+                raise PreprocessError(f"demo preprocessing failed: {result['failed']}")
+    save_json(folder / "split.json", demo.demo_split([f"demo_{i:03d}" for i in range(num_cases)], seed))
+    print(f"demo data in {folder}: {num_cases} labelled phantoms (split.json: training pool / validation / test)"
+          + (f", and {unlabelled_cases} unlabelled ones of another seed stream in {folder / 'unlabelled'}, the "
+             "pretraining corpus of `pretrain.py --data demo`" if unlabelled_cases else ""))
+    return folder
 
 
 # ---------------------------------------------------------------- main
 
 def main(args):
-    """-> exit code: 0 ok, 1 some case failed, 2 nothing could be done."""
-    try:
-        if args.demo:
-            import demo   # the demo writes through this module: imported here, not at the top
-            demo.build_demo(args.demo, args.num_cases, args.unlabelled_cases, args.seed, args.workers)
-            return 0
-        if not (args.input and args.output and args.modality):
-            raise PreprocessError("--input, --output and --modality are required (or --demo)")
-        make_preset(args.modality, args.spacing)      # a bad --spacing (nan, 0, -1) fails here, not per case
-        result = preprocess_folder(args.input, args.output, args.modality, args.spacing,
-                                   args.workers, force=args.force)
-    except ValueError as e:  # PreprocessError, bad spacing, a demo folder made otherwise
-        print(f"preprocess.py: error: {e}", file=sys.stderr)
-        return 2
+    """-> exit code: 0 ok, 1 some case failed (a ValueError, exit 2: nothing could be done)."""
+    if args.demo:
+        build_demo(args.demo, args.num_cases, args.unlabelled_cases, args.seed, args.workers)
+        return 0
+    result = preprocess_folder(args.input, args.output, args.modality, args.spacing, args.workers, force=args.force)
     return 1 if result["failed"] else 0
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Sec. 3.1 preprocessing of NIfTI scans",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     # real data
     parser.add_argument("--input", help="Decathlon/nnU-Net folder or flat folder of .nii(.gz)")
     parser.add_argument("--output", help="preprocessed data folder (DATA_DIR)")
     parser.add_argument("--modality", choices=sorted(PRESETS), help="preset of Sec. 3.1")
     parser.add_argument("--spacing", type=positive_float, nargs=3, metavar=("X", "Y", "Z"),
                         help="override the preset's spacing (mm)")
+    parser.add_argument("--force", action="store_true", help="--output may hold data of another preset (replaced)")
     # synthetic demo
-    parser.add_argument("--demo", metavar="DATA_DIR", help="write + preprocess the demo set")
+    parser.add_argument("--demo", metavar="DATA_DIR", help="write + preprocess the demo set (data/demo: `--data demo`)")
     parser.add_argument("--num-cases", type=positive_int, default=20, help="demo cases")
     parser.add_argument("--unlabelled-cases", type=non_negative_int, default=200,
                         help="demo: also an unlabelled pretraining corpus of this many other phantoms in DATA_DIR/unlabelled")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="demo seed")
-    parser.add_argument("--force", action="store_true", help="--output may hold data of another preset (replaced)")
     # speed
-    parser.add_argument("--workers", type=positive_int, default=DEFAULT_WORKERS, help="processes")
-    return parser.parse_args(argv)
+    parser.add_argument("--workers", type=runtime.worker_count, default=DEFAULT_WORKERS, help="processes")
+    return runtime.parse(parser, argv, rules=[
+        lambda a: not a.demo and not (a.input and a.output and a.modality) and (
+            "--input, --output and --modality are required (or --demo DATA_DIR)"),
+        lambda a: a.demo and (a.input or a.output or a.modality) and (
+            "--demo writes the demo set; --input, --output and --modality preprocess your scans: give one of the two"),
+    ])
 
 
 if __name__ == "__main__":
-    sys.exit(main(parse_args()))
+    runtime.cli(main, parse_args, interrupted="interrupted; finished cases are kept, a re-run skips them")

@@ -1,19 +1,14 @@
-"""What every stage needs from the machine and the command line, in one place: files written
-atomically, checkpoints read without unpickling code, output folders that are never overwritten
-by accident, the device and its precision, torchrun, presets and checked flag types.
+"""The boundary every script shares, so that a stage file reads as its stage:
 
-- atomic_write / save_json / save_torch: a file appears under its name only once complete (a
-  temp file with a unique name in the same folder, then os.replace);
-- load_torch: torch.load(weights_only=True), so a crafted pickle cannot run code; a file that is
-  not a torch file is named for what it is (a folder, empty, a NIfTI image, text);
-- make_output_dir / claim_folder / refuse_finished: an output folder is created and writable,
-  used by one run at a time (a lock file holding the pid), and a finished result in it is
-  replaced only with --force;
-- pick_device / autocast_dtype / setup_distributed / wrap_ddp: --device, --amp and torchrun;
-- parse_with_presets: the paper's values as argparse defaults, a preset (the demo's) on top,
-  the flags given on top of both;
-- changed_settings / data_fingerprint / rng_state: what --resume compares and restores;
-- argparse types (positive_int, ...): a bad number exits 2 where it is parsed.
+- its command line: checked flag types (a number of the wrong kind, sign or size exits 2 where it
+  is parsed), the one preset step (`parse`: the paper's values are the defaults, a preset such as
+  the demo's replaces some, the flags given beat both) and the rules a run cannot honour;
+- its output folder, claimed as one unit (`claim_run`): one run at a time, an earlier run
+  continued or replaced whole, never mixed with a new one, and every file written atomically;
+- its device, precision (bf16 where a measured probe finds it correct) and memory, and torchrun;
+- the one wrapper around every script's main (`cli`). A refusal is a ValueError raised where the
+  fact is known (a flag rule here, the case reader in data.py, the weight files in weights.py,
+  the run folder here) and reported once, by `cli`, as `script: error: <message>`, exit code 2.
 """
 import argparse
 import atexit
@@ -21,126 +16,196 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import sys
 import uuid
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-CHECKPOINT_VERSION = 2   # the format of backbone.pt, checkpoint.pt and model_fold<k>.pt
 
+# ----------------------------------------------------------------------------- the wrapper of every script
 
-# ----------------------------------------------------------------------------- files
-
-def atomic_write(path, write_fn):
-    """write_fn(tmp_path) writes the file; it appears under `path` only once complete. The temp
-    name keeps the extension (nibabel and numpy read it) and is unique per call."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
+def cli(main, parse_args, interrupted="interrupted"):
+    """Run `main(parse_args())` as a script: a ValueError or OSError (bad input, a full disk) is one
+    line and exit 2; a run stopped by a non-finite loss (FloatingPointError) one line and exit 1;
+    Ctrl-C one line and exit 1; main's return value, if an int, is the exit code."""
+    name = Path(sys.argv[0]).name
     try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        code = main(parse_args())
+    except (ValueError, OSError, FloatingPointError) as e:
+        # A DataLoader worker's error carries the worker's traceback in its text; its last line, the message.
+        lines = [line for line in str(e).strip().splitlines() if line.strip()] or [type(e).__name__]
+        message = lines[-1].split(": ", 1)[-1] if len(lines) > 1 and lines[-1].startswith(type(e).__name__) else lines[-1]
+        print(f"{name}: error: {message}", file=sys.stderr)
+        sys.exit(1 if isinstance(e, FloatingPointError) else 2)
+    except KeyboardInterrupt:
+        sys.exit(f"{name}: {interrupted}")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
-def save_json(path, obj, indent=2):
-    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=indent)))
+# ----------------------------------------------------------------------------- flags
+
+MAX_COUNT = 10 ** 9     # a count above this is a typo, and would be allocated somewhere
 
 
-def save_torch(obj, path):
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def what_file(path):
-    """A few words on what a file that torch cannot read is (for the one-line error)."""
-    path = Path(path)
-    if path.is_dir():
-        return "a folder, not a file"
-    size = path.stat().st_size
-    if size == 0:
-        return "an empty file (0 bytes)"
-    head = path.open("rb").read(352)
-    if path.name.endswith((".nii", ".nii.gz")) or head[:2] == b"\x1f\x8b" or head[344:348] in (b"n+1\0", b"ni1\0"):
-        return "a NIfTI image (or another gzip file), not a checkpoint"
+def _number(kind, text):
     try:
-        head.decode("utf-8")
-        return "a text file, not a checkpoint"
-    except UnicodeDecodeError:
-        return f"not a torch file ({size} bytes; truncated or of another format)"
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
-def load_torch(path, what="checkpoint"):
-    """torch.load on the CPU with weights_only=True. ValueError, one line naming the file and what
-    it is, for a missing file, one that is not a torch file, or one that holds more than tensors
-    and builtins (a pickle that could run code: refused, never retried without weights_only)."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{what} {path} does not exist")
-    if path.is_dir() or path.stat().st_size == 0:
-        raise ValueError(f"{what} {path} could not be read: it is {what_file(path)}")
-    head = path.open("rb").read(4)
-    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):       # torch's zip format, or a raw pickle
-        raise ValueError(f"{what} {path} could not be read safely: it is {what_file(path)}")
+def _checked(kind, ok, rule, name):
+    def check(text):
+        value = _number(kind, text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value:g}")
+        return value
+    check.__name__ = name
+    return check
+
+
+# argparse `type=` functions: a bad value exits 2 with "error: argument --x: <why>" before any work.
+# Every numeric flag of every script uses one (tests/test_runtime.py checks that they all do).
+positive_int = _checked(int, lambda v: 1 <= v <= MAX_COUNT, ">= 1 and <= 1e9", "positive_int")
+non_negative_int = _checked(int, lambda v: 0 <= v <= MAX_COUNT, ">= 0 and <= 1e9", "non_negative_int")
+positive_float = _checked(float, lambda v: v > 0, "> 0", "positive_float")
+non_negative_float = _checked(float, lambda v: v >= 0, ">= 0", "non_negative_float")
+open_fraction = _checked(float, lambda v: 0 < v < 1, "in (0, 1)", "open_fraction")          # a probability
+unit_interval = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]", "unit_interval")        # a weight
+below_one = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)", "below_one")                # an EMA momentum, an overlap
+axis = _checked(int, lambda v: v in (0, 1, 2), "0, 1 or 2 (X, Y, Z)", "axis")               # a volume axis
+MAX_WORKERS = max(8, 4 * (os.cpu_count() or 1))    # processes: 4 per CPU core of this machine, at least 8
+worker_count = _checked(int, lambda v: 0 <= v <= MAX_WORKERS, f"between 0 and {MAX_WORKERS}", "worker_count")
+CHECKED_TYPES = (positive_int, non_negative_int, positive_float, non_negative_float, open_fraction, unit_interval,
+                 below_one, axis, worker_count)
+_UNSET = object()
+
+
+def parse(parser, argv=None, preset=None, rules=()):
+    """A script's command line in one step. The parser's defaults are the paper's values;
+    preset(args) -> the values that replace some of them (the demo's, a method's); the flags given
+    beat both (args.given names them). Then every rule(args) -> a message, or a false value, is
+    asked: a run that cannot honour its flags is refused here, one line, exit 2."""
+    args = parser.parse_args(argv)
+    unset = argparse.Namespace(**dict.fromkeys(vars(args), _UNSET))    # what parsing leaves unset was not given
+    args.given = sorted(k for k, v in vars(parser.parse_args(argv, unset)).items() if v is not _UNSET)
+    if preset is not None:
+        parser.set_defaults(**preset(args))
+        args = parser.parse_args(argv, argparse.Namespace(given=args.given))
+    for rule in rules:
+        message = rule(args)
+        if message:
+            parser.error(message)
+    return args
+
+
+def is_demo(args):
+    """--preset demo, or --data demo without --preset."""
+    return args.preset == "demo" or (args.preset is None and args.data == "demo")
+
+
+def changed_settings(saved, now, may_change=()):
+    """['--flag old -> new', ...] for every setting of two configs that differs (lists and tuples
+    compare equal), except those in may_change."""
+    norm = lambda v: tuple(norm(x) for x in v) if isinstance(v, (list, tuple)) else v
+    return [f"--{k.replace('_', '-')} {norm(saved.get(k))} -> {norm(now.get(k))}" for k in sorted(set(saved) | set(now))
+            if k not in may_change and norm(saved.get(k)) != norm(now.get(k))]
+
+
+# ----------------------------------------------------------------------------- the run folder, one unit
+
+RECORD = ".run.json"    # in an output folder: the script, settings and files of the run that wrote it
+_CLAIMED = {}           # resolved folder -> its record, for the folders this process claimed
+
+
+def claim_run(folder, script, outputs=(), settings=None, force=False, resume=False, may_change=(), flag="--out"):
+    """An output folder as one unit, for one run at a time; ValueError, one line, else.
+
+    The folder is created and checked writable, then locked (`.lock` holds this process's pid; the
+    lock of a pid that is gone, a run killed with -9, is taken over and said). The files an earlier
+    run wrote there (those its record lists, and any matching `outputs`) are continued with
+    `resume`, when its settings equal `settings` (but may_change); removed, all of them and only
+    them, with `force`; else refused. Every file this process then writes into the folder
+    (atomic_write, append_row) joins its record; finish_run marks it finished."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {folder}: exists and is not a folder")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ValueError(f"{what} {path} could not be read safely: it holds objects other than tensors and plain "
-                         "data (code could run on loading), refused") from None
-    except Exception as e:
-        raise ValueError(f"{what} {path} could not be read safely: a truncated or corrupt torch file "
-                         f"({type(e).__name__})") from None
-
-
-def make_output_dir(path, flag="--out"):
-    """Create the output folder (and parents); ValueError, one line, if it cannot be created or written."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {path}: exists and is not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"{flag} {path}: cannot create it ({e.strerror})") from None
-    if not os.access(path, os.W_OK):
-        raise ValueError(f"{flag} {path}: folder is not writable")
-    return path
+        raise ValueError(f"{flag} {folder}: cannot create it ({e.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag} {folder}: folder is not writable")
+    _lock(folder, script)
+    for stale in folder.glob(".tmp-*"):      # left by a killed run (atomic_write names them so)
+        stale.unlink(missing_ok=True)
+    try:
+        record = json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        record = {}
+    files = sorted({f for f in record.get("files", []) if (folder / f).exists()}
+                   | {p.name for pattern in outputs for p in folder.glob(pattern)})
+    if files and not force:
+        shown = ", ".join(files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
+        if not resume:
+            raise ValueError(f"{flag} {folder} holds {'a finished' if record.get('finished') else 'an unfinished'} "
+                             f"run ({shown}): continue it with --resume, or pass --force to replace it")
+        changed = changed_settings(record.get("settings") or {}, settings or {}, may_change)
+        if changed or "settings" not in record:
+            raise ValueError(f"{flag} {folder} holds a run with other settings ({'; '.join(changed) or 'none recorded'}):"
+                             " continue it with the same ones, or pass --force to replace it")
+    if force:
+        for name in files:
+            (folder / name).unlink()
+        files = []
+    _CLAIMED[folder.resolve()] = dict(script=script, settings=settings, files=files, finished=False)
+    _write_record(folder.resolve())
+    return folder
 
 
-def refuse_finished(folder, outputs, force=False, flag="--out", what="finished result", hint="pass --force to replace it"):
-    """No finished result is replaced by accident: ValueError, one line, when `folder` already
-    holds one of `outputs` (file names or glob patterns) and not `force`."""
-    found = sorted({p.name for pattern in outputs for p in Path(folder).glob(pattern)})
-    if found and not force:
-        raise ValueError(f"{flag} {folder} already holds a {what} ({', '.join(found)}): choose another {flag}, or {hint}")
+def run_files(folder):
+    """The files of the run this process claimed in `folder`: the earlier run's it continues, and its own."""
+    return list(_CLAIMED[Path(folder).resolve()]["files"])
 
 
-def claim_output(folder, script, outputs=(), force=False, flag="--out", what="finished result",
-                 hint="pass --force to replace it"):
-    """An output folder for one run: created and writable, claimed (claim_folder), and holding no
-    finished result among `outputs` unless force (refuse_finished). ValueError, one line."""
-    make_output_dir(folder, flag)
-    claim_folder(folder, script)
-    refuse_finished(folder, outputs, force, flag, what, hint)
+def finish_run(folder):
+    """The run in `folder` is finished: said in its record; the folder is free again."""
+    folder = Path(folder).resolve()
+    if folder in _CLAIMED:
+        _CLAIMED[folder]["finished"] = True
+        _write_record(folder)
+    _unlock(folder)
 
 
-def claim_folder(path, script):
-    """One run per folder: PATH/.lock, created with O_EXCL, holds this process's pid. A second run
-    into the folder is refused (ValueError, one line); a lock whose pid is no longer running (a run
-    killed with -9) is stale, taken over, and said. Released at exit (or by release_folder)."""
-    lock = Path(path) / ".lock"
+def _note(path):
+    record = _CLAIMED.get(Path(path).parent.resolve())
+    if record is not None and Path(path).name not in record["files"]:
+        record["files"].append(Path(path).name)
+        _write_record(Path(path).parent.resolve())
+
+
+def _write_record(folder):
+    tmp = folder / f".tmp-{os.getpid()}-{RECORD}"
+    tmp.write_text(json.dumps(_CLAIMED[folder], indent=1))
+    os.replace(tmp, folder / RECORD)
+
+
+def _lock(folder, script):
+    lock = folder / ".lock"
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             pid = _lock_pid(lock)
-            if pid == os.getpid():          # this process claimed it already (an earlier call)
-                return lock
+            if pid == os.getpid():
+                return
             if pid is not None and _running(pid):
-                raise ValueError(f"{path} is in use by another run (pid {pid}, {lock}): wait for it to end, "
+                raise ValueError(f"{folder} is in use by another run (pid {pid}, {lock}): wait for it to end, "
                                  "or choose another output folder") from None
             print(f"{script}: {lock}: a stale lock of pid {pid} (no longer running, e.g. killed); taking over",
                   file=sys.stderr)
@@ -148,13 +213,13 @@ def claim_folder(path, script):
             continue
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
-        atexit.register(release_folder, path)
-        return lock
+        atexit.register(_unlock, folder)     # a refusal or a crash frees the folder too
+        return
     raise ValueError(f"{lock}: could not be claimed (another run took it just now)")
 
 
-def release_folder(path):
-    lock = Path(path) / ".lock"
+def _unlock(folder):
+    lock = Path(folder) / ".lock"
     if _lock_pid(lock) == os.getpid():
         lock.unlink(missing_ok=True)
 
@@ -176,7 +241,52 @@ def _running(pid):
     return True
 
 
-# ----------------------------------------------------------------------------- devices, precision and torchrun
+# ----------------------------------------------------------------------------- files
+
+def atomic_write(path, write_fn):
+    """write_fn(tmp_path) writes the file; it appears under `path` only once complete (a temp name
+    unique per call, keeping the extension, in the same folder, then os.replace)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _note(path)
+    return path
+
+
+def file_digest(*paths):
+    """A short sha256 of files' bytes (a backbone, the models of an ensemble): it changes when a
+    file is replaced."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def save_json(path, obj):
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
+
+
+def append_row(path, row):
+    """One JSON row appended to a log (log.jsonl)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    _note(path)
+
+
+def truncate_log(path, step):
+    """Drop the rows of a log logged after `step` (a resumed run logs them again)."""
+    if Path(path).exists():
+        rows = [line for line in Path(path).read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
+
+
+# ----------------------------------------------------------------------------- device, precision, memory
 
 def pick_device(name="auto"):
     """--device: auto (CUDA if present), cpu, cuda, cuda:1, ...; ValueError for one not here."""
@@ -193,46 +303,77 @@ def pick_device(name="auto"):
     return device
 
 
-def cpu_has_bf16():
-    """Whether this CPU has bf16 instructions (avx512_bf16 or AMX), where bf16 autocast makes 3-D
-    convolutions faster; elsewhere bf16 is emulated and slower than fp32."""
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
 def autocast_dtype(device, amp=True):
-    """--amp: torch.bfloat16 where bf16 autocast is fast (a CUDA GPU, or a CPU with bf16
-    instructions), else None (fp32). --no-amp: always None."""
-    if not amp:
-        return None
-    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
-        return torch.bfloat16
-    return None
+    """--amp: torch.bfloat16 where bf16 autocast is fast (a CUDA GPU, or a CPU with bf16 instructions,
+    avx512_bf16 or AMX; elsewhere it is emulated and slower than fp32), else None (fp32)."""
+    cpu_bf16 = any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return torch.bfloat16 if amp and (device.type == "cuda" or (device.type == "cpu" and cpu_bf16)) else None
 
 
-def training_autocast_dtype(device, amp, patch_size, num_levels):
-    """autocast_dtype for training on `patch_size` patches through an FPN of `num_levels`. On the
-    CPU, torch's bf16 3x3x3 convolution returns a wrong weight gradient when the first spatial
-    size is exactly 2 (seen with torch 2.13; tests/test_pretrain.py scans for it), so a patch that
-    puts a pyramid level at 2 voxels along X trains in fp32 there, with a note."""
+_BF16_CONV_OK = {}      # (channels, X, Y, Z) -> whether this CPU's bf16 convolution gradient is right there
+
+
+def bf16_conv_gradient_ok(channels, shape):
+    """Measured, once per shape and process: does a bf16 3x3x3 convolution on this CPU give the
+    weight gradient fp32 gives (within 5%), for a (2, channels, *shape) input? Some CPUs' bf16
+    kernels do not at some sizes (an AMD EPYC with torch 2.13: wherever X is 2)."""
+    key = (min(channels, 32), *shape)
+    if key not in _BF16_CONV_OK:
+        state = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        conv, x = torch.nn.Conv3d(key[0], key[0], 3, padding=1), torch.randn(2, *key)
+        torch.random.set_rng_state(state)                # the run's random stream is not touched
+        grads = []
+        for dtype in (torch.bfloat16, None):
+            conv.zero_grad()
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                y = conv(x)
+            y.float().square().sum().backward()
+            grads.append(conv.weight.grad.clone())
+        _BF16_CONV_OK[key] = bool((grads[0] - grads[1]).norm() <= 0.05 * grads[1].norm())
+    return _BF16_CONV_OK[key]
+
+
+def training_dtype(device, amp, channels, patch_size):
+    """autocast_dtype for training an FPN of `channels` per level on `patch_size` patches: on the
+    CPU, fp32 (with a note) where the probe finds a level whose bf16 convolution gradient is wrong."""
     dtype = autocast_dtype(device, amp)
-    sizes = [math.ceil(patch_size[0] / 2 ** l) for l in range(num_levels)]
-    if dtype is not None and device.type == "cpu" and 2 in sizes:
-        print(f"note: --patch-size X = {patch_size[0]} puts a pyramid level at 2 voxels along X, where torch's CPU bf16 "
-              "convolution computes a wrong weight gradient: training in fp32 (another X avoids it)", file=sys.stderr)
+    if dtype is None or device.type != "cpu":
+        return dtype
+    shapes = [tuple(min(8, math.ceil(p / 2 ** l)) if a else math.ceil(p / 2 ** l) for a, p in enumerate(patch_size))
+              for l in range(len(channels))]
+    wrong = [l for l, (c, s) in enumerate(zip(channels, shapes)) if not bf16_conv_gradient_ok(c, s)]
+    if wrong:
+        print(f"note: this CPU's bf16 convolution computes a wrong weight gradient at pyramid level {wrong[0]} "
+              f"({'x'.join(map(str, shapes[wrong[0]]))} voxels, measured): training in fp32", file=sys.stderr)
         return None
     return dtype
 
 
+def check_memory(needed, device, what):
+    """ValueError, one line with the estimate and the machine's memory, when `needed` bytes cannot
+    fit in the device's memory (a GPU's, or this machine's RAM)."""
+    if device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(device).total_memory, f"the GPU's {torch.cuda.get_device_name(device)}"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's"
+    if needed > have:
+        raise ValueError(f"{what} needs at least {needed / 2 ** 30:.1f} GiB, more than {where} {have / 2 ** 30:.1f} GiB "
+                         "of memory: give smaller sizes")
+
+
 def prepare_training(device):
-    """Settings every training loop wants: denormal floats flushed on the CPU (they slow CPU steps
-    as activations shrink), cuDNN's autotuner on the GPU (fixed patch sizes)."""
+    """Denormal floats flushed on the CPU (they slow CPU steps as activations shrink); cuDNN's
+    autotuner on the GPU (fixed patch sizes)."""
     if device.type == "cpu":
         torch.set_flush_denormal(True)
     torch.backends.cudnn.benchmark = True
 
 
+# ----------------------------------------------------------------------------- torchrun
+
 def setup_distributed(device_name="auto"):
-    """Initialise torch.distributed when launched by torchrun. Returns (rank, world, device)."""
+    """Initialise torch.distributed when launched by torchrun. -> (rank, world, device)."""
     if "RANK" not in os.environ:
         return 0, 1, pick_device(device_name)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -240,7 +381,8 @@ def setup_distributed(device_name="auto"):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
 
@@ -251,6 +393,13 @@ def world_info():
     return 0, 1
 
 
+def end_distributed():
+    """Every process waits for rank 0's last writes, then the group is torn down."""
+    if world_info()[1] > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def wrap_ddp(module, device):
     """DistributedDataParallel under torchrun, the module itself in one process."""
     if world_info()[1] == 1:
@@ -258,13 +407,15 @@ def wrap_ddp(module, device):
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def gather_rows(x):
-    """all_gather along dim 0, differentiable: the backward sums the gradient over processes and
-    keeps this process's rows (what a loss over the global batch needs)."""
-    return _GatherRows.apply(x)
+def unwrap(model):
+    """The model inside DistributedDataParallel (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
 
 
 class _GatherRows(torch.autograd.Function):
+    """all_gather along dim 0, differentiable: the backward sums the gradient over processes and
+    keeps this process's rows (what a loss over the global batch needs)."""
+
     @staticmethod
     def forward(ctx, x):
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
@@ -283,174 +434,12 @@ def gather_embeddings(za, zb, max_voxels):
 
     Each process pads its (N, D) rows to the static max_voxels (a pair can yield fewer voxels
     than asked, data.sample_pair) and marks the padding in `valid`, so no sizes are exchanged.
-    Backward: the gathered copy's gradient is summed over processes and each keeps its chunk;
     DDP's averaging of parameter gradients then gives exactly the single-process gradient.
     Returns (za, zb, valid) with (W * max_voxels, D) rows, or the inputs and None for one process.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_info()[1] == 1:
         return za, zb, None
     pad = max_voxels - za.shape[0]
     valid = torch.arange(max_voxels, device=za.device) < za.shape[0]          # (max_voxels,)
     za, zb = (torch.nn.functional.pad(z, (0, 0, 0, pad)) for z in (za, zb))  # (max_voxels, D)
-    return gather_rows(za), gather_rows(zb), gather_rows(valid.float()).bool()
-
-
-def unwrap(model):
-    """The model inside DistributedDataParallel (or the model itself)."""
-    return model.module if hasattr(model, "module") else model
-
-
-# ----------------------------------------------------------------------------- presets and --resume
-
-def explicit_flags(parser, argv):
-    """The destinations of the flags given on the command line, not taken from a default (the
-    parser must not allow abbreviations)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return sorted({a.dest for a in parser._actions for token in argv
-                   if token in a.option_strings or any(token.startswith(o + "=") for o in a.option_strings)})
-
-
-def is_demo(args):
-    """--preset demo, or no --preset and --data demo / demo-unlabelled."""
-    return args.preset == "demo" or (args.preset is None and args.data in ("demo", "demo-unlabelled"))
-
-
-def parse_with_presets(parser, argv, presets):
-    """The paper's values are the parser's defaults; presets(first parse, explicit flags) -> the
-    defaults that replace some of them (the demo preset, a method's); the flags given override
-    both. -> args, with args.explicit: the flags given on the command line."""
-    explicit = explicit_flags(parser, argv)
-    parser.set_defaults(**presets(parser.parse_args(argv), explicit))
-    args = parser.parse_args(argv)
-    args.explicit = explicit
-    return args
-
-
-def changed_settings(saved, now, may_change=()):
-    """['--flag old -> new', ...] for every setting of two configs that differs (lists and tuples
-    compare equal), except those in may_change."""
-    norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
-    return [f"--{k.replace('_', '-')} {norm(saved.get(k))} -> {norm(now.get(k))}" for k in sorted(set(saved) | set(now))
-            if k not in may_change and norm(saved.get(k)) != norm(now.get(k))]
-
-
-def read_checkpoint(path, cfg, may_change=()):
-    """--resume: a checkpoint.pt read safely -> its dict. ValueError, one line, for a missing or
-    unreadable file, another format version, or a saved config that differs from `cfg` in any
-    setting but may_change (the list of what changed)."""
-    if not Path(path).exists():
-        raise ValueError(f"--resume: no checkpoint at {path}")
-    try:
-        state = load_torch(path)
-    except ValueError as e:
-        raise ValueError(f"{path}: not a checkpoint this code can read safely ({str(e).split(': ', 1)[-1]})") from None
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        version = state.get("version") if isinstance(state, dict) else None
-        raise ValueError(f"{path}: checkpoint version {version}, this code writes {CHECKPOINT_VERSION}; start a new run folder")
-    changed = changed_settings(state["config"], cfg, may_change)
-    if changed:
-        raise ValueError(f"{path}: --resume with settings that differ from the saved run ({'; '.join(changed)}); "
-                         "resume with the same flags, or start a new --out")
-    return state
-
-
-def save_training_state(path, step, cfg, args, model, optimizer):
-    """checkpoint.pt: everything a bit-equal --resume needs, as tensors and builtins only."""
-    core = unwrap(model)
-    save_torch(dict(version=CHECKPOINT_VERSION, step=step, config=cfg, args=args, model_config=core.config,
-                    model=core.state_dict(), optimizer=optimizer.state_dict(), rng=rng_state()), path)
-
-
-def resume_training(path, model, optimizer, cfg, may_change=()):
-    """--resume: model, optimizer and random states from `path` (read_checkpoint's checks) -> the
-    step to continue from."""
-    state = read_checkpoint(path, cfg, may_change)
-    unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    return state["step"]
-
-
-def stop_non_finite(checkpoint, first, last, script):
-    """Stop every process on a non-finite loss, rank 0 naming the last good checkpoint."""
-    if world_info()[0] == 0:
-        where = f"the last good checkpoint is {checkpoint}" if Path(checkpoint).exists() else "no checkpoint was written yet"
-        print(f"{script}: non-finite loss between steps {first} and {last}; stopping. {where} (try a lower --lr).",
-              file=sys.stderr)
-    sys.exit(1)
-
-
-def append_row(path, row):
-    """One JSON row appended to a log (log.jsonl)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def truncate_log(path, step):
-    """Drop the rows of a log logged after `step` (a resumed run logs them again)."""
-    if Path(path).exists():
-        rows = [line for line in Path(path).read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
-
-
-def rng_state():
-    """torch's, numpy's global and CUDA's random states as tensors and builtins (weights_only
-    loads them, unlike numpy's tuple), for a bit-equal --resume."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                numpy=dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
-                           has_gauss=int(has_gauss), gauss=float(gauss)))
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def data_fingerprint(data_dir):
-    """A short hash of a preprocessed folder's dataset.json and every case's meta.json: it changes
-    when a case is added, removed or preprocessed again."""
-    digest = hashlib.sha256((Path(data_dir) / "dataset.json").read_bytes())
-    for meta in sorted(Path(data_dir).glob("cases/*/meta.json")):
-        digest.update(meta.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- flag types
-# argparse `type=` functions: a bad value exits 2 with "error: argument --x: <why>" before any
-# work. Every script's numeric flags use these (tests/test_cli.py checks that they all do).
-
-def _number(kind, text):
-    try:
-        value = kind(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-def _checked(kind, ok, rule, name):
-    def check(text):
-        value = _number(kind, text)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {value:g}")
-        return value
-    check.__name__ = name
-    check.rule = rule
-    return check
-
-
-positive_int = _checked(int, lambda v: v >= 1, ">= 1", "positive_int")
-non_negative_int = _checked(int, lambda v: v >= 0, ">= 0", "non_negative_int")
-positive_float = _checked(float, lambda v: v > 0, "> 0", "positive_float")
-non_negative_float = _checked(float, lambda v: v >= 0, ">= 0", "non_negative_float")
-open_fraction = _checked(float, lambda v: 0 < v < 1, "in (0, 1)", "open_fraction")          # a probability
-unit_interval = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]", "unit_interval")        # a weight
-momentum = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)", "momentum")                  # an EMA momentum, an overlap
-axis = _checked(int, lambda v: v in (0, 1, 2), "0, 1 or 2 (X, Y, Z)", "axis")               # a volume axis
-CHECKED_TYPES = (positive_int, non_negative_int, positive_float, non_negative_float, open_fraction, unit_interval,
-                 momentum, axis)
+    return _GatherRows.apply(za), _GatherRows.apply(zb), _GatherRows.apply(valid.float()).bool()

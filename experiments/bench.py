@@ -6,6 +6,7 @@
     python experiments/bench.py --probe runs/pretrain-demo    # linear probe vs volume size
     python experiments/bench.py --finetune --config demo --steps 20   # fine-tuning step, --aug none vs nnunet-like
     python experiments/bench.py --predict runs/ft             # predict.py: single folds vs ensemble, mirroring
+    python experiments/bench.py --memory                      # what a training step keeps, against model.training_bytes
 
 Rows: the data path for one batch (crops + correspondences on the DataLoader side, the
 augmentations on the training device), the model forward + backward, the loss, the optimizer,
@@ -37,8 +38,10 @@ import data  # noqa: E402
 from augment import augment_batch  # noqa: E402
 from data import FORMAT_VERSION, PairDataset, collate_pairs  # noqa: E402
 from loss import hybrid_loss, info_nce, reconstruction_loss  # noqa: E402
+import pretrain  # noqa: E402
+import runtime  # noqa: E402
 from model import BLOCKS_PER_STAGE  # noqa: E402
-from pretrain import build_model, parse_args as pretrain_args, resolve_config, training_step  # noqa: E402
+from pretrain import build_model, training_step  # noqa: E402
 from runtime import autocast_dtype, pick_device, positive_int  # noqa: E402
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16, vendor datasheets
@@ -307,29 +310,28 @@ def bench_probe(checkpoint, fold=0, real_scale=1.0, max_seconds=300):
     """linear_probe.py's sampled-voxel head vs the full-crop head it replaced, same frozen backbone,
     same cached pyramids and standardisation, on demo fold `fold` (demo-size phantoms) and on a
     3-case fold of phantoms at `real_scale` (real-scan size). Returns {row: value}."""
-    from types import SimpleNamespace
     import downstream
     import linear_probe
-    import demo
     import preprocess
+    from weights import read_backbone
     device = torch.device("cpu")
-    args = SimpleNamespace(checkpoint=checkpoint, init=None)
-    cfg = vars(linear_probe.parse_args(["--data", "demo", "--init", "random", "--out", "unused"]))
+    args = linear_probe.parse_args(["--data", "demo", "--checkpoint", str(checkpoint), "--out", "unused"])
+    cfg = vars(args)
+    backbone = read_backbone(checkpoint, verbose=False)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        sets = {"demo": preprocess.resolve_data_dir("demo"),
-                f"real size (scale {real_scale})": demo.prepare_demo(Path(tmp) / "real", num_cases=3, scale=real_scale)}
+        sets = {"demo": data.data_folder("demo"), f"real size (scale {real_scale})": preprocess.build_demo(
+            Path(tmp) / "real", num_cases=3, unlabelled_cases=0, scale=real_scale)}
         for name, data_dir in sets.items():
             ids = data.list_cases(data_dir, labelled=True)
             train_ids, test_ids = downstream.split_folds(ids, 3, 0)[fold]
-            labels = {c: np.asarray(data.load_case(data_dir, c)["label"]) for c in ids}
+            labels = {c: np.asarray(data.read_case(data_dir, c, need_label=True)["label"]) for c in ids}
             num_classes = len(downstream.label_names(data_dir))
             shape = labels[test_ids[0]].shape
             rows[f"{name}: volume shape (voxels)"] = f"{shape[0]}x{shape[1]}x{shape[2]} ({np.prod(shape) / 1e6:.2f} M)"
             rows[f"{name}: train / test cases"] = f"{len(train_ids)} / {len(test_ids)}"
             for method in ("sampled voxels + L-BFGS (linear_probe.py)", "full-crop head, Adam to plateau (before)"):
-                torch.manual_seed(0)
-                model, _ = downstream.build_segmenter(args, num_classes, "linear")
+                model, _ = downstream.new_segmenter(args, backbone, num_classes, "linear", device, fold=0)
                 downstream.set_backbone_trainable(model, False)
                 t = time.perf_counter()
                 cache = linear_probe.cache_pyramids(model.backbone, data_dir, ids, cfg["eval_patch_size"], device)
@@ -399,7 +401,9 @@ def bench_predict(run_dir, cases=6, seed=1):
     models, ckpts = predict.load_ensemble(paths)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        raw = demo.make_demo_raw(Path(tmp) / "raw", num_cases=cases, seed=seed)
+        raw = Path(tmp) / "raw"
+        for job in demo.raw_jobs(raw, cases, seed):
+            demo.write_case(job)
         scans = sorted((raw / "imagesTr").iterdir())
         labels = [np.asanyarray(nib.load(raw / "labelsTr" / s.name).dataobj) for s in scans]
         setups = {f"fold {i} alone": [i] for i in range(len(models))}
@@ -418,7 +422,48 @@ def bench_predict(run_dir, cases=6, seed=1):
                       f"{torch.get_num_threads()} threads", rows)
 
 
+def bench_memory(repeats=1):
+    """What one training step keeps for its backward pass, measured as the rise of the process's
+    peak resident memory over a forward + backward of PretrainModel on the CPU (each setting in a
+    fresh process), against model.training_bytes' lower estimate, bf16 autocast and fp32."""
+    import subprocess
+    code = """
+import sys, gc, torch
+sys.path.insert(0, sys.argv[1])
+from model import PretrainModel, training_bytes
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(key))
+base, levels, batch, dtype = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[6]
+patch = tuple(int(v) for v in sys.argv[5].split('x'))
+torch.manual_seed(0)
+m = PretrainModel(dict(in_channels=1, base_channels=base, num_levels=levels)).to(memory_format=torch.channels_last_3d)
+x = torch.rand(batch, 1, *patch).contiguous(memory_format=torch.channels_last_3d)
+with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bf16'):
+    z, r = m(torch.rand(2, 1, 16, 16, 16).contiguous(memory_format=torch.channels_last_3d), torch.zeros(4, 4, dtype=torch.long))
+(z.sum() + r.sum()).backward(); m.zero_grad(set_to_none=True); del z, r; gc.collect()
+before = status('VmRSS')
+coords = torch.stack([torch.randint(0, batch, (64,)), *(torch.randint(0, p, (64,)) for p in patch)], 1)
+with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bf16'):
+    z, r = m(x, coords)
+(z.float().sum() + r.float().sum()).backward()
+print((status('VmHWM') - before) / training_bytes(m.backbone.channels, patch, batch), (status('VmHWM') - before) / 2 ** 20)
+"""
+    rows = {}
+    for dtype in ("bf16", "fp32"):
+        for base, levels, patch, batch in ((16, 4, "24x24x8", 16), (16, 4, "64x64x32", 4), (32, 5, "64x64x32", 4),
+                                           (32, 5, "128x128x32", 2)):
+            out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parents[1]), str(base),
+                                  str(levels), str(batch), patch, dtype], capture_output=True, text=True, check=True)
+            ratio, mib = map(float, out.stdout.split())
+            rows[f"{dtype}, {base}x{levels} FPN, {batch} patches of {patch}: measured MiB"] = mib
+            rows[f"{dtype}, {base}x{levels} FPN, {batch} patches of {patch}: measured / estimate"] = ratio
+    return print_rows(f"training memory on this CPU, {torch.get_num_threads()} threads (estimate: model.training_bytes)",
+                      rows)
+
+
 def main(args):
+    if args.memory:
+        return bench_memory()
     if args.predict:
         return bench_predict(args.predict)
     if args.probe:
@@ -426,8 +471,8 @@ def main(args):
     if args.finetune:
         return bench_finetune(args.config, pick_device(args.device), args.steps)
     device = pick_device(args.device)
-    cfg = resolve_config(pretrain_args(["--data", "unused", "--preset", args.config]))
-    cfg["patch_size"] = tuple(cfg["patch_size"])
+    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in
+           vars(pretrain.parse_args(["--data", "unused", "--preset", args.config])).items() if k not in pretrain.RUN_FLAGS}
     print(f"bench: config {args.config} ({cfg['batch_pairs']} pairs of {cfg['patch_size']}, {cfg['num_voxels']} voxels "
           f"per pair, {cfg['base_channels']}x{cfg['num_levels']} FPN), device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
@@ -481,8 +526,9 @@ def parse_args(argv=None):
     p.add_argument("--finetune", action="store_true", help="instead: a fine-tuning step with and without finetune.py's --aug")
     p.add_argument("--probe", metavar="BACKBONE", help="instead: the sampled-voxel linear probe vs the full-crop head it "
                                                         "replaced, demo size and real size")
-    return p.parse_args(argv)
+    p.add_argument("--memory", action="store_true", help="instead: a training step's memory against model.training_bytes")
+    return runtime.parse(p, argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    runtime.cli(main, parse_args)

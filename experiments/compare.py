@@ -10,14 +10,20 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository: the stage files
+import runtime  # noqa: E402
+
 
 def read(path):
     path = Path(path)
     path = path / "results.json" if path.is_dir() else path
     try:
-        return json.loads(path.read_text())
+        results = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        sys.exit(f"compare.py: error: {path}: not a results.json of linear_probe.py or finetune.py ({e})")
+        raise ValueError(f"{path}: not a results.json of linear_probe.py or finetune.py ({type(e).__name__})") from None
+    if not isinstance(results, dict) or not {"per_class", "mean_dice"} <= set(results):
+        raise ValueError(f"{path}: not a results.json of linear_probe.py or finetune.py (no per_class / mean_dice)")
+    return results
 
 
 def main(args):
@@ -38,8 +44,8 @@ def main(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="run folders (or results.json files), in pairs: pretrained, baseline")
-    return p.parse_args(argv)
+    return runtime.parse(p, argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    runtime.cli(main, parse_args)

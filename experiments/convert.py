@@ -5,8 +5,8 @@
 
 The stages read the authors' released files directly (`--checkpoint` / `--init-from` take our
 backbone.pt, a raw state dict in their layout or ours, a Lightning checkpoint with or without the
-`backbone.` prefix, any of these from DDP): downstream.read_backbone_file, through the one key map
-between their FPN3d's names and ours (downstream.py lists it). This tool only reports and exports.
+`backbone.` prefix, any of these from DDP): weights.read_backbone, through the one key map
+between their FPN3d's names and ours (weights.py lists it). This tool only reports and exports.
 --export-reference writes a raw state dict that their `FPN3d(...).load_state_dict` takes.
 Nothing is downloaded: get the authors' files by hand (README, "Use the authors' weights").
 """
@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository: the stage files
-from downstream import read_backbone_file, to_reference  # noqa: E402
-from runtime import save_torch  # noqa: E402
+import runtime  # noqa: E402
+from weights import read_backbone, save_torch, to_reference  # noqa: E402
 
 
 def check_export_target(src, dst, force):
@@ -32,18 +32,15 @@ def check_export_target(src, dst, force):
 
 
 def main(args):
-    try:
-        if args.inspect:
-            read_backbone_file(args.inspect)
-        else:
-            src, dst = args.export_reference
-            check_export_target(src, dst, args.force)
-            config, state, info = read_backbone_file(src)
-            save_torch(to_reference(state, config), dst)
-            print(f"wrote {dst}: FPN3d({', '.join(f'{k}={v}' for k, v in config.items())}) in the reference's "
-                  "layout, a raw state_dict: their FPN3d(in_channels, base_channels, num_scales).load_state_dict() takes it")
-    except ValueError as e:
-        sys.exit(f"convert.py: error: {e}")
+    if args.inspect:
+        read_backbone(args.inspect)
+        return
+    src, dst = args.export_reference
+    check_export_target(src, dst, args.force)
+    config, state, info = read_backbone(src)
+    save_torch(to_reference(state, config), dst)
+    print(f"wrote {dst}: FPN3d({', '.join(f'{k}={v}' for k, v in config.items())}) in the reference's "
+          "layout, a raw state_dict: their FPN3d(in_channels, base_channels, num_scales).load_state_dict() takes it")
 
 
 def parse_args(argv=None):
@@ -52,8 +49,8 @@ def parse_args(argv=None):
     g.add_argument("--inspect", metavar="FILE", help="say what FILE holds")
     g.add_argument("--export-reference", nargs=2, metavar=("OURS", "OUT"), help="write OURS's backbone in the reference layout")
     p.add_argument("--force", action="store_true", help="--export-reference may replace an existing OUT (never OURS)")
-    return p.parse_args(argv)
+    return runtime.parse(p, argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    runtime.cli(main, parse_args)

@@ -14,9 +14,14 @@ say what tissue a voxel is, or where it sits in its crop? And how sure is a pair
   other view) finds the geometric correspondent, for one backbone.
 - paired_bootstrap: the mean of paired differences (pretrained - scratch, same cases, seeds and
   batches) with a percentile bootstrap 95% interval.
+- the demo's classes (docs/demo.md): boundary_contrast, the mean intensity step across each
+  organ's surface in units of the noise SD measured on the images (>= 2: boundaries are seen);
+  intensity_only_dice, the best per-voxel intensity-only classifier (Bayes rule on the histogram,
+  an upper bound): poor where context is needed (spleen vs liver, the two kidneys).
 
     python experiments/diagnostics.py --geometry                     # the offset statistic, demo vs paper
     python experiments/diagnostics.py --data demo --backbone runs/pretrain-demo --random-init
+    python experiments/diagnostics.py --demo-classes data/demo       # the demo's classes, measured
 """
 import argparse
 import sys
@@ -24,11 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository: the stage files
-from data import PairDataset, sample_pair  # noqa: E402
-from model import sample_voxels  # noqa: E402
+import runtime  # noqa: E402
+from data import PairDataset, data_folder, load_dataset_json, sample_pair  # noqa: E402
+from model import FPN3d, sample_voxels  # noqa: E402
 from runtime import positive_int  # noqa: E402
+from weights import read_backbone  # noqa: E402
 
 PAPER_GEOMETRY = dict(volume=(300, 250, 120), patch=(128, 128, 32))   # abdominal CT at 1 x 1 x 2 mm
 DEMO_VOLUME = (52, 45, 20)                                             # a demo phantom at demo.DEMO_SCALE
@@ -139,6 +147,57 @@ def paired_bootstrap(differences, n_boot=10_000, seed=0, level=0.95):
     return float(d.mean()), (float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail)))
 
 
+def intensity_only_dice(data_dir, num_bins=1000):
+    """Dice per class of the best intensity-only classifier -> {class name: dice}.
+
+    Bayes rule on a fine histogram: every intensity bin predicts its majority class over all
+    body voxels of all labelled cases (fitted and scored on the same voxels: an upper bound).
+    """
+    info = load_dataset_json(data_dir)
+    names = info["labels"]
+    k = max(int(c) for c in names) + 1
+    counts = np.zeros((num_bins, k), np.int64)  # (bins, classes)
+    for case in (c for c in info["cases"] if c["labelled"]):
+        folder = Path(data_dir) / "cases" / case["id"]
+        body = np.load(folder / "body.npy")
+        bins = np.minimum((np.load(folder / "image.npy")[body] * num_bins).astype(np.int64),
+                          num_bins - 1)
+        counts += np.bincount(bins * k + np.load(folder / "label.npy")[body],
+                              minlength=num_bins * k).reshape(num_bins, k)
+    predicted = counts.argmax(axis=1)  # (bins,)
+    dice = {}
+    for c in range(1, k):
+        overlap, size = counts[predicted == c, c].sum(), counts[predicted == c].sum()
+        total = size + counts[:, c].sum()
+        dice[names[str(c)]] = float(2 * overlap / total) if total else float("nan")
+    return dice
+
+
+def boundary_contrast(data_dir, shell=2):
+    """Visibility of each organ's boundary -> ({class name: step / noise SD}, noise SD in HU).
+
+    Step: mean HU inside the organ minus mean HU in a `shell`-voxel shell just outside it (a
+    dilation of the mask minus the mask), averaged over the labelled cases where the organ is
+    present. Noise SD: robust (median absolute deviation) SD of the air voxels of the cropped
+    volumes (outside body.npy), i.e. measured on the preprocessed images, not assumed."""
+    info = load_dataset_json(data_dir)
+    names, lo, hi = info["labels"], *info["preset"]["clip"]
+    steps, air = {}, []
+    for case in (c for c in info["cases"] if c["labelled"]):
+        folder = Path(data_dir) / "cases" / case["id"]
+        image = np.load(folder / "image.npy").astype(np.float32) * (hi - lo) + lo   # (X, Y, Z) HU
+        label, body = np.load(folder / "label.npy"), np.load(folder / "body.npy")
+        outside = image[~body & (image < -900)]
+        air.append(outside - np.median(outside))
+        for c in range(1, len(names)):
+            mask = label == c
+            if mask.any():
+                ring = ndimage.binary_dilation(mask, iterations=shell) & ~mask
+                steps.setdefault(names[str(c)], []).append(abs(image[mask].mean() - image[ring].mean()))
+    noise_sd = 1.4826 * float(np.median(np.abs(np.concatenate(air))))
+    return {n: float(np.mean(v)) / noise_sd for n, v in steps.items()}, noise_sd
+
+
 def main(args):
     if args.geometry:
         from pretrain import DEMO
@@ -147,11 +206,17 @@ def main(args):
             print(f"{name:<6} volume {g['volume']}, patch {g['patch']}: median |view offset| / patch per axis "
                   f"{np.round(np.median(o, 0), 3).tolist()}, mean {np.round(o.mean(0), 3).tolist()}")
         return
-    from downstream import read_backbone_file
-    from model import FPN3d
-    from preprocess import resolve_data_dir
-    data_dir = resolve_data_dir(args.data)
-    config, state, _ = read_backbone_file(args.backbone, verbose=False)
+    if args.demo_classes:
+        data_dir = data_folder(args.demo_classes)
+        contrast, noise_sd = boundary_contrast(data_dir)
+        print(f"{'class':<14} {'boundary step / noise SD':>25} {'intensity-only Dice':>20}")
+        for name, dice in intensity_only_dice(data_dir).items():
+            print(f"  {name:<14} {contrast[name]:>23.1f} {dice:>20.3f}")
+        print(f"(noise SD measured in the air around the body: {noise_sd:.1f} HU; a step >= 2 is a visible boundary; "
+              "intensity-only Dice < 1 where context is needed)")
+        return
+    data_dir = data_folder(args.data)
+    config, state, _ = read_backbone(args.backbone, verbose=False)
     nets = {"pretrained": FPN3d(**config)}
     nets["pretrained"].load_state_dict(state)
     if args.random_init:
@@ -164,16 +229,15 @@ def main(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--geometry", action="store_true", help="the view-offset statistic for the demo and paper geometry")
+    p.add_argument("--demo-classes", metavar="DATA_DIR", help="the demo's classes: boundary contrast, intensity-only Dice")
     p.add_argument("--data", default="demo")
     p.add_argument("--backbone", help="a pretrain.py run folder or its backbone.pt (or the authors' weights)")
     p.add_argument("--random-init", action="store_true", help="also a random FPN of the same size, for comparison")
     p.add_argument("--patch-size", type=positive_int, nargs=3, default=(24, 24, 8), help="the pretraining patch")
     p.add_argument("--pairs", type=positive_int, default=24)
-    args = p.parse_args(argv)
-    if not args.geometry and not args.backbone:
-        p.error("give --backbone (or --geometry)")
-    return args
+    return runtime.parse(p, argv, rules=[lambda a: not (a.geometry or a.demo_classes or a.backbone) and
+                                         "give --backbone, --geometry or --demo-classes"])
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    runtime.cli(main, parse_args)

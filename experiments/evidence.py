@@ -8,7 +8,7 @@ script, which only runs the stage scripts' own command lines (from the repositor
     python experiments/evidence.py --quick --data DIR --unlabelled U   # a few steps of everything (the tests run this)
 
 The protocol (PROTOCOL below; changed only by a commit made before the run that uses it):
-1. Corpora kept apart. Pretraining reads the unlabelled corpus (`demo-unlabelled`: 200 phantoms of
+1. Corpora kept apart. Pretraining reads the unlabelled corpus (`pretrain.py --data demo`: 200 phantoms of
    their own seed stream; a corpus that shares a scan with the labelled set is refused); the
    labelled set has a fixed split (DATA/split.json, or OUT/split.json made by demo.demo_split): a
    training pool, validation cases (choosing a recipe only) and test cases (every reported Dice).
@@ -57,6 +57,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository: the stage files
+import runtime  # noqa: E402
+from data import data_folder  # noqa: E402
 from experiments.lab import command_lines, run_stage, shown  # noqa: E402
 
 # The pretraining recipe is the one experiments/pretrain_grid.py chose on the validation cases
@@ -84,7 +86,10 @@ def run(script, *args, log, done=None):
 
 
 def result(path):
-    return json.loads((Path(path) / "results.json").read_text())
+    """A run's results.json, with experiments/finetune_curve.py's curve.json (curve, weight_change) if it has one."""
+    curve = Path(path) / "curve.json"
+    return {**json.loads((Path(path) / "results.json").read_text()),
+            **(json.loads(curve.read_text()) if curve.is_file() else {})}
 
 
 def pretrain_flags(recipe):
@@ -111,28 +116,23 @@ def pretrain_summary(run_dir):
 def check_inputs(args):
     """Before any work: the labelled set and a corpus kept apart from it, each a preprocess.py
     folder; a labelled set large enough for a training pool, a validation and a test case."""
-    from data import list_cases, load_case
-    from preprocess import resolve_data_dir
-    if args.data != "demo" and not (Path(args.data) / "dataset.json").is_file():
-        sys.exit(f"evidence.py: error: --data {args.data}: no dataset.json (a preprocess.py output folder, or 'demo')")
+    from data import list_cases, read_case
     if args.unlabelled is None:
         if args.data != "demo":
-            sys.exit("evidence.py: error: --unlabelled UNLABELLED_DIR is needed with your own --data: pretraining "
-                     "reads a corpus kept apart from the labelled scans (a preprocess.py output folder)")
-        args.unlabelled = "demo-unlabelled"
-    elif args.unlabelled != "demo-unlabelled" and not (Path(args.unlabelled) / "dataset.json").is_file():
-        sys.exit(f"evidence.py: error: --unlabelled {args.unlabelled}: no dataset.json (a preprocess.py output folder)")
-    data, corpus = resolve_data_dir(args.data), resolve_data_dir(args.unlabelled)
+            raise ValueError("--unlabelled UNLABELLED_DIR is needed with your own --data: pretraining reads a corpus "
+                             "kept apart from the labelled scans (a preprocess.py output folder)")
+        args.unlabelled = "demo"                    # pretrain.py --data demo: the demo's unlabelled corpus
+    data, corpus = data_folder(args.data), data_folder(args.unlabelled, demo_part="unlabelled")
     labelled = list_cases(data, labelled=True)
     if len(labelled) < 3:
-        sys.exit(f"evidence.py: error: --data {args.data}: {len(labelled)} labelled case(s); the protocol needs a "
-                 "training pool, a validation and a test case, at least 3")
-    scans = lambda folder, ids: {load_case(folder, c)["meta"].get("image_file") for c in ids}
+        raise ValueError(f"--data {args.data}: {len(labelled)} labelled case(s); the protocol needs a training pool, "
+                         "a validation and a test case, at least 3")
+    scans = lambda folder, ids: {read_case(folder, c)["meta"].get("image_file") for c in ids}
     shared = scans(data, labelled) & scans(corpus, list_cases(corpus))
     if Path(data).resolve() == Path(corpus).resolve() or shared:
-        sys.exit(f"evidence.py: error: --unlabelled {args.unlabelled} is not kept apart from --data {args.data}: "
-                 + (f"{len(shared)} of its scans are labelled cases (e.g. {sorted(shared)[0]})" if shared else
-                    "it is the same folder") + "; pretrain on a corpus without the labelled scans")
+        raise ValueError(f"--unlabelled {args.unlabelled} is not kept apart from --data {args.data}: "
+                         + (f"{len(shared)} of its scans are labelled cases (e.g. {sorted(shared)[0]})" if shared else
+                            "it is the same folder") + "; pretrain on a corpus without the labelled scans")
 
 
 def claim_output(args):
@@ -141,13 +141,13 @@ def claim_output(args):
     check_inputs(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        sys.exit(f"evidence.py: error: --out {out}: exists and is not a folder")
+        raise ValueError(f"--out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     record = out / "evidence-args.json"
     made = dict(data=str(args.data), unlabelled=str(args.unlabelled), quick=bool(args.quick), preset=args.preset)
     if record.is_file() and json.loads(record.read_text()) != made and not args.force:
-        sys.exit(f"evidence.py: error: {out} holds results made with {record.read_text().strip()}, not {made}; "
-                 "choose another --out or pass --force")
+        raise ValueError(f"{out} holds results made with {record.read_text().strip()}, not {made}; "
+                         "choose another --out or pass --force")
     record.write_text(json.dumps(made))
     return out
 
@@ -157,19 +157,15 @@ def split_file(data_arg, out):
     made here (demo.demo_split over the labelled cases) and kept as OUT/split.json."""
     from data import list_cases, read_split
     from demo import demo_split
-    from preprocess import resolve_data_dir
-    data_dir = resolve_data_dir(data_arg)
+    data_dir = data_folder(data_arg)
     path = data_dir / "split.json"
     if not path.is_file():
         path = out / "split.json"
         if not path.is_file():
             path.write_text(json.dumps(demo_split(list_cases(data_dir, labelled=True)), indent=1))
-    try:
-        split = read_split(path, list_cases(data_dir, labelled=True))
-    except ValueError as e:
-        sys.exit(f"evidence.py: error: {e}")
+    split = read_split(path, list_cases(data_dir, labelled=True))
     if not split["val"]:
-        sys.exit(f"evidence.py: error: {path}: the 'val' list is empty; the recipe grid is scored on it")
+        raise ValueError(f"{path}: the 'val' list is empty; the recipe grid is scored on it")
     return path
 
 
@@ -215,8 +211,9 @@ def main(args):
     run("pretrain.py", *unlabelled, "--out", pre["ours"], *curve, log=log, done=pre["ours"] / "backbone.pt")
     run("pretrain.py", *unlabelled, "--method", "vox2vec", "--out", pre["vox2vec"], *curve, log=log,
         done=pre["vox2vec"] / "backbone.pt")
-    run("pretrain.py", *data, "--split", split, "--out", pre["pool"], *pretrain_flags(recipe), "--workers", "0",
-        *preset, log=log, done=pre["pool"] / "backbone.pt")
+    pool_preset = preset or (["--preset", "demo"] if args.data == "demo" else [])    # a path is not `demo`
+    run("pretrain.py", "--data", data_folder(args.data), "--split", split, "--out", pre["pool"], *pretrain_flags(recipe),
+        "--workers", "0", *pool_preset, log=log, done=pre["pool"] / "backbone.pt")
     if recipe["lr_schedule"] != "constant":   # a schedule's shape depends on --steps: the default run is its own
         pre["default"] = out / "pretrain-default"
         run("pretrain.py", *unlabelled, "--out", pre["default"], *pretrain_flags(recipe), "--workers", "0", *preset,
@@ -262,14 +259,14 @@ def main(args):
         for draw in range(proto["draws"][budget]):
             for arm, init in inits.items():
                 d = out / f"ft-{budget}-{arm}-draw{draw}"
-                run("finetune.py", *base, *init, "--train-cases", budget, "--draw", draw, "--seed", draw,
-                    "--eval-every", proto["eval_every"], *recipe_flags(chosen[arm], proto, arm), "--out", d, log=log,
-                    done=d / "results.json")
+                run("experiments/finetune_curve.py", *base, *init, "--train-cases", budget, "--draw", draw, "--seed",
+                    draw, "--eval-every", proto["eval_every"], *recipe_flags(chosen[arm], proto, arm), "--out", d,
+                    log=log, done=d / "curve.json")
                 finetunes[(budget, arm, draw)] = result(d)
     d = out / "ft-1-pretrained-default-draw0"      # the quick start's cell: the default budget's backbone
-    run("finetune.py", *base, "--checkpoint", backbones[("ours", default)], "--train-cases", 1, "--draw", 0, "--seed", 0,
-        "--eval-every", proto["eval_every"], *recipe_flags(chosen["pretrained"], proto, "pretrained"), "--out", d,
-        log=log, done=d / "results.json")
+    run("experiments/finetune_curve.py", *base, "--checkpoint", backbones[("ours", default)], "--train-cases", 1,
+        "--draw", 0, "--seed", 0, "--eval-every", proto["eval_every"],
+        *recipe_flags(chosen["pretrained"], proto, "pretrained"), "--out", d, log=log, done=d / "curve.json")
     finetunes[("default", "pretrained", 0)] = result(d)
 
     summary = summarise(corpus, probes, steps, shortcut, finetunes, cells, chosen, pretraining, proto,
@@ -283,10 +280,9 @@ def main(args):
 
 def corpus_sizes(args, split):
     from data import list_cases
-    from preprocess import resolve_data_dir
     parts = json.loads(Path(split).read_text())
-    return dict(unlabelled_cases=len(list_cases(resolve_data_dir(args.unlabelled))),
-                labelled_cases=len(list_cases(resolve_data_dir(args.data), labelled=True)),
+    return dict(unlabelled_cases=len(list_cases(data_folder(args.unlabelled, demo_part="unlabelled"))),
+                labelled_cases=len(list_cases(data_folder(args.data), labelled=True)),
                 train_pool=len(parts["train"]), val=len(parts["val"]), test=len(parts["test"]))
 
 
@@ -297,14 +293,13 @@ def shortcut_rows(out, data_arg, split, backbones, patch_size, proto):
     import torch
 
     from experiments.diagnostics import shortcut_diagnostic
-    from preprocess import resolve_data_dir
     test_ids = json.loads(Path(split).read_text())["test"]
     rows = {}
     for name, file in backbones.items():
         key = f"{name} | {shown(file)} | {list(patch_size)} | {proto['shortcut_pairs']}"
         if key not in known:
             torch.manual_seed(0)
-            known[key] = shortcut_diagnostic(load_fpn(file), resolve_data_dir(data_arg), tuple(patch_size),
+            known[key] = shortcut_diagnostic(load_fpn(file), data_folder(data_arg), tuple(patch_size),
                                              pairs=proto["shortcut_pairs"], case_ids=test_ids)
             path.write_text(json.dumps(known, indent=1))
         rows[name] = known[key]
@@ -319,8 +314,7 @@ def offset_rows(data_arg, patch_size):
 
     from data import load_dataset_json
     from experiments.diagnostics import PAPER_GEOMETRY, view_offsets
-    from preprocess import resolve_data_dir
-    shapes = [c["shape"] for c in load_dataset_json(resolve_data_dir(data_arg))["cases"] if c["labelled"]]
+    shapes = [c["shape"] for c in load_dataset_json(data_folder(data_arg))["cases"] if c["labelled"]]
     rows = {}
     for name, volume, patch in (("this data", tuple(int(v) for v in np.median(shapes, 0)), tuple(patch_size)),
                                 ("paper", PAPER_GEOMETRY["volume"], PAPER_GEOMETRY["patch"])):
@@ -446,8 +440,8 @@ def neighbours(args):
     out = claim_output(args)
     proto = QUICK if args.quick else PROTOCOL
     if not (out / "evidence.json").is_file():
-        sys.exit(f"evidence.py: error: --neighbours compares against the main run: run `python experiments/evidence.py` with "
-                 f"--out {out} (and the same --data) first")
+        raise ValueError(f"--neighbours compares against the main run: run `python experiments/evidence.py` with "
+                         f"--out {out} (and the same --data) first")
     main_run = json.loads((out / "evidence.json").read_text())
     recipes = main_run["chosen_recipe_cells"]
     data, unlabelled = ["--data", args.data], ["--data", args.unlabelled]
@@ -484,9 +478,8 @@ def neighbours(args):
             finetune = result(d)
             row["finetune_1"].append(finetune["mean_dice"])
             wall["finetune"] += finetune.get("seconds") or 0
-    from preprocess import resolve_data_dir
     agreement = None if "densecl" not in pre else agreement_rows(
-        resolve_data_dir(args.data), {"ours": out / "pretrain-ours", **pre}, level=2,
+        data_folder(args.data), {"ours": out / "pretrain-ours", **pre}, level=2,
         patch_size=tuple(main_run["pretraining"]["ours"]["patch_size"]), pairs=proto["agreement_pairs"])
     summary = write_neighbours_report(out, rows, main_run, pre, log, (time.time() - t0) / 60, proto, agreement, wall)
     return summary
@@ -494,9 +487,9 @@ def neighbours(args):
 
 def load_fpn(path):
     """The FPN3d of a backbone file, weights loaded."""
-    from downstream import read_backbone_file as load_backbone
     from model import FPN3d
-    config, state, _ = load_backbone(path)
+    from weights import read_backbone
+    config, state, _ = read_backbone(path)
     fpn = FPN3d(**config)
     fpn.load_state_dict(state)
     return fpn
@@ -638,11 +631,11 @@ def make_figures(out, data_arg, split, ends, pretraining, probes, steps, finetun
     import numpy as np
     import torch
 
-    from data import load_case
-    from predict import load_model, predict_volume
-    from preprocess import resolve_data_dir
+    from data import read_case
+    from downstream import volume_probabilities
+    from weights import load_segmenter
 
-    data_dir = resolve_data_dir(data_arg)
+    data_dir = data_folder(data_arg)
     names = []
 
     # (a) probe Dice vs pretraining steps
@@ -681,12 +674,14 @@ def make_figures(out, data_arg, split, ends, pretraining, probes, steps, finetun
     names.append("dice_vs_finetune_steps.png")
 
     # (c) one test slice: image, ground truth, scratch, fine-tuned (one case, draw 0)
-    models = {ARMS[a]: load_model(out / f"ft-1-{a}-draw0" / "model_fold0.pt") for a in ARMS}
+    models = {ARMS[a]: load_segmenter(out / f"ft-1-{a}-draw0" / "model_fold0.pt") for a in ARMS}
     test_id = json.loads(Path(split).read_text())["test"][0]
-    case = load_case(data_dir, test_id)
-    image, label = np.asarray(case["image"], np.float32), np.asarray(case["label"])
+    case = read_case(data_dir, test_id, need_label=True)
+    image, label = np.asarray(case["image"], np.float32), np.asarray(case["label"])       # (C, X, Y, Z), (X, Y, Z)
     z = int(np.argmax((label > 0).sum((0, 1))))
-    preds = {k: predict_volume(m, image, tuple(ck["patch_size"]), torch.device("cpu")).numpy() for k, (m, ck) in models.items()}
+    preds = {k: volume_probabilities(m, image, tuple(ck["patch_size"]), torch.device("cpu")).argmax(0).numpy()
+             for k, (m, ck) in models.items()}
+    image = image[0]
     panels = {"image": None, "ground truth": label, **{f"{k} (1 case)": p for k, p in preds.items()}}
     fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
     for ax, (title, seg) in zip(axes, panels.items()):
@@ -756,7 +751,7 @@ def make_figures(out, data_arg, split, ends, pretraining, probes, steps, finetun
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="demo", help="the labelled set: 'demo' or a preprocess.py output folder")
-    p.add_argument("--unlabelled", help="the pretraining corpus, kept apart from --data [demo-unlabelled for the demo]")
+    p.add_argument("--unlabelled", help="the pretraining corpus, kept apart from --data [the demo's, for --data demo]")
     p.add_argument("--preset", choices=["demo", "paper"], help="passed to every stage [each stage's own default]")
     p.add_argument("--out", default="runs/evidence")
     p.add_argument("--quick", action="store_true", help="2 steps of everything: checks the pipeline, not the numbers")
@@ -765,9 +760,12 @@ def parse_args(argv=None):
                    help="Models Genesis, MIM, DenseCL and MedContext beside ours (reuses the main run's pretraining)")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--force", action="store_true", help="use an --out that holds results of other data or --quick")
-    return p.parse_args(argv)
+    return runtime.parse(p, argv)
+
+
+def run_protocol(args):
+    return neighbours(args) if args.neighbours else ablation(args) if args.ablation else main(args)
 
 
 if __name__ == "__main__":
-    a = parse_args()
-    neighbours(a) if a.neighbours else ablation(a) if a.ablation else main(a)
+    runtime.cli(run_protocol, parse_args)

@@ -5,7 +5,7 @@
 
 The question: which learning rate, schedule and batch make the demo's pretraining pay within the
 quick start's budget (pretraining <= 10 minutes on 2 CPU cores)? Every cell pretrains ours on the
-unlabelled corpus (`demo-unlabelled`, seed 0, the demo preset's network and 24 x 24 x 8 patch) for
+unlabelled corpus (`pretrain.py --data demo`, seed 0, the demo preset's network and 24 x 24 x 8 patch) for
 the same wall time, then a linear probe is fitted on the labelled training pool and scored on the
 VALIDATION cases of the fixed split (linear_probe.py --split --evaluate-on val); the test cases
 are never read here. The cell with the highest validation Dice is the recipe (the first listed
@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository: the stage files
+import runtime  # noqa: E402
 from experiments.lab import ROOT, command_lines, run_stage  # noqa: E402
 
 PROTOCOL = dict(steps=1800, steps_8=1260, lrs=(3e-4, 1e-3, 3e-3), warmup_steps=100, seed=0,
@@ -46,7 +47,7 @@ def cell_flags(proto, lr, schedule, batch):
 def pretrain_and_probe(out, name, flags, split, log, quick):
     """Pretrain one cell and probe it on the validation cases -> dict (Dice, minutes, final L_c)."""
     run_dir, probe = out / name, out / f"{name}-probe"
-    code = run_stage("pretrain.py", "--data", "demo-unlabelled", "--out", run_dir, "--workers", "1", *flags, log=log,
+    code = run_stage("pretrain.py", "--data", "demo", "--out", run_dir, "--workers", "1", *flags, log=log,
                      done=run_dir / "backbone.pt", stop_on_failure=False)
     if code or not (run_dir / "backbone.pt").exists():
         return dict(val_dice=0.0, diverged=True, flags=list(map(str, flags)))
@@ -101,8 +102,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/pretrain-grid")
     p.add_argument("--quick", action="store_true", help="2 steps per cell: checks the pipeline, not the numbers")
-    return p.parse_args(argv)
+    return runtime.parse(p, argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    runtime.cli(main, parse_args)

@@ -14,7 +14,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import predict  # noqa: E402
 
 PATCH = (16, 16, 8)
 
@@ -185,9 +184,9 @@ def test_pair_dataset_deterministic_and_worker_independent(pair_dir):
 def test_pair_dataset_on_disk_correspondence(pair_dir):
     ds = data.PairDataset(pair_dir, PATCH, 32, pairs_per_volume=3, length=9)
     for i in range(len(ds)):
-        case = data.load_case(pair_dir, ds[i][0]["case_id"])
+        case = data.read_case(pair_dir, ds[i][0]["case_id"])
         for pair in ds[i]:
-            check_pair(pair, case["image"], case["body"], PATCH, 32)
+            check_pair(pair, case["image"][0], case["body"], PATCH, 32)
 
 
 def test_data_folder_errors(tmp_path, pair_dir):
@@ -200,12 +199,12 @@ def test_data_folder_errors(tmp_path, pair_dir):
     with pytest.raises(ValueError, match="no cases"):
         data.list_cases(write_dataset(tmp_path / "empty", []))
     with pytest.raises(ValueError, match="nope"):
-        data.load_case(pair_dir, "nope")
+        data.read_case(pair_dir, "nope")
     with pytest.raises(ValueError, match="nope"):
         data.PairDataset(pair_dir, case_ids=["nope"])
     with pytest.raises(ValueError, match="labelled"):  # the pair cases have no labels
         data.LabelledPatchDataset(pair_dir, None, PATCH, 4)
-    assert data.list_cases(pair_dir) == ["case_0", "case_1", "case_2"] and data.list_cases(pair_dir, split="test") == []
+    assert data.list_cases(pair_dir) == ["case_0", "case_1", "case_2"] and data.list_cases(pair_dir, labelled=True) == []
 
 
 @pytest.fixture(scope="module")
@@ -259,54 +258,6 @@ def test_class_voxels_subsample():
     np.testing.assert_array_equal(vox[7], [[15, 3, 4]])
 
 
-@pytest.mark.parametrize("shape,patch", [((37, 53, 19), (16, 16, 8)), ((5, 6, 7), (8, 8, 8)),
-                                         ((16, 16, 8), (16, 16, 8)), ((17, 8, 9), (8, 8, 4))])
-def test_tile_starts_cover_every_voxel(shape, patch):
-    for overlap in (0.0, 0.5, 0.75):
-        padded = tuple(max(d, p) for d, p in zip(shape, patch))
-        count = np.zeros(padded, int)
-        for s in predict.tile_starts(shape, patch, overlap):
-            assert all(0 <= a and a + p <= d for a, p, d in zip(s, patch, padded))
-            count[s[0]:s[0] + patch[0], s[1]:s[1] + patch[1], s[2]:s[2] + patch[2]] += 1
-        assert count.min() >= 1
-
-
-def naive_blend(image, predict_fn, patch, overlap):
-    """Reference: loop over tiles one by one, numpy Gaussian weights, weighted average."""
-    shape = image.shape[1:]
-    padded = [max(d, p) for d, p in zip(shape, patch)]
-    img = np.zeros((image.shape[0], *padded), np.float32)
-    img[:, :shape[0], :shape[1], :shape[2]] = image.numpy()
-    g = [np.exp(-0.5 * ((np.arange(p) - (p - 1) / 2) / (p / 8)) ** 2) for p in patch]
-    w = np.maximum(np.einsum("i,j,k->ijk", *g) / (g[0].max() * g[1].max() * g[2].max()), predict.WEIGHT_FLOOR)
-    num, den = 0.0, np.zeros(padded)
-    for s in predict.tile_starts(shape, patch, overlap):
-        box = tuple(slice(a, a + p) for a, p in zip(s, patch))
-        pred = predict_fn(torch.from_numpy(img[(slice(None),) + box][None]))[0].numpy()
-        tile = np.zeros((pred.shape[0], *padded))
-        tile[(slice(None),) + box] = pred * w
-        num, den[box] = num + tile, den[box] + w
-    return (num / den)[:, :shape[0], :shape[1], :shape[2]]
-
-
-@pytest.mark.parametrize("shape", [(20, 19, 11), (5, 12, 3)])
-def test_sliding_window_inference(shape):
-    patch = (8, 8, 4)
-    image = torch.rand((2,) + shape, generator=torch.Generator().manual_seed(0))
-    const = lambda x: torch.tensor([3.0, -1.5]).view(1, 2, 1, 1, 1).expand(len(x), 2, *patch)  # noqa: E731
-    out = predict.sliding_window_inference(image, const, patch)
-    assert out.shape == (2,) + shape and out.device == image.device and out.dtype == torch.float32
-    assert torch.allclose(out[0], torch.tensor(3.0)) and torch.allclose(out[1], torch.tensor(-1.5))
-    assert torch.allclose(predict.sliding_window_inference(image, lambda x: x, patch, 0.5, 3), image, atol=1e-6)
-    # a tile-dependent prediction (each tile's mean + its voxels) exercises the weighting
-    tile_fn = lambda x: (x.mean(dim=(1, 2, 3, 4), keepdim=True) + x[:, :1]).expand(-1, 3, *patch)  # noqa: E731
-    ref = naive_blend(image, tile_fn, patch, 0.5)
-    outs = [predict.sliding_window_inference(image, tile_fn, patch, 0.5, b) for b in (1, 3, 1000)]
-    for o in outs:
-        np.testing.assert_allclose(o.numpy(), ref, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(outs[0], outs[1], atol=1e-6) and torch.allclose(outs[0], outs[2], atol=1e-6)
-
-
 def test_cases_smaller_than_the_patch_are_named(label_dir, capsys):
     root = label_dir[0]
     data.LabelledPatchDataset(root, ["big", "small"], (8, 8, 8), 4, seed=0)
@@ -315,3 +266,47 @@ def test_cases_smaller_than_the_patch_are_named(label_dir, capsys):
     assert "big" not in out
     data.LabelledPatchDataset(root, ["big"], (8, 8, 8), 4, seed=0)
     assert "smaller than the patch" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("break_it, words", [
+    ("truncate image", "image.npy: unreadable"), ("delete label", "label.npy: missing, though case 'big' is labelled"),
+    ("bad meta", "meta.json: unreadable"), ("delete meta", "not found or incomplete"),
+    ("short body", "body.npy: shape (2, 2, 2) != image (40, 40, 20)"),
+])
+def test_the_case_reader_names_the_case_the_file_and_the_fix(label_dir, tmp_path, break_it, words):
+    """Every way a preprocessed case can be broken is one line naming the case (or its file) and
+    the fix, from the one reader every stage uses, and before any work: a dataset reads each case
+    once when it is made."""
+    import shutil
+    root = tmp_path / "copy"
+    shutil.copytree(label_dir[0], root)
+    case = root / "cases" / "big"
+    if break_it == "truncate image":
+        (case / "image.npy").write_bytes((case / "image.npy").read_bytes()[:1000])
+    elif break_it == "delete label":
+        (case / "label.npy").unlink()
+    elif break_it == "bad meta":
+        (case / "meta.json").write_text("{not json")
+    elif break_it == "delete meta":
+        (case / "meta.json").unlink()
+    else:
+        np.save(case / "body.npy", np.ones((2, 2, 2), bool))
+    with pytest.raises(ValueError, match="re-run preprocess.py" if break_it != "delete meta" else "incomplete") as e:
+        data.LabelledPatchDataset(root, ["big", "small"], (8, 8, 8), 4)
+    assert words in str(e.value) and "\n" not in str(e.value) and str(case) in str(e.value)
+
+
+def test_a_multi_channel_case_is_read_as_channels(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.random((2, 10, 9, 8)).astype(np.float16)
+    body = np.ones((10, 9, 8), bool)
+    label = (rng.random((10, 9, 8)) > 0.5).astype(np.uint8)
+    root = write_dataset(tmp_path, [write_case(tmp_path, "mc", image, body, label)])
+    case = data.read_case(root, "mc")
+    assert case["image"].shape == (2, 10, 9, 8) and case["label"].shape == (10, 9, 8)
+    item = data.LabelledPatchDataset(root, None, (8, 8, 8), 2, foreground_prob=0)[0]
+    assert item["image"].shape == (2, 8, 8, 8)
+    pairs = data.PairDataset(root, (8, 8, 8), 16, length=2)          # pretraining: one volume per channel
+    assert pairs.volumes == [("mc", 0), ("mc", 1)]
+    for i, channel in enumerate((0, 1)):
+        check_pair(pairs[i][0], image[channel], body, (8, 8, 8), 16)

@@ -1,6 +1,7 @@
 """predict.py: the fold ensemble and the mirroring against naive loops, world-space agreement for
 a scan stored with other axes, probabilities that sum to 1, one corrupt scan among good ones,
-skip / --force, and the refusals (output inside the input, mismatched models)."""
+skip / --force, a model replaced under the same name redoing the cases it made, the refusals
+(output inside the input, mismatched models), and a mask on the scan's own grid."""
 import json
 import shutil
 from pathlib import Path
@@ -10,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import downstream
-import finetune
 import predict
 import preprocess
+import weights
 from model import SegmentationModel
 
 BACKBONE = dict(in_channels=1, base_channels=4, num_levels=3)
@@ -35,8 +37,10 @@ def make_run(folder, small_demo, folds=(0, 1, 2), aug="nnunet-like", num_classes
                 if isinstance(m, torch.nn.BatchNorm3d):
                     m.running_mean.uniform_(-0.1, 0.1)
                     m.running_var.uniform_(0.5, 1.5)
-        finetune.save_model(folder / f"model_fold{fold}.pt", model, names, small_demo,
-                            dict(eval_patch_size=PATCH, aug=aug, mirror_axes=(0, 1, 2)), fold, ["x"])
+        meta = data.load_dataset_json(small_demo)
+        weights.save_segmenter(folder / f"model_fold{fold}.pt", model, labels={str(k): v for k, v in names.items()},
+                               modality=meta["modality"], preset=meta["preset"], patch_size=list(PATCH), aug=aug,
+                               mirror_axes=[0, 1, 2] if aug != "none" else [], fold=fold, train_cases=["x"])
     return folder
 
 
@@ -61,7 +65,7 @@ def run(*argv):
 def image01(small_demo, case=0):
     scan = sorted((Path(small_demo) / "raw" / "imagesTr").iterdir())[case]
     image, affine = preprocess.load_nifti(scan)
-    return preprocess.preprocess_arrays(image, affine, "ct")[0]
+    return preprocess.preprocess_arrays(image, affine, "ct")[0][None]          # (1, X, Y, Z)
 
 
 def test_ensemble_is_the_mean_of_the_single_models(run_dir, small_demo):
@@ -69,7 +73,7 @@ def test_ensemble_is_the_mean_of_the_single_models(run_dir, small_demo):
     x = image01(small_demo)
     cpu = torch.device("cpu")
     ensemble = predict.ensemble_probabilities(models, [PATCH] * 3, x, cpu)
-    singles = [predict.volume_probabilities(m, x, PATCH, cpu) for m in models]
+    singles = [downstream.volume_probabilities(m, x, PATCH, cpu) for m in models]
     torch.testing.assert_close(ensemble, sum(singles) / 3, atol=1e-6, rtol=0)
     assert not torch.allclose(singles[0], singles[1], atol=1e-3)        # the models differ
 
@@ -83,9 +87,9 @@ def test_mirroring_is_the_mean_over_the_eight_flips(run_dir, small_demo):
     for fx in (False, True):
         for fy in (False, True):
             for fz in (False, True):
-                dims = [d for d, f in zip((0, 1, 2), (fx, fy, fz)) if f]
-                p = predict.volume_probabilities(models[0], x.flip(dims) if dims else x, PATCH, cpu)
-                naive.append(p.flip([1 + d for d in dims]) if dims else p)
+                dims = [d for d, f in zip((1, 2, 3), (fx, fy, fz)) if f]          # (C, X, Y, Z): X is dim 1
+                p = downstream.volume_probabilities(models[0], x.flip(dims) if dims else x, PATCH, cpu)
+                naive.append(p.flip(dims) if dims else p)
     assert len(naive) == 8
     torch.testing.assert_close(tta, sum(naive) / 8, atol=1e-6, rtol=0)
     plain = predict.ensemble_probabilities(models, [PATCH], x, cpu)
@@ -114,7 +118,7 @@ def test_outputs_probabilities_and_report(run_dir, scans, tmp_path):
     out = tmp_path / "out"
     assert run("-i", scans, "-o", out, "--model", run_dir, "--save-probabilities", "--folds", "0", "2") == 0
     report = json.loads((out / "predictions.json").read_text())
-    assert report["tta"] is True and [Path(m).name for m in report["models"]] == ["model_fold0.pt", "model_fold2.pt"]
+    assert report["tta"] is True and [Path(m.split()[0]).name for m in report["models"]] == ["model_fold0.pt", "model_fold2.pt"]
     names = sorted(report["cases"])
     assert names == sorted(p.name.replace("_0000.nii.gz", "") for p in scans.iterdir())   # _0000 dropped
     classes = json.loads((out / "classes.json").read_text())
@@ -200,12 +204,98 @@ def test_refused_before_any_work(run_dir, scans, small_demo, tmp_path, problem, 
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
     else:
-        assert run("-i", scans, "-o", out, "--model", model, *extra) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("predict.py: error:") and "\n" not in err
+        with pytest.raises(ValueError) as e:
+            run("-i", scans, "-o", out, "--model", model, *extra)
+        err = str(e.value)
+        assert "\n" not in err
     expected = {"output_is_input": "inside the input", "output_inside_input": "inside the input",
                 "labels_differ": "labels differs", "missing_fold": "--folds 7", "no_models": "no model_fold",
                 "bad_overlap": "argument --overlap: must be in [0, 1)"}[problem]
     assert expected in err
     assert sorted(p.name for p in scans.iterdir()) == before
     assert not (out / "predictions.json").exists() and not (out.exists() and problem != "output_is_input")
+
+
+def test_a_model_replaced_under_the_same_name_redoes_its_cases(small_demo, scans, tmp_path):
+    """The prediction records a digest of every model file: after a model is replaced (finetune.py
+    --force into the same folder), a re-run into the earlier prediction folder is refused, and with
+    --force every case is redone by the new model, never skipped as if current."""
+    models = make_run(tmp_path / "models", small_demo, folds=(0,))
+    out = tmp_path / "pred"
+    assert run("-i", scans, "-o", out, "--model", models, "--no-tta") == 0
+    first = {p.name: p.read_bytes() for p in out.glob("*.nii.gz")}
+    assert run("-i", scans, "-o", out, "--model", models, "--no-tta") == 0        # same models: continued, skipped
+    assert all(r["status"] == "skipped" for r in json.loads((out / "predictions.json").read_text())["cases"].values())
+    make_run(tmp_path / "models", small_demo, folds=(0,), seed=5)                # another model, the same file name
+    with pytest.raises(ValueError, match=r"-o .* holds a run with other settings \(--models .*--force"):
+        run("-i", scans, "-o", out, "--model", models, "--no-tta")
+    assert {p.name: p.read_bytes() for p in out.glob("*.nii.gz")} == first
+    assert run("-i", scans, "-o", out, "--model", models, "--no-tta", "--force") == 0
+    cases = json.loads((out / "predictions.json").read_text())["cases"]
+    assert all(r["status"] == "done" for r in cases.values())
+    assert {p.name: p.read_bytes() for p in out.glob("*.nii.gz")} != first
+
+
+def test_predict_needs_a_finetuned_checkpoint(small_demo, tmp_path):
+    import pretrain
+    pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(tmp_path / "pre"), "--steps", "1",
+                                       "--base-channels", "4", "--num-levels", "3", "--patch-size", "16", "16", "8",
+                                       "--batch-pairs", "2", "--num-voxels", "16", "--workers", "0"]))
+    scan = sorted((Path(small_demo) / "raw" / "imagesTr").iterdir())[0]
+    with pytest.raises(ValueError, match=r"is a pretrained backbone \(pretrain.py\), not a fine-tuned model"):
+        run("-i", scan, "-o", tmp_path / "o", "--model", tmp_path / "pre" / "backbone.pt")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model")
+    with pytest.raises(ValueError, match="a text file") as e:
+        run("-i", scan, "-o", tmp_path / "o", "--model", notes)
+    assert "weights_only=False" not in str(e.value) and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("problem", ["output_is_the_scan", "output_is_a_file"])
+def test_predict_checks_its_output_before_any_work(small_demo, tmp_path, problem, monkeypatch):
+    scan = sorted((Path(small_demo) / "raw" / "imagesTr").iterdir())[0]
+    copy = tmp_path / "in" / scan.name
+    copy.parent.mkdir()
+    shutil.copy(scan, copy)
+    (tmp_path / "taken.txt").write_text("mine")
+    before = copy.read_bytes()
+    output = {"output_is_the_scan": copy, "output_is_a_file": tmp_path / "taken.txt"}[problem]
+    monkeypatch.setattr(predict, "load_segmenter", lambda *a: pytest.fail("work started before the output was checked"))
+    with pytest.raises(ValueError) as e:
+        run("-i", copy, "-o", output, "--model", tmp_path)
+    assert str(output) in str(e.value) and "\n" not in str(e.value)
+    assert copy.read_bytes() == before and (tmp_path / "taken.txt").read_text() == "mine"
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_predict_writes_mask_on_the_original_grid(small_demo, tmp_path, monkeypatch):
+    models = make_run(tmp_path / "models", small_demo, folds=(0,), aug="none")
+    raw = Path(small_demo) / "raw"
+    scan = sorted((raw / "imagesTr").iterdir())[0]
+    label_file = raw / "labelsTr" / scan.name.replace("_0000", "")
+    out = tmp_path / "pred"
+    seg = out / scan.name
+    predict_one = lambda *extra: run("-i", scan, "-o", out, "--model", models / "model_fold0.pt", *extra)  # noqa: E731
+    assert predict_one() == 0
+    written, original = nib.load(seg), nib.load(label_file)
+    assert written.shape == original.shape and np.allclose(written.affine, original.affine)
+
+    # Alignment: with an oracle in place of the network (the preprocessed label itself), the
+    # mask that predict.py writes must coincide with the label on the scan's own grid.
+    image, affine = preprocess.load_nifti(scan)
+    label = np.asanyarray(original.dataobj)
+    _, _, label_pre, meta = preprocess.preprocess_arrays(image, affine, "ct", label=label)
+    oracle = torch.nn.functional.one_hot(torch.as_tensor(label_pre.astype(np.int64)), 9).permute(3, 0, 1, 2).float()
+    monkeypatch.setattr(predict, "ensemble_probabilities", lambda *a, **k: oracle)
+    before = seg.read_bytes()
+    assert predict_one() == 0 and seg.read_bytes() == before          # no silent overwrite: the case is skipped
+    assert predict_one("--force") == 0
+    pred = np.asanyarray(nib.load(seg).dataobj)
+    # exactly the nearest-neighbour round trip of the label (the best any network could do) ...
+    np.testing.assert_array_equal(pred, preprocess.to_original_grid(label_pre, meta))
+    # ... which lies on the label: the round trip 0.86 -> 1 -> 0.86 mm loses boundary voxels of
+    # the demo's few-voxel-thick organs (test_preprocess), while a one-voxel shift or a flipped
+    # axis would lose far more.
+    fg = [c for c in np.unique(label) if c]
+    dice = [2 * np.sum((pred == c) & (label == c)) / (np.sum(pred == c) + np.sum(label == c)) for c in fg]
+    assert np.mean(dice) >= 0.9 and min(dice) >= 0.85, dice

@@ -19,7 +19,6 @@ from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import demo as phantom  # noqa: E402
 import preprocess  # noqa: E402
 
 DEMO_SCALE = 0.6  # twice the demo scale: round-trip Dice is measured on organs of realistic voxel size; 3 cases
@@ -28,7 +27,7 @@ DEMO_SCALE = 0.6  # twice the demo scale: round-trip Dice is measured on organs 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("demo")
-    return phantom.prepare_demo(data_dir, num_cases=3, seed=1, scale=DEMO_SCALE)
+    return preprocess.build_demo(data_dir, num_cases=3, unlabelled_cases=0, seed=1, scale=DEMO_SCALE)
 
 
 def load_case(data_dir, case_id):
@@ -84,7 +83,8 @@ def test_round_trip_demo_labels(demo, tmp_path):
         print(case_id, "round-trip Dice per class", np.round(scores, 3), np.mean(scores))
         assert np.mean(scores) >= 0.95
         assert arrays["body"][arrays["label"] > 0].all()  # gas inside organs counts as body
-    path = preprocess.save_on_original_grid(arrays["label"], meta, tmp_path / "pred.nii.gz")
+    path = preprocess.save_nifti(preprocess.to_original_grid(arrays["label"], meta), meta["original_affine"],
+                                 tmp_path / "pred.nii.gz")
     written = nib.load(str(path))
     assert written.shape == original.shape and np.allclose(written.affine, raw.affine)
     assert written.get_data_dtype() == np.uint8
@@ -259,8 +259,8 @@ def test_bad_inputs_reported_and_good_cases_finish(tmp_path, capsys):
 def test_empty_folder_is_fatal(tmp_path, capsys):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "notes.txt").write_text("no scans here")
-    assert preprocess.main(args(input=str(tmp_path / "raw"), output=str(tmp_path / "o"))) == 2
-    assert "no .nii / .nii.gz files found" in capsys.readouterr().err
+    with pytest.raises(preprocess.PreprocessError, match="no .nii / .nii.gz files found"):
+        preprocess.main(args(input=str(tmp_path / "raw"), output=str(tmp_path / "o")))
     run = subprocess.run([sys.executable, str(ROOT / "preprocess.py"), "--input",
                           str(tmp_path / "raw"), "--output", str(tmp_path / "o"), "--modality",
                           "ct"], capture_output=True, text=True)
@@ -282,7 +282,7 @@ def test_rerun_skips_finished_cases_and_leaves_no_temp_files(tmp_path, capsys):
     assert not [p for p in out.rglob("*") if p.name.startswith(".tmp")]
     assert len(json.loads((out / "dataset.json").read_text())["cases"]) == 3
     # another spacing is another preset: refused without --force (its cases would be replaced) ...
-    with pytest.raises(preprocess.PreprocessError, match="another folder or pass --force"):
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(--preset .*spacing.*pass --force"):
         preprocess.preprocess_folder(raw, out, "ct", spacing=(2, 2, 4))
     # ... and with it, nothing is skipped
     assert preprocess.preprocess_folder(raw, out, "ct", spacing=(2, 2, 4), force=True)["skipped"] == 0
@@ -302,104 +302,25 @@ def test_flat_folder_is_unlabelled(tmp_path):
     assert not (tmp_path / "out" / "cases" / "scan1" / "label.npy").exists()
 
 
-def test_resolve_data_dir(tmp_path, demo):
-    assert preprocess.resolve_data_dir(str(demo)) == demo
-    with pytest.raises(ValueError, match="no dataset.json"):
-        preprocess.resolve_data_dir(str(tmp_path / "missing"))
-
-
-# ------------------------------------------------------------------ demo data
-
-def test_demo_generator_deterministic(tmp_path):
-    def make(folder, seed):
-        phantom.make_demo_raw(tmp_path / folder, num_cases=1, seed=seed, scale=0.3)
-        img = nib.load(str(tmp_path / folder / "imagesTr" / "demo_000.nii.gz"))
-        lab = nib.load(str(tmp_path / folder / "labelsTr" / "demo_000.nii.gz"))
-        return np.asarray(img.dataobj).tobytes() + np.asarray(lab.dataobj).tobytes(), img.affine
-    a, b, c = make("a", 7), make("b", 7), make("c", 8)
-    assert a[0] == b[0] and np.array_equal(a[1], b[1])
-    assert a[0] != c[0]
-
-
-def test_demo_command(tmp_path, capsys):
-    """`python preprocess.py --demo DIR` at full phantom size (three cases, the fewest a split takes)."""
-    assert preprocess.main(args(demo=str(tmp_path / "d"), num_cases=3, workers=1)) == 0
-    out = capsys.readouterr().out
-    assert "done 3 / skipped 0 / failed 0" in out and "kidney_left" in out and "boundary step / noise SD" in out
-    meta, arrays = load_case(tmp_path / "d", "demo_000")
-    assert list(arrays["image"].shape) == meta["shape"] and meta["spacing"] == [1.0, 1.0, 2.0]
-    assert 0 <= arrays["image"].min() and arrays["image"].max() <= 1
-    # asking the same folder for another demo is a clear error, not a silent mix
-    assert preprocess.main(args(demo=str(tmp_path / "d"), num_cases=4)) == 2
-    assert "holds a demo made with" in capsys.readouterr().err
-
-
-def test_intensity_only_dice_needs_context(demo):
-    scores = phantom.intensity_only_dice(demo)
-    print({k: round(v, 3) for k, v in scores.items()})
-    assert set(scores) == set(phantom.DEMO_LABELS[1:])
-    assert scores["kidney_left"] < 0.9 and scores["kidney_right"] < 0.9  # identical intensities
-
-
-def test_intensity_only_dice_matches_naive(tmp_path):
-    rng = np.random.default_rng(9)
-    cases = []
-    for i in range(2):
-        folder = tmp_path / "cases" / f"c{i}"
-        folder.mkdir(parents=True)
-        label = rng.integers(0, 3, (6, 5, 4)).astype(np.uint8)
-        image = np.clip(0.2 * label + rng.normal(0, 0.15, label.shape), 0, 1).astype(np.float16)
-        body = rng.random(label.shape) > 0.2
-        for name, array in (("image", image), ("body", body), ("label", label)):
-            np.save(folder / f"{name}.npy", array)
-        cases.append(dict(id=f"c{i}", split="train", labelled=True, shape=list(label.shape)))
-    cases.append(dict(id="u", split="unlabelled", labelled=False, shape=[1, 1, 1]))
-    (tmp_path / "dataset.json").write_text(json.dumps(dict(
-        format_version=1, labels={"0": "background", "1": "a", "2": "b"}, cases=cases)))
-    num_bins = 10
-    counts = {}  # naive: (bin, class) -> voxel count over all body voxels of both cases
-    for case in cases[:2]:
-        folder = tmp_path / "cases" / case["id"]
-        image, body, label = (np.load(folder / f"{n}.npy") for n in ("image", "body", "label"))
-        for v in zip(*np.nonzero(body)):
-            key = (min(int(float(image[v]) * num_bins), num_bins - 1), int(label[v]))
-            counts[key] = counts.get(key, 0) + 1
-    majority = {b: max(range(3), key=lambda c: (counts.get((b, c), 0), -c))
-                for b in range(num_bins)}
-    expected = {}
-    for c, name in ((1, "a"), (2, "b")):
-        tp = sum(n for (b, k), n in counts.items() if k == c and majority[b] == c)
-        pred = sum(n for (b, k), n in counts.items() if majority[b] == c)
-        true = sum(n for (b, k), n in counts.items() if k == c)
-        expected[name] = 2 * tp / (pred + true)
-    assert phantom.intensity_only_dice(tmp_path, num_bins=num_bins) == pytest.approx(expected)
-
-
 def test_output_inside_input_is_refused(tmp_path, capsys):
     raw = tmp_path / "raw"
     (raw / "imagesTr").mkdir(parents=True)
     (raw / "dataset.json").write_text('{"labels": {"0": "background"}}')
     before = (raw / "dataset.json").read_bytes()
     for out in (raw, raw / "pre"):
-        assert preprocess.main(args(input=str(raw), output=str(out))) == 2
-        assert "is (inside) --input" in capsys.readouterr().err
+        with pytest.raises(preprocess.PreprocessError, match="is \\(inside\\) --input"):
+            preprocess.main(args(input=str(raw), output=str(out)))
     assert (raw / "dataset.json").read_bytes() == before and not (raw / "pre").exists()
 
 
 @pytest.mark.parametrize("spacing", [[float("nan"), 1, 1], [0, 1, 1], [-1, 1, 2]])
 def test_bad_spacing_fails_at_parse_time(tmp_path, capsys, spacing):
-    assert preprocess.main(args(input=str(tmp_path), output=str(tmp_path / "o"), spacing=spacing)) == 2
-    assert "spacing must be 3 positive numbers" in capsys.readouterr().err
-
-
-def test_demo_boundaries_are_visible_and_identity_needs_context(demo):
-    """Issue: every organ's boundary step >= 2 noise SD; the intensity-only classifier is poor
-    for the look-alike pairs (liver vs spleen, the two kidneys)."""
-    contrast, noise_sd = phantom.boundary_contrast(demo)
-    assert 3 < noise_sd < 20                                # HU, measured (raw noise: phantom.NOISE_HU)
-    assert min(contrast.values()) >= 2, contrast
-    dice = phantom.intensity_only_dice(demo)
-    assert dice["spleen"] < 0.3 and min(dice["kidney_left"], dice["kidney_right"]) < 0.3, dice
+    with pytest.raises(SystemExit) as e:
+        preprocess.parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--modality", "ct",
+                               "--spacing", *map(str, spacing)])
+    assert e.value.code == 2 and "argument --spacing: must be" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="spacing must be 3 positive numbers"):
+        preprocess.make_preset("ct", spacing)
 
 
 
@@ -443,16 +364,18 @@ def test_output_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch
     raw = tmp_path / "raw"
     save(raw / "a.nii.gz", tiny_scan(np.random.default_rng(0))[0], AFFINE)
     (tmp_path / "a_file").write_text("not a folder")
-    assert preprocess.main(args(input=str(raw), output=str(tmp_path / "a_file" / "out"))) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"preprocess.py: error: --output {tmp_path / 'a_file' / 'out'}: cannot create the folder")
-    assert "Traceback" not in err and (tmp_path / "a_file").read_text() == "not a folder"
+    r = subprocess.run([sys.executable, str(ROOT / "preprocess.py"), "--input", str(raw), "--output",
+                        str(tmp_path / "a_file" / "out"), "--modality", "ct"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"preprocess.py: error: --output {tmp_path / 'a_file' / 'out'}: cannot create it (Not a directory)"
+    assert (tmp_path / "a_file").read_text() == "not a folder"
     # a read-only folder (simulated: the tests may run as root, who may write anywhere)
+    import runtime
     (tmp_path / "ro").mkdir()
     real_access = os.access
-    monkeypatch.setattr(preprocess.os, "access", lambda p, mode: False if str(p).endswith("ro") else real_access(p, mode))
-    assert preprocess.main(args(input=str(raw), output=str(tmp_path / "ro"))) == 2
-    assert f"--output {tmp_path / 'ro'}: folder is not writable" in capsys.readouterr().err
+    monkeypatch.setattr(runtime.os, "access", lambda p, mode: False if str(p).endswith("ro") else real_access(p, mode))
+    with pytest.raises(ValueError, match=f"--output {tmp_path / 'ro'}: folder is not writable"):
+        preprocess.main(args(input=str(raw), output=str(tmp_path / "ro")))
     assert list((tmp_path / "ro").iterdir()) == []
 
 
@@ -533,27 +456,3 @@ def test_kill_worker_and_parent_mid_run_then_rerun(tmp_path):
         clean_meta, clean = load_case(tmp_path / "clean", f"c{i}")
         assert meta == clean_meta and arrays.keys() == clean.keys()
         assert all(np.array_equal(arrays[k], clean[k]) for k in arrays)
-
-
-def test_unlabelled_demo_corpus_is_separate(tmp_path, capsys, monkeypatch):
-    """`preprocess.py --demo DIR --unlabelled-cases N` also writes DIR/unlabelled: N unlabelled
-    phantoms of their own seed stream (none equals a labelled one), says the ratio, and
-    pretraining on it reads no case of the labelled set."""
-    import data
-    import pretrain
-    assert preprocess.main(args(demo=str(tmp_path / "d"), num_cases=3, unlabelled_cases=3, workers=1)) == 0
-    assert "unlabelled : labelled = 3 : 3" in capsys.readouterr().out
-    labelled, unlabelled = tmp_path / "d", tmp_path / "d" / "unlabelled"
-    info = json.loads((unlabelled / "dataset.json").read_text())
-    assert len(info["cases"]) == 3 and not any(c["labelled"] for c in info["cases"])
-    raw_l = [np.asanyarray(nib.load(p).dataobj) for p in sorted((labelled / "raw" / "imagesTr").iterdir())]
-    raw_u = [np.asanyarray(nib.load(p).dataobj) for p in sorted(unlabelled.glob("raw/*.nii.gz"))]
-    assert len(raw_u) == 3
-    assert not any(a.shape == b.shape and np.array_equal(a, b) for a in raw_l for b in raw_u)
-    read = []
-    real = data.load_case
-    monkeypatch.setattr(data, "load_case", lambda d, c: read.append(Path(d).resolve()) or real(d, c))
-    pretrain.main(pretrain.parse_args(["--data", str(unlabelled), "--out", str(tmp_path / "run"), "--steps", "2",
-                                       "--base-channels", "4", "--num-levels", "3", "--patch-size", "16", "16", "8",
-                                       "--batch-pairs", "2", "--num-voxels", "16", "--workers", "0"]))
-    assert read and set(read) == {unlabelled.resolve()}

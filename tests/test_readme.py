@@ -1,7 +1,8 @@
 """The README's commands cannot drift from the code: every `python X.py ...` and `torchrun ...
 X.py ...` line in its code blocks (and in those of the docs/ pages and the lab's README, except
 the history page, whose commands are those of their day) must be accepted by that script's own
-argument parser; the reading guide names functions that exist."""
+argument parser; the reading guide, within the README's first 80 lines, and its call sequence of
+one pretraining step name functions that exist."""
 import importlib
 import re
 import shlex
@@ -10,8 +11,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
 PAGES = [ROOT / "README.md", ROOT / "experiments" / "README.md",
          *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "history.md")]
 
@@ -31,7 +30,7 @@ COMMANDS = readme_commands()
 
 def test_readme_has_commands():
     scripts = {re.search(r"(\w+)\.py", c).group(1) for c in readme_commands([ROOT / "README.md"])}
-    assert {"preprocess", "pretrain", "linear_probe", "finetune", "evidence"} <= scripts
+    assert {"preprocess", "pretrain", "linear_probe", "finetune", "predict", "evidence"} <= scripts
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if not c.startswith("python -m")])
@@ -39,20 +38,44 @@ def test_readme_command_parses(command):
     words = shlex.split(command)
     i = next(k for k, w in enumerate(words) if w.endswith(".py"))
     module = importlib.import_module(words[i][:-3].replace("/", "."))   # neighbours/x.py -> neighbours.x
-    args = module.parse_args(words[i + 1:])   # argparse exits (SystemExit) on an unknown flag
+    args = module.parse_args(words[i + 1:])   # argparse exits (SystemExit) on an unknown flag or a broken rule
     assert args is not None
 
 
-def test_reading_guide_names_functions_that_exist():
-    """Every `file.py:name` of the README's reading guide (paper section / equation -> code) is a
-    function, class or constant of that file, so the guide cannot point at code that moved."""
+def guide():
     text = (ROOT / "README.md").read_text()
-    guide = text[text.index("## Reading guide"):]
-    guide = guide[:guide.index("\n## ", 1)]
-    refs = re.findall(r"`([\w/]+\.py):([\w.]+)`", guide)
-    assert len(refs) >= 15
+    start = text.index("## Reading guide")
+    return text[start:text.index("\n## ", start + 1)], text[:start].count("\n") + 1
+
+
+def test_the_reading_guide_comes_first_and_names_what_exists():
+    """Every `file.py:name` of the reading guide (paper section / equation -> code) and of its call
+    sequence of one pretraining step is a function, class or constant of that file, so the guide
+    cannot point at code that moved; the guide starts within the README's first 80 lines."""
+    section, line = guide()
+    assert line <= 80, f"the reading guide starts at line {line}"
+    refs = re.findall(r"([\w/]+\.py):([\w.]+)", section)
+    assert len(refs) >= 25
     for path, name in refs:
         target = importlib.import_module(path[:-3].replace("/", "."))
         for part in name.split("."):
             target = getattr(target, part)            # AttributeError if it is not there
         assert target is not None
+
+
+def test_the_call_sequence_follows_the_code():
+    """The call sequence's lines are in the order pretrain.py runs them: main -> setup -> train ->
+    training_step -> ... ; each caller's source names its callee."""
+    import inspect
+    section, _ = guide()
+    block = re.search(r"```text\n(.*?)```", section, flags=re.S).group(1)
+    calls = re.findall(r"([\w/]+\.py):([\w.]+)", block)
+    assert calls[0] == ("pretrain.py", "main") and ("pretrain.py", "training_step") in calls
+    depth = [len(l) - len(l.lstrip()) for l in block.splitlines() if re.search(r"\.py:", l)]
+    assert len(depth) == len(calls)
+    for k, (path, name) in enumerate(calls[1:], start=1):
+        parent = next(j for j in range(k - 1, -1, -1) if depth[j] < depth[k])    # the line it is indented under
+        module = importlib.import_module(calls[parent][0][:-3])
+        source = inspect.getsource(getattr(module, calls[parent][1].split(".")[-1]) if "." not in calls[parent][1]
+                                   else getattr(getattr(module, calls[parent][1].split(".")[0]), calls[parent][1].split(".")[1]))
+        assert name.split(".")[-1] in source, (calls[parent], name)

@@ -1,24 +1,23 @@
-"""downstream.py's key map and file reader, and FPN3d against the authors' layout: a state dict built here from the layout
-description alone (their key names and shapes), converted and loaded strictly, must give the
-pyramid of a forward pass written here from the same description, on odd input sizes."""
+"""weights.py: the key map and the file reader, and FPN3d against the authors' layout (a state dict
+built here from the layout description alone, their key names and shapes, converted and loaded
+strictly, must give the pyramid of a forward pass written here from the same description, on odd
+input sizes); every kind of bad file one line; a backbone file decides the FPN in every script;
+fine-tuned model files."""
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import downstream as convert
-import runtime
-from model import ARCHS, FPN3d
+import weights as convert
+from model import ARCHS, FPN3d, SegmentationModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def reference_state_dict(in_channels, base, levels, g):
-    """Their FPN3d's state dict, from the layout in downstream.py's comment, random values."""
+    """Their FPN3d's state dict, from the layout in weights.py's comment, random values."""
     sd = {}
 
     def conv(name, c_out, c_in, k):
@@ -125,7 +124,7 @@ def test_file_formats_are_detected(tmp_path, wrap, capsys):
            "ours_ddp": {f"module.{k}": v for k, v in convert.from_reference(theirs, config).items()}}[wrap]
     path = tmp_path / "w.pt"
     torch.save(obj, path)
-    got_config, state, info = convert.read_backbone_file(path)
+    got_config, state, info = convert.read_backbone(path)
     assert got_config == config
     model = FPN3d(**got_config)
     model.load_state_dict(state, strict=True)
@@ -157,7 +156,7 @@ def test_bad_files_give_one_line(tmp_path):
                           (partial, "skip_blocks.0.weight"), (crafted, "could not be read safely"),
                           (tmp_path / "absent.pt", "does not exist")):
         with pytest.raises(ValueError, match=message) as e:
-            convert.read_backbone_file(path)
+            convert.read_backbone(path)
         assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
@@ -165,21 +164,7 @@ def test_old_backbone_version_is_a_clear_error(tmp_path):
     path = tmp_path / "backbone.pt"
     torch.save(dict(kind="backbone", version=1, backbone_config={}, state_dict={}), path)
     with pytest.raises(ValueError, match="version 1.*re-run pretrain.py"):
-        convert.read_backbone_file(path)
-
-
-def test_export_reference_cli(tmp_path):
-    config = dict(in_channels=1, base_channels=2, num_levels=3)
-    state = FPN3d(**config).state_dict()
-    ours = tmp_path / "backbone.pt"
-    torch.save(dict(kind="backbone", version=runtime.CHECKPOINT_VERSION, backbone_config=config, state_dict=state), ours)
-    out = tmp_path / "theirs.pt"
-    r = subprocess.run([sys.executable, str(ROOT / "experiments" / "convert.py"), "--export-reference", str(ours), str(out)],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    theirs = torch.load(out, weights_only=True)
-    assert set(theirs) == set(reference_state_dict(1, 2, 3, torch.Generator().manual_seed(0)))
-    assert torch.equal(theirs["first_conv.weight"], state["stem.weight"])
+        convert.read_backbone(path)
 
 
 @pytest.mark.parametrize("preset, params", [("balanced", 47_567_872), ("vox2vec", 47_624_448)])
@@ -189,3 +174,68 @@ def test_reference_sized_state_dicts_have_the_reference_parameter_count(preset, 
     theirs = convert.to_reference(state, dict(in_channels=1, **ARCHS[preset]))
     n = sum(v.numel() for k, v in theirs.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     assert n == params
+
+
+def test_a_backbone_file_decides_the_network_in_every_script(small_demo, tmp_path):
+    """--base-channels contradicting the backbone file gets the same answer from the probe,
+    fine-tuning and pretraining's --init-from; --arch with a backbone file is refused."""
+    import finetune
+    import linear_probe
+    import pretrain
+    tiny = ["--base-channels", "4", "--num-levels", "3", "--patch-size", "16", "16", "8", "--batch-pairs", "2",
+            "--num-voxels", "32", "--workers", "0"]
+    out = tmp_path / "run"
+    pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(out), *tiny, "--steps", "1"]))
+    backbone = str(out / "backbone.pt")
+    for module in (linear_probe, finetune):
+        with pytest.raises(ValueError, match=f"--base-channels 8 contradicts {backbone} \\(4\\)"):
+            module.main(module.parse_args(["--data", str(small_demo), "--checkpoint", backbone, "--out",
+                                           str(tmp_path / module.__name__), "--base-channels", "8"]))
+        with pytest.raises(ValueError, match=f"--arch applies to --init random; {backbone} decides"):
+            module.main(module.parse_args(["--data", str(small_demo), "--checkpoint", backbone, "--out",
+                                           str(tmp_path / module.__name__), "--arch", "vox2vec"]))
+    with pytest.raises(ValueError, match=f"--base-channels 8 contradicts {backbone} \\(4\\)"):
+        pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(tmp_path / "again"), *tiny,
+                                           "--base-channels", "8", "--init-from", backbone]))
+    assert not (tmp_path / "again").exists() and not (tmp_path / "finetune").exists()
+
+
+def test_segmenter_files_round_trip_and_are_named(tmp_path):
+    torch.manual_seed(0)
+    model = SegmentationModel(dict(in_channels=1, base_channels=2, num_levels=2), 3, head="nonlinear")
+    convert.save_segmenter(tmp_path / "model_fold0.pt", model, labels={"0": "bg", "1": "a", "2": "b"}, fold=0)
+    loaded, record = convert.load_segmenter(tmp_path / "model_fold0.pt")
+    assert not loaded.training and record["labels"]["1"] == "a" and record["fold"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    torch.save(dict(kind="backbone", version=convert.FORMAT_VERSION), tmp_path / "backbone.pt")
+    with pytest.raises(ValueError, match="is a pretrained backbone \\(pretrain.py\\), not a fine-tuned model"):
+        convert.load_segmenter(tmp_path / "backbone.pt")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    crafted = tmp_path / "crafted.pt"
+    crafted.write_bytes(pickle.dumps({"kind": "segmenter", "x": Evil()}))
+    with pytest.raises(ValueError) as e:
+        convert.load_segmenter(crafted)
+    assert "code could run" in str(e.value) and "weights_only=False" not in str(e.value)
+
+
+@pytest.mark.parametrize("make, words", [
+    ("nifti", "a NIfTI image"), ("empty", "an empty file"), ("text", "a text file"), ("folder", "a folder"),
+])
+def test_a_file_is_named_for_what_it_is(tmp_path, make, words):
+    import nibabel as nib
+    import numpy as np
+    path = tmp_path / {"nifti": "scan.nii.gz", "empty": "empty.pt", "text": "notes.txt", "folder": "somewhere"}[make]
+    if make == "nifti":
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), str(path))
+    elif make == "empty":
+        path.write_bytes(b"")
+    elif make == "text":
+        path.write_text("lr = 3e-4\n")
+    else:
+        path.mkdir()
+    with pytest.raises(ValueError, match=words) as e:
+        convert.read_backbone(path)
+    assert str(path) in str(e.value) and "weights_only=False" not in str(e.value) and "\n" not in str(e.value)

@@ -1,5 +1,5 @@
 """Pieces two neighbouring methods share (nothing of the paper's method uses them):
-- block_mask, check_mask_block: masked-image-modelling masks (mim.py; medcontext.py masks the same way);
+- block_mask, mask_block_problem: masked-image-modelling masks (mim.py; medcontext.py masks the same way);
 - RestorativeModel: the FPN with a reconstruction head (genesis.py, mim.py);
 - ema_update / frozen_copy: an exponential-moving-average copy of a network (DenseCL's key
   encoder, MedContext's teacher).
@@ -36,22 +36,21 @@ def block_mask(shape, generator, ratio, block, device=None):
     return masked[:, None, :dims[0], :dims[1], :dims[2]]
 
 
-def check_mask_block(flag, block, patch_size, ratio, ratio_flag, given=None):
-    """ValueError, one line, for a mask block that cannot honour the asked ratio: larger than the
-    patch (block_mask would cut it to the patch), or so large that the patch holds too few blocks
+def mask_block_problem(flag, block, patch_size, ratio, ratio_flag, given=None):
+    """Why a mask block cannot honour the asked ratio (a flag rule's message), or None: larger than
+    the patch (block_mask would cut it to the patch), or so large that the patch holds too few blocks
     for round(ratio * blocks) / blocks to come within 0.1 of the ratio. `given`: the flag's value
     as the user wrote it, when `block` was derived from it."""
     shown = f"{flag} {' '.join(map(str, given if given is not None else block))}"
     patch = 'x'.join(map(str, patch_size))
     too_big = [f"{'XYZ'[a]} {b} > {p}" for a, (b, p) in enumerate(zip(block, patch_size)) if b > p]
     if too_big:
-        raise ValueError(f"{shown}: the block is larger than the {patch} patch ({', '.join(too_big)}); "
-                         f"give a block that fits in the patch")
+        return f"{shown}: the block is larger than the {patch} patch ({', '.join(too_big)}); give a block that fits in the patch"
     cells = math.prod(-(-p // max(1, b)) for b, p in zip(block, patch_size))
     masked = round(ratio * cells) / cells
     if abs(masked - ratio) > 0.1:
-        raise ValueError(f"{shown} in a {patch} patch masks {masked:.0%} of it, not the {ratio:.0%} of "
-                         f"{ratio_flag}: give a smaller block")
+        return f"{shown} in a {patch} patch masks {masked:.0%} of it, not the {ratio:.0%} of {ratio_flag}: give a smaller block"
+    return None
 
 
 class RestorativeModel(nn.Module):

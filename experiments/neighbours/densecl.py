@@ -31,10 +31,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository: the stage files
 import pretrain  # noqa: E402
+import runtime  # noqa: E402
 from augment import KINDS, augment_batch  # noqa: E402
 from model import FPN3d  # noqa: E402
 from experiments.neighbours.common import ema_update, frozen_copy  # noqa: E402
-from runtime import momentum, non_negative_int, positive_float, positive_int, unit_interval, unwrap  # noqa: E402
+from runtime import below_one, non_negative_int, positive_float, positive_int, unit_interval, unwrap  # noqa: E402
+
+# The demo's budget: level 2 (level 3 of a demo patch leaves 32 locations), a queue of 256 (4 keys
+# per step: full after 64 steps), momentum 0.99 (at 0.999 the key encoder would keep 74% of its
+# random initialisation after 300 steps).
+DEMO = dict(dense_level=2, queue_size=256, ema_momentum=0.99)
 
 
 # ----------------------------------------------------------------------------- network
@@ -162,67 +168,63 @@ def gather_keys(k):
     return torch.cat(parts)
 
 
-# ----------------------------------------------------------------------------- the hook
+# ----------------------------------------------------------------------------- the plug into pretrain.py
 
-class DenseCL(pretrain.Method):
-    """DenseCL: global MoCo + dense loss with similarity-matched positives."""
-    name, script, loss_names = "densecl", "experiments/neighbours/densecl.py", ("loss_global", "loss_dense")
-    # The demo's 300 steps: level 2 (level 3 of a demo patch leaves 32 locations), a queue of 256
-    # (4 keys per step: full after 64 steps), momentum 0.99 (at 0.999 the key encoder would keep
-    # 74% of its random initialisation after 300 steps).
-    demo = dict(dense_level=2, queue_size=256, ema_momentum=0.99)
-
-    def add_arguments(self, p):
-        p.add_argument("--aug", choices=KINDS, default="local", help="augmentations of both views (Sec. 2.1)")
-        p.add_argument("--temperature", type=positive_float, default=0.2, help="tau of both MoCo losses")
-        p.add_argument("--dense-level", type=non_negative_int, default=3, help="FPN level of the dense head and matching")
-        p.add_argument("--dense-weight", type=unit_interval, default=0.5, help="lambda, weight of the dense loss")
-        p.add_argument("--queue-size", type=positive_int, default=65_536, help="negatives per queue")
-        p.add_argument("--ema-momentum", type=momentum, default=0.999, help="key-encoder momentum")
-
-    def check(self, cfg):
-        if cfg["queue_size"] < cfg["batch_pairs"]:
-            raise ValueError(f"--queue-size {cfg['queue_size']} is smaller than one step's keys ({cfg['batch_pairs']})")
-
-    def build_model(self, cfg):
-        return DenseCLModel(dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"]),
-                            level=cfg["dense_level"], queue_size=cfg["queue_size"])
-
-    def load_backbone(self, model, state):
-        model.backbone.load_state_dict(state)
+def build_model(cfg, backbone_state=None):
+    model = DenseCLModel(dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"]),
+                         level=cfg["dense_level"], queue_size=cfg["queue_size"])
+    if backbone_state is not None:
+        model.backbone.load_state_dict(backbone_state)
         model.reset_key()                    # the key encoder starts as the query encoder
-
-    def step(self, model, batch, cfg, generator, device, amp_dtype):
-        core = unwrap(model)
-        xq = augment_batch(batch["patches_a"].to(device, non_blocking=True), generator, cfg["aug"])
-        xk = augment_batch(batch["patches_b"].to(device, non_blocking=True), generator, cfg["aug"])
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            (q_global, q_dense, f_q), (k_global, k_dense, f_k) = model(
-                xq.contiguous(memory_format=torch.channels_last_3d), xk.contiguous(memory_format=torch.channels_last_3d))
-        match = dense_matches(f_q.detach(), f_k)                                # (B, S_q)
-        loss, l_global, l_dense = densecl_loss(q_global, k_global, core.queue_global.keys.clone(), q_dense, k_dense,
-                                               match, core.queue_dense.keys.clone(), cfg["temperature"],
-                                               cfg["dense_weight"])
-        core.queue_global.enqueue(gather_keys(k_global))
-        core.queue_dense.enqueue(gather_keys(F.normalize(k_dense.mean(2), dim=1)))
-        return loss, [l_global, l_dense]
-
-    def after_step(self, model, cfg):
-        """MoCo's momentum update of the key encoder, after the optimizer's step."""
-        ema_update(unwrap(model).key, unwrap(model).query, cfg["ema_momentum"])
+    return model
 
 
-DENSECL = DenseCL()
+def densecl_step(model, batch, cfg, generator, device, amp_dtype):
+    """DenseCL's step: global MoCo + dense loss with similarity-matched positives; the keys queued."""
+    core = unwrap(model)
+    xq = augment_batch(batch["patches_a"].to(device, non_blocking=True), generator, cfg["aug"])
+    xk = augment_batch(batch["patches_b"].to(device, non_blocking=True), generator, cfg["aug"])
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        (q_global, q_dense, f_q), (k_global, k_dense, f_k) = model(
+            xq.contiguous(memory_format=torch.channels_last_3d), xk.contiguous(memory_format=torch.channels_last_3d))
+    match = dense_matches(f_q.detach(), f_k)                                # (B, S_q)
+    loss, l_global, l_dense = densecl_loss(q_global, k_global, core.queue_global.keys.clone(), q_dense, k_dense,
+                                           match, core.queue_dense.keys.clone(), cfg["temperature"],
+                                           cfg["dense_weight"])
+    core.queue_global.enqueue(gather_keys(k_global))
+    core.queue_dense.enqueue(gather_keys(F.normalize(k_dense.mean(2), dim=1)))
+    return loss, dict(loss_global=l_global, loss_dense=l_dense)
 
+
+def momentum_update(model, cfg):
+    """MoCo's momentum update of the key encoder, after the optimizer's step."""
+    ema_update(unwrap(model).key, unwrap(model).query, cfg["ema_momentum"])
+
+
+def add_arguments(p):
+    p.add_argument("--aug", choices=KINDS, default="local", help="augmentations of both views (Sec. 2.1)")
+    p.add_argument("--temperature", type=positive_float, default=0.2, help="tau of both MoCo losses")
+    p.add_argument("--dense-level", type=non_negative_int, default=3, help="FPN level of the dense head and matching")
+    p.add_argument("--dense-weight", type=unit_interval, default=0.5, help="lambda, weight of the dense loss")
+    p.add_argument("--queue-size", type=positive_int, default=65_536, help="negatives per queue")
+    p.add_argument("--ema-momentum", type=below_one, default=0.999, help="key-encoder momentum")
+
+
+RULES = [lambda a: a.queue_size < a.batch_pairs and (
+             f"--queue-size {a.queue_size} is smaller than one step's keys ({a.batch_pairs})"),
+         lambda a: a.dense_level >= a.num_levels and f"--dense-level {a.dense_level} outside the FPN's levels "
+                                                      f"0..{a.num_levels - 1}"]
 
 
 def parse_args(argv=None):
-    return pretrain.parse_args(argv, DENSECL)
+    p = pretrain.build_parser(add_arguments, description=__doc__.split("\n")[0])
+    p.set_defaults(method="densecl", arch="balanced")
+    return runtime.parse(p, argv, lambda a: pretrain.preset(a, {**pretrain.DEMO, **DEMO}), pretrain.RULES + RULES)
 
 
 def main(args):
-    return pretrain.main(args, DENSECL)
+    return pretrain.main(args, build=build_model, step=densecl_step, after_step=momentum_update)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    runtime.cli(main, parse_args)

@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository: the stage files
 import pretrain  # noqa: E402
+import runtime  # noqa: E402
 from augment import _check_batch, _rand, bezier_intensity, inpaint_mask, local_pixel_shuffle  # noqa: E402
 from experiments.neighbours.common import RestorativeModel  # noqa: E402
 
@@ -77,33 +78,32 @@ def both_views(batch, device):
     return x.contiguous(memory_format=torch.channels_last_3d)
 
 
-class Genesis(pretrain.Method):
-    """Models Genesis: restore the corrupted patch (MSE)."""
-    name, script, loss_names = "genesis", "experiments/neighbours/genesis.py", ("loss_recon",)
-
-    def build_model(self, cfg):
-        return RestorativeModel(dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"]))
-
-    def step(self, model, batch, cfg, generator, device, amp_dtype):
-        x = both_views(batch, device)
-        corrupted = genesis_corrupt(x, generator).contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            recon = model(corrupted)                                   # (2B, 1, X, Y, Z)
-        l_r = torch.nn.functional.mse_loss(recon.float(), x.float())
-        return l_r, [l_r]
+def build_model(cfg, backbone_state=None):
+    model = RestorativeModel(dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"]))
+    if backbone_state is not None:
+        model.backbone.load_state_dict(backbone_state)
+    return model
 
 
-GENESIS = Genesis()
-
+def genesis_step(model, batch, cfg, generator, device, amp_dtype):
+    """Models Genesis' step: restore the corrupted patch (MSE)."""
+    x = both_views(batch, device)
+    corrupted = genesis_corrupt(x, generator).contiguous(memory_format=torch.channels_last_3d)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        recon = model(corrupted)                                   # (2B, 1, X, Y, Z)
+    l_r = torch.nn.functional.mse_loss(recon.float(), x.float())
+    return l_r, dict(loss_recon=l_r)
 
 
 def parse_args(argv=None):
-    return pretrain.parse_args(argv, GENESIS)
+    p = pretrain.build_parser(lambda p: None, description=__doc__.split("\n")[0])
+    p.set_defaults(method="genesis", arch="balanced")
+    return runtime.parse(p, argv, pretrain.preset, pretrain.RULES)
 
 
 def main(args):
-    return pretrain.main(args, GENESIS)
+    return pretrain.main(args, build=build_model, step=genesis_step)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    runtime.cli(main, parse_args)

@@ -30,9 +30,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository: the stage files
 import finetune  # noqa: E402
+import runtime  # noqa: E402
 from loss import segmentation_loss  # noqa: E402
-from experiments.neighbours.common import block_mask, check_mask_block, ema_update, frozen_copy  # noqa: E402
-from runtime import momentum, non_negative_float, open_fraction, positive_int, world_info  # noqa: E402
+from experiments.neighbours.common import block_mask, ema_update, frozen_copy, mask_block_problem  # noqa: E402
+from runtime import below_one, non_negative_float, open_fraction, positive_int, world_info  # noqa: E402
+
+DEMO = dict(mc_mask_block=(4, 4, 2), mc_momentum=0.99)
 
 
 def consistency_loss(student_logits, teacher_logits):
@@ -54,65 +57,51 @@ class TwoInputs(torch.nn.Module):
         return self.model(a), self.model(b)
 
 
-class MedContext(finetune.Training):
-    """MedContext: supervised training plus a masked student and an EMA teacher's consistency."""
-    name, script = "medcontext", "experiments/neighbours/medcontext.py"
-    demo = dict(mc_mask_block=(4, 4, 2), mc_momentum=0.99)
-    keys = ("mc_beta", "mc_mask_ratio", "mc_mask_block", "mc_mask_shape", "mc_momentum")
+def mask_block(args):
+    """The mask's block: --mc-mask-block, or as deep as the patch for "column"s."""
+    block = tuple(args.mc_mask_block)
+    return (*block[:2], args.patch_size[2]) if args.mc_mask_shape == "column" else block
 
-    @staticmethod
-    def add_arguments(p):
-        p.add_argument("--mc-beta", type=non_negative_float, default=0.5, help="weight of the consistency term")
-        p.add_argument("--mc-mask-ratio", type=open_fraction, default=0.5, help="fraction of blocks masked")
-        p.add_argument("--mc-mask-block", type=positive_int, nargs=3, default=(16, 16, 4), help="mask block (X, Y, Z) voxels")
-        p.add_argument("--mc-mask-shape", choices=["cube", "column"], default="cube",
-                       help="blocks, or columns through all slices")
-        p.add_argument("--mc-momentum", type=momentum, default=0.999, help="teacher EMA momentum")
 
-    @staticmethod
-    def check(cfg):
-        block = cfg["mc_mask_block"] if cfg["mc_mask_shape"] == "cube" else (*cfg["mc_mask_block"][:2], cfg["patch_size"][2])
-        check_mask_block("--mc-mask-block", block, cfg["patch_size"], cfg["mc_mask_ratio"], "--mc-mask-ratio",
-                         given=cfg["mc_mask_block"])
+def hooks(model, cfg, args, run, fold):
+    """finetune.py's loop with MedContext's step: the student (model) runs on the clean and the
+    masked batch (TwoInputs, what DDP wraps), the EMA teacher on the clean one; the teacher's EMA
+    step follows the optimizer's."""
+    teacher = frozen_copy(model)
+    generator = torch.Generator(device=run.device).manual_seed(args.seed * 7919 + 17 + world_info()[0])
+    block = mask_block(args)
 
-    def __init__(self, model, cfg, seed, device):
-        super().__init__(model, cfg, seed, device)
-        self.teacher = frozen_copy(model)
-        self.generator = torch.Generator(device=device).manual_seed(seed * 7919 + 17 + world_info()[0])
-        block = list(cfg["mc_mask_block"])
-        if cfg["mc_mask_shape"] == "column":
-            block[2] = cfg["patch_size"][2]
-        self.block = tuple(block)
-
-    def runner(self, model):
-        return TwoInputs(model)
-
-    def mask(self, x):
-        """-> (B, 1, X, Y, Z) bool, True = masked."""
-        return block_mask(x.shape, self.generator, self.cfg["mc_mask_ratio"], self.block, x.device)
-
-    def loss(self, net, x, y, amp_dtype=None):
-        masked = torch.where(self.mask(x), torch.zeros((), dtype=x.dtype, device=x.device), x)
+    def step(net, x, y, amp_dtype=None):
+        masked = block_mask(x.shape, generator, args.mc_mask_ratio, block, x.device)          # (B, 1, X, Y, Z)
+        masked = torch.where(masked, torch.zeros((), dtype=x.dtype, device=x.device), x)
         with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             clean, on_masked = net(x, masked)              # S(x), S(M(x)): (b, K, X, Y, Z) each
             with torch.no_grad():
-                target = self.teacher(x)                   # T(x)
+                target = teacher(x)                        # T(x)
         clean, on_masked = clean.float(), on_masked.float()
         return (segmentation_loss(clean, y) + segmentation_loss(on_masked, y)
-                + self.cfg["mc_beta"] * consistency_loss(on_masked, target.float()))
+                + args.mc_beta * consistency_loss(on_masked, target.float()))
 
-    def after_step(self, model):
-        """The teacher's EMA step, after the optimizer's."""
-        ema_update(self.teacher, model, self.cfg["mc_momentum"])
+    step.teacher = teacher
+    return dict(net=TwoInputs(model), step=step, after_step=lambda m: ema_update(teacher, m, args.mc_momentum))
 
 
 def parse_args(argv=None):
-    return finetune.parse_args(argv, MedContext)
+    p = finetune.build_parser(description=__doc__.split("\n")[0])
+    p.add_argument("--mc-beta", type=non_negative_float, default=0.5, help="weight of the consistency term")
+    p.add_argument("--mc-mask-ratio", type=open_fraction, default=0.5, help="fraction of blocks masked")
+    p.add_argument("--mc-mask-block", type=positive_int, nargs=3, default=(16, 16, 4), help="mask block (X, Y, Z) voxels")
+    p.add_argument("--mc-mask-shape", choices=["cube", "column"], default="cube", help="blocks, or columns through all slices")
+    p.add_argument("--mc-momentum", type=below_one, default=0.999, help="teacher EMA momentum")
+    rule = lambda a: mask_block_problem("--mc-mask-block", mask_block(a), a.patch_size, a.mc_mask_ratio,
+                                        "--mc-mask-ratio", given=a.mc_mask_block)
+    preset = lambda a: {**finetune.preset(a), **(DEMO if runtime.is_demo(a) else {})}
+    return runtime.parse(p, argv, preset, finetune.RULES + [rule])
 
 
 def main(args):
-    return finetune.main(args, MedContext)
+    return finetune.main(args, hooks)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    runtime.cli(main, parse_args)

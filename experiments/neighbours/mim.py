@@ -24,9 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository: the stage files
 import pretrain  # noqa: E402
+import runtime  # noqa: E402
 from runtime import open_fraction, positive_int  # noqa: E402
-from experiments.neighbours.common import RestorativeModel, block_mask, check_mask_block  # noqa: E402
+from experiments.neighbours.common import RestorativeModel, block_mask, mask_block_problem  # noqa: E402
 from experiments.neighbours.genesis import both_views  # noqa: E402
+
+DEMO = dict(mask_block=(4, 4, 2))   # 8 x 8 x 4 mm blocks: a 24 x 24 x 8 demo patch is 144 of them
 
 
 def masked_l1(pred, target, mask):
@@ -41,43 +44,39 @@ def masked_l1(pred, target, mask):
     return ((pred - target).abs() * weight).sum() / weight.sum().clamp(min=1)
 
 
-class MIM(pretrain.Method):
-    """Masked image modelling: predict the masked blocks (masked L1)."""
-    name, script, loss_names = "mim", "experiments/neighbours/mim.py", ("loss_masked_l1",)
-    demo = dict(mask_block=(4, 4, 2))   # 8 x 8 x 4 mm blocks: a 24 x 24 x 8 demo patch is 144 of them
-
-    def add_arguments(self, p):
-        p.add_argument("--mask-ratio", type=open_fraction, default=0.75, help="fraction of blocks masked")
-        p.add_argument("--mask-block", type=positive_int, nargs=3, default=(8, 8, 4), help="block (X, Y, Z) voxels")
-
-    def check(self, cfg):
-        cfg["mask_block"] = tuple(cfg["mask_block"])
-        check_mask_block("--mask-block", cfg["mask_block"], cfg["patch_size"], cfg["mask_ratio"], "--mask-ratio")
-
-    def build_model(self, cfg):
-        return RestorativeModel(dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"]),
-                                mask_token=True)
-
-    def step(self, model, batch, cfg, generator, device, amp_dtype):
-        x = both_views(batch, device)
-        mask = block_mask(x.shape, generator, cfg["mask_ratio"], cfg["mask_block"], device)   # (2B, 1, X, Y, Z)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            recon = model(x, mask)
-        l1 = masked_l1(recon, x, mask)
-        return l1, [l1]
+def build_model(cfg, backbone_state=None):
+    model = RestorativeModel(dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"]),
+                             mask_token=True)
+    if backbone_state is not None:
+        model.backbone.load_state_dict(backbone_state)
+    return model
 
 
-MIM_METHOD = MIM()
+def mim_step(model, batch, cfg, generator, device, amp_dtype):
+    """Masked image modelling's step: predict the masked blocks (masked L1)."""
+    x = both_views(batch, device)
+    mask = block_mask(x.shape, generator, cfg["mask_ratio"], cfg["mask_block"], device)   # (2B, 1, X, Y, Z)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        recon = model(x, mask)
+    l1 = masked_l1(recon, x, mask)
+    return l1, dict(loss_masked_l1=l1)
 
+
+def add_arguments(p):
+    p.add_argument("--mask-ratio", type=open_fraction, default=0.75, help="fraction of blocks masked")
+    p.add_argument("--mask-block", type=positive_int, nargs=3, default=(8, 8, 4), help="block (X, Y, Z) voxels")
 
 
 def parse_args(argv=None):
-    return pretrain.parse_args(argv, MIM_METHOD)
+    p = pretrain.build_parser(add_arguments, description=__doc__.split("\n")[0])
+    p.set_defaults(method="mim", arch="balanced")
+    rule = lambda a: mask_block_problem("--mask-block", a.mask_block, a.patch_size, a.mask_ratio, "--mask-ratio")
+    return runtime.parse(p, argv, lambda a: pretrain.preset(a, {**pretrain.DEMO, **DEMO}), pretrain.RULES + [rule])
 
 
 def main(args):
-    return pretrain.main(args, MIM_METHOD)
+    return pretrain.main(args, build=build_model, step=mim_step)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    runtime.cli(main, parse_args)

@@ -4,13 +4,14 @@ runs end to end on the small demo set and writes the report's headline keys; --n
 on the same folder. It checks that the pipeline runs and produces its tables, not the numbers
 (those need the full run)."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from experiments import evidence
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_quick_evidence_runs_end_to_end(small_demo, small_unlabelled, tmp_path, monkeypatch):
@@ -63,3 +64,32 @@ def test_own_data_needs_an_unlabelled_corpus(small_demo, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode != 0 and "--unlabelled" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_evidence_refuses_a_corpus_that_is_not_apart_or_a_set_too_small(small_demo, small_unlabelled, tmp_path):
+    evidence_py = [sys.executable, str(ROOT / "experiments" / "evidence.py"), "--quick"]
+    same = subprocess.run([*evidence_py, "--data", str(small_demo), "--unlabelled", str(small_demo), "--out",
+                           str(tmp_path / "a")], capture_output=True, text=True)
+    assert same.returncode == 2 and "is not kept apart from --data" in same.stderr
+    copy = tmp_path / "copy"                                    # the labelled scans, preprocessed again elsewhere
+    shutil.copytree(small_demo, copy, ignore=shutil.ignore_patterns("raw", "unlabelled"))
+    mixed = subprocess.run([*evidence_py, "--data", str(small_demo), "--unlabelled", str(copy), "--out", str(tmp_path / "b")],
+                           capture_output=True, text=True)
+    assert mixed.returncode == 2 and "of its scans are labelled cases" in mixed.stderr
+    small = tmp_path / "small"
+    shutil.copytree(small_demo, small, ignore=shutil.ignore_patterns("raw", "split.json", "unlabelled"))
+    info = json.loads((small / "dataset.json").read_text())
+    for case in info["cases"][2:]:
+        case["labelled"] = False
+    (small / "dataset.json").write_text(json.dumps(info))
+    tiny = subprocess.run([*evidence_py, "--data", str(small), "--unlabelled", str(small_unlabelled), "--out",
+                           str(tmp_path / "c")], capture_output=True, text=True)
+    assert tiny.returncode == 2 and "2 labelled case(s)" in tiny.stderr and "at least 3" in tiny.stderr
+    taken = tmp_path / "taken.txt"
+    taken.write_text("mine")
+    onto = subprocess.run([*evidence_py, "--data", str(small_demo), "--unlabelled", str(small_unlabelled), "--out",
+                           str(taken)], capture_output=True, text=True)
+    assert onto.returncode == 2 and "exists and is not a folder" in onto.stderr and taken.read_text() == "mine"
+    for r in (same, mixed, tiny, onto):
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "c" / "pretrain-ours").exists()

@@ -9,18 +9,34 @@ import numpy as np
 import pytest
 import torch
 
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import loss
 import model
 import pretrain
-from downstream import read_backbone_file as load_backbone
 from experiments.neighbours import common, densecl, genesis, medcontext, mim
-from test_pretrain import TINY, read_log
+from weights import read_backbone
 
-METHODS = {"genesis": genesis.GENESIS, "mim": mim.MIM_METHOD, "densecl": densecl.DENSECL}
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--base-channels", "4", "--num-levels", "3", "--patch-size", "16", "16", "8",
+        "--batch-pairs", "2", "--num-voxels", "32", "--workers", "0", "--log-every", "1"]
+METHODS = {"genesis": genesis, "mim": mim, "densecl": densecl}
+STEPS = {"genesis": genesis.genesis_step, "mim": mim.mim_step, "densecl": densecl.densecl_step}
+LOSSES = {"genesis": {"loss_recon"}, "mim": {"loss_masked_l1"}, "densecl": {"loss_global", "loss_dense"}}
 
 
 def run(data, out, method, *extra):
-    return pretrain.main(pretrain.parse_args(["--data", str(data), "--out", str(out), *TINY, *extra], method), method)
+    module = METHODS[method]
+    return module.main(module.parse_args(["--data", str(data), "--out", str(out), *TINY, *extra]))
+
+
+def read_log(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
 
 
 # ----------------------------------------------------------------------------- masks (mim, MedContext)
@@ -176,54 +192,53 @@ def test_ema_moves_by_the_momentum_rule_and_takes_no_gradient():
 
 def test_medcontext_teacher_gets_no_gradient_and_follows_the_student():
     torch.manual_seed(0)
-    cfg = dict(patch_size=(8, 8, 4), mc_mask_block=(2, 2, 2), mc_momentum=0.9, mc_beta=0.5, mc_mask_ratio=0.5,
-               mc_mask_shape="cube")
+    args = argparse.Namespace(patch_size=(8, 8, 4), mc_mask_block=(2, 2, 2), mc_momentum=0.9, mc_beta=0.5,
+                              mc_mask_ratio=0.5, mc_mask_shape="cube", seed=0)
     student = model.SegmentationModel(dict(in_channels=1, base_channels=4, num_levels=2), 3, "nonlinear")
-    mc = medcontext.MedContext(student, cfg, seed=0, device=torch.device("cpu"))
+    hooks = medcontext.hooks(student, {}, args, argparse.Namespace(device=torch.device("cpu")), fold=0)
+    teacher = hooks["step"].teacher
     x, y = torch.rand(2, 1, 8, 8, 4), torch.randint(0, 3, (2, 8, 8, 4))
-    value = mc.loss(medcontext.TwoInputs(student), x, y)
+    value = hooks["step"](hooks["net"], x, y)
     value.backward()
-    assert all(p.grad is None for p in mc.teacher.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in student.parameters())
-    # the loss is the three terms of MedContext, with the mask the generator drew
-    mc2 = medcontext.MedContext(student, cfg, seed=0, device=torch.device("cpu"))
-    mask = mc2.mask(x)
+    # the loss is the three terms of MedContext, with the mask its generator drew (the same seed again)
+    mask = common.block_mask(x.shape, torch.Generator().manual_seed(17), 0.5, (2, 2, 2))
     with torch.no_grad():
         masked = torch.where(mask, 0.0, x)
         clean, on_masked = student(x), student(masked)      # two batches (train mode: own BN statistics)
         expected = (loss.segmentation_loss(clean, y) + loss.segmentation_loss(on_masked, y)
-                    + 0.5 * torch.mean((on_masked - mc2.teacher(x)) ** 2))
+                    + 0.5 * torch.mean((on_masked - teacher(x)) ** 2))
     assert value.item() == pytest.approx(expected.item(), rel=1e-5)
     assert 0.4 < mask.float().mean().item() < 0.6
-    before = [p.clone() for p in mc.teacher.parameters()]
+    before = [p.clone() for p in teacher.parameters()]
     torch.optim.SGD(student.parameters(), lr=0.1).step()
-    mc.after_step(student)
-    for t, b, s in zip(mc.teacher.parameters(), before, student.parameters()):
+    hooks["after_step"](student)
+    for t, b, s in zip(teacher.parameters(), before, student.parameters()):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * s, rtol=0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- training
 
 @pytest.mark.parametrize("method", ["genesis", "mim", "densecl"])
-def test_steps_change_the_weights(small_demo, method):
+def test_steps_change_the_weights(small_demo, tmp_path, method):
     extra = ["--dense-level", "1", "--queue-size", "8"] if method == "densecl" else []
-    hook = METHODS[method]
-    cfg = pretrain.resolve_config(pretrain.parse_args(["--data", str(small_demo), *TINY, *extra], hook), hook)
-    torch.manual_seed(0)
-    net = hook.build_model(cfg)
+    module = METHODS[method]
+    setup = pretrain.setup(module.parse_args(["--data", str(small_demo), "--out", str(tmp_path), *TINY, *extra]),
+                           module.build_model)
+    net, cfg = setup.model, setup.cfg
     before = {k: v.clone() for k, v in net.state_dict().items()}
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
-    loader = pretrain.make_loader(small_demo, cfg, seed=0, start_step=0, rank=0, world=1, workers=0)
     g = torch.Generator().manual_seed(0)
-    for _, batch in zip(range(3), loader):
-        value, parts = hook.step(net, batch, cfg, g, torch.device("cpu"), None)
-        assert torch.isfinite(value) and len(parts) == len(hook.loss_names)
+    for _, batch in zip(range(3), setup.loader):
+        value, parts = STEPS[method](net, batch, cfg, g, torch.device("cpu"), None)
+        assert torch.isfinite(value) and set(parts) == LOSSES[method]
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
         if method == "densecl":
             key_before = [p.clone() for p in net.key.parameters()]
-            common.ema_update(net.key, net.query, cfg["ema_momentum"])
+            densecl.momentum_update(net, cfg)
             assert all(p.grad is None for p in net.key.parameters())
             for k, b, q in zip(net.key.parameters(), key_before, net.query.parameters()):
                 torch.testing.assert_close(k, cfg["ema_momentum"] * b + (1 - cfg["ema_momentum"]) * q, rtol=0, atol=1e-6)
@@ -243,53 +258,94 @@ def test_steps_change_the_weights(small_demo, method):
 
 @pytest.mark.parametrize("method", ["genesis", "mim", "densecl"])
 def test_backbone_file_and_resume(small_demo, tmp_path, method):
-    extra = ["--checkpoint-every", "2"] + (["--queue-size", "4"] if method == "densecl" else [])
-    if method == "densecl":
-        extra += ["--dense-level", "1"]
-    hook = METHODS[method]
-    run(small_demo, tmp_path / "full", hook, "--steps", "4", *extra)
-    run(small_demo, tmp_path / "split", hook, "--steps", "2", *extra)
-    run(small_demo, tmp_path / "split", hook, "--steps", "4", "--resume", *extra)
+    extra = ["--checkpoint-every", "2"] + (["--queue-size", "4", "--dense-level", "1"] if method == "densecl" else [])
+    run(small_demo, tmp_path / "full", method, "--steps", "4", *extra)
+    run(small_demo, tmp_path / "split", method, "--steps", "2", *extra)
+    run(small_demo, tmp_path / "split", method, "--steps", "4", "--resume", *extra)
     full, split = read_log(tmp_path / "full"), read_log(tmp_path / "split")
     assert [r["step"] for r in split] == [1, 2, 3, 4]
-    assert set(full[0]) == {"step", "loss", "lr", "seconds", *hook.loss_names}
+    assert set(full[0]) == {"step", "loss", "lr", "seconds", *LOSSES[method]}
     for a, b in zip(full, split):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
     sa = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
     sb = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["model"]
     for k in sa:                                     # the queue and the key encoder included
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
-    config, state, info = load_backbone(tmp_path / "full" / "backbone.pt")   # what probe / fine-tune read
+    config, state, info = read_backbone(tmp_path / "full" / "backbone.pt")   # what probe / fine-tune read
     assert config == dict(in_channels=1, base_channels=4, num_levels=3)
     fpn = model.FPN3d(**config)
     fpn.load_state_dict(state)
     assert info["method"] == method
 
 
-def test_method_flags_are_refused_elsewhere(small_demo, tmp_path, capsys):
-    """A method's flags exist only in its own file: anywhere else argparse refuses them."""
-    for argv, hook, message in ((["--mask-ratio", "0.5"], pretrain.OURS, "unrecognized arguments: --mask-ratio"),
-                                (["--recon-weight", "3"], genesis.GENESIS, "unrecognized arguments: --recon-weight"),
-                                (["--mask-ratio", "1.5"], mim.MIM_METHOD, "argument --mask-ratio: must be in (0, 1)")):
-        with pytest.raises(SystemExit):
-            pretrain.parse_args(["--data", str(small_demo), *TINY, *argv], hook)
-        assert message in capsys.readouterr().err
-    for argv, hook, message in ((["--queue-size", "1"], densecl.DENSECL, "smaller than one step's keys"),):
-        with pytest.raises(ValueError, match=message):
-            pretrain.resolve_config(pretrain.parse_args(["--data", str(small_demo), *TINY, *argv], hook), hook)
+def test_init_from_starts_densecl_key_encoder_as_the_loaded_query(small_demo, tmp_path):
+    from weights import read_backbone as read
+    run(small_demo, tmp_path / "a", "densecl", "--steps", "1", "--queue-size", "4", "--dense-level", "1")
+    setup = pretrain.setup(densecl.parse_args(["--data", str(small_demo), "--out", str(tmp_path / "b"), *TINY,
+                                               "--queue-size", "4", "--dense-level", "1", "--init-from",
+                                               str(tmp_path / "a")]), densecl.build_model)
+    _, state, _ = read(tmp_path / "a" / "backbone.pt")
+    assert all(torch.equal(setup.model.key.backbone.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("argv, module, message", [
+    (["--mask-ratio", "0.5"], pretrain, "unrecognized arguments: --mask-ratio"),
+    (["--recon-weight", "3"], genesis, "unrecognized arguments: --recon-weight"),
+    (["--mask-ratio", "1.5"], mim, "argument --mask-ratio: must be in (0, 1)"),
+    (["--queue-size", "1"], densecl, "--queue-size 1 is smaller than one step's keys (2)"),
+    (["--dense-level", "3"], densecl, "--dense-level 3 outside the FPN's levels 0..2"),
+    (["--mask-block", "16", "16", "8"], mim, "--mask-block 16 16 8 in a 16x16x8 patch masks 100% of it, not the 75%"),
+    (["--mask-block", "32", "32", "16"], mim, "--mask-block 32 32 16: the block is larger than the 16x16x8 patch "
+                                              "(X 32 > 16, Y 32 > 16, Z 16 > 8)"),
+])
+def test_method_flags_are_checked_where_they_are_parsed(small_demo, tmp_path, argv, module, message, capsys):
+    """A method's flags exist only in its own file (anywhere else argparse refuses them), and one
+    it cannot honour is refused where it is parsed, before any folder is made."""
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(["--data", str(small_demo), "--out", str(tmp_path / "o"), *TINY, *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("script, argv, message", [
     ("finetune", ["--mc-beta", "2"], "unrecognized arguments: --mc-beta"),
     ("medcontext", ["--mc-mask-ratio", "1.2"], "argument --mc-mask-ratio: must be in (0, 1)"),
+    ("medcontext", ["--mc-mask-block", "64", "64", "16", "--patch-size", "16", "16", "8"],
+     "--mc-mask-block 64 64 16: the block is larger than the 16x16x8"),
+    ("medcontext", ["--mc-mask-shape", "column", "--mc-mask-block", "64", "4", "4", "--patch-size", "16", "16", "8"],
+     "--mc-mask-block 64 4 4: the block is larger than the 16x16x8 patch (X 64 > 16)"),
 ])
 def test_medcontext_flags_are_checked_before_any_folder_is_made(small_demo, tmp_path, script, argv, message, capsys):
-    common_argv = ["--data", str(small_demo), "--init", "random", "--out", str(tmp_path / "run"), *argv]
+    import finetune
+    module = finetune if script == "finetune" else medcontext
     with pytest.raises(SystemExit) as e:
-        if script == "finetune":
-            import finetune
-            finetune.main(finetune.parse_args(common_argv))
-        else:
-            medcontext.main(medcontext.parse_args(common_argv))
-    assert message in (str(e.value.code) + capsys.readouterr().err)
+        module.parse_args(["--data", str(small_demo), "--init", "random", "--out", str(tmp_path / "run"), *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("script, extra", [("experiments/neighbours/densecl.py", ["--dense-level", "1", "--queue-size", "8"]),
+                                           ("experiments/neighbours/medcontext.py", None)])
+def test_under_torchrun_two_processes(small_demo, tmp_path, script, extra):
+    """DenseCL: keys gathered from both ranks before they are queued, the checkpoint resumes in one
+    process. MedContext: its two-input forward and teacher under DDP, rank 0 alone evaluates."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    if extra is not None:
+        flags = [*TINY, "--steps", "3", "--batch-pairs", "4", *extra]
+    else:
+        flags = ["--init", "random", "--steps", "4", "--batch-size", "2", "--patch-size", "16", "16", "8", "--workers",
+                 "0", "--bn-batches", "2", "--eval-patch-size", "64", "64", "32", "--folds", "2", "--fold", "0",
+                 "--preset", "demo"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / script),
+           "--data", str(small_demo), "--out", str(tmp_path), *flags, "--device", "cpu"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if extra is None:
+        assert result.stdout.count("fold 0:") == 1 and json.loads((tmp_path / "results.json").read_text())["mean_dice"] >= 0
+        return
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3]
+    run(small_demo, tmp_path, "densecl", "--steps", "4", "--batch-pairs", "4", "--resume", *extra)
+    assert read_log(tmp_path)[-1]["step"] == 4
+    # 4 pairs a step (2 per rank, both ranks' keys queued): 3 steps x 4, then 1 step x 4 alone
+    queue = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]["queue_global.ptr"]
+    assert queue.item() == (3 * 4 + 4) % 8

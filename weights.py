@@ -1,0 +1,288 @@
+"""The project's weight files, and the authors', in one place. Every file is read with
+torch.load(weights_only=True), so a file that would run code on loading is refused, and a file
+that is not what it should be is named for what it is (a folder, empty, a NIfTI image, text, a
+truncated torch file, another of our kinds), one ValueError line:
+
+  backbone.pt        the FPN alone, its configuration and its pretraining config (pretrain.py)
+  checkpoint.pt      everything a bit-equal --resume needs, as tensors and builtins (pretrain.py)
+  model_fold<k>.pt   a fine-tuned network, what prediction needs, and its Dice per test case (finetune.py)
+  the authors'       vox2vec's and hierarchical-dense-ssl's released FPN3d weights (raw or Lightning
+                     state dicts), read through the one key map between their names and ours
+"""
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import FPN3d, SegmentationModel
+from runtime import atomic_write, unwrap
+
+FORMAT_VERSION = 2   # of backbone.pt, checkpoint.pt and model_fold<k>.pt
+
+
+def save_torch(obj, path):
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def what_file(path):
+    """A few words on what a file that torch cannot read is."""
+    path = Path(path)
+    if path.is_dir():
+        return "a folder, not a file"
+    size = path.stat().st_size
+    if size == 0:
+        return "an empty file (0 bytes)"
+    head = path.open("rb").read(352)
+    if path.name.endswith((".nii", ".nii.gz")) or head[:2] == b"\x1f\x8b" or head[344:348] in (b"n+1\0", b"ni1\0"):
+        return "a NIfTI image (or another gzip file), not a checkpoint"
+    try:
+        head.decode("utf-8")
+        return "a text file, not a checkpoint"
+    except UnicodeDecodeError:
+        return f"not a torch file ({size} bytes; truncated or of another format)"
+
+
+def load_torch(path, what="checkpoint"):
+    """torch.load on the CPU with weights_only=True; ValueError naming the file and what it is for a
+    missing file, one that is not a torch file, or one holding more than tensors and builtins (a
+    pickle that could run code: refused, never retried without weights_only)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{what} {path} does not exist")
+    if path.is_dir() or path.stat().st_size == 0 or not path.open("rb").read(4).startswith((b"PK\x03\x04", b"\x80")):
+        raise ValueError(f"{what} {path} could not be read safely: it is {what_file(path)}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{what} {path} could not be read safely: it holds objects other than tensors and plain "
+                         "data (code could run on loading), refused") from None
+    except Exception as e:
+        raise ValueError(f"{what} {path} could not be read safely: a truncated or corrupt torch file "
+                         f"({type(e).__name__})") from None
+
+
+def check_version(path, ckpt, kind, remedy):
+    if ckpt.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: a {kind} of format version {ckpt.get('version')} (this code reads "
+                         f"{FORMAT_VERSION}); {remedy}")
+
+
+# ----------------------------------------------------------------------------- the authors' layout
+# model.FPN3d computes the same function as the authors' FPN3d (vox2vec, hierarchical-dense-ssl),
+# layer for layer; only the names differ (L = num_levels, k = L - 2 - l):
+#     ours                                   theirs
+#     stem.*                                 first_conv.*
+#     encoder.{l}.{j}.body.{m}.*   (l < L-1) left_blocks.{l}.layers.{j}.layers.{m}.*
+#     encoder.{L-1}.{j}.body.{m}.*           bottom_block.layers.{j}.layers.{m}.*
+#     down.{l}.*                             down_blocks.{l}.1.*        (.0 is the max-pool)
+#     lateral.{l}.*                          up_blocks.{k}.0.*          (.1 is the upsampling)
+#     skip.{l}.*                             skip_blocks.{k}.*
+#     decoder.{l}.{j}.body.{m}.*             right_blocks.{k}.layers.{j}.layers.{m}.*
+
+def reference_key(key, num_levels):
+    """Our FPN3d state-dict key -> the authors' key (the table above)."""
+    top = num_levels - 1
+    rules = [
+        (r"stem\.(.+)", lambda m: f"first_conv.{m[1]}"),
+        (r"encoder\.(\d+)\.(\d+)\.body\.(.+)", lambda m: (
+            f"bottom_block.layers.{m[2]}.layers.{m[3]}" if int(m[1]) == top
+            else f"left_blocks.{m[1]}.layers.{m[2]}.layers.{m[3]}")),
+        (r"down\.(\d+)\.(.+)", lambda m: f"down_blocks.{m[1]}.1.{m[2]}"),
+        (r"lateral\.(\d+)\.(.+)", lambda m: f"up_blocks.{top - 1 - int(m[1])}.0.{m[2]}"),
+        (r"skip\.(\d+)\.(.+)", lambda m: f"skip_blocks.{top - 1 - int(m[1])}.{m[2]}"),
+        (r"decoder\.(\d+)\.(\d+)\.body\.(.+)", lambda m: f"right_blocks.{top - 1 - int(m[1])}.layers.{m[2]}.layers.{m[3]}"),
+    ]
+    for pattern, replace in rules:
+        m = re.fullmatch(pattern, key)
+        if m:
+            return replace(m)
+    raise KeyError(f"no reference name for {key!r}")
+
+
+def key_map(config):
+    """{our key: their key} for FPN3d(**config), built from the module itself (meta device)."""
+    with torch.device("meta"):
+        keys = FPN3d(**config).state_dict().keys()
+    return {k: reference_key(k, config["num_levels"]) for k in keys}
+
+
+def to_reference(state_dict, config):
+    """Our FPN3d state dict -> the same tensors under the authors' names."""
+    return {theirs: state_dict[ours] for ours, theirs in key_map(config).items()}
+
+
+def from_reference(state_dict, config):
+    """The authors' FPN3d state dict -> ours. KeyError if a key of either side is missing."""
+    return {ours: state_dict[theirs] for ours, theirs in key_map(config).items()}
+
+
+def layout_config(state_dict, stem, down):
+    """(in_channels, base_channels, num_levels) of an FPN3d state dict, from its tensor shapes."""
+    weight = state_dict[f"{stem}.weight"]                            # (C_0, C_in, 3, 3, 3)
+    downs = {int(k.split(".")[1]) for k in state_dict if k.startswith(f"{down}.")}
+    return dict(in_channels=int(weight.shape[1]), base_channels=int(weight.shape[0]), num_levels=len(downs) + 1)
+
+
+# ----------------------------------------------------------------------------- backbones
+
+def read_backbone(path, verbose=True):
+    """A backbone of any supported kind -> (backbone_config, our state dict, info). Accepted: our
+    backbone.pt (or the pretrain.py run folder holding it); a raw state dict in the authors' layout
+    or ours; a Lightning checkpoint with or without the `backbone.` prefix (head keys are ignored
+    and listed); any of these saved from DDP (`module.` prefix). ValueError for anything else."""
+    path = Path(path)
+    if path.is_dir() and (path / "backbone.pt").is_file():
+        path = path / "backbone.pt"
+    ckpt = load_torch(path, "checkpoint")
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: holds a {type(ckpt).__name__}, not a state dict or checkpoint")
+    if ckpt.get("kind") == "backbone":
+        check_version(path, ckpt, "backbone.pt", "re-run pretrain.py")
+        info = dict(kind="backbone.pt (pretrain.py)", step=ckpt.get("step"), arch=ckpt.get("arch"), ignored=[],
+                    method=(ckpt.get("pretrain_config") or {}).get("method"))
+        config, state = ckpt["backbone_config"], ckpt["state_dict"]
+        check_fits(path, "ours (model.FPN3d)", config, state)
+        if verbose:
+            print(f"{path}: {info['kind']}, method {info['method']}, step {info['step']}; FPN3d{tuple(config.values())} "
+                  "(in_channels, base_channels, num_levels)")
+        return config, state, info
+    if "kind" in ckpt or "model" in ckpt and "optimizer" in ckpt:
+        what = {"segmenter": "a fine-tuned model (finetune.py)"}.get(ckpt.get("kind"), "a resumable checkpoint.pt")
+        raise ValueError(f"{path} is {what}, not a backbone file; pass a pretrain.py run folder or its backbone.pt")
+    state, kind = (ckpt["state_dict"], "Lightning checkpoint") if isinstance(ckpt.get("state_dict"), dict) \
+        else (ckpt, "raw state_dict")
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors (keys {list(state)[:5]})")
+    if state and all(k.startswith("module.") for k in state):
+        state, kind = {k[len("module."):]: v for k, v in state.items()}, kind + ", DDP `module.` prefix"
+    ignored = []
+    if any(k.startswith("backbone.") for k in state):
+        ignored = sorted(k for k in state if not k.startswith("backbone."))
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        kind += ", `backbone.` prefix"
+    if "first_conv.weight" in state:
+        layout, config = "reference (vox2vec / hierarchical-dense-ssl FPN3d)", layout_config(state, "first_conv", "down_blocks")
+        names = set(key_map(config).values())
+    elif "stem.weight" in state:
+        layout, config = "ours (model.FPN3d)", layout_config(state, "stem", "down")
+        names = set(key_map(config))
+    else:
+        raise ValueError(f"{path}: no FPN3d found (neither first_conv.weight nor stem.weight among keys "
+                         f"{sorted(state)[:6]}...)")
+    ignored += sorted(k for k in state if k not in names)       # heads without a prefix
+    missing = sorted(names - set(state))
+    if missing:
+        raise ValueError(f"{path}: {layout} with {config} but {len(missing)} key(s) missing, e.g. {missing[:4]}")
+    state = {k: v for k, v in state.items() if k in names}
+    if layout.startswith("reference"):
+        state = from_reference(state, config)
+    check_fits(path, layout, config, state)
+    info = dict(kind=f"{kind}, {layout}", step=None, arch=None, ignored=ignored)
+    if verbose:
+        print(f"{path}: {info['kind']}; FPN3d{tuple(config.values())} (in_channels, base_channels, num_levels); "
+              f"ignored {len(ignored)} key(s)" + (f": {', '.join(ignored[:8])}{' ...' if len(ignored) > 8 else ''}"
+                                                  if ignored else ""))
+    return config, state, info
+
+
+def check_fits(path, layout, config, state):
+    """ValueError unless `state` (our names) has exactly FPN3d(**config)'s keys and shapes."""
+    try:
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in FPN3d(**config).state_dict().items()}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {layout} with an unusable configuration {config} ({e})") from None
+    missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
+    if missing or extra:
+        raise ValueError(f"{path}: {layout} with {config} but {len(missing)} key(s) missing (e.g. {missing[:3]}) "
+                         f"and {len(extra)} unexpected (e.g. {extra[:3]})")
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k, s in shapes.items() if state[k].shape != s]
+    if wrong:
+        raise ValueError(f"{path}: {len(wrong)} tensor(s) do not fit FPN3d({config}), e.g. {wrong[:3]}")
+
+
+def check_backbone_flags(args, config, source):
+    """A backbone file decides the FPN (pretrain.py --init-from, --checkpoint downstream): a flag
+    given on the command line that contradicts it is refused."""
+    for k in ("base_channels", "num_levels"):
+        if k in args.given and getattr(args, k) != config[k]:
+            raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)} contradicts {source} ({config[k]})")
+    if "arch" in args.given:
+        raise ValueError(f"--arch applies to --init random; {source} decides the architecture")
+
+
+def save_backbone(path, model, cfg, step):
+    """backbone.pt: the FPN alone with its configuration (what read_backbone reads)."""
+    core = unwrap(model)
+    save_torch(dict(version=FORMAT_VERSION, kind="backbone", step=step,
+                    backbone_config=dict(core.config["backbone_config"]), arch=cfg.get("arch"),
+                    pretrain_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+                    state_dict=core.backbone.state_dict()), path)
+
+
+# ----------------------------------------------------------------------------- fine-tuned models
+
+def save_segmenter(path, model, **record):
+    """model_fold<k>.pt: the network, its constructor arguments and `record` (classes, preprocessing,
+    patch, augmentation, cases, Dice per test case)."""
+    save_torch(dict(kind="segmenter", version=FORMAT_VERSION, model_config=model.config, state_dict=model.state_dict(),
+                    **record), path)
+
+
+def load_segmenter(path):
+    """A model written by finetune.py -> (SegmentationModel in eval mode, its file's dict)."""
+    ckpt = load_torch(path, "model")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "segmenter":
+        what = {"backbone": "a pretrained backbone (pretrain.py)"}.get(ckpt.get("kind") if isinstance(ckpt, dict) else None,
+                                                                       "not a model from finetune.py")
+        raise ValueError(f"{path} is {what}, not a fine-tuned model: pass a finetune.py --out folder or its "
+                         "model_fold<k>.pt")
+    check_version(path, ckpt, "model", "re-run finetune.py")
+    model = SegmentationModel(**ckpt["model_config"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt
+
+
+# ----------------------------------------------------------------------------- checkpoint.pt
+
+def save_checkpoint(path, step, cfg, args, model, optimizer):
+    """checkpoint.pt: everything a bit-equal --resume needs, as tensors and builtins only."""
+    core = unwrap(model)
+    save_torch(dict(version=FORMAT_VERSION, step=step, config=cfg, args=args, model_config=core.config,
+                    model=core.state_dict(), optimizer=optimizer.state_dict(), rng=rng_state()), path)
+
+
+def load_checkpoint(path, model, optimizer):
+    """--resume: model, optimizer and random states from checkpoint.pt -> the step to continue from."""
+    if not Path(path).exists():
+        raise ValueError(f"--resume: no checkpoint at {path}")
+    try:
+        state = load_torch(path)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a checkpoint this code can read safely ({str(e).split(': ', 1)[-1]})") from None
+    if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION:
+        version = state.get("version") if isinstance(state, dict) else None
+        raise ValueError(f"{path}: checkpoint version {version}, this code writes {FORMAT_VERSION}; start a new run folder")
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return state["step"]
+
+
+def rng_state():
+    """torch's, numpy's global and CUDA's random states as tensors and builtins (weights_only
+    loads them, unlike numpy's tuple)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                numpy=dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                           has_gauss=int(has_gauss), gauss=float(gauss)))
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
