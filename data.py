@@ -80,6 +80,13 @@ def fingerprint(data_dir):
     return digest.hexdigest()[:16]
 
 
+def preprocessing(data_dir):
+    """How a folder was preprocessed: {"spacing": mm, "channels": [{"name", "scheme"}]} (dataset.json)."""
+    info = load_dataset_json(data_dir)
+    name = info["preset"]["name"]
+    return dict(spacing=info["preset"]["spacing"], channels=info.get("channels") or [dict(name=name.upper(), scheme=name)])
+
+
 def read_case(data_dir, case_id, need_label=False):
     """The one reader of a preprocessed case -> dict(image memmap float16 (C, X, Y, Z), body memmap
     bool (X, Y, Z), label memmap uint8 (X, Y, Z) or None, meta). A case that is missing, incomplete,

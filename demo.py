@@ -182,6 +182,15 @@ def demo_phantom(rng, scale=1.0):
     return np.clip(hu, -1024, 3071), label, spacing
 
 
+def t2_like(hu, rng):
+    """A second, MRI-like contrast of a phantom (the multi-channel data of the tests and the lab): a
+    fixed non-monotone map of its HU (fluid brightest, fat bright, soft tissue mid, air and bone
+    dark) with noise of its own, in arbitrary units that the MRI scheme normalises."""
+    bump = lambda centre, width: np.exp(-((hu - centre) / width) ** 2)  # noqa: E731
+    signal = 0.9 * bump(-95, 60) + 1.0 * bump(15, 20) + 0.4 * bump(100, 50)
+    return (300 * signal * (hu > -500) + rng.normal(0, 6, hu.shape)).astype(np.float32)
+
+
 # ----------------------------------------------------------------------------- the demo set
 
 def write_case(job):

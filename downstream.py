@@ -22,29 +22,30 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import runtime
-from data import data_folder, fingerprint, list_cases, load_dataset_json, read_case, read_split
+from data import data_folder, fingerprint, list_cases, load_dataset_json, preprocessing, read_case, read_split
 from loss import dice_per_class, predict_labels
 from model import ARCHS, DEMO_ARCHS, SegmentationModel
 from runtime import non_negative_int, positive_int, save_json, world_info
-from weights import check_backbone_flags, read_backbone
+from weights import check_backbone_flags, expand_stem, read_backbone
 
 WEIGHT_FLOOR = 1e-3   # min Gaussian weight (of max 1), so a voxel seen only at window borders still counts
 
 
 # ----------------------------------------------------------------------------- the segmenter
 
-def new_segmenter(args, backbone, num_classes, head, device, fold):
-    """A fresh segmenter for one fold, seeded by (--seed, fold), on the device in train mode:
-    `backbone` (read_backbone's (config, state, info)) or, if None, --init random."""
+def new_segmenter(args, backbone, num_classes, head, device, fold, in_channels=1):
+    """A fresh segmenter for one fold of `in_channels`-channel scans, seeded by (--seed, fold), on
+    the device in train mode: `backbone` (read_backbone's (config, state, info); a single-channel
+    one starts C channels through expand_stem) or, if None, --init random."""
     torch.manual_seed(args.seed + fold)
     if backbone is not None:
         config, state, info = backbone
-        model = SegmentationModel(config, num_classes, head=head)
-        model.backbone.load_state_dict(state, strict=True)     # read_backbone checked every key and shape
+        model = SegmentationModel(dict(config, in_channels=in_channels), num_classes, head=head)
+        model.backbone.load_state_dict(expand_stem(state, in_channels, args.checkpoint), strict=True)
     else:
-        model = SegmentationModel(dict(in_channels=1, base_channels=args.base_channels, num_levels=args.num_levels),
-                                  num_classes, head=head)
-        info = dict(step=0, arch=args.arch)
+        model = SegmentationModel(dict(in_channels=in_channels, base_channels=args.base_channels,
+                                       num_levels=args.num_levels), num_classes, head=head)
+        info = dict(step=0, arch=args.arch, preprocessing=None)
     return model.to(device, memory_format=torch.channels_last_3d).train(), info
 
 
@@ -133,10 +134,12 @@ def prepare(args, head, script, outputs=("results.json",), settings=None, resume
         if Path(test_dir).resolve() == Path(data_dir).resolve() or shared:
             raise ValueError(f"--test-data {args.test_data} holds training cases of --data {args.data} "
                              f"({', '.join(shared[:5]) or 'the same folder'}): test on cases kept apart")
-    backbone = None
+    backbone, prep = None, preprocessing(data_dir)
     if args.checkpoint:
         backbone = read_backbone(args.checkpoint, verbose=False)
         check_backbone_flags(args, backbone[0], args.checkpoint)
+        expand_stem(backbone[1], len(prep["channels"]), args.checkpoint)
+        print(compare_preprocessing(backbone[2]["preprocessing"], prep))
     if settings is not None:     # what a --resume must find unchanged: the data's and the backbone file's content too
         checkpoint = Path(args.checkpoint or "")
         settings = dict(settings, data_fingerprint=fingerprint(data_dir), test_fingerprint=args.test_data and
@@ -148,7 +151,24 @@ def prepare(args, head, script, outputs=("results.json",), settings=None, resume
     if rank == 0:   # one run per folder: claimed before anything is written into it
         runtime.claim_run(args.out, script, outputs, settings, args.force, resume)
     return SimpleNamespace(device=device, data_dir=data_dir, test_dir=test_dir or data_dir, names=names, plan=plan,
-                           backbone=backbone)
+                           backbone=backbone, preprocessing=prep, channels=len(prep["channels"]))
+
+
+def compare_preprocessing(pretrained, labelled):
+    """One line: how the backbone's pretraining corpus and the labelled set were preprocessed, and
+    each difference named (transfer across them is a legitimate experiment: said, not refused)."""
+    mm = lambda spacing: "x".join(f"{s:g}" for s in spacing) + " mm"  # noqa: E731
+    show = lambda p: " + ".join(f"{c['name']} ({c['scheme']})" for c in p["channels"]) + ", " + mm(p["spacing"])  # noqa: E731
+    if pretrained is None:
+        return (f"preprocessing: the backbone file does not record its corpus' (the authors' weights: their CT or MRI "
+                f"preset, README); this labelled set: {show(labelled)}")
+    seen = {c["scheme"] for c in pretrained["channels"]}
+    differences = [f"channel {c['name']} is {c['scheme'].upper()}-normalised, the backbone saw "
+                   f"{' and '.join(s.upper() for s in sorted(seen))}" for c in labelled["channels"] if c["scheme"] not in seen]
+    if list(pretrained["spacing"]) != list(labelled["spacing"]):
+        differences.append(f"another spacing ({mm(labelled['spacing'])} vs {mm(pretrained['spacing'])})")
+    return (f"preprocessing: backbone {show(pretrained)}; labelled set {show(labelled)}: "
+            + ("; ".join(differences) if differences else "the same"))
 
 
 # ----------------------------------------------------------------------------- the sliding window
@@ -263,7 +283,9 @@ def write_results(args, cfg, fold_dice, names, info, cases, started, title, extr
     plain = lambda d: {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
     results = summarise(fold_dice, names)
     results.update(checkpoint=str(args.checkpoint) if args.checkpoint else None, init=args.init or "checkpoint",
-                   backbone_step=info["step"], args=plain(vars(args)), config=plain(cfg),
+                   backbone_step=info["step"], backbone_preprocessing=info["preprocessing"],
+                   data_preprocessing=preprocessing(data_folder(args.data)),
+                   args=plain(vars(args)), config=plain(cfg),
                    seconds=round(time.time() - started, 1),
                    train_cases={str(k): list(v[0]) for k, v in cases.items()},
                    test_cases={str(k): list(v[1]) for k, v in cases.items()}, **(extra or {}))

@@ -201,7 +201,7 @@ def main(args, hooks=None):
     for fold, train_ids, test_ids in run.plan:
         cases[fold] = (train_ids, test_ids)
         path = out / f"model_fold{fold}.pt"
-        model, info = new_segmenter(args, run.backbone, len(run.names), "nonlinear", run.device, fold)
+        model, info = new_segmenter(args, run.backbone, len(run.names), "nonlinear", run.device, fold, run.channels)
         if args.resume and path.is_file():      # a fold a killed run finished: kept
             fold_dice[fold] = np.array(load_segmenter(path)[1]["test_dice"], dtype=np.float64)
             print(f"fold {fold}: kept from the earlier run ({path})")
@@ -218,7 +218,8 @@ def main(args, hooks=None):
                                        run.device, amp_dtype)
             meta = load_dataset_json(run.data_dir)
             save_segmenter(path, model, labels={str(k): v for k, v in run.names.items()}, modality=meta["modality"],
-                           preset=meta["preset"], patch_size=list(cfg["eval_patch_size"]), aug=cfg["aug"],
+                           preset=meta["preset"], channels=run.preprocessing["channels"],
+                           patch_size=list(cfg["eval_patch_size"]), aug=cfg["aug"],
                            mirror_axes=list(cfg["mirror_axes"]) if cfg["aug"] != "none" else [], fold=fold,
                            train_cases=list(train_ids), test_cases=list(test_ids),
                            test_dice=fold_dice[fold].tolist())

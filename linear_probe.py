@@ -222,7 +222,7 @@ def main(args):
         cache_dir = Path(args.cache_dir or work)
         for fold, train_ids, test_ids in run.plan:
             cases[fold] = (train_ids, test_ids)
-            model, info = new_segmenter(args, run.backbone, len(run.names), "linear", run.device, fold)
+            model, info = new_segmenter(args, run.backbone, len(run.names), "linear", run.device, fold, run.channels)
             set_backbone_trainable(model, False)          # eval mode, no gradients: frozen for real
             before = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
             cache = cache_pyramids(model.backbone, run.data_dir, train_ids, cfg["eval_patch_size"], run.device,

@@ -6,8 +6,10 @@ the way nnU-Net's `nnUNetv2_predict -i IN -o OUT` does it.
     python predict.py -i scan.nii.gz -o OUT_DIR --model runs/ft/model_fold0.pt --no-tta
 
 Input: one .nii / .nii.gz scan, a folder of them, or a Decathlon folder whose scans are in
-imagesTs/; nnU-Net's channel suffix `_0000` is dropped from the case name. Each scan is
-preprocessed with the preset the models were trained with (preprocess.preprocess_arrays), then
+imagesTs/. A case of C channels is its files CASE_0000 ... (or one 4-D file), as the models were
+trained on (their channel names must match those of a dataset.json beside the scans); nnU-Net's
+channel suffix is dropped from the case name. Each case is preprocessed with the preset and the
+channel schemes the models were trained with (preprocess.preprocess_arrays), then
 for every model and every mirroring a Gaussian-weighted sliding window (downstream.sliding_window,
 overlap --overlap) gives softmax probabilities; their mean is the prediction, its argmax the
 label map, written on the scan's own grid (same shape and affine).
@@ -43,11 +45,12 @@ from tqdm import tqdm
 
 import runtime
 from downstream import volume_probabilities
-from preprocess import list_nifti, load_nifti, preprocess_arrays, save_nifti, to_original_grid
+from preprocess import (list_nifti, preprocess_arrays, read_channels, read_dataset_description, save_nifti,
+                        to_original_grid)
 from runtime import atomic_write, below_one, non_negative_int, save_json
 from weights import load_segmenter
 
-MUST_AGREE = ("labels", "modality", "preset")   # models of one ensemble: same classes, same preprocessing
+MUST_AGREE = ("labels", "modality", "preset", "channels")   # one ensemble: the same classes and preprocessing
 
 
 # ----------------------------------------------------------------------------- models
@@ -115,21 +118,31 @@ def ensemble_probabilities(models, windows, image, device, mirror_axes=(), overl
     return (total / count).cpu()
 
 
-def predict_scan(scan, models, ckpts, device, mirror_axes=(), overlap=0.5, amp_dtype=None):
-    """Preprocess one NIfTI scan with the models' preset and predict it -> (probabilities (K, X, Y, Z)
-    on the preprocessed grid, labels uint8 on the scan's own grid, preprocessing meta)."""
-    image, affine = load_nifti(scan)
-    image01, _, _, meta = preprocess_arrays(image, affine, ckpts[0]["modality"], spacing=ckpts[0]["preset"].get("spacing"),
-                                            names=(str(scan), "label"))
-    probs = ensemble_probabilities(models, [tuple(c["patch_size"]) for c in ckpts], image01[None], device,
-                                   mirror_axes, overlap, amp_dtype)                     # (K, X, Y, Z)
+def model_channels(ckpt):
+    """The channels a model was trained on: [{"name", "scheme"}]."""
+    return ckpt.get("channels") or [dict(name=ckpt["modality"].upper(), scheme=ckpt["modality"])]
+
+
+def predict_scan(scans, models, ckpts, device, mirror_axes=(), overlap=0.5, amp_dtype=None):
+    """Preprocess one case's NIfTI files (one per channel, or one) with the models' preset and channel
+    schemes and predict it -> (probabilities (K, X, Y, Z) on the preprocessed grid, labels uint8 on
+    the scan's own grid, preprocessing meta)."""
+    channels = model_channels(ckpts[0])
+    if len(scans) not in (1, len(channels)):
+        raise ValueError(f"{scans[0]}: {len(scans)} channel files, the models take {len(channels)} "
+                         f"({', '.join(c['name'] for c in channels)})")
+    images, affine, names = read_channels(scans, channels)
+    image01, _, _, meta = preprocess_arrays(images, affine, ckpts[0]["modality"], spacing=ckpts[0]["preset"]["spacing"],
+                                            names=(names, "label"), schemes=[c["scheme"] for c in channels])
+    probs = ensemble_probabilities(models, [tuple(c["patch_size"]) for c in ckpts], image01.reshape(-1, *meta["shape"]),
+                                   device, mirror_axes, overlap, amp_dtype)                   # (K, X, Y, Z)
     labels = to_original_grid(probs.argmax(0).numpy().astype(np.uint8), meta)     # scan's grid
     return probs, labels, meta
 
 
-def segment_case(scan, out_dir, name, models, ckpts, device, mirror_axes, overlap, amp_dtype, save_probabilities):
+def segment_case(scans, out_dir, name, models, ckpts, device, mirror_axes, overlap, amp_dtype, save_probabilities):
     """Predict one case and write its files -> voxels per class name on the scan's grid."""
-    probs, labels, meta = predict_scan(scan, models, ckpts, device, mirror_axes, overlap, amp_dtype)
+    probs, labels, meta = predict_scan(scans, models, ckpts, device, mirror_axes, overlap, amp_dtype)
     classes = [ckpts[0]["labels"][str(k)] for k in range(len(ckpts[0]["labels"]))]
     if save_probabilities:     # on the scan's grid; outside the body crop the background has probability 1
         on_grid = np.stack([to_original_grid(p.numpy(), meta, fill=1.0 if k == 0 else 0.0).astype(np.float16)
@@ -143,13 +156,9 @@ def segment_case(scan, out_dir, name, models, ckpts, device, mirror_axes, overla
 
 # ----------------------------------------------------------------------------- scans and folders
 
-def case_name(path):
-    """scan.nii.gz -> scan; nnU-Net's case_0000.nii.gz -> case."""
-    return re.sub(r"_0000$", "", re.sub(r"\.nii(\.gz)?$", "", Path(path).name))
-
-
 def find_scans(path):
-    """-i: one scan, a folder of scans, or a Decathlon folder with imagesTs/ -> [(case name, path)]."""
+    """-i: one scan, a folder of scans, or a Decathlon folder with imagesTs/ -> [(case name, [its
+    files: one, or one per channel CASE_0000 ...])]."""
     path = Path(path)
     if path.is_file():
         if not re.search(r"\.nii(\.gz)?$", path.name):
@@ -161,14 +170,23 @@ def find_scans(path):
             raise ValueError(f"-i {path}: no .nii / .nii.gz scans in it (nor in {path / 'imagesTs'})")
     else:
         raise ValueError(f"-i {path} does not exist")
-    scans, seen = [], {}
+    cases = {}
     for f in files:
-        name = case_name(f)
-        if name in seen:
-            raise ValueError(f"-i: {seen[name].name} and {f.name} are both case {name!r}")
-        seen[name] = f
-        scans.append((name, f))
-    return scans
+        name, channel = re.fullmatch(r"(.+?)(?:_(\d{4}))?\.nii(?:\.gz)?", f.name).groups()
+        if name in cases and (channel is None or None in cases[name] or channel in cases[name]):
+            raise ValueError(f"-i: {next(iter(cases[name].values())).name} and {f.name} are both case {name!r}")
+        cases.setdefault(name, {})[channel] = f
+    return [(name, [c[k] for k in sorted(c, key=lambda k: k or "")]) for name, c in cases.items()]
+
+
+def check_channel_names(inputs, channels):
+    """A dataset.json beside the scans (in -i, or its parent) that names several channels must
+    name the models' channels, in their order."""
+    for folder in (Path(inputs), Path(inputs).parent):
+        names = read_dataset_description(folder)[1] if (folder / "dataset.json").is_file() else None
+        if names and (len(names) > 1 or len(channels) > 1) and names != [c["name"] for c in channels]:
+            raise ValueError(f"{folder / 'dataset.json'} names the channels {names}, the models were trained on "
+                             f"{[c['name'] for c in channels]}")
 
 
 def check_output_folder(inputs, out):
@@ -193,6 +211,7 @@ def main(args):
     paths = find_models(args.model, args.folds)
     device = runtime.pick_device(args.device)
     models, ckpts = load_ensemble(paths)
+    check_channel_names(args.input, model_channels(ckpts[0]))
     axes = trained_mirror_axes(ckpts) if args.tta is not False else ()
     if args.tta and not axes:
         raise ValueError("--tta: the models were trained without mirroring, so no axis is known to keep their "
@@ -211,20 +230,21 @@ def main(args):
     if args.save_probabilities:
         save_json(out_dir / "classes.json", report["classes"])
     amp_dtype = runtime.autocast_dtype(device, args.amp)
-    for name, scan in tqdm(scans, desc="predict", dynamic_ncols=True):
-        record = dict(input=str(scan), output=str(out_dir / f"{name}.nii.gz"))
+    for name, files in tqdm(scans, desc="predict", dynamic_ncols=True):
+        record = dict(input=[str(f) for f in files] if len(files) > 1 else str(files[0]),
+                      output=str(out_dir / f"{name}.nii.gz"))
         t0 = time.time()
         if f"{name}.nii.gz" in done_before and (not args.save_probabilities or f"{name}.npz" in done_before):
             record.update(status="skipped", reason="made by this run's models and settings already")
         else:
             try:
-                counts = segment_case(scan, out_dir, name, models, ckpts, device, axes, args.overlap, amp_dtype,
+                counts = segment_case(files, out_dir, name, models, ckpts, device, axes, args.overlap, amp_dtype,
                                       args.save_probabilities)
                 record.update(status="done", seconds=round(time.time() - t0, 2), voxels_per_class=counts)
             except Exception as e:   # one bad scan must not stop the others
                 lines = str(e).strip().splitlines()
                 record.update(status="failed", reason=f"{type(e).__name__}: {lines[0] if lines else ''}"[:300])
-                tqdm.write(f"FAILED {scan}: {record['reason']}")
+                tqdm.write(f"FAILED {files[0]}: {record['reason']}")
         report["cases"][name] = record
         save_json(out_dir / "predictions.json", report)
     counts = {s: sum(r["status"] == s for r in report["cases"].values()) for s in ("done", "skipped", "failed")}

@@ -1,4 +1,4 @@
-"""Preprocessing of NIfTI scans into fast-loading arrays (Sec. 3.1); `--demo` writes the demo set (demo.py).
+"""Preprocessing of NIfTI scans into fast-loading arrays (Sec. 3.1); `--demo` builds the demo set.
 
 Sec. 3.1 of Kats, Hirsch & Heinrich (2024):
   CT:  (1) resample to 1 x 1 x 2 mm, (2) crop to the box of voxels > -500 HU,
@@ -6,28 +6,26 @@ Sec. 3.1 of Kats, Hirsch & Heinrich (2024):
   MRI: (1) resample to 1.5 mm isotropic, (2) clip to the 0.01 / 99.9 percentiles, scale to
        [0, 1], (3) crop to the box of voxels > 0.3.
 Every scan is first turned to canonical RAS voxel order, so a stored volume is (X, Y, Z) and the
-paper's 128 x 128 x 32 patch is (X, Y, Z) = (128, 128, 32). meta.json keeps what is needed to
-map a prediction back onto the original scan (`to_original_grid`).
-Output: DATA_DIR/cases/<id>/{image.npy, body.npy, label.npy, meta.json}, DATA_DIR/dataset.json.
+paper's 128 x 128 x 32 patch is (X, Y, Z) = (128, 128, 32); meta.json keeps what maps a
+prediction back onto the scan (to_original_grid).
 
-Run:
-  python preprocess.py --input RAW_DIR --output DATA_DIR --modality ct [--workers 4]
-      RAW_DIR: Decathlon / nnU-Net layout (imagesTr/, labelsTr/, imagesTs/, dataset.json) or
-      a flat folder of unlabelled .nii / .nii.gz scans. A re-run skips finished cases.
-  python preprocess.py --demo data/demo   # 20 labelled + 200 unlabelled synthetic abdomen CTs
-Expect one line per bad input (`FAILED imagesTr/x.nii.gz: <reason>`), then
-`done N / skipped N / failed N`; exit code 0, 1 (a case failed) or 2 (nothing to do).
+    python preprocess.py --input RAW_DIR --output DATA_DIR --modality ct [--workers 4]
+    python preprocess.py --demo data/demo        # 20 labelled + 200 unlabelled synthetic abdomen CTs
 
-Choices the paper leaves open:
-- Resampling grid: new voxel i sits at old voxel coordinate i * new_spacing / old_spacing
-  (voxel-0 centres coincide), new_shape = floor((old_shape - 1) * old / new) + 1, so the
-  inverse is a per-axis index lookup. Images: separable linear, labels: nearest.
-- MRI percentiles over the whole resampled volume (background included).
-- body.npy: the threshold mask with holes filled slice by slice (gas in lungs / bowel counts).
+RAW_DIR: a Decathlon / nnU-Net folder (imagesTr/, labelsTr/, imagesTs/, dataset.json) or a flat
+folder of unlabelled scans. Several channels per case, as nnU-Net keeps them: CASE_0000 ...
+CASE_000k with dataset.json's `channel_names` (nnU-Net v2), or one 4-D image per case with its
+`modality` (Decathlon v1); each channel is normalised by the scheme its name calls for (a "CT"
+channel by the CT window, any other by the MRI percentiles, as nnU-Net treats non-CT channels),
+all on one grid, cropped to the union of their bodies. A single-channel dataset follows
+--modality. Output: DATA_DIR/cases/<id>/{image.npy ((X, Y, Z), or (C, X, Y, Z)), body.npy,
+label.npy, meta.json}, DATA_DIR/dataset.json. One `FAILED <file>: <reason>` line per bad case, the
+others finish; a re-run skips finished cases; exit code 0, 1 (a case failed) or 2 (nothing done).
 
-Longer than a stage file should be, because it is one stage: every way a NIfTI file can be wrong
-is checked here, per case (validate_case), the geometry is inverted exactly (to_original_grid),
-and a folder is processed by worker processes of which one may die without stopping the batch.
+Choices the paper leaves open: the resampled grid keeps voxel 0's centre (new voxel i at old
+coordinate i * new / old spacing; images separable linear, labels nearest), so the inverse is an
+index lookup per axis; MRI percentiles over the whole resampled volume; body.npy is the threshold
+mask with holes filled slice by slice (gas in lungs and bowel counts).
 """
 import argparse
 import json
@@ -40,8 +38,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation
-from nibabel.orientations import ornt_transform
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from scipy import ndimage
 from tqdm import tqdm
 
@@ -65,10 +62,6 @@ class PreprocessError(ValueError):
 
 # ---------------------------------------------------------------- files and checks
 
-def save_npy(path, array):
-    atomic_write(path, lambda tmp: np.save(tmp, array))  # tmp ends in .npy: no suffix added
-
-
 def make_preset(modality, spacing=None):
     """The preset as a JSON-friendly dict, optionally with another spacing (mm)."""
     if modality not in PRESETS:
@@ -81,31 +74,36 @@ def make_preset(modality, spacing=None):
     return preset
 
 
+def channel_schemes(names, modality):
+    """[{"name", "scheme"}] per channel: with several channels each by its name ("CT": the CT
+    window, any other: the MRI percentiles); a single channel by --modality."""
+    names = list(names or [modality.upper()])
+    return [dict(name=n, scheme=("ct" if n.lower() == "ct" else "mri") if len(names) > 1 else modality) for n in names]
+
+
 def load_nifti(path, name=None):
     """-> (array in its stored dtype after NIfTI scaling, affine (4, 4)); name: for messages."""
-    name = name or str(path)
     try:
         img = nib.load(str(path))
         return np.asanyarray(img.dataobj), img.affine.astype(np.float64)
     except Exception as e:  # nibabel raises many types for truncated / garbage files
-        raise PreprocessError(f"{name}: unreadable or corrupt NIfTI ({type(e).__name__}: {e})")
+        raise PreprocessError(f"{name or path}: unreadable or corrupt NIfTI ({type(e).__name__}: {e})")
 
 
-def validate_case(image, affine, label=None, label_affine=None, names=("image", "label"),
-                  max_label=255):
+def validate_case(image, affine, label=None, label_affine=None, names=("image", "label"), max_label=255):
     """-> (image float32 (X, Y, Z), label uint8 (X, Y, Z) or None); raises PreprocessError."""
     image_name, label_name = names
     image = image[..., 0] if image.ndim == 4 and image.shape[3] == 1 else image  # harmless 4th
     if image.ndim != 3:
-        raise PreprocessError(f"{image_name}: {image.ndim}-D image of shape {image.shape}, "
-                              "expected 3-D")
+        raise PreprocessError(f"{image_name}: {image.ndim}-D image of shape {image.shape}, expected 3-D")
     if min(image.shape) == 0:
         raise PreprocessError(f"{image_name}: an empty axis in shape {image.shape}")
-    sv = np.linalg.svd(affine[:3, :3], compute_uv=False) if np.all(np.isfinite(affine)) else np.zeros(3)
+    finite = np.all(np.isfinite(affine))
+    sv = np.linalg.svd(affine[:3, :3], compute_uv=False) if finite else np.zeros(3)
     if sv.max() == 0 or sv.min() / sv.max() < 1e-6:     # relative: a header in metres is tiny, not singular
         raise PreprocessError(f"{image_name}: singular or rank-deficient affine (its 3 x 3 part has determinant "
-                              f"{np.linalg.det(affine[:3, :3]) if np.all(np.isfinite(affine)) else 'nan'}): "
-                              "no voxel size or orientation can be read")
+                              f"{np.linalg.det(affine[:3, :3]) if finite else 'nan'}): no voxel size or orientation "
+                              "can be read")
     if np.iscomplexobj(image):
         raise PreprocessError(f"{image_name}: complex-valued voxels ({image.dtype}); a scan holds real intensities "
                               "(take the magnitude first if this is raw MRI data)")
@@ -119,11 +117,10 @@ def validate_case(image, affine, label=None, label_affine=None, names=("image", 
         return image, None
     label = label[..., 0] if label.ndim == 4 and label.shape[3] == 1 else label
     if label.shape != image.shape:
-        raise PreprocessError(f"{label_name}: label shape {label.shape} differs from the image "
-                              f"shape {image.shape}")
+        raise PreprocessError(f"{label_name}: label shape {label.shape} differs from the image shape {image.shape}")
     if label_affine is not None and not np.allclose(label_affine, affine, atol=1e-3):
-        raise PreprocessError(f"{label_name}: label affine differs from the image affine (max "
-                              f"abs difference {np.abs(label_affine - affine).max():.4g})")
+        raise PreprocessError(f"{label_name}: label affine differs from the image affine (max abs difference "
+                              f"{np.abs(label_affine - affine).max():.4g})")
     if not np.issubdtype(label.dtype, np.integer):
         fraction = label[~(label == np.round(label))]  # NaN fails the comparison too
         if fraction.size:
@@ -132,8 +129,7 @@ def validate_case(image, affine, label=None, label_affine=None, names=("image", 
         raise PreprocessError(f"{label_name}: negative label values (min {label.min():g})")
     if label.max() > max_label:
         why = "the largest class in dataset.json" if max_label < 255 else "stored as uint8"
-        raise PreprocessError(f"{label_name}: label values up to {label.max():g}, more than "
-                              f"{max_label} ({why})")
+        raise PreprocessError(f"{label_name}: label values up to {label.max():g}, more than {max_label} ({why})")
     return image, label.astype(np.uint8)
 
 
@@ -184,57 +180,56 @@ def fill_body(mask):
 
 
 def preprocess_arrays(image, affine, modality, spacing=None, label=None, *, label_affine=None,
-                      names=("image", "label"), max_label=255):
-    """Sec. 3.1 on in-memory arrays; image (I, J, K) in the scan's voxel order (HU for CT).
-
-    -> (image01 float32 (X, Y, Z) in [0, 1], body bool (X, Y, Z), label uint8 (X, Y, Z) or None,
-        meta dict with the geometry `to_original_grid` needs).
-    """
-    image, label = validate_case(image, affine, label, label_affine, names, max_label)
+                      names=("image", "label"), max_label=255, schemes=None):
+    """Sec. 3.1 on in-memory arrays: image (I, J, K) in the scan's voxel order (HU for CT), or a
+    list of C such channels on one grid, channel c normalised by schemes[c] ("ct" or "mri"; default:
+    modality's; names[0] is then a list of C names).
+    -> (image01 float32 in [0, 1], (X, Y, Z) or (C, X, Y, Z); body bool (X, Y, Z); label uint8
+        (X, Y, Z) or None; meta dict with the geometry to_original_grid needs)."""
+    multi = isinstance(image, (list, tuple))
+    images, image_names = (list(image), list(names[0])) if multi else ([image], [names[0]])
+    schemes = schemes or [modality] * len(images)
+    checked = [validate_case(a, affine, label if c == 0 else None, label_affine, (n, names[1]), max_label)
+               for c, (a, n) in enumerate(zip(images, image_names))]
+    images, label = [a for a, _ in checked], checked[0][1]
     preset = make_preset(modality, spacing)
     ornt = io_orientation(affine)  # original voxel axes -> closest RAS axes
-    canonical_affine = affine @ inv_ornt_aff(ornt, image.shape)
-    original_shape, image = list(image.shape), apply_orientation(image, ornt)  # (X, Y, Z)
-    old_spacing = nib.affines.voxel_sizes(canonical_affine)
+    canonical_affine = affine @ inv_ornt_aff(ornt, images[0].shape)
+    original_shape, images = list(images[0].shape), [apply_orientation(a, ornt) for a in images]  # (X, Y, Z)
+    old_spacing, shape = nib.affines.voxel_sizes(canonical_affine), images[0].shape
     ratio = np.asarray(preset["spacing"]) / old_spacing  # new voxel i <- old coordinate i*ratio
-    new_shape = resampled_shape(image.shape, old_spacing, preset["spacing"])
+    new_shape = resampled_shape(shape, old_spacing, preset["spacing"])
     gib = 4 * np.prod(new_shape, dtype=np.float64) / 2 ** 30
-    if gib > MAX_RESAMPLED_GIB:
-        raise PreprocessError(f"{names[0]}: spacing {np.round(old_spacing, 3).tolist()} mm x shape {image.shape} "
-                              f"would resample to {new_shape} ({gib:.1f} GiB as float32, limit {MAX_RESAMPLED_GIB} GiB); "
-                              "is the voxel size in the header right?")
-    if min(new_shape) < MIN_RESAMPLED_VOXELS:
-        raise PreprocessError(f"{names[0]}: spacing {np.round(old_spacing, 4).tolist()} mm x shape {image.shape} "
-                              f"resamples to {new_shape} at {preset['spacing']} mm, almost nothing; is the voxel size "
-                              "in the header right?")
-    resampled = resample_image(image, ratio, new_shape)  # step (1)
-    if modality == "ct":
-        body = resampled > preset["body_threshold_hu"]
-        box = body_box(body, names[0])  # step (2), on HU
-        crop = tuple(slice(a, b) for a, b in box)
-        lo, hi = preset["clip"]  # step (3)
-        image01 = (np.clip(resampled[crop], lo, hi) - lo) / (hi - lo)
-    else:
-        lo, hi = np.percentile(resampled, preset["clip_percentiles"])  # step (2)
-        if hi <= lo:
-            raise PreprocessError(f"{names[0]}: constant intensities ({lo:g}), nothing to scale")
-        scaled = (np.clip(resampled, lo, hi) - lo) / (hi - lo)
-        body = scaled > preset["body_threshold"]
-        box = body_box(body, names[0])  # step (3)
-        crop = tuple(slice(a, b) for a, b in box)
-        image01 = scaled[crop]
+    if gib > MAX_RESAMPLED_GIB or min(new_shape) < MIN_RESAMPLED_VOXELS:
+        raise PreprocessError(f"{image_names[0]}: spacing {np.round(old_spacing, 4).tolist()} mm x shape {shape} "
+                              f"resamples to {new_shape} at {preset['spacing']} mm, " +
+                              (f"{gib:.1f} GiB as float32 (limit {MAX_RESAMPLED_GIB} GiB)" if gib > MAX_RESAMPLED_GIB
+                               else "almost nothing") + "; is the voxel size in the header right?")
+    scaled, body = [], None
+    for channel, scheme, name in zip(images, schemes, image_names):
+        resampled = resample_image(channel, ratio, new_shape)                    # step (1)
+        if scheme == "ct":    # (2) the body: voxels > -500 HU; (3) the window, scaled to [0, 1]
+            mask, (lo, hi) = resampled > PRESETS["ct"]["body_threshold_hu"], PRESETS["ct"]["clip"]
+        else:                 # (2) the 0.01 / 99.9 percentiles, scaled to [0, 1]; (3) the body: > 0.3
+            mask, (lo, hi) = None, np.percentile(resampled, PRESETS["mri"]["clip_percentiles"])
+            if hi <= lo:
+                raise PreprocessError(f"{name}: constant intensities ({lo:g}), nothing to scale")
+        scaled.append((np.clip(resampled, lo, hi) - lo) / (hi - lo))
+        mask = scaled[-1] > PRESETS["mri"]["body_threshold"] if mask is None else mask
+        body = mask if body is None else body | mask                             # the union of the channels' bodies
+    box = body_box(body, image_names[0])
+    crop = tuple(slice(a, b) for a, b in box)
+    image01 = np.stack([s[crop] for s in scaled]) if multi else scaled[0][crop]
     if label is not None:  # nearest: new voxel i <- old voxel round(i * ratio)
         index = [np.minimum(np.floor(np.arange(n) * r + 0.5).astype(np.intp), m - 1)[c]
-                 for n, r, m, c in zip(new_shape, ratio, image.shape, crop)]
+                 for n, r, m, c in zip(new_shape, ratio, shape, crop)]
         label = np.ascontiguousarray(apply_orientation(label, ornt)[np.ix_(*index)])
     final_affine = canonical_affine @ np.diag([*ratio, 1.0])
     final_affine[:3, 3] += final_affine[:3, :3] @ [b[0] for b in box]  # crop offset
-    meta = dict(modality=modality, preset=preset, original_shape=original_shape,
-                original_affine=affine.tolist(),
-                original_spacing=nib.affines.voxel_sizes(affine).tolist(),
-                ornt=ornt.astype(int).tolist(), canonical_shape=list(image.shape),
-                resampled_shape=list(new_shape), crop_box=box, shape=list(image01.shape),
-                spacing=preset["spacing"], affine=final_affine.tolist())
+    meta = dict(modality=modality, preset=preset, original_shape=original_shape, original_affine=affine.tolist(),
+                original_spacing=nib.affines.voxel_sizes(affine).tolist(), ornt=ornt.astype(int).tolist(),
+                canonical_shape=list(shape), resampled_shape=list(new_shape), crop_box=box,
+                shape=list(image01.shape[-3:]), spacing=preset["spacing"], affine=final_affine.tolist())
     return image01.astype(np.float32), fill_body(body[crop]), label, meta
 
 
@@ -280,33 +275,50 @@ def save_nifti(array, affine, path):
 
 # ---------------------------------------------------------------- cases and folders
 
-def preprocess_case(image_path, label_path, out_dir, case_id, modality, spacing=None, *,
-                    split="train", root=None, max_label=255):
-    """Read, check, preprocess and save one case to out_dir/cases/<case_id>/ -> meta.
+def read_channels(paths, channels, show=str):
+    """A case's channel files -> (list of (I, J, K) arrays, or one array for a single channel,
+    the affine, the channel names for messages). paths: one file per channel, or one 4-D file
+    holding them along its last axis (Decathlon v1). Channels on another grid than the first are
+    a PreprocessError naming the case and the channel."""
+    loaded = [load_nifti(p, show(p)) for p in paths]
+    (first, affine), names = loaded[0], [show(p) for p in paths]
+    if len(channels) == 1:
+        return first, affine, names[0]
+    if len(paths) == 1:
+        if first.ndim != 4 or first.shape[3] != len(channels):
+            raise PreprocessError(f"{names[0]}: shape {first.shape}, expected {len(channels)} channels along its 4th "
+                                  f"axis ({', '.join(c['name'] for c in channels)})")
+        return [first[..., k] for k in range(len(channels))], affine, [f"{names[0]} ({c['name']})" for c in channels]
+    for (image, a), name, c in zip(loaded[1:], names[1:], channels[1:]):
+        if image.shape[:3] != first.shape[:3] or not np.allclose(a, affine, atol=1e-3):
+            raise PreprocessError(f"{name}: channel {c['name']} is on another grid than {names[0]} (shape "
+                                  f"{image.shape[:3]} vs {first.shape[:3]}, or another affine)")
+    return [image for image, _ in loaded], affine, names
 
-    root: messages name the files relative to it (the raw data folder)."""
-    def show(path):
-        return str(Path(path).relative_to(root) if root else path)
 
-    image, affine = load_nifti(image_path, show(image_path))
-    label, label_affine = load_nifti(label_path, show(label_path)) if label_path else (None,) * 2
-    names = (show(image_path), show(label_path) if label_path else "label")
-    image01, body, label, meta = preprocess_arrays(image, affine, modality, spacing, label,
-                                                   label_affine=label_affine, names=names,
-                                                   max_label=max_label)
+def preprocess_case(image_paths, label_path, out_dir, case_id, modality, spacing=None, *, split="train",
+                    root=None, max_label=255, channels=None):
+    """Read, check, preprocess and save one case to out_dir/cases/<case_id>/ -> meta. channels:
+    channel_schemes' list (default: one of --modality's); root: messages name files relative to it."""
+    channels = channels or channel_schemes(None, modality)
+    show = lambda path: str(Path(path).relative_to(root) if root else path)  # noqa: E731
+    images, affine, names = read_channels(image_paths, channels, show)
+    label, label_affine = load_nifti(label_path, show(label_path)) if label_path else (None, None)
+    image01, body, label, meta = preprocess_arrays(images, affine, modality, spacing, label, label_affine=label_affine,
+                                                   names=(names, show(label_path) if label_path else "label"),
+                                                   max_label=max_label, schemes=[c["scheme"] for c in channels])
     case_dir = Path(out_dir) / "cases" / case_id
     case_dir.mkdir(parents=True, exist_ok=True)
-    (case_dir / "meta.json").unlink(missing_ok=True)  # incomplete until meta.json is back
-    save_npy(case_dir / "image.npy", image01.astype(np.float16))
-    save_npy(case_dir / "body.npy", body)
-    (case_dir / "label.npy").unlink(missing_ok=True)
-    if label is not None:
-        save_npy(case_dir / "label.npy", label)
-    values = np.flatnonzero(np.bincount(label.ravel())).tolist() if label is not None else None
+    for name in ("meta.json", "label.npy"):
+        (case_dir / name).unlink(missing_ok=True)  # the case is incomplete until meta.json is back
+    for name, array in (("image", image01.astype(np.float16)), ("body", body), ("label", label)):
+        if array is not None:
+            atomic_write(case_dir / f"{name}.npy", lambda tmp: np.save(tmp, array))
     meta = dict(format_version=FORMAT_VERSION, case_id=case_id, split=split,
-                image_file=str(Path(image_path).resolve()),
+                image_file=str(Path(image_paths[0]).resolve()),
                 label_file=str(Path(label_path).resolve()) if label_path else None,
-                label_values=values, **meta)
+                label_values=np.flatnonzero(np.bincount(label.ravel())).tolist() if label is not None else None,
+                channels=channels, **meta)
     save_json(case_dir / "meta.json", meta)  # last: its presence marks the case complete
     return meta
 
@@ -314,9 +326,8 @@ def preprocess_case(image_path, label_path, out_dir, case_id, modality, spacing=
 def list_nifti(folder):
     """[(name without extension, path)] of the .nii / .nii.gz files (hidden, '._' skipped). A link
     that leads nowhere (a loop, a missing target) is reported on stderr, not skipped silently."""
-    paths = sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []
     found = []
-    for p in paths:
+    for p in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
         m = re.fullmatch(r"(.+)\.nii(\.gz)?", p.name)
         if not m or p.name.startswith("."):
             continue
@@ -333,15 +344,18 @@ def list_nifti(folder):
     return found
 
 
-def read_label_names(raw_dir):
-    """Class names of a Decathlon ({"1": "liver"}) or nnU-Net v2 ({"liver": 1}) dataset.json."""
+def read_dataset_description(raw_dir):
+    """Class names and channel names of a Decathlon ({"1": "liver"}, "modality") or nnU-Net v2
+    ({"liver": 1}, "channel_names") dataset.json -> (labels {"1": "liver"} or None, names or None)."""
     path = Path(raw_dir) / "dataset.json"
     try:
-        labels = json.loads(path.read_text()).get("labels") if path.is_file() else None
+        info = json.loads(path.read_text()) if path.is_file() else {}
+        labels, channels = info.get("labels"), info.get("channel_names") or info.get("modality")
     except (ValueError, AttributeError) as e:
         raise PreprocessError(f"{path}: not a valid dataset.json ({type(e).__name__}: {e})") from None
+    names = [channels[k] for k in sorted(channels, key=int)] if isinstance(channels, dict) and channels else None
     if not labels:
-        return None
+        return None, names
     if not isinstance(labels, dict):
         raise PreprocessError(f"{path}: \"labels\" must map class numbers to names (Decathlon) or names "
                               f"to numbers (nnU-Net v2), got {type(labels).__name__}")
@@ -352,41 +366,49 @@ def read_label_names(raw_dir):
     if all(isinstance(v, int) for v in labels.values()):        # nnU-Net v2: {"liver": 1}
         labels = {v: k for k, v in labels.items()}
     try:
-        return {str(int(k)): str(v) for k, v in labels.items()}
+        return {str(int(k)): str(v) for k, v in labels.items()}, names
     except ValueError:
         raise PreprocessError(f"{path}: \"labels\" mixes formats: {labels}") from None
 
 
-def find_cases(raw_dir):
-    """-> (jobs: dicts(case_id, image, label, split), failures: messages naming the files)."""
+def find_cases(raw_dir, num_channels=1):
+    """-> (jobs: dicts(case_id, images, label, split), failures: messages naming the files). In a
+    Decathlon / nnU-Net folder a case is CASE.nii.gz or its channels CASE_0000 ... (num_channels)."""
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         raise PreprocessError(f"{raw_dir}: input folder does not exist")
     decathlon = (raw_dir / "imagesTr").is_dir()  # else a flat folder of unlabelled scans
     labels = dict(list_nifti(raw_dir / "labelsTr")) if decathlon else {}
-    jobs, failures = [], []
-    for split, folder in [("train", "imagesTr"), ("test", "imagesTs")] if decathlon else [
-            ("unlabelled", ".")]:
+    jobs, failures, present = [], [], set()
+    for split, folder in [("train", "imagesTr"), ("test", "imagesTs")] if decathlon else [("unlabelled", ".")]:
+        cases = {}                                    # case id -> {channel (None: no suffix): path}
         for stem, path in list_nifti(raw_dir / folder):
-            match = re.fullmatch(r"(.+)_(\d{4})", stem) if decathlon else None  # nnU-Net _0000
-            case_id, channel = match.groups() if match else (stem, "0000")
+            match = re.fullmatch(r"(.+)_(\d{4})", stem) if decathlon else None  # nnU-Net's _0000
+            case_id, channel = (match[1], int(match[2])) if match else (stem, None)
             name = path.relative_to(raw_dir)
-            if channel != "0000":
-                failures.append(f"{name}: channel _{channel}; only single-channel input (_0000) "
-                                "is supported")
-            elif case_id in {j["case_id"] for j in jobs}:
+            if case_id in {j["case_id"] for j in jobs} or channel in cases.get(case_id, {}) or \
+                    (cases.get(case_id) and (channel is None) != (None in cases[case_id])):
                 failures.append(f"{name}: duplicate case id {case_id!r}")
-            elif split == "train" and case_id not in labels:
-                failures.append(f"{name}: no label labelsTr/{case_id}.nii.gz")
+            elif channel is not None and channel >= num_channels:
+                failures.append(f"{name}: channel _{channel:04d}, but the dataset has {num_channels} channel(s) "
+                                "(dataset.json's channel_names / modality); skipped")
             else:
-                jobs.append(dict(case_id=case_id, image=path, split=split,
-                                 label=labels[case_id] if split == "train" else None))
-    trained = {j["case_id"] for j in jobs if j["split"] == "train"}
-    failures += [f"labelsTr/{p.name}: label without an image in imagesTr/"
-                 for s, p in labels.items() if s not in trained]
+                cases.setdefault(case_id, {})[channel] = path
+        present |= set(cases) if split == "train" else set()
+        for case_id, files in cases.items():
+            images = [files[k] for k in sorted(files, key=lambda k: k or 0)]
+            missing = [k for k in range(num_channels) if None not in files and k not in files]
+            if missing:
+                failures.append(f"{folder}/{case_id}: channel _{missing[0]:04d} is missing ({num_channels} per case)")
+            elif split == "train" and case_id not in labels:
+                failures.append(f"{images[0].relative_to(raw_dir)}: no label labelsTr/{case_id}.nii.gz")
+            else:
+                jobs.append(dict(case_id=case_id, images=images, split=split,
+                                 label=labels.get(case_id) if split == "train" else None))
+    failures += [f"labelsTr/{p.name}: label without an image in imagesTr/" for s, p in labels.items() if s not in present]
     if not jobs and not failures:
-        raise PreprocessError(f"{raw_dir}: no .nii / .nii.gz files found (expected imagesTr/ + "
-                              "labelsTr/, or a flat folder of scans)")
+        raise PreprocessError(f"{raw_dir}: no .nii / .nii.gz files found (expected imagesTr/ + labelsTr/, or a flat "
+                              "folder of scans)")
     return jobs, failures
 
 
@@ -397,20 +419,20 @@ def read_meta(case_dir):
         return {}
 
 
-def is_complete(meta, preset):
-    return meta.get("format_version") == FORMAT_VERSION and meta.get("preset") == preset
+def is_complete(meta, preset, channels):
+    return (meta.get("format_version") == FORMAT_VERSION and meta.get("preset") == preset
+            and meta.get("channels", channel_schemes(None, preset["name"])) == channels)
 
 
 def run_job(job):
     """Worker: one case -> error message or None. Bad input must not stop the batch."""
     try:
-        preprocess_case(job["image"], job["label"], job["out_dir"], job["case_id"],
-                        job["modality"], job["spacing"], split=job["split"], root=job["root"],
-                        max_label=job["max_label"])
+        preprocess_case(job["images"], job["label"], job["out_dir"], job["case_id"], job["modality"], job["spacing"],
+                        split=job["split"], root=job["root"], max_label=job["max_label"], channels=job["channels"])
     except PreprocessError as e:
         return str(e)
     except Exception as e:  # a surprise is still reported per case, never silent
-        return f"{Path(job['image']).relative_to(job['root'])}: {type(e).__name__}: {e}"
+        return f"{Path(job['images'][0]).relative_to(job['root'])}: {type(e).__name__}: {e}"
 
 
 def map_jobs(jobs, workers, fn=run_job):
@@ -431,7 +453,7 @@ def map_jobs(jobs, workers, fn=run_job):
             try:
                 yield pool.submit(fn, job).result()
             except BrokenProcessPool:
-                name = Path(job["image"]).relative_to(job["root"]) if "image" in job else job
+                name = Path(job["images"][0]).relative_to(job["root"]) if isinstance(job, dict) else job
                 yield f"{name}: its worker process died (killed, or out of memory)"
 
 
@@ -446,19 +468,6 @@ def _die_with_parent():
             pass
 
 
-def write_dataset_json(out_dir, modality, preset, labels):
-    """dataset.json listing every complete case in out_dir made with this preset."""
-    metas = [m for m in map(read_meta, sorted(Path(out_dir).glob("cases/*")))
-             if is_complete(m, preset)]
-    cases = [dict(id=m["case_id"], split=m["split"], labelled=m["label_file"] is not None,
-                  shape=m["shape"]) for m in metas]
-    values = [v for m in metas for v in m["label_values"] or []]
-    if labels is None and values:  # no dataset.json in the input: number the classes
-        labels = {str(v): f"class_{v}" if v else "background" for v in range(max(values) + 1)}
-    save_json(Path(out_dir) / "dataset.json", dict(format_version=FORMAT_VERSION,
-              modality=modality, preset=preset, labels=labels, cases=cases))
-
-
 def preprocess_folder(raw_dir, out_dir, modality, spacing=None, workers=1, force=False):
     """Preprocess a raw folder -> dict(done, skipped, failed: one message per bad case). The output
     folder is claimed as one run of this preset (runtime.claim_run): a re-run continues it, skipping
@@ -468,13 +477,14 @@ def preprocess_folder(raw_dir, out_dir, modality, spacing=None, workers=1, force
     if out == raw or raw in out.parents:
         raise PreprocessError(f"--output {out_dir} is (inside) --input {raw_dir}: its dataset.json would replace "
                               "the raw one; choose a folder outside the input")
-    jobs, failed = find_cases(raw_dir)
-    labels = read_label_names(raw_dir)
-    runtime.claim_run(out_dir, "preprocess.py", ("dataset.json",), dict(preset=preset), force=force, resume=not force,
-                      flag="--output")
-    todo = [j for j in jobs if not is_complete(read_meta(Path(out_dir) / "cases" / j["case_id"]), preset)]
+    labels, names = read_dataset_description(raw_dir)
+    channels = channel_schemes(names, modality)
+    jobs, failed = find_cases(raw_dir, len(channels))
+    runtime.claim_run(out_dir, "preprocess.py", ("dataset.json",), dict(preset=preset, channels=channels), force=force,
+                      resume=not force, flag="--output")
+    todo = [j for j in jobs if not is_complete(read_meta(Path(out_dir) / "cases" / j["case_id"]), preset, channels)]
     for job in todo:
-        job.update(out_dir=str(out_dir), modality=modality, spacing=spacing, root=Path(raw_dir),
+        job.update(out_dir=str(out_dir), modality=modality, spacing=spacing, root=Path(raw_dir), channels=channels,
                    max_label=max(map(int, labels)) if labels else 255)
     for stale in Path(out_dir).glob("cases/*/.tmp-*"):
         stale.unlink(missing_ok=True)       # left by a killed run (atomic_write names them so)
@@ -487,7 +497,14 @@ def preprocess_folder(raw_dir, out_dir, modality, spacing=None, workers=1, force
         else:
             tqdm.write(f"FAILED {message}", file=sys.stderr)
             failed.append(message)
-    write_dataset_json(out_dir, modality, preset, labels)
+    metas = [m for m in map(read_meta, sorted(Path(out_dir).glob("cases/*"))) if is_complete(m, preset, channels)]
+    values = [v for m in metas for v in m["label_values"] or []]
+    if labels is None and values:  # no dataset.json in the input: number the classes
+        labels = {str(v): f"class_{v}" if v else "background" for v in range(max(values) + 1)}
+    save_json(Path(out_dir) / "dataset.json", dict(
+        format_version=FORMAT_VERSION, modality=modality, preset=preset, channels=channels, labels=labels,
+        cases=[dict(id=m["case_id"], split=m["split"], labelled=m["label_file"] is not None, shape=m["shape"])
+               for m in metas]))
     runtime.finish_run(out_dir)
     result = dict(done=done, skipped=len(jobs) - len(todo), failed=failed)
     print(f"done {done} / skipped {result['skipped']} / failed {len(failed)}")
@@ -536,7 +553,8 @@ def parse_args(argv=None):
     # real data
     parser.add_argument("--input", help="Decathlon/nnU-Net folder or flat folder of .nii(.gz)")
     parser.add_argument("--output", help="preprocessed data folder (DATA_DIR)")
-    parser.add_argument("--modality", choices=sorted(PRESETS), help="preset of Sec. 3.1")
+    parser.add_argument("--modality", choices=sorted(PRESETS),
+                        help="preset of Sec. 3.1 (its spacing; its scheme for a single-channel dataset)")
     parser.add_argument("--spacing", type=positive_float, nargs=3, metavar=("X", "Y", "Z"),
                         help="override the preset's spacing (mm)")
     parser.add_argument("--force", action="store_true", help="--output may hold data of another preset (replaced)")

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 import runtime
 from augment import KINDS, augment_batch
-from data import PairDataset, collate_pairs, data_folder, fingerprint, list_cases, read_split, step_loader
+from data import PairDataset, collate_pairs, data_folder, fingerprint, list_cases, preprocessing, read_split, step_loader
 from loss import hybrid_loss, info_nce, reconstruction_loss
 from model import ARCHS, DEMO_ARCHS, PretrainModel, training_bytes
 from runtime import non_negative_float, non_negative_int, positive_float, positive_int, world_info
@@ -116,7 +116,8 @@ def setup(args, build=build_model):
         raise ValueError(f"--batch-pairs {cfg['batch_pairs']} is the global batch: it must split evenly "
                          f"over {world} processes x --pairs-per-volume {cfg['pairs_per_volume']}")
     data_dir = data_folder(args.data, demo_part="unlabelled")
-    cfg.update(data=str(data_dir.resolve()), data_fingerprint=fingerprint(data_dir))   # a resume checks both
+    cfg.update(data=str(data_dir.resolve()), data_fingerprint=fingerprint(data_dir),   # a resume checks both
+               preprocessing=preprocessing(data_dir))                                 # backbone.pt keeps it
     split = data_dir / "split.json" if args.split is True else args.split
     cfg["cases"] = read_split(split, list_cases(data_dir, labelled=True))["train"] if args.split else None
     init = None

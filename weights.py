@@ -140,8 +140,9 @@ def read_backbone(path, verbose=True):
         raise ValueError(f"{path}: holds a {type(ckpt).__name__}, not a state dict or checkpoint")
     if ckpt.get("kind") == "backbone":
         check_version(path, ckpt, "backbone.pt", "re-run pretrain.py")
+        pretrained = ckpt.get("pretrain_config") or {}
         info = dict(kind="backbone.pt (pretrain.py)", step=ckpt.get("step"), arch=ckpt.get("arch"), ignored=[],
-                    method=(ckpt.get("pretrain_config") or {}).get("method"))
+                    method=pretrained.get("method"), preprocessing=pretrained.get("preprocessing"))
         config, state = ckpt["backbone_config"], ckpt["state_dict"]
         check_fits(path, "ours (model.FPN3d)", config, state)
         if verbose:
@@ -179,7 +180,7 @@ def read_backbone(path, verbose=True):
     if layout.startswith("reference"):
         state = from_reference(state, config)
     check_fits(path, layout, config, state)
-    info = dict(kind=f"{kind}, {layout}", step=None, arch=None, ignored=ignored)
+    info = dict(kind=f"{kind}, {layout}", step=None, arch=None, ignored=ignored, preprocessing=None)
     if verbose:
         print(f"{path}: {info['kind']}; FPN3d{tuple(config.values())} (in_channels, base_channels, num_levels); "
               f"ignored {len(ignored)} key(s)" + (f": {', '.join(ignored[:8])}{' ...' if len(ignored) > 8 else ''}"
@@ -211,6 +212,18 @@ def check_backbone_flags(args, config, source):
             raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)} contradicts {source} ({config[k]})")
     if "arch" in args.given:
         raise ValueError(f"--arch applies to --init random; {source} decides the architecture")
+
+
+def expand_stem(state, in_channels, source):
+    """A single-channel backbone's first convolution repeated over `in_channels` inputs and divided
+    by in_channels (nnU-Net's start from nnssl's single-channel checkpoints): C copies of one image
+    give the single-channel features. ValueError for a backbone of another channel count."""
+    stem = state["stem.weight"]                                      # (C_0, C_in, 3, 3, 3)
+    if stem.shape[1] == in_channels:
+        return state
+    if stem.shape[1] != 1:
+        raise ValueError(f"{source}: a {stem.shape[1]}-channel backbone cannot start a {in_channels}-channel network")
+    return {**state, "stem.weight": stem.repeat(1, in_channels, 1, 1, 1) / in_channels}
 
 
 def save_backbone(path, model, cfg, step):

@@ -299,3 +299,50 @@ def test_predict_writes_mask_on_the_original_grid(small_demo, tmp_path, monkeypa
     fg = [c for c in np.unique(label) if c]
     dice = [2 * np.sum((pred == c) & (label == c)) / (np.sum(pred == c) + np.sum(label == c)) for c in fg]
     assert np.mean(dice) >= 0.9 and min(dice) >= 0.85, dice
+
+
+@pytest.mark.parametrize("layout", ["nnunet", "decathlon"])
+def test_two_channel_scans_from_preprocess_to_a_mask(two_channel_raw, small_demo, tmp_path, layout, capsys):
+    """A 2-channel dataset (nnU-Net v2 files, or Decathlon v1 4-D images) goes through preprocess ->
+    fine-tuning from the single-channel demo backbone (its stem repeated over the 2 channels) ->
+    predict, one mask per case on the scan's grid; the comparison line names the MRI-normalised
+    channel; a case with the wrong number of channel files fails alone."""
+    import finetune
+    import pretrain
+    data_dir = tmp_path / "data"
+    preprocess.preprocess_folder(two_channel_raw[layout], data_dir, "ct")
+    pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(tmp_path / "pre"), "--steps", "1",
+                                       "--preset", "demo", "--patch-size", "16", "16", "8", "--batch-pairs", "2",
+                                       "--num-voxels", "16", "--workers", "0"]))
+    capsys.readouterr()
+    results = finetune.main(finetune.parse_args([
+        "--data", str(data_dir), "--checkpoint", str(tmp_path / "pre"), "--out", str(tmp_path / "ft"), "--preset", "demo",
+        "--steps", "2", "--batch-size", "1", "--patch-size", "16", "16", "8", "--workers", "0", "--bn-batches", "1",
+        "--freeze-steps", "1", "--ramp-steps", "1", "--eval-patch-size", "64", "64", "32", "--folds", "2", "--fold", "0"]))
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("preprocessing:"))
+    assert "labelled set CT (ct) + T2 (mri)" in line and "channel T2 is MRI-normalised, the backbone saw CT" in line
+    assert results["data_preprocessing"]["channels"][1] == dict(name="T2", scheme="mri")
+    assert results["backbone_preprocessing"]["channels"] == [dict(name="CT", scheme="ct")]
+    model, record = weights.load_segmenter(tmp_path / "ft" / "model_fold0.pt")
+    assert model.backbone.in_channels == 2 and [c["name"] for c in record["channels"]] == ["CT", "T2"]
+    scans = tmp_path / "scans"
+    shutil.copytree(two_channel_raw[layout] / "imagesTr", scans)
+    if layout == "nnunet":
+        (scans / "demo_003_0001.nii.gz").unlink()                        # one channel short: 1 file is no 4-D image
+    assert run("-i", scans, "-o", tmp_path / "pred", "--model", tmp_path / "ft", "--no-tta") == (1 if layout == "nnunet" else 0)
+    cases = json.loads((tmp_path / "pred" / "predictions.json").read_text())["cases"]
+    assert sorted(cases) == ["demo_000", "demo_001", "demo_002", "demo_003"]
+    for name, record in cases.items():
+        if layout == "nnunet" and name == "demo_003":
+            assert record["status"] == "failed" and "expected 2 channels along its 4th axis" in record["reason"]
+            continue
+        raw = two_channel_raw[layout] / "labelsTr" / f"{name}.nii.gz"
+        mask = nib.load(tmp_path / "pred" / f"{name}.nii.gz")
+        assert record["status"] == "done" and mask.shape == nib.load(raw).shape
+    wrong = tmp_path / "wrong"
+    shutil.copytree(two_channel_raw[layout], wrong)
+    names = json.loads((wrong / "dataset.json").read_text())
+    names["channel_names" if layout == "nnunet" else "modality"]["1"] = "ADC"
+    (wrong / "dataset.json").write_text(json.dumps(names))
+    with pytest.raises(ValueError, match=r"names the channels \['CT', 'ADC'\], the models were trained on \['CT', 'T2'\]"):
+        run("-i", wrong / "imagesTr", "-o", tmp_path / "pred2", "--model", tmp_path / "ft")

@@ -202,7 +202,7 @@ def write_raw_folder(root, rng):
         "nan": (np.where(label > 0, np.nan, image.astype(np.float32)), label, "NaN/inf voxels"),
         "blank": (np.zeros_like(image), label, "every voxel is 0: an empty or blank scan"),
         "singular": (image, label, "singular or rank-deficient affine"),
-        "huge": (image, label, "would resample to"),
+        "huge": (image, label, "GiB as float32 (limit 4.0 GiB); is the voxel size in the header right"),
     }
     affines = {"singular": np.diag([1.5, 1.5, 0.0, 1.0]), "huge": np.diag([500.0, 500.0, 500.0, 1.0])}
     expected = {}
@@ -231,7 +231,7 @@ def write_raw_folder(root, rng):
     expected.update({"imagesTr/truncated.nii.gz": "unreadable or corrupt NIfTI",
                      "imagesTr/garbage.nii": "unreadable or corrupt NIfTI",
                      "imagesTr/no_label.nii.gz": "no label labelsTr/no_label.nii.gz",
-                     "imagesTr/good_b_0001.nii.gz": "only single-channel input",
+                     "imagesTr/good_b_0001.nii.gz": "channel _0001, but the dataset has 1 channel(s)",
                      "labelsTr/no_image.nii.gz": "label without an image"})
     return expected
 
@@ -346,10 +346,10 @@ def test_nnunet_v2_and_malformed_dataset_json(tmp_path, labels, message):
     path.write_text(labels if isinstance(labels, str) else json.dumps({"labels": labels, "file_ending": ".nii.gz",
                                                                          "channel_names": {"0": "CT"}}))
     if message is None:
-        assert preprocess.read_label_names(tmp_path) == {"0": "background", "1": "liver", "2": "spleen"}
+        assert preprocess.read_dataset_description(tmp_path) == ({"0": "background", "1": "liver", "2": "spleen"}, ["CT"])
     else:
         with pytest.raises(preprocess.PreprocessError, match=message) as e:
-            preprocess.read_label_names(tmp_path)
+            preprocess.read_dataset_description(tmp_path)
         assert str(path) in str(e.value)
 
 
@@ -456,3 +456,54 @@ def test_kill_worker_and_parent_mid_run_then_rerun(tmp_path):
         clean_meta, clean = load_case(tmp_path / "clean", f"c{i}")
         assert meta == clean_meta and arrays.keys() == clean.keys()
         assert all(np.array_equal(arrays[k], clean[k]) for k in arrays)
+
+
+# ------------------------------------------------------------------ several channels per case
+
+def test_single_channel_preprocessing_is_unchanged(small_demo):
+    """A demo case gives the same bytes as before multi-channel support (the files of demo case 0,
+    seed 0, made by the code of commit aee7be1 with numpy 2.4)."""
+    import hashlib
+    before = {"image.npy": "2131fb15579f5dbc10ba3efa6f6656689e1afaba9c6314246b6712fd0065c492",
+              "body.npy": "768c80579cbc1cc4cc94c5cd993f1d2792fe59efdbb8d982298a5d90da14dbca",
+              "label.npy": "a3fb507674d44d61817c28e686440db787f1bcb5ce2220bbb0efea2309dc6cd0"}
+    case = Path(small_demo) / "cases" / "demo_000"
+    assert {name: hashlib.sha256((case / name).read_bytes()).hexdigest() for name in before} == before
+
+
+@pytest.mark.parametrize("layout", ["nnunet", "decathlon"])
+def test_two_channel_cases_each_channel_by_its_scheme(two_channel_raw, tmp_path, layout):
+    """nnU-Net v2 (CASE_0000 + CASE_0001, channel_names) and Decathlon v1 (one 4-D image, modality):
+    image.npy is (2, X, Y, Z) on one grid; the CT channel is exactly its single-channel CT
+    preprocessing (the union of the channels' bodies has the CT body's box here), the T2 channel
+    is percentile-scaled as an MRI channel; dataset.json records each channel's scheme."""
+    result = preprocess.preprocess_folder(two_channel_raw[layout], tmp_path / "out", "ct")
+    assert result["failed"] == [] and result["done"] == 4
+    info = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert info["channels"] == [dict(name="CT", scheme="ct"), dict(name="T2", scheme="mri")]
+    meta, arrays = load_case(tmp_path / "out", "demo_001")
+    assert arrays["image"].shape == (2, *meta["shape"]) and arrays["label"].shape == tuple(meta["shape"])
+    ct, affine = preprocess.load_nifti(two_channel_raw["nnunet"] / "imagesTr" / "demo_001_0000.nii.gz")
+    alone, body, _, alone_meta = preprocess.preprocess_arrays(ct, affine, "ct")
+    assert alone_meta["crop_box"] == meta["crop_box"] and np.array_equal(body, body & arrays["body"])
+    np.testing.assert_array_equal(arrays["image"][0], alone.astype(np.float16))
+    t2 = arrays["image"][1].astype(np.float32)
+    assert 0 <= t2.min() and t2.max() <= 1 and t2.std() > 0.05 and not np.allclose(t2, arrays["image"][0])
+
+
+def test_a_missing_channel_or_another_grid_is_one_failed_line(two_channel_raw, tmp_path, capsys):
+    import shutil
+    raw = tmp_path / "raw"
+    shutil.copytree(two_channel_raw["nnunet"], raw)
+    (raw / "imagesTr" / "demo_002_0001.nii.gz").unlink()
+    other = raw / "imagesTr" / "demo_003_0001.nii.gz"
+    img = nib.load(other)
+    short = np.asanyarray(img.dataobj)[:-1]
+    nib.save(nib.Nifti1Image(short, img.affine), other)
+    result = preprocess.preprocess_folder(raw, tmp_path / "out", "ct")
+    assert result["done"] == 2 and sorted(result["failed"]) == [
+        "imagesTr/demo_002: channel _0001 is missing (2 per case)",
+        f"imagesTr/demo_003_0001.nii.gz: channel T2 is on another grid than imagesTr/demo_003_0000.nii.gz (shape "
+        f"{short.shape} vs {img.shape}, or another affine)"]
+    err = capsys.readouterr().err
+    assert "FAILED imagesTr/demo_002: channel _0001 is missing" in err and "Traceback" not in err

@@ -239,3 +239,21 @@ def test_a_file_is_named_for_what_it_is(tmp_path, make, words):
     with pytest.raises(ValueError, match=words) as e:
         convert.read_backbone(path)
     assert str(path) in str(e.value) and "weights_only=False" not in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("channels", [2, 3])
+def test_a_single_channel_backbone_starts_c_channels(channels):
+    """expand_stem: the first convolution repeated over C inputs and divided by C, so C copies of
+    one image give the single-channel network's pyramid (to float rounding); another channel count
+    of backbone is refused."""
+    torch.manual_seed(0)
+    single = FPN3d(in_channels=1, base_channels=4, num_levels=3).eval()
+    multi = FPN3d(in_channels=channels, base_channels=4, num_levels=3).eval()
+    multi.load_state_dict(convert.expand_stem(single.state_dict(), channels, "backbone.pt"))
+    x = torch.randn(2, 1, 13, 12, 7)
+    with torch.no_grad():
+        for a, b in zip(single(x), multi(x.repeat(1, channels, 1, 1, 1))):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(convert.expand_stem(single.state_dict(), 1, "b")["stem.weight"], single.state_dict()["stem.weight"])
+    with pytest.raises(ValueError, match="backbone.pt: a 2-channel backbone cannot start a 3-channel network"):
+        convert.expand_stem(FPN3d(in_channels=2, base_channels=4, num_levels=3).state_dict(), 3, "backbone.pt")
