@@ -1,37 +1,26 @@
 """Local augmentations of Sec. 2.1 (Kats et al. 2024) and the vox2vec baseline's intensity augmentations.
 
-Shapes: a batch of patches is (B, C, X, Y, Z) (C = 1 in this project), values in [0, 1].
-Every function is pure and batched: it runs on the batch's device, draws all its randomness from
-the `generator` it is given (on that device), never modifies its input, returns a new tensor of the
-same shape and dtype (clamped to [0, 1]) and reads nothing back to the host (no .item(), no
-data-dependent shapes), so the training step never waits for the GPU.
+A batch of patches is (B, C, X, Y, Z) in [0, 1]. Every function is pure and batched: it runs on
+the batch's device, draws all its randomness from the `generator` it is given, returns a new
+tensor of the input's shape and dtype clamped to [0, 1], and never reads back to the host, so
+the training step never waits for the GPU.
 
-Sec. 2.1 ("local" pipeline, the local augmentations of Zhou et al. 2021; parameters *(ref)*
-hierarchical-dense-ssl):
-  1. local_pixel_shuffle  p=0.8 per patch: voxels are permuted inside small blocks of
-     (X/20, Y/20, Z/20) voxels (6x6x1 for a 128x128x32 patch), 5000 blocks per patch.
-  2. bezier_intensity     p=0.9 per patch: a random monotone cubic Bezier curve through (0,0), (1,1).
+Sec. 2.1, the "local" pipeline (Zhou et al. 2021's local augmentations; parameters *(ref)*
+hierarchical-dense-ssl), in the reference's order (in-painted boxes hold plain U[0, 1) noise):
+  1. local_pixel_shuffle  p=0.8: voxels permuted inside blocks of (X/20, Y/20, Z/20), 5000 blocks.
+  2. bezier_intensity     p=0.9: a random monotone cubic Bezier curve through (0,0), (1,1).
   3. local_inpaint        always: ~15 boxes of side U(d/10, d/5) replaced by U[0,1) noise.
-  Order as in the reference (shuffle -> intensity -> in-painting), so in-painted boxes hold
-  plain U[0,1) noise, not a transformed one.
-vox2vec baseline ("vox2vec" pipeline; *(ref)* vox2vec pretrain/data.py, HU values converted to
-our [0, 1] scale of the clip window [-1350, 1000] HU): blur_or_sharpen -> gaussian_noise -> random_window.
+The vox2vec baseline (*(ref)* vox2vec pretrain/data.py, its HU values on our [0, 1] scale of the
+[-1350, 1000] HU window): blur_or_sharpen -> gaussian_noise -> random_window.
 
-Deviations from the numpy reference, all to stay batched on the GPU without Python loops:
-  - Shuffling uses non-overlapping blocks: a grid of cells at a random offset per patch, of which
-    min(num_blocks, n_cells) random cells are shuffled (each by its own permutation). The
-    reference places 5000 possibly-overlapping blocks one after another (a 5000-step loop whose
-    overlaps make it no longer a permutation) and uses one permutation for all blocks; both move
-    about a third of the patch.
-  - Bezier: the curve tabulated on a uniform grid of 4096 intensities per patch, applied by index
-    arithmetic and linear interpolation (no search per voxel), instead of 100,000 points and
-    np.interp per patch; tests/test_augment.py bounds its difference to a dense reference curve.
-  - In-painting: exactly `num_boxes` boxes (the reference draws a geometric count, mean ~15),
-    anywhere fully inside the patch (the reference keeps a 3-voxel margin).
-  - vox2vec: blur / sharpen pad borders by replication (scipy reflects); each step clamps to
-    [0, 1] (vox2vec clips once, after the window).
-
-Supervised training's augmentation (finetune.py --aug, not the paper's) is supervised_augment.py.
+Deviations from the numpy reference, all to stay batched on the device: shuffling permutes
+min(5000, cells) non-overlapping cells of a grid at a random offset, each by its own permutation
+(the reference's 5000 possibly-overlapping blocks share one permutation; both move about a third
+of the patch); the Bezier curve is a 4096-entry table per patch applied by index arithmetic
+(tests/test_augment.py bounds its difference to a dense curve); exactly `num_boxes` in-painted
+boxes anywhere inside the patch (the reference: a geometric count, a 3-voxel margin); vox2vec's
+blur pads by replication and each step clamps to [0, 1]. Fine-tuning's augmentation (not the
+paper's) is supervised_augment.py.
 """
 import torch
 import torch.nn.functional as F

@@ -1,25 +1,17 @@
 """Datasets on preprocessed arrays: overlapping patch pairs with exact voxel correspondences
-(pretraining, Sec. 2.2) and labelled patches (downstream, Sec. 3.2), and the one reader of a
-preprocessed case.
+(pretraining, Sec. 2.2), labelled patches (downstream, Sec. 3.2), and the one reader of a case.
 
-Reads the folder written by preprocess.py (every array in canonical RAS voxel order, opened with
-np.load(mmap_mode="r") so only the touched region is read):
-    DATA_DIR/dataset.json, DATA_DIR/cases/<id>/{image.npy, body.npy, label.npy, meta.json}
-image.npy is (X, Y, Z) for a single-channel case and (C, X, Y, Z) for a multi-channel one.
-
-Shape notation: volumes (B, C, X, Y, Z), a single volume (X, Y, Z), voxel coordinates (N, 3) =
+preprocess.py writes DATA_DIR/dataset.json and DATA_DIR/cases/<id>/{image.npy ((X, Y, Z), or
+(C, X, Y, Z) for C channels), body.npy, label.npy, meta.json}, in canonical RAS voxel order;
+read_case opens them memory-mapped, so only the touched region is read. Coordinates: (N, 3) =
 (x, y, z) in one patch's frame, or (N, 4) = (pair index in the batch, x, y, z) after collation.
 
-Pairs (Sec. 2.2, vox2vec): pick an anchor body voxel, crop two patches that both contain it
-(pure shifts, no spatial transform), sample n voxels that lie in the body and in both crops. A
-positive pair is the same volume voxel seen at coords_a in patch A and coords_b in patch B. The
-reference does this bookkeeping over every body voxel of the scan (~4 s per batch); here only the
-body mask inside the crops' intersection box is read, so the cost scales with the patch.
-Augmentation is left to augment.py (batched on the training device): items are un-augmented.
-
-Determinism: item i of a dataset draws everything from np.random.default_rng([seed, i]), so a
-worker process produces the same item whoever runs it, and batches do not depend on the number
-of DataLoader workers (no worker_init_fn needed).
+Pairs (Sec. 2.2, vox2vec): an anchor body voxel, two crops that both contain it (pure shifts), and
+n voxels in the body and in both crops: a positive pair is the same voxel at coords_a in patch A
+and coords_b in patch B. The reference does this over every body voxel of the scan (~4 s a batch);
+here only the body mask inside the crops' intersection is read. Items are un-augmented (augment.py
+works on the training device). Item i draws everything from np.random.default_rng([seed, i]), so
+batches depend neither on which worker makes them nor on how many workers there are.
 """
 import hashlib
 import json
@@ -37,6 +29,7 @@ MAX_CLASS_VOXELS = 10_000       # per-class voxel coordinates cached for foregro
 
 
 # ------------------------------------------------------------------------ the data folder and its cases
+
 def data_folder(arg, demo_part=""):
     """--data: a preprocessed folder, or `demo` (DEMO_DIR / demo_part). ValueError naming the fix."""
     path = DEMO_DIR / demo_part if arg == "demo" else Path(arg)

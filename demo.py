@@ -1,25 +1,16 @@
-"""The demo data every stage's `--data demo` uses: synthetic abdomen-like CT phantoms, written as
-real NIfTI files that preprocess.py then preprocesses like real data.
+"""The demo data of every stage's `--data demo`: synthetic abdomen-like CT phantoms, written as real
+NIfTI files that `preprocess.py --demo data/demo` preprocesses like real data: the labelled set
+(data/demo/raw/, Decathlon layout, int16 HU, ~0.8 x 0.8 x 2.5 mm, a non-RAS affine) with a fixed
+split (demo_split: training pool / validation / test), and an unlabelled corpus of other phantoms
+(data/demo/unlabelled: what `pretrain.py --data demo` reads).
 
-`python preprocess.py --demo data/demo` calls write_case for every phantom raw_jobs lists: the
-labelled set in data/demo/raw/ in the Medical Segmentation Decathlon layout (int16 Hounsfield
-units, anisotropic ~0.8 x 0.8 x 2.5 mm spacing, a non-RAS affine with permuted and flipped axes),
-preprocessed into data/demo with a fixed split (demo_split -> data/demo/split.json: training pool
-/ validation / test), and a separate unlabelled pretraining corpus of other phantoms
-(data/demo/unlabelled, what `pretrain.py --data demo` reads).
-
-What a phantom holds (demo_phantom's docstring lists it): anatomy at several scales, so that a
-voxel is told by its surroundings, with every organ's boundary visible, as fat planes and
-enhancement show it in real CT; what needs context is telling look-alike organs apart. Liver
-and spleen share one mean intensity, the two kidneys are the same pattern mirrored (so the
-labels are sided: a left-right mirror swaps two classes). docs/demo.md shows both, measured
-(`python experiments/diagnostics.py --demo-classes data/demo`).
-
-Scale: `scale` shrinks the anatomy (not the voxel size or the textures). The demo uses
-DEMO_SCALE, a ~52 x 45 x 20-voxel volume at the paper's 1 x 1 x 2 mm, because the demo's
-training budget is minutes on 2 CPU cores and a 3D CNN's cost grows with the voxels. Organs
-that are a few voxels thick at that scale (adrenal, gallbladder, kidneys) are drawn larger
-relative to the body than in an adult, so that they are more than a few voxels across.
+A phantom (demo_phantom) holds anatomy at several scales, so a voxel is told by its surroundings,
+with every organ's boundary visible as fat planes show it in real CT; what needs context is
+telling look-alike organs apart: liver and spleen share one mean intensity, and the two kidneys
+are one pattern mirrored (the labels are sided: a left-right mirror swaps two classes).
+docs/demo.md shows both, measured. `scale` shrinks the anatomy (not the voxel size or the
+textures): DEMO_SCALE gives ~52 x 45 x 20 voxels at 1 x 1 x 2 mm, for minutes of training on 2
+CPU cores; the organs a few voxels thick there are drawn larger relative to the body.
 """
 import json
 from pathlib import Path

@@ -1,35 +1,28 @@
 """Fine-tuning a pretrained FPN for segmentation (or training it from scratch).
 
-Implements the fine-tuning protocol of Kats et al. 2024, Sec. 3.2 (Table 3): a non-linear head
-on the FPN (model.NonLinearHead; the paper does not specify it, ours is described in model.py);
-the backbone is frozen for the first 15,000 steps, then its learning rate ramps exponentially
-from 3e-5 to 3e-4 over 1,200 steps; 45,000 steps, batch 7, Adam 3e-4. `--init random` trains
-the same network from scratch (no freezing, backbone at 3e-4 from step 0), the baseline of
-Table 3. Evaluation, folds and label budgets are downstream.py's, shared with linear_probe.py.
+Kats et al. 2024, Sec. 3.2 (Table 3): a non-linear head on the FPN (model.NonLinearHead; the
+paper gives none); the backbone frozen for the first 15,000 steps, then its learning rate ramping
+exponentially from 3e-5 to 3e-4 over 1,200 steps; 45,000 steps, batch 7, Adam 3e-4. `--init
+random` trains the same network from scratch (nothing frozen), Table 3's baseline. Folds, label
+budgets and evaluation are downstream.py's, shared with linear_probe.py.
 
-Deviation (default `--aug nnunet-like`): every training patch is augmented as nnU-Net does
-(supervised_augment.py: rotation, scaling, noise, blur, brightness, contrast, gamma, mirroring
-along --mirror-axes). The paper and vox2vec train downstream without augmentation (`--aug
-none`); with one or two labelled scans a network then learns their intensity scale and fails on
-other scanners. Both arms of a comparison (--checkpoint and --init random) get the same setting.
-On data whose classes are sided (left / right kidney), leave the left-right axis (0, X in RAS
-order) out of --mirror-axes: a mirrored patch shows the left kidney labelled as the right one.
-
-Run it:
     python finetune.py --data demo --split --train-cases 1 --checkpoint runs/pretrain-demo --out runs/ft
     python finetune.py --data demo --split --train-cases 1 --init random --out runs/scratch
     python finetune.py --data DATA_DIR --checkpoint backbone.pt --out DIR            # the paper's schedule
     python finetune.py --data DATA_DIR --checkpoint backbone.pt --out DIR --resume   # after an interruption
 
-The paper's values are the flags' defaults (`--help`); `--preset demo` (the default for --data
-demo) replaces some with DEMO (DEMO_SCRATCH for --init random): the recipes the evidence chose
-for each arm on the validation cases. Each fold writes DIR/model_fold<k>.pt as it finishes (the
-network, what predict.py needs, and its Dice per test case); DIR/results.json, written last,
-makes the run finished. `--resume` keeps the finished folds of a killed run and redoes the rest.
-A variant of the training step (a file of its own under experiments/neighbours/) passes `hooks`.
+Deviation (default `--aug nnunet-like`): every training patch is augmented as nnU-Net does
+(supervised_augment.py), where the paper trains without (`--aug none`): with one or two labelled
+scans a network otherwise learns their intensity scale. Both arms of a comparison get the same
+setting. On data whose classes are sided (left / right kidney), leave the left-right axis (0)
+out of --mirror-axes: a mirrored patch shows the left kidney labelled as the right one.
+`--preset demo` (the default for --data demo) takes DEMO (DEMO_SCRATCH for --init random): the
+recipes the evidence chose for each arm on the validation cases. Each fold writes
+DIR/model_fold<k>.pt as it finishes (the network, what predict.py needs, its Dice per test case);
+results.json, written last, finishes the run; `--resume` keeps a killed run's finished folds.
+A variant of the training step (experiments/neighbours/) passes `hooks` to main.
 """
 import argparse
-import copy
 import time
 from pathlib import Path
 

@@ -1,42 +1,26 @@
 """Linear evaluation of a pretrained FPN: frozen backbone + linear head, Dice per class.
 
-Implements the linear evaluation protocol of Kats et al. 2024, Sec. 3.2 (Tables 1-2): the
-backbone is frozen; each pyramid level goes through its own 1x1x1 convolution to the class
-count; the outputs are upsampled to full resolution and summed (model.LinearHead). Evaluation:
-k-fold cross-validation (3 folds as for BTCV), Dice per class on whole held-out volumes.
+Kats et al. 2024, Sec. 3.2 (Tables 1-2): the backbone is frozen; each pyramid level goes through
+its own 1x1x1 convolution to the class count, upsampled to full resolution and summed
+(model.LinearHead); k-fold cross-validation, Dice per class on whole held-out volumes.
 
-Because the backbone is frozen, its pyramid is a fixed function of each volume: it is computed
-once per volume (eval mode, whole volume, or Gaussian-blended windows of --eval-patch-size when
-the volume is larger) and cached, every level at its own resolution in float16. The head is
-linear and nearest upsampling reads level l at (x >> l, y >> l, z >> l), so the head's logit at
-a voxel is a linear function of the levels gathered there (model.LinearHead.forward_voxels): it
-is trained on a fixed class-balanced sample of training voxels gathered from the cache
-(train_head: cross-entropy + small L2 penalty, full-batch L-BFGS), and evaluated as a
-convolution over the cached pyramids of whole test volumes. The backbone is never called in
-the training loop, and training costs what the sample costs, not the volumes. Each channel is
-standardised with the mean and SD of the training volumes before the head (model.LinearHead's
-set_statistics; MAE's linear probe does the same with a BatchNorm without affine parameters): an
-affine map of the features, so still a linear probe, and the features' scale (a random-init
-backbone's are far from unit scale) no longer decides how the solver converges.
-Deviation from the reference: it trains the head end to end on patches with Adam (soft Dice +
-BCE); here a convex problem on sampled voxels is solved to its optimum (docs/speed.md compares
-the two).
-
-Cache size: sum_l C_l / 8**l float16 values per voxel, i.e. 85 bytes per voxel for the paper's
-balanced FPN (32, 64/8, 128/64, ...) and 43 for vox2vec's: about 0.8 GB for one 300 x 250 x 120
-CT at 1 x 1 x 2 mm. Below --cache-ram-gb it stays in memory, above it is written to memory-mapped
-files in --cache-dir (a temporary folder unless given, deleted at the end).
-
-Run it:
     python linear_probe.py --data demo --split --checkpoint runs/pretrain-demo --out runs/probe
     python linear_probe.py --data demo --split --init random --out runs/probe-random   # the baseline beside it
     python linear_probe.py --data DATA_DIR --checkpoint runs/ct --out DIR --folds 3
 
-Writes DIR/results.json (mean_dice, std_dice over folds, per_class, per-fold numbers, training
-steps and final loss per fold, the arguments and the checkpoint evaluated) and prints a table.
-Dice per class ignores, in each volume, a class absent from both the prediction and the label
-(loss.dice_per_class); the mean over classes is taken per volume, over volumes per fold, and
-mean +- std over folds.
+The frozen backbone's pyramid is a fixed function of a volume: it is computed once per volume
+(whole, or Gaussian-blended windows of --eval-patch-size) and cached, each level at its own
+resolution in float16 (85 bytes a voxel for the paper's FPN: ~0.8 GB for a 300 x 250 x 120 CT;
+above --cache-ram-gb, memory-mapped files). As the head is linear and nearest upsampling reads
+level l at (x >> l, y >> l, z >> l), a voxel's logit is a linear function of the levels gathered
+there (LinearHead.forward_voxels): the head is fitted on a fixed class-balanced sample of training
+voxels (cross-entropy + a small L2 penalty, full-batch L-BFGS) and evaluated as a convolution over
+the cached pyramids, never calling the backbone while it trains. Each channel is standardised with
+the training volumes' mean and SD first (an affine map: still a linear probe, and the features'
+scale no longer decides how the solver converges). Deviation: the reference trains the head end
+to end on patches with Adam; here the convex problem on sampled voxels is solved (docs/speed.md).
+DIR/results.json holds the table (the mean over classes per volume, over volumes per fold, and
+mean +- std over folds; a class absent from prediction and label is ignored in that volume).
 """
 import argparse
 import tempfile

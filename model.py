@@ -1,33 +1,26 @@
-"""3D FPN backbone, balanced voxel representation, pretraining heads and segmentation heads.
-
-Implements the network side of Kats, Hirsch & Heinrich 2024 (built on vox2vec, Goncharov et
-al. 2023):
-- FPN3d: a U-Net-like 3D feature pyramid network; the decoder output at every scale forms the
-  pyramid (Sec. 2.2). Pre-activation residual blocks, max-pool down, nearest up. The same
-  function as the authors' FPN3d (vox2vec / hierarchical-dense-ssl), layer for layer, so their
-  released weights load (downstream.py holds the one key map, used in both directions).
-  Presets (ARCHS): "balanced" = 32 base channels, 5 levels (Sec. 2.2, "fewer levels, doubled
-  channels"); "vox2vec" = 16 base channels, 6 levels (the baseline).
-- Balanced voxel representation (Sec. 2.2): every level is projected to the same width (32)
-  and the vectors sampled at a voxel's location at every level are concatenated (5 x 32 = 160
-  dims). arch="vox2vec" concatenates the raw levels instead (16 + 32 + ... + 512 = 1008 dims).
-- Projection head (Sec. 2.3): 3-layer MLP to 128 dims, L2-normalised (input of Eq. 1).
-- Reconstruction head (Sec. 2.3): two convolutions on the finest level -> 1 channel (Eq. 2).
-- LinearHead (Sec. 3.2 linear evaluation) and NonLinearHead (Sec. 3.2 fine-tuning).
-
-`python model.py` prints the parameter counts of the presets: FPN3d "balanced" 47,567,872 and
-"vox2vec" 47,624,448, exactly the authors' modules (tests/test_weights.py checks both).
+"""3D FPN backbone, balanced voxel representation, pretraining heads and segmentation heads
+(Kats, Hirsch & Heinrich 2024, built on vox2vec, Goncharov et al. 2023):
+- FPN3d (Sec. 2.2): a U-Net-like 3D feature pyramid network, pre-activation residual blocks,
+  max-pool down, nearest up; the same function as the authors' FPN3d layer for layer (47,567,872
+  parameters "balanced", 47,624,448 "vox2vec"), so their released weights load (weights.py).
+  ARCHS: "balanced" = 32 base channels, 5 levels ("fewer levels, doubled channels"); "vox2vec" =
+  16 base channels, 6 levels (the baseline).
+- The balanced voxel representation (Sec. 2.2): every level projected to one width (32) and the
+  vectors sampled at a voxel at every level concatenated (5 x 32 = 160 dims); arch="vox2vec"
+  concatenates the raw levels (16 + 32 + ... + 512 = 1008 dims).
+- Projection head (3-layer MLP to 128 dims, L2-normalised: Eq. 1's input) and reconstruction head
+  (two convolutions on the finest level: Eq. 2), Sec. 2.3.
+- LinearHead (the linear evaluation) and NonLinearHead (fine-tuning), Sec. 3.2.
 
 Deviations from the authors' code, each on purpose: the per-level projections are registered
 modules (the reference keeps them in a plain list: never trained or saved); the reconstruction
 head has two convolutions as the paper says (the reference: one) and a raw output (a sigmoid's
-flat ends slow MSE learning where much of a CT patch is air); the segmentation heads output a
-background channel too (softmax, loss.py says why); NonLinearHead's layout is ours (the paper
-gives none).
+flat ends slow MSE learning where much of a patch is air); the segmentation heads output a
+background channel too (softmax, loss.py); NonLinearHead's layout is ours (the paper gives none).
 
-Shape notation: volumes (B, C, X, Y, Z) with (X, Y, Z) the canonical RAS voxel axes; sampled
-voxels (N, C); voxel coordinates (N, 4) = (batch_index, x, y, z), int64. Level l of a pyramid
-has shape (B, C_l, X_l, Y_l, Z_l) with X_l = ceil(X / 2**l) and C_l = base_channels * 2**l.
+Shapes: volumes (B, C, X, Y, Z) on the canonical RAS voxel axes; sampled voxels (N, C); voxel
+coordinates (N, 4) = (batch index, x, y, z), int64. Level l of a pyramid is (B, C_l, X_l, Y_l,
+Z_l) with X_l = ceil(X / 2**l) and C_l = base_channels * 2**l.
 """
 import math
 from typing import List, Sequence
@@ -77,22 +70,14 @@ def stage(channels: int) -> nn.Sequential:
 
 
 class FPN3d(nn.Module):
-    """U-Net-like 3D feature pyramid network, the same function as the authors' FPN3d.
-
-    forward(x (B, C_in, X, Y, Z)) -> list of num_levels tensors, level l:
-    (B, base_channels * 2**l, ceil(X / 2**l), ceil(Y / 2**l), ceil(Z / 2**l)); any input size.
-    Stem: 3x3x3 conv C_in -> C_0. Encoder level l: max-pool 2 in ceil mode (l > 0), 1x1x1 conv
-    C_{l-1} -> C_l, two residual blocks. Decoder level l (coarse to fine): the level above,
-    1x1x1 conv to C_l, nearest-upsampled x2 and cropped to level l's size, plus a 1x1x1 conv of
-    the encoder output of level l, then two residual blocks. The coarsest pyramid level is the
-    encoder's last output.
-
-    It matches vox2vec / hierarchical-dense-ssl's FPN3d layer for layer (same parameter count,
-    same outputs on any input size; tests/test_weights.py checks a forward pass written from
-    their layout), so their released weights load through the key map in downstream.py, while our
-    parameter names say what each layer is (the released models are the paper's third
-    contribution; a near-copy could not use them). Works under torch.autocast and keeps
-    channels_last_3d inputs channels-last.
+    """U-Net-like 3D feature pyramid network, the same function as the authors' FPN3d (their
+    weights load through weights.py's key map; tests/test_weights.py checks a forward pass written
+    from their layout). forward(x (B, C_in, X, Y, Z)) -> num_levels tensors, level l
+    (B, base_channels * 2**l, ceil(X / 2**l), ...), for any input size. Stem: 3x3x3 conv C_in -> C_0.
+    Encoder level l: max-pool 2 in ceil mode (l > 0), 1x1x1 conv C_{l-1} -> C_l, two residual
+    blocks. Decoder level l (coarse to fine): the level above through a 1x1x1 conv to C_l,
+    nearest-upsampled x2 and cropped, plus a 1x1x1 conv of the encoder's level l, then two residual
+    blocks. Keeps channels_last_3d inputs channels-last; works under torch.autocast.
     """
 
     def __init__(self, in_channels: int = 1, base_channels: int = 32, num_levels: int = 5):
@@ -152,14 +137,10 @@ def training_bytes(channels: Sequence[int], patch_size: Sequence[int], patches: 
 # ----------------------------------------------------------------------------- voxel sampling
 
 def sample_voxels(pyramid: Sequence[torch.Tensor], coords: torch.Tensor) -> List[torch.Tensor]:
-    """Feature vectors of N voxels at every pyramid level.
-
-    pyramid: level l (B, C_l, X/2**l, Y/2**l, Z/2**l); coords: (N, 4) int64 = (b, x, y, z) in
-    full-resolution voxels. Returns a list of (N, C_l): level l read at (b, x>>l, y>>l, z>>l),
-    i.e. the coarse voxel whose 2**l-cube footprint contains the voxel, which is the geometry
-    that max-pool 2 down and nearest upsampling define. One gather per level for the whole
-    batch; runs unchanged on any device.
-    """
+    """Feature vectors of N voxels at every pyramid level (Sec. 2.2). pyramid: level l
+    (B, C_l, X/2**l, ...); coords: (N, 4) int64 = (b, x, y, z) in full-resolution voxels. ->
+    [(N, C_l)]: level l read at (b, x>>l, y>>l, z>>l), the coarse voxel whose 2**l-cube holds the
+    voxel, the geometry max-pool 2 down and nearest upsampling define. One gather per level."""
     if coords.dim() != 2 or coords.shape[1] != 4 or coords.is_floating_point():
         raise ValueError(f"model.py sample_voxels: coords must be integer (N, 4) = (b, x, y, z), "
                          f"got {coords.dtype} {tuple(coords.shape)}")
@@ -253,13 +234,12 @@ class LinearHead(nn.Module):
     """Linear evaluation head (Sec. 3.2): each level -> its own 1x1x1 conv to num_classes,
     upsampled to full resolution and summed. pyramid -> logits (B, num_classes, X, Y, Z).
 
-    Each level is first standardised per channel, (f - mean) / sd, with fixed statistics of the
-    training volumes (set_statistics; identity until set). Like MAE's BatchNorm without affine
-    parameters before its linear probe, this is an affine map of the features, so the head stays
-    linear, but the optimiser no longer depends on the features' scale. Nearest (not trilinear)
-    upsampling makes the head exactly a linear classifier on the voxel representation that
-    pretraining trained (levels read as in sample_voxels). Bias only at the finest level, as in
-    the reference: a bias per level would be the same constant summed five times.
+    Each level is first standardised per channel with fixed statistics of the training volumes
+    (set_statistics; identity until set): an affine map of the features, as MAE's BatchNorm
+    without affine parameters, so the head stays linear but the solver no longer depends on the
+    features' scale. Nearest upsampling makes it exactly a linear classifier on the voxel
+    representation pretraining trained (levels read as in sample_voxels). Bias only at the finest
+    level, as in the reference: one per level would be the same constant summed five times.
     """
 
     def __init__(self, channels: Sequence[int], num_classes: int):
@@ -292,10 +272,10 @@ class LinearHead(nn.Module):
 
 
 class NonLinearHead(nn.Module):
-    """Fine-tuning head (Sec. 3.2; the paper does not specify it, this layout is our choice):
-    per level a 1x1x1 conv to `hidden` channels (default: the finest level's width), nearest-upsampled and summed (as LinearHead),
-    then BN -> ReLU -> Conv3^3 -> BN -> ReLU -> Conv1^3 to num_classes; the 3^3 conv also smooths
-    the blocky coarse-level contributions. pyramid -> logits (B, num_classes, X, Y, Z)."""
+    """Fine-tuning head (Sec. 3.2; the paper gives none, this layout is ours): per level a 1x1x1
+    conv to `hidden` channels (the finest level's width), upsampled and summed as LinearHead, then
+    BN -> ReLU -> Conv3^3 -> BN -> ReLU -> Conv1^3 to num_classes (the 3^3 conv also smooths the
+    blocky coarse levels). pyramid -> logits (B, num_classes, X, Y, Z)."""
 
     def __init__(self, channels: Sequence[int], num_classes: int, hidden: int = None):
         super().__init__()
@@ -326,18 +306,3 @@ class SegmentationModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
-
-
-# ----------------------------------------------------------------------------- main
-
-def main():
-    """Print parameter counts (built on the meta device: no memory, instant)."""
-    for name, cfg in ARCHS.items():
-        with torch.device("meta"):
-            backbone, full = FPN3d(**cfg), PretrainModel(cfg, arch=name)
-        print(f"{name:9s} {cfg}: FPN3d {sum(p.numel() for p in backbone.parameters()):,} parameters, "
-              f"PretrainModel {sum(p.numel() for p in full.parameters()):,}")
-
-
-if __name__ == "__main__":
-    main()

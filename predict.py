@@ -5,33 +5,23 @@ the way nnU-Net's `nnUNetv2_predict -i IN -o OUT` does it.
     python predict.py -i SCANS_DIR -o OUT_DIR --model runs/ft --folds 0 2 --save-probabilities
     python predict.py -i scan.nii.gz -o OUT_DIR --model runs/ft/model_fold0.pt --no-tta
 
-Input: one .nii / .nii.gz scan, a folder of them, or a Decathlon folder whose scans are in
-imagesTs/. A case of C channels is its files CASE_0000 ... (or one 4-D file), as the models were
-trained on (their channel names must match those of a dataset.json beside the scans); nnU-Net's
-channel suffix is dropped from the case name. Each case is preprocessed with the preset and the
-channel schemes the models were trained with (preprocess.preprocess_arrays), then
-for every model and every mirroring a Gaussian-weighted sliding window (downstream.sliding_window,
-overlap --overlap) gives softmax probabilities; their mean is the prediction, its argmax the
-label map, written on the scan's own grid (same shape and affine).
+Input: a scan, a folder of them, or a Decathlon folder with imagesTs/; a case of C channels is
+its files CASE_0000 ... (or one 4-D file), named as the models' channels if a dataset.json beside
+them names them. Each case is preprocessed with the models' preset and channel schemes, then every
+model and every mirroring gives softmax probabilities by a Gaussian-weighted sliding window
+(downstream.sliding_window); their mean is the prediction, its argmax the label map on the scan's
+own grid. Test-time mirroring (--tta, on when the models were trained with flips): the mean over
+every flip of the axes they were trained to mirror, each flipped back; a model trained without
+flips has no axis known to keep its classes (a left-right flip swaps sided ones): refused.
 
-Test-time mirroring (--tta): the mean over every combination of flips of the axes the models were
-trained to mirror (finetune.py --mirror-axes; 8 for all three), each prediction flipped back. On
-by default when the models were trained with flips; a model trained without them (--aug none)
-has no axis known to keep its classes (a left-right flip swaps sided classes), so --tta is
-refused for it.
-
-Writes, each file atomically:
-  OUT/CASE.nii.gz        the label map (uint8) on the scan's grid
-  OUT/CASE.npz           --save-probabilities: "probabilities" (classes, *scan shape) float16 on the scan's
-                         grid (nearest-neighbour from the preprocessed grid; background 1 outside
-                         the body crop) and "classes" (K names); OUT/classes.json names them too
-  OUT/predictions.json   the settings, and per case: input, output, seconds, voxels per class,
-                         status (done, skipped, failed with a one-line reason)
-The output folder holds one run (runtime.claim_run), whose settings include a digest of every
-model file: a re-run with the same models and settings skips the cases it finished (an
-interrupted run goes on); one with other models or settings is refused unless --force, which
-first removes every file the earlier run wrote. A scan that fails is one FAILED line and the
-others go on; the exit code is 1 if any case failed, 2 if nothing could start.
+Writes, each file atomically: OUT/CASE.nii.gz (the label map, uint8), with --save-probabilities
+OUT/CASE.npz ("probabilities" (K, *scan shape) float16 on the scan's grid, background 1 outside
+the body crop; "classes") and OUT/classes.json, and OUT/predictions.json (the settings; per case
+its input, output, seconds, voxels per class and status: done, skipped, or failed with a reason).
+The folder holds one run (runtime.claim_run) whose settings include a digest of every model
+file: the same models and settings continue it, skipping finished cases; others are refused
+unless --force, which first removes what the earlier run wrote. A case that fails is one FAILED
+line and the others go on; exit code 1 if a case failed, 2 if nothing could start.
 """
 import argparse
 import itertools

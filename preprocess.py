@@ -1,31 +1,27 @@
 """Preprocessing of NIfTI scans into fast-loading arrays (Sec. 3.1); `--demo` builds the demo set.
 
-Sec. 3.1 of Kats, Hirsch & Heinrich (2024):
   CT:  (1) resample to 1 x 1 x 2 mm, (2) crop to the box of voxels > -500 HU,
        (3) clip to [-1350, 1000] HU and scale to [0, 1].
   MRI: (1) resample to 1.5 mm isotropic, (2) clip to the 0.01 / 99.9 percentiles, scale to
        [0, 1], (3) crop to the box of voxels > 0.3.
-Every scan is first turned to canonical RAS voxel order, so a stored volume is (X, Y, Z) and the
-paper's 128 x 128 x 32 patch is (X, Y, Z) = (128, 128, 32); meta.json keeps what maps a
-prediction back onto the scan (to_original_grid).
 
     python preprocess.py --input RAW_DIR --output DATA_DIR --modality ct [--workers 4]
     python preprocess.py --demo data/demo        # 20 labelled + 200 unlabelled synthetic abdomen CTs
 
 RAW_DIR: a Decathlon / nnU-Net folder (imagesTr/, labelsTr/, imagesTs/, dataset.json) or a flat
-folder of unlabelled scans. Several channels per case, as nnU-Net keeps them: CASE_0000 ...
-CASE_000k with dataset.json's `channel_names` (nnU-Net v2), or one 4-D image per case with its
-`modality` (Decathlon v1); each channel is normalised by the scheme its name calls for (a "CT"
-channel by the CT window, any other by the MRI percentiles, as nnU-Net treats non-CT channels),
-all on one grid, cropped to the union of their bodies. A single-channel dataset follows
---modality. Output: DATA_DIR/cases/<id>/{image.npy ((X, Y, Z), or (C, X, Y, Z)), body.npy,
-label.npy, meta.json}, DATA_DIR/dataset.json. One `FAILED <file>: <reason>` line per bad case, the
-others finish; a re-run skips finished cases; exit code 0, 1 (a case failed) or 2 (nothing done).
+folder of unlabelled scans. Several channels per case as nnU-Net keeps them (CASE_0000 ...
+CASE_000k and `channel_names`, or Decathlon v1's one 4-D image and `modality`) are normalised
+each by the scheme its name calls for ("CT": the CT window; any other: the MRI percentiles, as
+nnU-Net treats non-CT channels) on one grid, cropped to the union of their bodies; a
+single-channel dataset follows --modality. Every scan is turned to canonical RAS voxel order
+first, so a volume is (X, Y, Z) and the paper's 128 x 128 x 32 patch is (X, Y, Z). Output:
+DATA_DIR/cases/<id>/{image.npy ((X, Y, Z) or (C, X, Y, Z)), body.npy, label.npy, meta.json} and
+DATA_DIR/dataset.json; meta.json maps a prediction back onto the scan (to_original_grid). A bad
+case is one `FAILED <file>: <reason>` line and the others finish; a re-run skips finished cases.
 
-Choices the paper leaves open: the resampled grid keeps voxel 0's centre (new voxel i at old
-coordinate i * new / old spacing; images separable linear, labels nearest), so the inverse is an
-index lookup per axis; MRI percentiles over the whole resampled volume; body.npy is the threshold
-mask with holes filled slice by slice (gas in lungs and bowel counts).
+Choices the paper leaves open: the resampled grid keeps voxel 0's centre (images separable
+linear, labels nearest), so its inverse is an index lookup per axis; MRI percentiles over the
+whole resampled volume; body.npy is the threshold mask with holes filled slice by slice.
 """
 import argparse
 import json

@@ -57,7 +57,7 @@ VOX2VEC = dict(arch="vox2vec", aug="vox2vec", recon_weight=0.0)   # --method vox
 # Flags that say where and how to run, not what is trained: not part of a run's config.
 RUN_FLAGS = ("data", "split", "out", "resume", "force", "init_from", "workers", "preset", "device", "amp", "compile",
              "given")
-MAY_CHANGE_ON_RESUME = ("steps", "log_every", "checkpoint_every", "keep_steps")
+MAY_CHANGE_ON_RESUME = ("steps", "log_every", "checkpoint_every")
 
 
 # ----------------------------------------------------------------------------- the method (Sec. 2)
@@ -165,8 +165,6 @@ def train(run, step=training_step, after_step=None):
     net = torch.compile(net) if run.args.compile else net
     generator = torch.Generator(device=device)
     log = Log(run)
-    if rank == 0 and run.start == 0 and 0 in cfg["keep_steps"]:
-        save_backbone(run.folder / "backbone_step0.pt", model, cfg, 0)
     model.train()
     for s, batch in enumerate(run.loader, start=run.start):
         # Augmentations are a fixed function of (seed, step, rank): resuming reproduces them.
@@ -179,7 +177,7 @@ def train(run, step=training_step, after_step=None):
             group["lr"] = learning_rate(s, cfg)
         optimizer.step()
         if after_step is not None:
-            after_step(model, cfg)
+            after_step(model, cfg, s + 1)
         log.step(s + 1, loss, parts)
         if rank == 0:
             save_state(run, s + 1)
@@ -233,10 +231,8 @@ class Log:
 
 
 def save_state(run, step):
-    """Checkpointing: backbone_step<N>.pt at --keep-steps; checkpoint.pt (everything --resume needs)
-    and backbone.pt every --checkpoint-every steps and at the end."""
-    if step in run.cfg["keep_steps"]:
-        save_backbone(run.folder / f"backbone_step{step}.pt", run.model, run.cfg, step)
+    """Checkpointing: checkpoint.pt (everything --resume needs) and backbone.pt every
+    --checkpoint-every steps and at the end."""
     if step % run.cfg["checkpoint_every"] == 0 or step == run.cfg["steps"]:
         save_checkpoint(run.folder / "checkpoint.pt", step, run.cfg, vars(run.args), run.model, run.optimizer)
         save_backbone(run.folder / "backbone.pt", run.model, run.cfg, step)
@@ -295,9 +291,6 @@ def build_parser(add_method_arguments=None, description=None):
     # Logging, checkpoints and speed
     p.add_argument("--log-every", type=positive_int, default=50, help="steps between log rows (and the only host syncs)")
     p.add_argument("--checkpoint-every", type=positive_int, default=1000)
-    p.add_argument("--keep-steps", type=non_negative_int, nargs="*", default=[],
-                   help="also keep OUT/backbone_step<N>.pt at these steps (0: the initialisation), for a "
-                        "probe at several points of pretraining")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast on a GPU, or on a CPU with bf16 instructions (avx512_bf16 / AMX) where a "
@@ -330,9 +323,6 @@ RULES = [
         f"--num-voxels {a.num_voxels} is more than a {'x'.join(map(str, a.patch_size))} patch holds "
         f"({math.prod(a.patch_size)} voxels)"),
     lambda a: a.batch_pairs % a.pairs_per_volume and f"--batch-pairs {a.batch_pairs} must be a multiple of --pairs-per-volume",
-    lambda a: any(s > a.steps for s in a.keep_steps) and (
-        f"--keep-steps {' '.join(str(s) for s in a.keep_steps if s > a.steps)}: past the end of the run (--steps "
-        f"{a.steps}); give steps <= {a.steps}"),
     lambda a: a.warmup_steps >= a.steps and (f"--warmup-steps {a.warmup_steps} is not shorter than --steps {a.steps}: "
                                              f"the lr would never reach --lr; give fewer than {a.steps}"),
     lambda a: a.resume and a.force and "--resume continues the run in --out, --force replaces it: give one",

@@ -4,11 +4,11 @@
   is parsed), the one preset step (`parse`: the paper's values are the defaults, a preset such as
   the demo's replaces some, the flags given beat both) and the rules a run cannot honour;
 - its output folder, claimed as one unit (`claim_run`): one run at a time, an earlier run
-  continued or replaced whole, never mixed with a new one, and every file written atomically;
-- its device, precision (bf16 where a measured probe finds it correct) and memory, and torchrun;
+  continued or replaced whole, never mixed with a new one, every file written atomically;
+- its device, precision (bf16 where a measured probe finds it right) and memory; torchrun;
 - the one wrapper around every script's main (`cli`). A refusal is a ValueError raised where the
-  fact is known (a flag rule here, the case reader in data.py, the weight files in weights.py,
-  the run folder here) and reported once, by `cli`, as `script: error: <message>`, exit code 2.
+  fact is known (a flag rule, the case reader in data.py, a weight file in weights.py, the run
+  folder) and reported once, by `cli`: `script: error: <message>`, exit code 2.
 """
 import argparse
 import atexit
@@ -24,12 +24,10 @@ import torch
 import torch.distributed as dist
 
 
-# ----------------------------------------------------------------------------- the wrapper of every script
-
 def cli(main, parse_args, interrupted="interrupted"):
     """Run `main(parse_args())` as a script: a ValueError or OSError (bad input, a full disk) is one
-    line and exit 2; a run stopped by a non-finite loss (FloatingPointError) one line and exit 1;
-    Ctrl-C one line and exit 1; main's return value, if an int, is the exit code."""
+    line and exit 2, a non-finite loss (FloatingPointError) one line and exit 1, Ctrl-C one line
+    and exit 1; main's return value, if an int, is the exit code."""
     name = Path(sys.argv[0]).name
     try:
         code = main(parse_args())
@@ -46,40 +44,31 @@ def cli(main, parse_args, interrupted="interrupted"):
 
 # ----------------------------------------------------------------------------- flags
 
-MAX_COUNT = 10 ** 9     # a count above this is a typo, and would be allocated somewhere
-
-
-def _number(kind, text):
-    try:
-        value = kind(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
 def _checked(kind, ok, rule, name):
+    """An argparse `type=`: a value of the wrong kind, not finite, or breaking `ok` exits 2 with
+    "error: argument --x: <why>" before any work."""
     def check(text):
-        value = _number(kind, text)
-        if not ok(value):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
+        if not math.isfinite(value) or not ok(value):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {value:g}")
         return value
     check.__name__ = name
     return check
 
 
-# argparse `type=` functions: a bad value exits 2 with "error: argument --x: <why>" before any work.
-# Every numeric flag of every script uses one (tests/test_runtime.py checks that they all do).
+MAX_COUNT = 10 ** 9                                  # a count above this is a typo, and would be allocated
+MAX_WORKERS = max(8, 4 * (os.cpu_count() or 1))      # processes: 4 per CPU core of this machine, at least 8
 positive_int = _checked(int, lambda v: 1 <= v <= MAX_COUNT, ">= 1 and <= 1e9", "positive_int")
 non_negative_int = _checked(int, lambda v: 0 <= v <= MAX_COUNT, ">= 0 and <= 1e9", "non_negative_int")
-positive_float = _checked(float, lambda v: v > 0, "> 0", "positive_float")
-non_negative_float = _checked(float, lambda v: v >= 0, ">= 0", "non_negative_float")
+positive_float = _checked(float, lambda v: v > 0, "> 0 and finite", "positive_float")
+non_negative_float = _checked(float, lambda v: v >= 0, ">= 0 and finite", "non_negative_float")
 open_fraction = _checked(float, lambda v: 0 < v < 1, "in (0, 1)", "open_fraction")          # a probability
 unit_interval = _checked(float, lambda v: 0 <= v <= 1, "in [0, 1]", "unit_interval")        # a weight
 below_one = _checked(float, lambda v: 0 <= v < 1, "in [0, 1)", "below_one")                # an EMA momentum, an overlap
 axis = _checked(int, lambda v: v in (0, 1, 2), "0, 1 or 2 (X, Y, Z)", "axis")               # a volume axis
-MAX_WORKERS = max(8, 4 * (os.cpu_count() or 1))    # processes: 4 per CPU core of this machine, at least 8
 worker_count = _checked(int, lambda v: 0 <= v <= MAX_WORKERS, f"between 0 and {MAX_WORKERS}", "worker_count")
 CHECKED_TYPES = (positive_int, non_negative_int, positive_float, non_negative_float, open_fraction, unit_interval,
                  below_one, axis, worker_count)
@@ -97,8 +86,7 @@ def parse(parser, argv=None, preset=None, rules=()):
     if preset is not None:
         parser.set_defaults(**preset(args))
         args = parser.parse_args(argv, argparse.Namespace(given=args.given))
-    for rule in rules:
-        message = rule(args)
+    for message in (rule(args) for rule in rules):
         if message:
             parser.error(message)
     return args
@@ -112,7 +100,7 @@ def is_demo(args):
 def changed_settings(saved, now, may_change=()):
     """['--flag old -> new', ...] for every setting of two configs that differs (lists and tuples
     compare equal), except those in may_change."""
-    norm = lambda v: tuple(norm(x) for x in v) if isinstance(v, (list, tuple)) else v
+    norm = lambda v: tuple(norm(x) for x in v) if isinstance(v, (list, tuple)) else v  # noqa: E731
     return [f"--{k.replace('_', '-')} {norm(saved.get(k))} -> {norm(now.get(k))}" for k in sorted(set(saved) | set(now))
             if k not in may_change and norm(saved.get(k)) != norm(now.get(k))]
 
@@ -127,11 +115,11 @@ def claim_run(folder, script, outputs=(), settings=None, force=False, resume=Fal
     """An output folder as one unit, for one run at a time; ValueError, one line, else.
 
     The folder is created and checked writable, then locked (`.lock` holds this process's pid; the
-    lock of a pid that is gone, a run killed with -9, is taken over and said). The files an earlier
-    run wrote there (those its record lists, and any matching `outputs`) are continued with
-    `resume`, when its settings equal `settings` (but may_change); removed, all of them and only
-    them, with `force`; else refused. Every file this process then writes into the folder
-    (atomic_write, append_row) joins its record; finish_run marks it finished."""
+    lock of a pid that is gone, a run killed with -9, is taken over and said) and a killed run's
+    temp files removed. The files an earlier run wrote there (those its record lists, and any
+    matching `outputs`) are continued with `resume` when its settings equal `settings` (but
+    may_change), removed, all of them and only them, with `force`, and refused otherwise. Every
+    file this process then writes there (atomic_write, append_row) joins the record."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{flag} {folder}: exists and is not a folder")
@@ -142,7 +130,7 @@ def claim_run(folder, script, outputs=(), settings=None, force=False, resume=Fal
     if not os.access(folder, os.W_OK):
         raise ValueError(f"{flag} {folder}: folder is not writable")
     _lock(folder, script)
-    for stale in folder.glob(".tmp-*"):      # left by a killed run (atomic_write names them so)
+    for stale in folder.glob(".tmp-*"):
         stale.unlink(missing_ok=True)
     try:
         record = json.loads((folder / RECORD).read_text())
@@ -159,11 +147,9 @@ def claim_run(folder, script, outputs=(), settings=None, force=False, resume=Fal
         if changed or "settings" not in record:
             raise ValueError(f"{flag} {folder} holds a run with other settings ({'; '.join(changed) or 'none recorded'}):"
                              " continue it with the same ones, or pass --force to replace it")
-    if force:
-        for name in files:
-            (folder / name).unlink()
-        files = []
-    _CLAIMED[folder.resolve()] = dict(script=script, settings=settings, files=files, finished=False)
+    for name in files if force else ():
+        (folder / name).unlink()
+    _CLAIMED[folder.resolve()] = dict(script=script, settings=settings, files=[] if force else files, finished=False)
     _write_record(folder.resolve())
     return folder
 
@@ -183,10 +169,10 @@ def finish_run(folder):
 
 
 def _note(path):
-    record = _CLAIMED.get(Path(path).parent.resolve())
-    if record is not None and Path(path).name not in record["files"]:
-        record["files"].append(Path(path).name)
-        _write_record(Path(path).parent.resolve())
+    folder, name = Path(path).parent.resolve(), Path(path).name
+    if folder in _CLAIMED and name not in _CLAIMED[folder]["files"]:
+        _CLAIMED[folder]["files"].append(name)
+        _write_record(folder)
 
 
 def _write_record(folder):
@@ -204,13 +190,17 @@ def _lock(folder, script):
             pid = _lock_pid(lock)
             if pid == os.getpid():
                 return
-            if pid is not None and _running(pid):
+            try:
+                os.kill(pid, 0)                          # is the locking process still running?
                 raise ValueError(f"{folder} is in use by another run (pid {pid}, {lock}): wait for it to end, "
                                  "or choose another output folder") from None
-            print(f"{script}: {lock}: a stale lock of pid {pid} (no longer running, e.g. killed); taking over",
-                  file=sys.stderr)
-            lock.unlink(missing_ok=True)
-            continue
+            except (ProcessLookupError, TypeError):      # gone, e.g. killed (TypeError: an unreadable lock)
+                print(f"{script}: {lock}: a stale lock of pid {pid} (no longer running, e.g. killed); taking over",
+                      file=sys.stderr)
+                lock.unlink(missing_ok=True)
+                continue
+            except PermissionError:                      # running, as another user
+                raise ValueError(f"{folder} is in use by another run (pid {pid}, {lock})") from None
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
         atexit.register(_unlock, folder)     # a refusal or a crash frees the folder too
@@ -219,9 +209,8 @@ def _lock(folder, script):
 
 
 def _unlock(folder):
-    lock = Path(folder) / ".lock"
-    if _lock_pid(lock) == os.getpid():
-        lock.unlink(missing_ok=True)
+    if _lock_pid(Path(folder) / ".lock") == os.getpid():
+        (Path(folder) / ".lock").unlink(missing_ok=True)
 
 
 def _lock_pid(lock):
@@ -229,16 +218,6 @@ def _lock_pid(lock):
         return int(Path(lock).read_text().strip())
     except (OSError, ValueError):
         return None
-
-
-def _running(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ----------------------------------------------------------------------------- files
@@ -255,17 +234,6 @@ def atomic_write(path, write_fn):
         tmp.unlink(missing_ok=True)
     _note(path)
     return path
-
-
-def file_digest(*paths):
-    """A short sha256 of files' bytes (a backbone, the models of an ensemble): it changes when a
-    file is replaced."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def save_json(path, obj):
@@ -286,12 +254,21 @@ def truncate_log(path, step):
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
 
 
+def file_digest(*paths):
+    """A short sha256 of files' bytes (a backbone, an ensemble's models): it changes when one is replaced."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------- device, precision, memory
 
 def pick_device(name="auto"):
     """--device: auto (CUDA if present), cpu, cuda, cuda:1, ...; ValueError for one not here."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -314,15 +291,15 @@ _BF16_CONV_OK = {}      # (channels, X, Y, Z) -> whether this CPU's bf16 convolu
 
 
 def bf16_conv_gradient_ok(channels, shape):
-    """Measured, once per shape and process: does a bf16 3x3x3 convolution on this CPU give the
-    weight gradient fp32 gives (within 5%), for a (2, channels, *shape) input? Some CPUs' bf16
+    """Measured once per shape and process: does a bf16 3x3x3 convolution on this CPU give the
+    weight gradient fp32 gives (within 5%) for a (2, channels, *shape) input? Some CPUs' bf16
     kernels do not at some sizes (an AMD EPYC with torch 2.13: wherever X is 2)."""
     key = (min(channels, 32), *shape)
     if key not in _BF16_CONV_OK:
-        state = torch.random.get_rng_state()
+        state = torch.random.get_rng_state()             # the run's random stream is not touched
         torch.manual_seed(0)
         conv, x = torch.nn.Conv3d(key[0], key[0], 3, padding=1), torch.randn(2, *key)
-        torch.random.set_rng_state(state)                # the run's random stream is not touched
+        torch.random.set_rng_state(state)
         grads = []
         for dtype in (torch.bfloat16, None):
             conv.zero_grad()
@@ -374,23 +351,20 @@ def prepare_training(device):
 
 def setup_distributed(device_name="auto"):
     """Initialise torch.distributed when launched by torchrun. -> (rank, world, device)."""
-    if "RANK" not in os.environ:
-        return 0, 1, pick_device(device_name)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = pick_device(device_name)
+    if "RANK" not in os.environ:
+        return 0, 1, device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
 
 
 def world_info():
     """(rank, world size): (0, 1) unless launched by torchrun (setup_distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 def end_distributed():
@@ -430,16 +404,13 @@ class _GatherRows(torch.autograd.Function):
 
 
 def gather_embeddings(za, zb, max_voxels):
-    """All processes' embeddings, differentiably, so InfoNCE sees the global batch's negatives.
-
-    Each process pads its (N, D) rows to the static max_voxels (a pair can yield fewer voxels
-    than asked, data.sample_pair) and marks the padding in `valid`, so no sizes are exchanged.
-    DDP's averaging of parameter gradients then gives exactly the single-process gradient.
-    Returns (za, zb, valid) with (W * max_voxels, D) rows, or the inputs and None for one process.
-    """
+    """All processes' embeddings, differentiably, so InfoNCE sees the global batch's negatives:
+    each process pads its (N, D) rows to the static max_voxels (a pair can yield fewer voxels than
+    asked) and marks the padding in `valid`, so no sizes are exchanged; DDP's averaging of parameter
+    gradients then gives exactly the single-process gradient. -> (za, zb, valid) with
+    (W * max_voxels, D) rows, or the inputs and None for one process."""
     if world_info()[1] == 1:
         return za, zb, None
-    pad = max_voxels - za.shape[0]
-    valid = torch.arange(max_voxels, device=za.device) < za.shape[0]          # (max_voxels,)
-    za, zb = (torch.nn.functional.pad(z, (0, 0, 0, pad)) for z in (za, zb))  # (max_voxels, D)
+    valid = torch.arange(max_voxels, device=za.device) < za.shape[0]                         # (max_voxels,)
+    za, zb = (torch.nn.functional.pad(z, (0, 0, 0, max_voxels - za.shape[0])) for z in (za, zb))  # (max_voxels, D)
     return _GatherRows.apply(za), _GatherRows.apply(zb), _GatherRows.apply(valid.float()).bool()

@@ -208,8 +208,9 @@ def main(args):
     recipe, default, end = proto["pretrain"], proto["pretrain"]["steps"], proto["curve_steps"]
     curve = [*curve_flags(proto), "--keep-steps", *proto["keep_steps"], "--workers", "0", *preset]
     pre = {"ours": out / "pretrain-ours", "vox2vec": out / "pretrain-vox2vec", "pool": out / "pretrain-pool"}
-    run("pretrain.py", *unlabelled, "--out", pre["ours"], *curve, log=log, done=pre["ours"] / "backbone.pt")
-    run("pretrain.py", *unlabelled, "--method", "vox2vec", "--out", pre["vox2vec"], *curve, log=log,
+    run("experiments/pretrain_curve.py", *unlabelled, "--out", pre["ours"], *curve, log=log,
+        done=pre["ours"] / "backbone.pt")
+    run("experiments/pretrain_curve.py", *unlabelled, "--method", "vox2vec", "--out", pre["vox2vec"], *curve, log=log,
         done=pre["vox2vec"] / "backbone.pt")
     pool_preset = preset or (["--preset", "demo"] if args.data == "demo" else [])    # a path is not `demo`
     run("pretrain.py", "--data", data_folder(args.data), "--split", split, "--out", pre["pool"], *pretrain_flags(recipe),

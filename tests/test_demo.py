@@ -2,7 +2,6 @@
 builds the labelled set with its split and a separate unlabelled corpus (none of its scans is a
 labelled one), a folder made with other settings or too few cases is one line."""
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np

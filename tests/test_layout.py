@@ -4,7 +4,6 @@ no import circle, `import pretrain` pulls in neither NIfTI I/O nor scipy and at 
 of the project, every script reports a refusal through runtime.cli, and every torch.load is
 weights_only."""
 import ast
-import re
 import subprocess
 import sys
 from pathlib import Path

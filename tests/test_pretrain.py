@@ -105,7 +105,6 @@ def test_existing_run_folder_is_not_overwritten(small_demo, tmp_path):
     (["--steps", "10000000000000000000000"], "argument --steps: must be >= 1 and <= 1e9, got 1e+22"),
     (["--num-voxels", "0"], "argument --num-voxels: must be >= 1"),
     (["--num-voxels", "5000"], "--num-voxels 5000 is more than a 16x16x8 patch holds (2048 voxels)"),
-    (["--steps", "2", "--keep-steps", "5"], "--keep-steps 5: past the end of the run (--steps 2); give steps <= 2"),
     (["--steps", "3", "--warmup-steps", "3"], "--warmup-steps 3 is not shorter than --steps 3: the lr would never reach"),
     (["--recon-weight", "0", "--contrastive-weight", "0"], "both 0: nothing to train"),
     (["--resume", "--force"], "--resume continues the run in --out, --force replaces it: give one"),
@@ -308,22 +307,6 @@ def test_fast_path_matches_plain_reference_path(small_demo, tmp_path):
     plain = hybrid_loss(info_nce(za, zb, cfg["temperature"]), reconstruction_loss(ra, xa, rb, xb),
                         cfg["recon_weight"], cfg["contrastive_weight"])
     torch.testing.assert_close(fast_loss, plain, rtol=1e-4, atol=1e-5)
-
-
-def test_kept_steps_are_backbones_along_the_run(small_demo, tmp_path):
-    """--keep-steps 0 1 3: the initialisation and the backbone after steps 1 and 3, each loadable
-    like backbone.pt; the last equals backbone.pt, the first the untrained FPN."""
-    run(small_demo, tmp_path, "--steps", "3", "--keep-steps", "0", "1", "3")
-    kept = {s: torch.load(tmp_path / f"backbone_step{s}.pt", weights_only=True) for s in (0, 1, 3)}
-    final = torch.load(tmp_path / "backbone.pt", weights_only=True)
-    assert [kept[s]["step"] for s in (0, 1, 3)] == [0, 1, 3]
-    torch.manual_seed(0)
-    fresh = pretrain.build_model(kept[0]["pretrain_config"])
-    for k, v in fresh.backbone.state_dict().items():
-        assert torch.equal(kept[0]["state_dict"][k], v), k
-        assert torch.equal(kept[3]["state_dict"][k], final["state_dict"][k]), k
-    assert any(not torch.equal(kept[0]["state_dict"][k], kept[1]["state_dict"][k]) for k in final["state_dict"])
-    assert not (tmp_path / "backbone_step2.pt").exists()
 
 
 def test_split_pretrains_on_the_training_pool_only(small_demo, tmp_path, monkeypatch):

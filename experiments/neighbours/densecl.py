@@ -196,7 +196,7 @@ def densecl_step(model, batch, cfg, generator, device, amp_dtype):
     return loss, dict(loss_global=l_global, loss_dense=l_dense)
 
 
-def momentum_update(model, cfg):
+def momentum_update(model, cfg, step=None):
     """MoCo's momentum update of the key encoder, after the optimizer's step."""
     ema_update(unwrap(model).key, unwrap(model).query, cfg["ema_momentum"])
 

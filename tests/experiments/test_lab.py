@@ -19,7 +19,7 @@ import weights
 from model import PretrainModel
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = {"experiments.bench": [], "experiments.convert": ["--inspect", "x"], "experiments.evidence": [],
+SCRIPTS = {"experiments.bench": [], "experiments.pretrain_curve": ["--data", "d", "--keep-steps", "0"], "experiments.convert": ["--inspect", "x"], "experiments.evidence": [],
            "experiments.diagnostics": ["--geometry"], "experiments.pretrain_grid": [], "experiments.compare": ["a"],
            "experiments.finetune_curve": ["--data", "d", "--out", "o", "--init", "random", "--eval-every", "1"],
            "experiments.neighbours.genesis": ["--data", "d"], "experiments.neighbours.mim": ["--data", "d"],
@@ -149,3 +149,21 @@ def test_weight_change_per_level():
                 p.mul_(2.0)                                     # level 2 moves by exactly ||w0||
     change = weight_change(model, initial)
     assert change["2"] == pytest.approx(1.0) and change["0"] == 0 and change["1"] == 0
+
+
+def test_kept_steps_are_backbones_along_the_run(small_demo, tmp_path):
+    """experiments/pretrain_curve.py --keep-steps 0 1 3: the initialisation and the backbone after steps 1 and 3, each loadable
+    like backbone.pt; the last equals backbone.pt, the first the untrained FPN."""
+    from experiments import pretrain_curve
+    pretrain_curve.main(pretrain_curve.parse_args(["--data", str(small_demo), "--out", str(tmp_path), *TINY, "--steps",
+                                                   "3", "--keep-steps", "0", "1", "3"]))
+    kept = {s: torch.load(tmp_path / f"backbone_step{s}.pt", weights_only=True) for s in (0, 1, 3)}
+    final = torch.load(tmp_path / "backbone.pt", weights_only=True)
+    assert [kept[s]["step"] for s in (0, 1, 3)] == [0, 1, 3]
+    torch.manual_seed(0)
+    fresh = pretrain.build_model(kept[0]["pretrain_config"])
+    for k, v in fresh.backbone.state_dict().items():
+        assert torch.equal(kept[0]["state_dict"][k], v), k
+        assert torch.equal(kept[3]["state_dict"][k], final["state_dict"][k]), k
+    assert any(not torch.equal(kept[0]["state_dict"][k], kept[1]["state_dict"][k]) for k in final["state_dict"])
+    assert not (tmp_path / "backbone_step2.pt").exists()
