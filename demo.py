@@ -182,6 +182,31 @@ def t2_like(hu, rng):
     return (300 * signal * (hu > -500) + rng.normal(0, 6, hu.shape)).astype(np.float32)
 
 
+def multichannel_raw(raw_dir, out_dir, channels=("CT", "T2"), layout="nnunet"):
+    """The labelled demo phantoms of raw_dir as a dataset of `channels` ("CT": the phantom, "T2":
+    t2_like of it, noise seed [9, i]): nnU-Net v2 (CASE_0000 ... files, channel_names) or Decathlon
+    v1 (one 4-D image per case, modality). -> out_dir."""
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    for folder in ("imagesTr", "labelsTr"):
+        (out_dir / folder).mkdir(parents=True, exist_ok=True)
+    for i, scan in enumerate(sorted((raw_dir / "imagesTr").glob("*.nii.gz"))):
+        img = nib.load(scan)
+        hu = np.asanyarray(img.dataobj).astype(np.float32)
+        arrays = [hu if c == "CT" else t2_like(hu, np.random.default_rng([9, i])) for c in channels]
+        case = scan.name[:-len(".nii.gz")]
+        if layout == "nnunet":
+            for c, array in enumerate(arrays):
+                nib.save(nib.Nifti1Image(array, img.affine), out_dir / "imagesTr" / f"{case}_{c:04d}.nii.gz")
+        else:
+            nib.save(nib.Nifti1Image(np.stack(arrays, -1), img.affine), out_dir / "imagesTr" / scan.name)
+        nib.save(nib.load(raw_dir / "labelsTr" / scan.name), out_dir / "labelsTr" / scan.name)
+    labels = json.loads((raw_dir / "dataset.json").read_text())["labels"]
+    names = {str(c): n for c, n in enumerate(channels)}
+    save_json(out_dir / "dataset.json", dict(channel_names=names, labels={v: int(k) for k, v in labels.items()})
+              if layout == "nnunet" else dict(modality=names, labels=labels))
+    return out_dir
+
+
 # ----------------------------------------------------------------------------- the demo set
 
 def write_case(job):

@@ -1,20 +1,16 @@
-"""Losses of Sec. 2.3 (Kats et al. 2024) and the downstream segmentation loss and metric (Sec. 3.2).
-
-Shapes: sampled voxel embeddings (N, D); volumes (B, C, X, Y, Z); label maps (B, X, Y, Z) or a
-single (X, Y, Z), int, 0 = background.
+"""Losses of Sec. 2.3 (Kats et al. 2024), and the downstream segmentation loss and metric (Sec. 3.2).
 
   info_nce             Eq. 1: InfoNCE over the n sampled voxel pairs of a batch, tau = 0.1.
   reconstruction_loss  Eq. 2: MSE between the reconstructed and the un-augmented patches.
   hybrid_loss          Eq. 3: L = L_c + lambda * L_r, lambda = 10.
-  segmentation_loss    softmax cross-entropy + soft Dice, for fine-tuning (the
-                       reference: per-class sigmoids; why we changed it: its docstring).
-  predict_labels       how the K class scores are read as one label map (argmax).
-  dice_per_class       Dice per foreground class of a predicted label map (the reported metric).
+  segmentation_loss    softmax cross-entropy + soft Dice (fine-tuning; the reference: per-class sigmoids).
+  predict_labels       the K class scores read as one label map (argmax).
+  dice_per_class       Dice per foreground class of a label map (the reported metric).
 
-Eq. 1 is written as a sum over anchors; we average over all 2n anchors (both views) so the loss
-scale, and with it the useful learning rate, does not depend on n. All losses are computed in
-float32 (or float64 for float64 inputs) even under autocast.
-Run `python -m pytest tests/test_loss.py` to check each one against a naive implementation.
+Shapes: sampled voxel embeddings (N, D); volumes (B, C, X, Y, Z); label maps (B, X, Y, Z) or
+(X, Y, Z), int, 0 = background. Eq. 1 is a sum over anchors; it is averaged here over all 2n
+anchors, so the loss scale, and with it the useful learning rate, does not depend on n. Every loss
+is computed in float32 (float64 for float64 inputs), also under autocast.
 """
 import numpy as np
 import torch

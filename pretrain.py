@@ -1,10 +1,5 @@
-"""Self-supervised pretraining of a 3D FPN with dense, hierarchically balanced voxel embeddings.
-
-Implements Kats, Hirsch & Heinrich 2024, Sec. 2 (Fig. 2), on top of vox2vec (Goncharov et al. 2023):
-two overlapping crops of a scan (Sec. 2.2), each augmented independently with local pixel
-shuffling, local in-painting and a Bezier intensity curve (Sec. 2.1), one FPN forward for both,
-balanced voxel representations sampled at n positive pairs, and the hybrid loss
-L = L_c + lambda * L_r (Eq. 1-3) with InfoNCE at tau = 0.1 and MSE reconstruction at lambda = 10.
+"""Self-supervised pretraining of a 3D FPN with dense, hierarchically balanced voxel embeddings
+(Kats, Hirsch & Heinrich 2024, Sec. 2, Fig. 2; built on vox2vec, Goncharov et al. 2023).
 
     python pretrain.py --data demo                          # the demo preset on the demo's unlabelled corpus (CPU)
     python pretrain.py --data DATA_DIR --out runs/ct        # the paper's config (one GPU)
@@ -12,27 +7,28 @@ L = L_c + lambda * L_r (Eq. 1-3) with InfoNCE at tau = 0.1 and MSE reconstructio
     python pretrain.py --data DATA_DIR --out runs/ct --resume       # continue an interrupted run
     torchrun --nproc_per_node=4 pretrain.py --data DATA_DIR         # several GPUs (DDP)
 
-One step (training_step): augment both views -> FPN -> sample the n pairs' voxels at every level
--> project -> InfoNCE and the reconstruction MSE. The loop (train): batch, step, optimizer, log,
-checkpoint. The paper's values are the flags' defaults (`--help`); `--preset demo` (the default
-for `--data demo`) replaces some with DEMO. A run writes `log.jsonl`, `checkpoint.pt` (resumable)
-and `backbone.pt` (the FPN alone, for linear_probe.py / finetune.py) into --out, each atomically.
-Table 1's ablations are flags (--arch, --aug, --recon-weight, --contrastive-weight; --method
-vox2vec is the baseline's preset). A neighbouring method (experiments/neighbours/) passes its own
-model and step to main. A multi-channel corpus is read as one volume per channel.
+One step (training_step): two overlapping crops of a scan (Sec. 2.1), each augmented by its own
+t ~ T, one FPN forward for both, balanced voxel representations at n positive pairs (Sec. 2.2),
+and L = L_c + lambda L_r (Eq. 1-3, tau = 0.1, lambda = 10). The loop (train): batch, step,
+optimizer, log (Log), checkpoint (save_state). The paper's values are the flags' defaults;
+`--preset demo` (the default for `--data demo`) replaces some with DEMO. A run writes log.jsonl,
+checkpoint.pt (resumable) and backbone.pt (the FPN alone, with how its corpus was preprocessed)
+into --out, each atomically. Table 1's ablations are flags; a neighbouring method
+(experiments/neighbours/) passes its own model and step to main. A multi-channel corpus is read
+as one volume per channel (the backbone is single-channel, as the paper's).
 
-Deviations from the paper: InfoNCE is averaged over the 2n anchors, not summed (loss.py); the lr
-may warm up and decay (--warmup-steps, --lr-schedule; the paper: constant).
-Distributed: --batch-pairs is the GLOBAL batch and InfoNCE's negatives are gathered from every
-process (runtime.gather_embeddings), so the loss is the single-process loss of the global batch.
+Deviations: InfoNCE is averaged over the 2n anchors, not summed (loss.py); the lr may warm up
+and decay (--warmup-steps, --lr-schedule; the paper and the demo: constant). Under torchrun
+--batch-pairs is the global batch and InfoNCE's negatives are gathered from every process
+(runtime.gather_embeddings): the loss is the single-process loss of the global batch.
 """
 import argparse
 import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -94,22 +90,9 @@ def training_step(model, batch, cfg, generator, device, amp_dtype):
 
 # ----------------------------------------------------------------------------- the run
 
-@dataclass
-class PretrainingRun:
-    """What setup() hands the loop."""
-    cfg: dict
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    loader: torch.utils.data.DataLoader
-    folder: Path
-    start: int
-    device: torch.device
-    amp_dtype: torch.dtype
-    args: argparse.Namespace
-
-
 def setup(args, build=build_model):
-    """Everything before the first step; every input problem is one line before any work."""
+    """Everything before the first step, every input problem one line before any work -> the run:
+    namespace(cfg, model, optimizer, loader, folder, start, device, amp_dtype, args)."""
     rank, world, device = runtime.setup_distributed(args.device)
     cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items() if k not in RUN_FLAGS}
     if cfg["batch_pairs"] % (world * cfg["pairs_per_volume"]):
@@ -150,7 +133,8 @@ def setup(args, build=build_model):
         print(f"pretrain: {world} process(es) on {device} ({'bf16 autocast' if amp_dtype else 'fp32'}), data {data_dir}, "
               f"run dir {folder}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, starting at "
               f"step {start}\nconfig: {json.dumps(cfg)}")
-    return PretrainingRun(cfg, model, optimizer, loader, folder, start, device, amp_dtype, args)
+    return SimpleNamespace(cfg=cfg, model=model, optimizer=optimizer, loader=loader, folder=folder, start=start,
+                           device=device, amp_dtype=amp_dtype, args=args)
 
 
 # ----------------------------------------------------------------------------- the training loop
@@ -257,8 +241,8 @@ def build_parser(add_method_arguments=None, description=None):
     p = argparse.ArgumentParser(description=description or __doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     # Data and run folder
-    p.add_argument("--data", required=True, help="preprocessed DATA_DIR (preprocess.py), or 'demo' (the demo's "
-                                                 "unlabelled pretraining corpus, data/demo/unlabelled)")
+    p.add_argument("--data", required=True, help="preprocessed DATA_DIR (preprocess.py; a multi-channel corpus is read "
+                                                 "as one volume per channel), or 'demo' (data/demo/unlabelled)")
     p.add_argument("--split", nargs="?", const=True, metavar="FILE",
                    help="pretrain on the 'train' cases of this split file only (without FILE: DATA/split.json): "
                         "the labelled-pool control of experiments/evidence.py (--data data/demo --split)")

@@ -1,20 +1,14 @@
-"""nnU-Net-like augmentation of a labelled patch and its label, for supervised training
-(finetune.py --aug; not part of the paper, whose downstream training, like vox2vec's, uses none).
+"""nnU-Net-like augmentation of a labelled patch and its label (finetune.py --aug; not the paper's,
+whose downstream training, like vox2vec's, uses none).
 
-Defaults are nnU-Net v2's (nnUNetTrainer.get_training_transforms), applied in its order:
-rotation / scaling -> Gaussian noise -> Gaussian blur -> brightness -> contrast -> gamma
-(inverted, then plain) -> mirroring. Shapes: image (B, C, X, Y, Z) float, label (B, X, Y, Z) int.
-Like augment.py, every function is batched torch on the patches' device, draws its randomness
-from the `generator` it is given and never reads a device value back to the host.
-
-Mirroring takes the axes it may flip (nnU-Net's allowed mirroring axes, `--mirror-axes`): on data
-whose classes are sided (left / right kidney), a flip along the left-right axis (X in the
-canonical RAS order) turns one class into the other, so such data should not be mirrored there.
-Intensities are not clamped (nnU-Net does not either). Left out: elastic deformation (off in
-nnU-Net too) and simulated low resolution (each patch would be resampled to its own size, a
-shape that depends on a random draw). Deviation: positions that rotation or scaling brings in
-from outside the patch take the border voxel (nnU-Net transforms a larger region and crops).
-`python -m pytest tests/test_supervised_augment.py` checks each piece against a reference.
+nnU-Net v2's defaults (nnUNetTrainer.get_training_transforms) in its order: rotation / scaling ->
+Gaussian noise -> Gaussian blur -> brightness -> contrast -> gamma (inverted, then plain) ->
+mirroring along the axes it may flip (--mirror-axes: on data whose classes are sided, a left-right
+flip turns one class into the other). Image (B, C, X, Y, Z) float, label (B, X, Y, Z) int; batched
+torch on the patches' device, randomness from the given `generator`, no read back to the host;
+intensities not clamped (nor in nnU-Net). Left out: elastic deformation (off in nnU-Net too) and
+simulated low resolution (a shape drawn at random). Deviation: positions that rotation or scaling
+brings in from outside the patch take the border voxel (nnU-Net transforms a larger region).
 """
 import torch
 import torch.nn.functional as F

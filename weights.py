@@ -130,11 +130,10 @@ def layout_config(state_dict, stem, down):
 def read_backbone(path, verbose=True):
     """A backbone of any supported kind -> (backbone_config, our state dict, info). Accepted: our
     backbone.pt (or the pretrain.py run folder holding it); a raw state dict in the authors' layout
-    or ours; a Lightning checkpoint with or without the `backbone.` prefix (head keys are ignored
+    or ours; a Lightning checkpoint, with or without the `backbone.` prefix (head keys are ignored
     and listed); any of these saved from DDP (`module.` prefix). ValueError for anything else."""
     path = Path(path)
-    if path.is_dir() and (path / "backbone.pt").is_file():
-        path = path / "backbone.pt"
+    path = path / "backbone.pt" if path.is_dir() and (path / "backbone.pt").is_file() else path
     ckpt = load_torch(path, "checkpoint")
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: holds a {type(ckpt).__name__}, not a state dict or checkpoint")
@@ -143,48 +142,41 @@ def read_backbone(path, verbose=True):
         pretrained = ckpt.get("pretrain_config") or {}
         info = dict(kind="backbone.pt (pretrain.py)", step=ckpt.get("step"), arch=ckpt.get("arch"), ignored=[],
                     method=pretrained.get("method"), preprocessing=pretrained.get("preprocessing"))
-        config, state = ckpt["backbone_config"], ckpt["state_dict"]
-        check_fits(path, "ours (model.FPN3d)", config, state)
-        if verbose:
-            print(f"{path}: {info['kind']}, method {info['method']}, step {info['step']}; FPN3d{tuple(config.values())} "
-                  "(in_channels, base_channels, num_levels)")
-        return config, state, info
-    if "kind" in ckpt or "model" in ckpt and "optimizer" in ckpt:
+        config, state, layout = ckpt["backbone_config"], ckpt["state_dict"], "ours (model.FPN3d)"
+    elif "kind" in ckpt or "model" in ckpt and "optimizer" in ckpt:
         what = {"segmenter": "a fine-tuned model (finetune.py)"}.get(ckpt.get("kind"), "a resumable checkpoint.pt")
         raise ValueError(f"{path} is {what}, not a backbone file; pass a pretrain.py run folder or its backbone.pt")
-    state, kind = (ckpt["state_dict"], "Lightning checkpoint") if isinstance(ckpt.get("state_dict"), dict) \
-        else (ckpt, "raw state_dict")
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: not a state dict of tensors (keys {list(state)[:5]})")
-    if state and all(k.startswith("module.") for k in state):
-        state, kind = {k[len("module."):]: v for k, v in state.items()}, kind + ", DDP `module.` prefix"
-    ignored = []
-    if any(k.startswith("backbone.") for k in state):
-        ignored = sorted(k for k in state if not k.startswith("backbone."))
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-        kind += ", `backbone.` prefix"
-    if "first_conv.weight" in state:
-        layout, config = "reference (vox2vec / hierarchical-dense-ssl FPN3d)", layout_config(state, "first_conv", "down_blocks")
-        names = set(key_map(config).values())
-    elif "stem.weight" in state:
-        layout, config = "ours (model.FPN3d)", layout_config(state, "stem", "down")
-        names = set(key_map(config))
     else:
-        raise ValueError(f"{path}: no FPN3d found (neither first_conv.weight nor stem.weight among keys "
-                         f"{sorted(state)[:6]}...)")
-    ignored += sorted(k for k in state if k not in names)       # heads without a prefix
-    missing = sorted(names - set(state))
-    if missing:
-        raise ValueError(f"{path}: {layout} with {config} but {len(missing)} key(s) missing, e.g. {missing[:4]}")
-    state = {k: v for k, v in state.items() if k in names}
-    if layout.startswith("reference"):
-        state = from_reference(state, config)
+        state, kind = (ckpt["state_dict"], "Lightning checkpoint") if isinstance(ckpt.get("state_dict"), dict) \
+            else (ckpt, "raw state_dict")
+        if not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path}: not a state dict of tensors (keys {list(state)[:5]})")
+        ignored = []
+        for prefix, what in (("module.", "DDP `module.` prefix"), ("backbone.", "`backbone.` prefix")):
+            if any(k.startswith(prefix) for k in state) and (prefix == "backbone." or all(k.startswith(prefix) for k in state)):
+                ignored += sorted(k for k in state if not k.startswith(prefix))     # a Lightning model's heads
+                state, kind = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, f"{kind}, {what}"
+        if "first_conv.weight" in state:
+            layout, config = "reference (vox2vec / hierarchical-dense-ssl FPN3d)", layout_config(state, "first_conv", "down_blocks")
+            names = set(key_map(config).values())
+        elif "stem.weight" in state:
+            layout, config = "ours (model.FPN3d)", layout_config(state, "stem", "down")
+            names = set(key_map(config))
+        else:
+            raise ValueError(f"{path}: no FPN3d found (neither first_conv.weight nor stem.weight among keys "
+                             f"{sorted(state)[:6]}...)")
+        missing = sorted(names - set(state))
+        if missing:
+            raise ValueError(f"{path}: {layout} with {config} but {len(missing)} key(s) missing, e.g. {missing[:4]}")
+        info = dict(kind=f"{kind}, {layout}", step=None, arch=None, preprocessing=None,
+                    ignored=sorted(ignored + [k for k in state if k not in names]))
+        state = {k: v for k, v in state.items() if k in names}
+        state = from_reference(state, config) if layout.startswith("reference") else state
     check_fits(path, layout, config, state)
-    info = dict(kind=f"{kind}, {layout}", step=None, arch=None, ignored=ignored, preprocessing=None)
     if verbose:
-        print(f"{path}: {info['kind']}; FPN3d{tuple(config.values())} (in_channels, base_channels, num_levels); "
-              f"ignored {len(ignored)} key(s)" + (f": {', '.join(ignored[:8])}{' ...' if len(ignored) > 8 else ''}"
-                                                  if ignored else ""))
+        print(f"{path}: {info['kind']}" + (f", method {info['method']}, step {info['step']}" if info["step"] is not None
+                                           else "") + f"; FPN3d{tuple(config.values())} (in_channels, base_channels, "
+              f"num_levels); ignored {len(info['ignored'])} key(s)" + "".join(f", {k}" for k in info["ignored"][:8]))
     return config, state, info
 
 
