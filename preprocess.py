@@ -49,6 +49,7 @@ PRESETS = {  # Sec. 3.1
 }
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
 MIN_RESAMPLED_VOXELS = 4  # per axis: fewer means the header's spacing is wrong
+MAX_DEMO_CASES = 10_000  # phantoms per demo set
 MAX_RESAMPLED_GIB = 4.0   # a 1 x 1 x 2 mm whole-body CT is ~0.5 GiB; far more means a wrong header
 
 
@@ -565,6 +566,8 @@ def parse_args(argv=None):
     return runtime.parse(parser, argv, rules=[
         lambda a: not a.demo and not (a.input and a.output and a.modality) and (
             "--input, --output and --modality are required (or --demo DATA_DIR)"),
+        lambda a: max(a.num_cases, a.unlabelled_cases) > MAX_DEMO_CASES and (
+            f"--num-cases / --unlabelled-cases: at most {MAX_DEMO_CASES} demo phantoms each"),
         lambda a: a.demo and (a.input or a.output or a.modality) and (
             "--demo writes the demo set; --input, --output and --modality preprocess your scans: give one of the two"),
     ])

@@ -65,3 +65,11 @@ def test_demo_split_is_disjoint_and_fixed():
     split = demo.demo_split(ids, seed=0)
     assert [len(split[k]) for k in ("train", "val", "test")] == [12, 3, 5]
     assert sorted(sum(split.values(), [])) == ids and split == demo.demo_split(ids, seed=0)
+
+
+@pytest.mark.parametrize("flag", ["--num-cases", "--unlabelled-cases"])
+def test_demo_sizes_are_bounded_before_any_work(tmp_path, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        preprocess.parse_args(["--demo", str(tmp_path / "d"), flag, "100000000"])
+    assert e.value.code == 2 and "at most 10000 demo phantoms" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -1,0 +1,210 @@
+"""The hostile table of docs/reliability.md: unusual and wrong command lines against every script,
+run in a work folder of its own on a small demo and tiny models, each with the exit code and last
+line it should give; a row whose exit code or last line differs, or that prints a traceback, is
+BAD. Kinds: the run folder, sizes, the case reader, flags a run cannot honour, weight files,
+input scans, the lab.
+
+    python experiments/hostile.py --work /tmp/hostile --out docs/hostile.md    # ~6 min on 2 cores
+"""
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import runtime  # noqa: E402
+from runtime import non_negative_int  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = r"(?<![\w/.])((?:experiments/)?\w+\.py)"
+PRE = "--preset demo --base-channels 4 --num-levels 3 --patch-size 16 16 8 --batch-pairs 2 --num-voxels 32 --workers 0"
+FT = ("--preset demo --steps 3 --batch-size 1 --patch-size 16 16 8 --workers 0 --bn-batches 2 "
+      "--eval-patch-size 64 64 32")
+FTR = f"--data data/demo --init random --base-channels 4 --num-levels 3 --folds 3 {FT}"
+SETUP = [
+    "preprocess.py --demo data/demo --num-cases 6 --unlabelled-cases 4 --workers 1",
+    f"pretrain.py --data data/demo/unlabelled --out runs/pre --steps 4 {PRE}",
+    f"finetune.py {FTR} --out runs/ft",
+    "mkdir -p scans && cp data/demo/raw/imagesTr/demo_000.nii.gz data/demo/raw/imagesTr/demo_001.nii.gz scans/",
+    "predict.py -i scans -o pred --model runs/ft",
+    "cp -r data/demo bad && rm -rf bad/unlabelled bad/raw",
+    "python -c \"import demo; demo.multichannel_raw('data/demo/raw', 'two', ('CT', 'T2'))\"",
+]
+TRUNC = "python -c \"import sys; p = sys.argv[1]; b = open(p, 'rb').read(); open(p, 'wb').write(b[:len(b) // 2])\""
+EVIL = ("python -c \"import torch, os; R = type('R', (), {'__reduce__': lambda s: (os.system, ('touch pwned',))}); "
+        "torch.save({'x': R()}, 'evil.pt')\"")
+# (kind, command, expected exit code, words the last line holds ("" any), words it must not hold)
+CASES = [
+    ("run folder", f"finetune.py {FTR} --out runs/ft", 2, "holds a finished run", ""),
+    ("run folder", f"finetune.py {FTR} --out runs/ft --resume", 0, "", ""),
+    ("run folder", f"cp -r runs/ft f1 && finetune.py {FTR} --out f1 --fold 0 --force && ls f1 | tr '\\n' ' '", 0,
+     "model_fold0.pt", "model_fold1"),
+    ("run folder", "predict.py -i scans -o pred --model runs/ft", 0, "skipped 2", ""),
+    ("run folder", f"cp -r runs/ft f2 && predict.py -i scans -o p2 --model f2 && finetune.py {FTR} --out f2 --force "
+     "--seed 1 && predict.py -i scans -o p2 --model f2", 2, "other settings", ""),
+    ("run folder", "predict.py -i scans -o p2 --model f2 --force", 0, "", "skipped"),
+    ("run folder", f"cp -r runs/ft f3 && rm f3/results.json f3/model_fold2.pt && finetune.py {FTR} --out f3", 2,
+     "unfinished run", ""),
+    ("run folder", f"finetune.py {FTR} --out f3 --resume && ls f3 | tr '\\n' ' '", 0, "model_fold2.pt", ""),
+    ("run folder", f"finetune.py {FTR} --out f3 --resume --lr 0.1", 2, "--lr", ""),
+    ("run folder", f"pretrain.py --data data/demo/unlabelled --out runs/pre --steps 4 {PRE}", 2, "--resume", ""),
+    ("run folder", f"pretrain.py --data data/demo/unlabelled --out runs/pre --steps 4 {PRE} --resume --lr 0.1", 2,
+     "--lr", ""),
+    ("run folder", f"echo 999999 > runs/pre/.lock && pretrain.py --data data/demo/unlabelled --out runs/pre --steps 6 "
+     f"{PRE} --resume && test ! -e runs/pre/.lock && echo unlocked", 0, "unlocked", ""),
+    ("run folder", f"mkdir -p f4 && (sleep 20 >/dev/null 2>&1 & echo $! > f4/.lock) && finetune.py {FTR} --out f4", 2, "in use", ""),
+    ("run folder", "linear_probe.py --data data/demo --init random --out runs/ft --preset demo", 2, "finished run", ""),
+    ("run folder", "predict.py -i scans -o runs/ft --model runs/ft", 2, "", ""),
+    ("run folder", "touch afile && finetune.py --data data/demo --init random --out afile", 2, "not a folder", ""),
+    ("run folder", "preprocess.py --input data/demo/raw --output data/demo --modality mri", 2, "", ""),
+    ("run folder", "preprocess.py --input data/demo/raw --output data/demo/raw/out --modality ct", 2, "inside", ""),
+    ("sizes", "pretrain.py --data demo --steps 10000000000000000000000", 2, "<= 1e9", ""),
+    ("sizes", "pretrain.py --data data/demo/unlabelled --preset demo --out s1 --batch-pairs 100000", 2, "GiB", ""),
+    ("sizes", "pretrain.py --data data/demo/unlabelled --preset demo --out s2 --patch-size 2048 2048 512", 2, "GiB", ""),
+    ("sizes", "pretrain.py --data data/demo/unlabelled --preset demo --out s3 --num-voxels 100000", 2, "voxels", ""),
+    ("sizes", f"finetune.py {FTR} --out s4 --batch-size 100000", 2, "GiB", ""),
+    ("sizes", f"finetune.py {FTR} --out s5 --eval-patch-size 4096 4096 1024", 2, "GiB", ""),
+    ("sizes", "linear_probe.py --data data/demo --init random --preset demo --out s6 --eval-patch-size 4096 4096 1024",
+     2, "GiB", ""),
+    ("sizes", "preprocess.py --demo s7 --num-cases 100000000", 2, "", ""),
+    ("sizes", "pretrain.py --data demo --workers 100000", 2, "between 0", ""),
+    ("sizes", f"finetune.py {FTR} --out s8 --train-cases 100", 2, "--train-cases", ""),
+    ("sizes", "pretrain.py --data demo --log-every 0", 2, ">= 1", ""),
+    ("sizes", "predict.py -i scans -o s9 --model runs/ft --overlap 1", 2, "[0, 1)", ""),
+    ("sizes", "preprocess.py --input data/demo/raw --output s10 --modality ct --spacing 0.001 0.001 0.001", 1,
+     "failed 6", ""),
+    ("sizes", "pretrain.py --data demo --lr inf", 2, "finite", ""),
+    ("case reader", f"cp -r bad c1 && {TRUNC} c1/cases/demo_000/image.npy && finetune.py --data c1 --init random "
+     f"--out c1r --base-channels 4 --num-levels 3 --folds 3 {FT}", 2, "re-run preprocess.py", ""),
+    ("case reader", "linear_probe.py --data c1 --init random --preset demo --out c1p", 2, "re-run preprocess.py", ""),
+    ("case reader", f"pretrain.py --data c1 --out c1q --steps 2 {PRE}", 2, "re-run preprocess.py", ""),
+    ("case reader", f"cp -r bad c2 && rm c2/cases/demo_001/label.npy && finetune.py --data c2 --init random --out c2r "
+     f"--base-channels 4 --num-levels 3 --folds 3 {FT}", 2, "label.npy", ""),
+    ("case reader", f"cp -r bad c3 && rm c3/cases/demo_002/meta.json && pretrain.py --data c3 --out c3r --steps 2 {PRE}",
+     2, "demo_002", ""),
+    ("case reader", f"cp -r bad c4 && echo text > c4/cases/demo_000/body.npy && pretrain.py --data c4 --out c4r --steps 2 "
+     f"{PRE}", 2, "body.npy", ""),
+    ("case reader", "cp -r bad c5 && python -c \"import numpy; numpy.save('c5/cases/demo_000/image.npy', "
+     f"numpy.zeros((4, 4)))\" && pretrain.py --data c5 --out c5r --steps 2 {PRE}", 2, "image.npy", ""),
+    ("case reader", f"cp -r bad c6 && rm c6/dataset.json && pretrain.py --data c6 --out c6r {PRE}", 2, "dataset.json", ""),
+    ("case reader", f"cp -r bad c7 && echo '{{' > c7/dataset.json && pretrain.py --data c7 --out c7r {PRE}", 2,
+     "dataset.json", ""),
+    ("case reader", "cp -r bad c8 && echo '{\"train\": [\"nobody\"], \"val\": [], \"test\": []}' > c8/split.json && "
+     f"finetune.py --data c8 --init random --split --out c8r {FT}", 2, "nobody", ""),
+    ("case reader", "pretrain.py --data nowhere", 2, "nowhere", ""),
+    ("case reader", "cp -r bad c9 && rm c9/cases/demo_003/image.npy && linear_probe.py --data c9 --init random "
+     "--preset demo --out c9r", 2, "image.npy", ""),
+    ("flags", f"finetune.py {FTR} --out g1 --folds 5 --split", 2, "--folds", ""),
+    ("flags", f"finetune.py --data data/demo --checkpoint runs/pre --out g2 {FT} --freeze-steps 10", 2, "--freeze-steps", ""),
+    ("flags", f"finetune.py --data data/demo --checkpoint runs/pre --out g2 {FT} --ramp-steps 10", 2, "--ramp-steps", ""),
+    ("flags", f"finetune.py {FTR} --out g3 --test-data data/demo", 2, "test", ""),
+    ("flags", f"cp -r bad g4 && finetune.py {FTR} --out g4r --test-data g4", 2, "demo_", ""),
+    ("flags", "linear_probe.py --data data/demo --init random --preset demo --out g5 --folds 3 --fold 3", 2, "--fold", ""),
+    ("flags", f"finetune.py {FTR} --out g6 --freeze-steps 2", 2, "--freeze-steps", ""),
+    ("flags", "pretrain.py --data data/demo/unlabelled --preset demo --out g7 --steps 4 --warmup-steps 10", 2,
+     "--warmup-steps", ""),
+    ("flags", f"finetune.py --data data/demo --checkpoint runs/pre --out g8 {FT} --base-channels 8", 2,
+     "--base-channels", ""),
+    ("flags", f"finetune.py --data data/demo --checkpoint runs/pre --out g9 {FT} --arch vox2vec", 2, "--arch", ""),
+    ("flags", "predict.py -i scans -o g10 --model runs/ft --tta", 2, "mirror", ""),
+    ("flags", "predict.py -i scans -o g11 --model runs/ft --folds 7", 2, "7", ""),
+    ("flags", f"finetune.py {FTR} --out g12 --evaluate-on val", 2, "--evaluate-on", ""),
+    ("flags", f"finetune.py {FTR} --out g13 --mirror-axes 0 --aug none", 2, "--mirror-axes", ""),
+    ("flags", "preprocess.py --demo g14 --input data/demo/raw", 2, "one of the two", ""),
+    ("flags", "pretrain.py --data data/demo/unlabelled --preset demo --out g15 --split", 2, "split", ""),
+    ("weight files", f"finetune.py --data data/demo --checkpoint runs/ft/model_fold0.pt --out w1 {FT}", 2,
+     "fine-tuned model", ""),
+    ("weight files", "predict.py -i scans -o w2 --model runs/pre/backbone.pt", 2, "", ""),
+    ("weight files", f"finetune.py --data data/demo --checkpoint README.md --out w3 {FT}", 2, "README.md", ""),
+    ("weight files", f"{EVIL} && linear_probe.py --data data/demo --checkpoint evil.pt --preset demo --out w4; "
+     "test -e pwned && echo CODE RAN || echo no code ran", 0, "no code ran", ""),
+    ("weight files", f"cp runs/pre/backbone.pt half.pt && {TRUNC} half.pt && finetune.py --data data/demo "
+     f"--checkpoint half.pt --out w5 {FT}", 2, "half.pt", ""),
+    ("weight files", f"finetune.py --data data/demo --checkpoint runs --out w6 {FT}", 2, "runs", ""),
+    ("weight files", f"pretrain.py --data data/demo/unlabelled --out w7 --steps 2 {PRE} --init-from runs/ft/model_fold0.pt",
+     2, "fine-tuned model", ""),
+    ("scans", "cp -r two x1 && rm x1/imagesTr/demo_002_0001.nii.gz && preprocess.py --input x1 --output x1p "
+     "--modality ct --workers 1", 1, "failed 1", ""),
+    ("scans", "cp -r two x2 && cp two/imagesTr/demo_000_0001.nii.gz x2/imagesTr/demo_000_0002.nii.gz && "
+     "preprocess.py --input x2 --output x2p --modality ct --workers 1", 1, "failed 1", ""),
+    ("scans", "cp -r two x3 && cp scans/demo_000.nii.gz x3/imagesTr/demo_003_0001.nii.gz && preprocess.py --input x3 "
+     "--output x3p --modality ct --workers 1", 1, "failed 1", ""),
+    ("scans", "mkdir -p x4 && echo garbage > x4/a.nii.gz && cp scans/demo_000.nii.gz x4/ && preprocess.py --input x4 "
+     "--output x4p --modality ct --workers 1", 1, "failed 1", ""),
+    ("scans", "predict.py -i nowhere -o x5 --model runs/ft", 2, "nowhere", ""),
+    ("scans", "predict.py -i scans -o scans/out --model runs/ft", 2, "", ""),
+    ("scans", "mkdir -p x6 && cp scans/* x6/ && echo garbage > x6/bad.nii.gz && predict.py -i x6 -o x6p --model runs/ft",
+     1, "", ""),
+    ("scans", "predict.py -i two/imagesTr -o x7 --model runs/ft", 2, "channel", ""),
+    ("lab", "experiments/compare.py missing", 2, "not a results.json", ""),
+    ("lab", "experiments/diagnostics.py", 2, "give --backbone", ""),
+    ("lab", "experiments/convert.py --inspect nowhere.pt", 2, "nowhere.pt", ""),
+    ("lab", "experiments/convert.py --inspect README.md", 2, "README.md", ""),
+    ("lab", "experiments/convert.py --inspect runs/pre/backbone.pt", 0, "", ""),
+    ("lab", "experiments/evidence.py --out afile", 2, "afile", ""),
+    ("lab", "experiments/pretrain_curve.py --data demo --keep-steps 100 --steps 4 --out l1", 2, "--keep-steps", ""),
+    ("lab", "experiments/finetune_curve.py --data data/demo --init random --out l2 --eval-every 0", 2, ">= 1", ""),
+    ("lab", "experiments/bench.py --steps -1", 2, "", ""),
+]
+
+
+def run(command, work, timeout):
+    """-> (exit code, last non-empty line of stdout + stderr, whether a traceback was printed)."""
+    real = re.sub(SCRIPTS, lambda m: f"{sys.executable} {ROOT / m[1]}" if (ROOT / m[1]).is_file() else m[1], command)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHON=sys.executable)
+    real = re.sub(r"(^|&& |; )python ", rf"\1{sys.executable} ", real)
+    try:
+        p = subprocess.run(["bash", "-c", real], cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return 124, f"(no end within {timeout} s)", False
+    text = (p.stdout + "\n" + p.stderr).replace("\r", "\n")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "it/s]" not in line and "s/it]" not in line]
+    return p.returncode, (lines[-1] if lines else ""), "Traceback (most recent call last)" in text
+
+
+def main(args):
+    work = Path(args.work)
+    if work.exists() and any(work.iterdir()):
+        raise ValueError(f"--work {work}: not empty (the table starts from a fresh folder)")
+    work.mkdir(parents=True, exist_ok=True)
+    for command in SETUP:
+        code, last, _ = run(command, work, 600)
+        if code:
+            raise ValueError(f"setup `{command}` failed ({code}): {last}")
+    rows, bad = [], 0
+    for i, (kind, command, code, words, never) in enumerate(CASES[:args.limit or None], 1):
+        t = time.time()
+        got, last, traceback = run(command, work, args.timeout)
+        ok = got == code and words in last and not (never and never in last) and not traceback
+        bad += not ok
+        shown = last.replace(str(work) + "/", "").replace(str(ROOT) + "/", "").replace("|", "\\|")[:220]
+        cell = command.replace("|", "\\|")
+        rows.append(f"| {i} | {kind} | `{cell}` | {got} | {shown} | "
+                    f"{'good' if ok else 'BAD' + (' (traceback)' if traceback else '')} |")
+        print(f"{i:3d} {kind:12s} exit {got} ({code} expected) {'good' if ok else 'BAD'} {time.time() - t:5.1f} s: {shown}")
+    table = ["| # | kind | command | exit | last line | verdict |", "|---|---|---|---|---|---|", *rows]
+    report = "\n".join([f"{len(rows) - bad} good, {bad} bad of {len(rows)} (`python experiments/hostile.py`, "
+                        f"setup: {'; '.join(SETUP)})", "", *table, ""])
+    if args.out:
+        runtime.atomic_write(args.out, lambda tmp: Path(tmp).write_text(report))
+    print(f"{len(rows) - bad} good, {bad} bad of {len(rows)}")
+    shutil.rmtree(work) if args.clean else None
+    return 1 if bad else 0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    p.add_argument("--work", required=True, help="an empty or new folder where the commands run")
+    p.add_argument("--out", help="the markdown table")
+    p.add_argument("--limit", type=non_negative_int, default=0, help="only the first N rows (0: all)")
+    p.add_argument("--timeout", type=runtime.positive_int, default=240, help="seconds per row")
+    p.add_argument("--clean", action="store_true", help="delete --work at the end")
+    return runtime.parse(p, argv)
+
+
+if __name__ == "__main__":
+    runtime.cli(main, parse_args)
