@@ -100,6 +100,8 @@ def read_case(data_dir, case_id, need_label=False):
         except (OSError, ValueError, EOFError) as e:    # deleted, truncated ("mmap length is greater than file size")
             raise ValueError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:80]}); {fix}") from None
     image, body, label = arrays["image"], arrays["body"], arrays.get("label")
+    if image.ndim not in (3, 4):
+        raise ValueError(f"{case_dir / 'image.npy'}: shape {image.shape}, not (X, Y, Z) or (C, X, Y, Z); {fix}")
     image = image[None] if image.ndim == 3 else image
     if label is None and (need_label or meta.get("label_file")):
         raise ValueError(f"{case_dir / 'label.npy'}: missing, though case {case_id!r} is labelled; {fix}")

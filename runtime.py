@@ -138,10 +138,14 @@ def claim_run(folder, script, outputs=(), settings=None, force=False, resume=Fal
         record = {}
     files = sorted({f for f in record.get("files", []) if (folder / f).exists()}
                    | {p.name for pattern in outputs for p in folder.glob(pattern)})
+    shown = ", ".join(files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
+    if files and record.get("script", script) != script:
+        raise ValueError(f"{flag} {folder} holds a run of {record['script']} ({shown}): choose another folder "
+                         "(--force replaces a run of this script only)")
     if files and not force:
-        shown = ", ".join(files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
+        finished = record.get("finished") and all((folder / f).exists() for f in record.get("files", []))
         if not resume:
-            raise ValueError(f"{flag} {folder} holds {'a finished' if record.get('finished') else 'an unfinished'} "
+            raise ValueError(f"{flag} {folder} holds {'a finished' if finished else 'an unfinished'} "
                              f"run ({shown}): continue it with --resume, or pass --force to replace it")
         changed = changed_settings(record.get("settings") or {}, settings or {}, may_change)
         if changed or "settings" not in record:

@@ -24,7 +24,9 @@ SCRIPTS = r"(?<![\w/.])((?:experiments/)?\w+\.py)"
 PRE = "--preset demo --base-channels 4 --num-levels 3 --patch-size 16 16 8 --batch-pairs 2 --num-voxels 32 --workers 0"
 FT = ("--preset demo --steps 3 --batch-size 1 --patch-size 16 16 8 --workers 0 --bn-batches 2 "
       "--eval-patch-size 64 64 32")
-FTR = f"--data data/demo --init random --base-channels 4 --num-levels 3 --folds 3 {FT}"
+FTR0 = f"--data data/demo --init random --base-channels 4 --num-levels 3 {FT}"
+FTR = f"{FTR0} --folds 3"
+FTC = f"{FT} --freeze-steps 1 --ramp-steps 1"     # from a backbone: a freeze that fits 3 steps
 SETUP = [
     "preprocess.py --demo data/demo --num-cases 6 --unlabelled-cases 4 --workers 1",
     f"pretrain.py --data data/demo/unlabelled --out runs/pre --steps 4 {PRE}",
@@ -46,7 +48,7 @@ CASES = [
     ("run folder", "predict.py -i scans -o pred --model runs/ft", 0, "skipped 2", ""),
     ("run folder", f"cp -r runs/ft f2 && predict.py -i scans -o p2 --model f2 && finetune.py {FTR} --out f2 --force "
      "--seed 1 && predict.py -i scans -o p2 --model f2", 2, "other settings", ""),
-    ("run folder", "predict.py -i scans -o p2 --model f2 --force", 0, "", "skipped"),
+    ("run folder", "predict.py -i scans -o p2 --model f2 --force", 0, "done 2", ""),
     ("run folder", f"cp -r runs/ft f3 && rm f3/results.json f3/model_fold2.pt && finetune.py {FTR} --out f3", 2,
      "unfinished run", ""),
     ("run folder", f"finetune.py {FTR} --out f3 --resume && ls f3 | tr '\\n' ' '", 0, "model_fold2.pt", ""),
@@ -67,9 +69,9 @@ CASES = [
     ("sizes", "pretrain.py --data data/demo/unlabelled --preset demo --out s2 --patch-size 2048 2048 512", 2, "GiB", ""),
     ("sizes", "pretrain.py --data data/demo/unlabelled --preset demo --out s3 --num-voxels 100000", 2, "voxels", ""),
     ("sizes", f"finetune.py {FTR} --out s4 --batch-size 100000", 2, "GiB", ""),
-    ("sizes", f"finetune.py {FTR} --out s5 --eval-patch-size 4096 4096 1024", 2, "GiB", ""),
+    ("sizes", f"finetune.py {FTR} --out s5 --eval-patch-size 4096 4096 1024", 0, "mean", ""),   # cut to the volume
     ("sizes", "linear_probe.py --data data/demo --init random --preset demo --out s6 --eval-patch-size 4096 4096 1024",
-     2, "GiB", ""),
+     0, "mean", ""),
     ("sizes", "preprocess.py --demo s7 --num-cases 100000000", 2, "", ""),
     ("sizes", "pretrain.py --data demo --workers 100000", 2, "between 0", ""),
     ("sizes", f"finetune.py {FTR} --out s8 --train-cases 100", 2, "--train-cases", ""),
@@ -101,30 +103,31 @@ CASES = [
     ("flags", f"finetune.py {FTR} --out g1 --folds 5 --split", 2, "--folds", ""),
     ("flags", f"finetune.py --data data/demo --checkpoint runs/pre --out g2 {FT} --freeze-steps 10", 2, "--freeze-steps", ""),
     ("flags", f"finetune.py --data data/demo --checkpoint runs/pre --out g2 {FT} --ramp-steps 10", 2, "--ramp-steps", ""),
-    ("flags", f"finetune.py {FTR} --out g3 --test-data data/demo", 2, "test", ""),
-    ("flags", f"cp -r bad g4 && finetune.py {FTR} --out g4r --test-data g4", 2, "demo_", ""),
+    ("flags", f"finetune.py {FTR0} --out g3 --test-data data/demo", 2, "--test-data", ""),
+    ("flags", f"cp -r bad g4 && finetune.py {FTR0} --out g4r --test-data g4", 2, "demo_", ""),
     ("flags", "linear_probe.py --data data/demo --init random --preset demo --out g5 --folds 3 --fold 3", 2, "--fold", ""),
     ("flags", f"finetune.py {FTR} --out g6 --freeze-steps 2", 2, "--freeze-steps", ""),
     ("flags", "pretrain.py --data data/demo/unlabelled --preset demo --out g7 --steps 4 --warmup-steps 10", 2,
      "--warmup-steps", ""),
-    ("flags", f"finetune.py --data data/demo --checkpoint runs/pre --out g8 {FT} --base-channels 8", 2,
+    ("flags", f"finetune.py --data data/demo --checkpoint runs/pre --out g8 {FTC} --base-channels 8", 2,
      "--base-channels", ""),
-    ("flags", f"finetune.py --data data/demo --checkpoint runs/pre --out g9 {FT} --arch vox2vec", 2, "--arch", ""),
+    ("flags", f"finetune.py --data data/demo --checkpoint runs/pre --out g9 {FTC} --arch vox2vec", 2, "--arch", ""),
     ("flags", "predict.py -i scans -o g10 --model runs/ft --tta", 2, "mirror", ""),
     ("flags", "predict.py -i scans -o g11 --model runs/ft --folds 7", 2, "7", ""),
     ("flags", f"finetune.py {FTR} --out g12 --evaluate-on val", 2, "--evaluate-on", ""),
     ("flags", f"finetune.py {FTR} --out g13 --mirror-axes 0 --aug none", 2, "--mirror-axes", ""),
     ("flags", "preprocess.py --demo g14 --input data/demo/raw", 2, "one of the two", ""),
     ("flags", "pretrain.py --data data/demo/unlabelled --preset demo --out g15 --split", 2, "split", ""),
-    ("weight files", f"finetune.py --data data/demo --checkpoint runs/ft/model_fold0.pt --out w1 {FT}", 2,
+    ("weight files", f"finetune.py --data data/demo --checkpoint runs/ft/model_fold0.pt --out w1 {FTC}", 2,
      "fine-tuned model", ""),
     ("weight files", "predict.py -i scans -o w2 --model runs/pre/backbone.pt", 2, "", ""),
-    ("weight files", f"finetune.py --data data/demo --checkpoint README.md --out w3 {FT}", 2, "README.md", ""),
+    ("weight files", f"echo text > notes.txt && finetune.py --data data/demo --checkpoint notes.txt --out w3 {FTC}", 2,
+     "text file", ""),
     ("weight files", f"{EVIL} && linear_probe.py --data data/demo --checkpoint evil.pt --preset demo --out w4; "
      "test -e pwned && echo CODE RAN || echo no code ran", 0, "no code ran", ""),
     ("weight files", f"cp runs/pre/backbone.pt half.pt && {TRUNC} half.pt && finetune.py --data data/demo "
-     f"--checkpoint half.pt --out w5 {FT}", 2, "half.pt", ""),
-    ("weight files", f"finetune.py --data data/demo --checkpoint runs --out w6 {FT}", 2, "runs", ""),
+     f"--checkpoint half.pt --out w5 {FTC}", 2, "half.pt", ""),
+    ("weight files", f"finetune.py --data data/demo --checkpoint runs --out w6 {FTC}", 2, "runs", ""),
     ("weight files", f"pretrain.py --data data/demo/unlabelled --out w7 --steps 2 {PRE} --init-from runs/ft/model_fold0.pt",
      2, "fine-tuned model", ""),
     ("scans", "cp -r two x1 && rm x1/imagesTr/demo_002_0001.nii.gz && preprocess.py --input x1 --output x1p "
@@ -143,9 +146,9 @@ CASES = [
     ("lab", "experiments/compare.py missing", 2, "not a results.json", ""),
     ("lab", "experiments/diagnostics.py", 2, "give --backbone", ""),
     ("lab", "experiments/convert.py --inspect nowhere.pt", 2, "nowhere.pt", ""),
-    ("lab", "experiments/convert.py --inspect README.md", 2, "README.md", ""),
+    ("lab", "echo text > notes.txt && experiments/convert.py --inspect notes.txt", 2, "text file", ""),
     ("lab", "experiments/convert.py --inspect runs/pre/backbone.pt", 0, "", ""),
-    ("lab", "experiments/evidence.py --out afile", 2, "afile", ""),
+    ("lab", "touch afile && experiments/evidence.py --data data/demo --out afile --quick", 2, "afile", ""),
     ("lab", "experiments/pretrain_curve.py --data demo --keep-steps 100 --steps 4 --out l1", 2, "--keep-steps", ""),
     ("lab", "experiments/finetune_curve.py --data data/demo --init random --out l2 --eval-every 0", 2, ">= 1", ""),
     ("lab", "experiments/bench.py --steps -1", 2, "", ""),
@@ -158,10 +161,11 @@ def run(command, work, timeout):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHON=sys.executable)
     real = re.sub(r"(^|&& |; )python ", rf"\1{sys.executable} ", real)
     try:
-        p = subprocess.run(["bash", "-c", real], cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(["bash", "-c", real], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return 124, f"(no end within {timeout} s)", False
-    text = (p.stdout + "\n" + p.stderr).replace("\r", "\n")
+    text = p.stdout.replace("\r", "\n")
     lines = [line.strip() for line in text.splitlines() if line.strip() and "it/s]" not in line and "s/it]" not in line]
     return p.returncode, (lines[-1] if lines else ""), "Traceback (most recent call last)" in text
 

@@ -272,6 +272,7 @@ def test_cases_smaller_than_the_patch_are_named(label_dir, capsys):
     ("truncate image", "image.npy: unreadable"), ("delete label", "label.npy: missing, though case 'big' is labelled"),
     ("bad meta", "meta.json: unreadable"), ("delete meta", "not found or incomplete"),
     ("short body", "body.npy: shape (2, 2, 2) != image (40, 40, 20)"),
+    ("flat image", "image.npy: shape (4, 4), not (X, Y, Z) or (C, X, Y, Z)"),
 ])
 def test_the_case_reader_names_the_case_the_file_and_the_fix(label_dir, tmp_path, break_it, words):
     """Every way a preprocessed case can be broken is one line naming the case (or its file) and
@@ -289,6 +290,8 @@ def test_the_case_reader_names_the_case_the_file_and_the_fix(label_dir, tmp_path
         (case / "meta.json").write_text("{not json")
     elif break_it == "delete meta":
         (case / "meta.json").unlink()
+    elif break_it == "flat image":
+        np.save(case / "image.npy", np.zeros((4, 4), np.float16))
     else:
         np.save(case / "body.npy", np.ones((2, 2, 2), bool))
     with pytest.raises(ValueError, match="re-run preprocess.py" if break_it != "delete meta" else "incomplete") as e:

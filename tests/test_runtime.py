@@ -162,6 +162,23 @@ def test_claim_run_is_one_unit(tmp_path):
     runtime.finish_run(folder)
 
 
+def test_a_run_of_another_script_or_with_files_gone_is_named(tmp_path):
+    """Another script's run is refused even with --force (the folder may be its data); a finished
+    run one of whose files is gone is called unfinished (its --resume redoes what is missing)."""
+    runtime.claim_run(tmp_path, "preprocess.py", ("dataset.json",))
+    for name in ("dataset.json", "results.json"):
+        runtime.atomic_write(tmp_path / name, lambda tmp: tmp.write_text("{}"))
+    runtime.finish_run(tmp_path)
+    with pytest.raises(ValueError, match=r"holds a run of preprocess.py \(dataset.json, results.json\): choose another"):
+        runtime.claim_run(tmp_path, "pretrain.py", ("checkpoint.pt",), force=True)
+    runtime._unlock(tmp_path)
+    assert (tmp_path / "dataset.json").exists()
+    (tmp_path / "results.json").unlink()
+    with pytest.raises(ValueError, match=r"holds an unfinished run \(dataset.json\)"):
+        runtime.claim_run(tmp_path, "preprocess.py", ("dataset.json",))
+    runtime._unlock(tmp_path)
+
+
 def test_an_unrecorded_output_counts_as_an_earlier_run(tmp_path):
     """A folder written before run records existed: its outputs are still never replaced silently."""
     (tmp_path / "results.json").write_text("{}")
