@@ -59,7 +59,7 @@ CASES = [
     ("run folder", f"echo 999999 > runs/pre/.lock && pretrain.py --data data/demo/unlabelled --out runs/pre --steps 6 "
      f"{PRE} --resume && test ! -e runs/pre/.lock && echo unlocked", 0, "unlocked", ""),
     ("run folder", f"mkdir -p f4 && (sleep 20 >/dev/null 2>&1 & echo $! > f4/.lock) && finetune.py {FTR} --out f4", 2, "in use", ""),
-    ("run folder", "linear_probe.py --data data/demo --init random --out runs/ft --preset demo", 2, "finished run", ""),
+    ("run folder", "linear_probe.py --data data/demo --init random --out runs/ft --preset demo", 2, "a run of finetune.py", ""),
     ("run folder", "predict.py -i scans -o runs/ft --model runs/ft", 2, "", ""),
     ("run folder", "touch afile && finetune.py --data data/demo --init random --out afile", 2, "not a folder", ""),
     ("run folder", "preprocess.py --input data/demo/raw --output data/demo --modality mri", 2, "", ""),
@@ -148,7 +148,7 @@ CASES = [
     ("lab", "experiments/convert.py --inspect nowhere.pt", 2, "nowhere.pt", ""),
     ("lab", "echo text > notes.txt && experiments/convert.py --inspect notes.txt", 2, "text file", ""),
     ("lab", "experiments/convert.py --inspect runs/pre/backbone.pt", 0, "", ""),
-    ("lab", "touch afile && experiments/evidence.py --data data/demo --out afile --quick", 2, "afile", ""),
+    ("lab", "touch afile && experiments/evidence.py --data data/demo --unlabelled data/demo/unlabelled --out afile --quick", 2, "afile", ""),
     ("lab", "experiments/pretrain_curve.py --data demo --keep-steps 100 --steps 4 --out l1", 2, "--keep-steps", ""),
     ("lab", "experiments/finetune_curve.py --data data/demo --init random --out l2 --eval-every 0", 2, ">= 1", ""),
     ("lab", "experiments/bench.py --steps -1", 2, "", ""),

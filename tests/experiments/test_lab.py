@@ -23,7 +23,7 @@ SCRIPTS = {"experiments.bench": [], "experiments.pretrain_curve": ["--data", "d"
            "experiments.diagnostics": ["--geometry"], "experiments.pretrain_grid": [], "experiments.compare": ["a"],
            "experiments.finetune_curve": ["--data", "d", "--out", "o", "--init", "random", "--eval-every", "1"],
            "experiments.neighbours.genesis": ["--data", "d"], "experiments.neighbours.mim": ["--data", "d"],
-           "experiments.neighbours.densecl": ["--data", "d"],
+           "experiments.neighbours.densecl": ["--data", "d"], "experiments.hostile": ["--work", "w"],
            "experiments.neighbours.medcontext": ["--data", "d", "--out", "o", "--init", "random"]}
 TINY = ["--base-channels", "4", "--num-levels", "3", "--patch-size", "16", "16", "8", "--batch-pairs", "2",
         "--num-voxels", "32", "--workers", "0", "--log-every", "1"]
