@@ -155,6 +155,16 @@ CASES = [
 ]
 
 
+SHORT = [("$FTR", FTR), ("$FTR0", FTR0), ("$FTC", FTC), ("$FT", FT), ("$PRE", PRE), ("$TRUNC", TRUNC), ("$EVIL", EVIL)]
+
+
+def shortened(command):
+    """A command as the table shows it: the flag sets above by their names."""
+    for name, text in SHORT:
+        command = command.replace(text, name)
+    return command
+
+
 def run(command, work, timeout):
     """-> (exit code, last non-empty line of stdout + stderr, whether a traceback was printed)."""
     real = re.sub(SCRIPTS, lambda m: f"{sys.executable} {ROOT / m[1]}" if (ROOT / m[1]).is_file() else m[1], command)
@@ -186,13 +196,14 @@ def main(args):
         ok = got == code and words in last and not (never and never in last) and not traceback
         bad += not ok
         shown = last.replace(str(work) + "/", "").replace(str(ROOT) + "/", "").replace("|", "\\|")[:220]
-        cell = command.replace("|", "\\|")
+        cell = shortened(command).replace("|", "\\|")
         rows.append(f"| {i} | {kind} | `{cell}` | {got} | {shown} | "
                     f"{'good' if ok else 'BAD' + (' (traceback)' if traceback else '')} |")
         print(f"{i:3d} {kind:12s} exit {got} ({code} expected) {'good' if ok else 'BAD'} {time.time() - t:5.1f} s: {shown}")
     table = ["| # | kind | command | exit | last line | verdict |", "|---|---|---|---|---|---|", *rows]
-    report = "\n".join([f"{len(rows) - bad} good, {bad} bad of {len(rows)} (`python experiments/hostile.py`, "
-                        f"setup: {'; '.join(SETUP)})", "", *table, ""])
+    names = [f"- `{name}` = `{text}`" for name, text in SHORT]
+    report = "\n".join([f"{len(rows) - bad} good, {bad} bad of {len(rows)} (`python experiments/hostile.py --work W`). Setup, in "
+                        f"the work folder: `{shortened('; '.join(SETUP))}`; then", *names, "", *table, ""])
     if args.out:
         runtime.atomic_write(args.out, lambda tmp: Path(tmp).write_text(report))
     print(f"{len(rows) - bad} good, {bad} bad of {len(rows)}")
