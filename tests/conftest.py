@@ -39,3 +39,14 @@ def two_channel_raw(small_demo, tmp_path_factory):
     root = tmp_path_factory.mktemp("two_channel")
     return {layout: demo.multichannel_raw(Path(small_demo) / "raw", root / layout, layout=layout)
             for layout in ("nnunet", "decathlon")}
+
+
+@pytest.fixture(scope="session")
+def backbone(small_demo, tmp_path_factory):
+    """A one-step demo backbone.pt of the small demo (the probe's and fine-tuning's tests start from it)."""
+    import pretrain
+    out = tmp_path_factory.mktemp("pre")
+    pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(out), "--preset", "demo",
+                                       "--steps", "1", "--patch-size", "16", "16", "16", "--batch-pairs", "2",
+                                       "--num-voxels", "16", "--workers", "0"]))
+    return out / "backbone.pt"

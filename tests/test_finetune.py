@@ -17,22 +17,12 @@ import torch
 import data
 import downstream
 import finetune
-import pretrain
 import supervised_augment
 from model import SegmentationModel
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--steps", "3", "--batch-size", "1", "--patch-size", "16", "16", "8", "--workers", "0", "--warmup-steps", "0",
         "--bn-batches", "2", "--eval-patch-size", "64", "64", "32", "--folds", "2", "--fold", "0", "--preset", "demo"]
-
-
-@pytest.fixture(scope="module")
-def backbone(small_demo, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pre")
-    pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(out), "--preset", "demo",
-                                       "--steps", "1", "--patch-size", "16", "16", "16", "--batch-pairs", "2",
-                                       "--num-voxels", "16", "--workers", "0"]))
-    return out / "backbone.pt"
 
 
 # ----------------------------------------------------------------------------- the schedule

@@ -10,19 +10,9 @@ import torch
 
 import downstream
 import linear_probe
-import pretrain
 from model import FPN3d, SegmentationModel
 
 PROBE = ["--eval-patch-size", "64", "64", "32", "--folds", "2", "--fold", "0", "--preset", "demo"]
-
-
-@pytest.fixture(scope="module")
-def backbone(small_demo, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pre")
-    pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(out), "--preset", "demo",
-                                       "--steps", "1", "--patch-size", "16", "16", "16", "--batch-pairs", "2",
-                                       "--num-voxels", "16", "--workers", "0"]))
-    return out / "backbone.pt"
 
 
 def test_linear_probe_trains_only_the_head(small_demo, backbone, tmp_path, monkeypatch):
