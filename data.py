@@ -13,7 +13,6 @@ here only the body mask inside the crops' intersection is read. Items are un-aug
 works on the training device). Item i draws everything from np.random.default_rng([seed, i]), so
 batches depend neither on which worker makes them nor on how many workers there are.
 """
-import hashlib
 import json
 from pathlib import Path
 
@@ -28,111 +27,124 @@ OVERLAP_RETRIES = 10            # new crops tried when the overlap has < num_vox
 MAX_CLASS_VOXELS = 10_000       # per-class voxel coordinates cached for foreground oversampling
 
 
+class InputError(Exception):
+    """Bad input, the user's to fix: raised only by the boundary's checks (flags, this case
+    reader, weight files, the run folder, the comparison of inputs) and reported by runtime.cli in
+    one line, exit 2. Any other exception is a bug and keeps its traceback. Defined here, in the
+    lowest file that raises it, so that the components still import nothing of the project."""
+
+
+def file_identity(path):
+    """What tells a file from its replacement unread (make, rsync): [size, modification time ns]."""
+    stat = Path(path).stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 # ------------------------------------------------------------------------ the data folder and its cases
 
-def data_folder(arg, demo_part=""):
-    """--data: a preprocessed folder, or `demo` (DEMO_DIR / demo_part). ValueError naming the fix."""
-    path = DEMO_DIR / demo_part if arg == "demo" else Path(arg)
-    if arg == "demo" and not (path / "dataset.json").is_file():
-        raise ValueError(f"--data demo: {path} is not built yet; run `python preprocess.py --demo data/demo` first")
-    load_dataset_json(path)
-    return path
-
-
-def load_dataset_json(data_dir):
-    """Read and validate DATA_DIR/dataset.json; ValueError naming the path and the fix."""
-    data_dir = Path(data_dir)
-    path = data_dir / "dataset.json"
-    if not data_dir.is_dir():
-        raise ValueError(f"{data_dir}: no such data folder; create it with preprocess.py")
-    if not path.is_file():
-        raise ValueError(f"{path}: missing (an unfinished or foreign folder); run preprocess.py on it")
+def read_dataset(arg, demo_part=""):
+    """--data: a preprocessed folder, or `demo` (DEMO_DIR / demo_part) -> (folder, dataset.json)."""
+    folder = DEMO_DIR / demo_part if arg == "demo" else Path(arg)
+    path = folder / "dataset.json"
+    if arg == "demo" and not path.is_file():
+        raise InputError(f"--data demo: {folder} is not built yet; run `python preprocess.py --demo "
+                         "data/demo` first")
     try:
         info = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable ({type(e).__name__}); re-run preprocess.py") from None
-    if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {info.get('format_version') if isinstance(info, dict) else None}, "
-                         f"this code reads {FORMAT_VERSION}; re-run preprocess.py")
-    if not info.get("cases"):
-        raise ValueError(f"{path}: lists no cases; re-run preprocess.py on a folder with scans")
-    return info
+    except (OSError, ValueError) as e:      # no folder, no file, not JSON
+        what = (f"{path}: unreadable ({type(e).__name__})" if path.is_file() else f"{path}: missing"
+                if folder.is_dir() else f"{folder}: no such data folder")
+        raise InputError(f"{what}; make it with preprocess.py") from None
+    version = info.get("format_version") if isinstance(info, dict) else None
+    if version != FORMAT_VERSION or not info.get("cases"):
+        raise InputError(f"{path}: format_version {version} (this code reads {FORMAT_VERSION}) or no "
+                         "cases; re-run preprocess.py")
+    return folder, info
 
 
-def list_cases(data_dir, labelled=None):
-    """Case ids in dataset.json order, optionally only the (un)labelled ones."""
-    return [c["id"] for c in load_dataset_json(data_dir)["cases"] if labelled is None or c["labelled"] == labelled]
+def list_cases(info, labelled=None):
+    """The case ids of a dataset.json in its order, optionally only the (un)labelled ones."""
+    return [c["id"] for c in info["cases"] if labelled is None or c["labelled"] == labelled]
 
 
-def fingerprint(data_dir):
-    """A short hash of dataset.json and every case's meta.json: it changes when a case is added,
-    removed or preprocessed again."""
-    digest = hashlib.sha256((Path(data_dir) / "dataset.json").read_bytes())
-    for meta in sorted(Path(data_dir).glob("cases/*/meta.json")):
-        digest.update(meta.read_bytes())
-    return digest.hexdigest()[:16]
+def preprocessing(info):
+    """How a folder was preprocessed: {"spacing": mm, "channels": [{"name", "scheme"}]}."""
+    return dict(spacing=info["preset"]["spacing"], channels=info["channels"])
 
 
-def preprocessing(data_dir):
-    """How a folder was preprocessed: {"spacing": mm, "channels": [{"name", "scheme"}]} (dataset.json)."""
-    info = load_dataset_json(data_dir)
-    name = info["preset"]["name"]
-    return dict(spacing=info["preset"]["spacing"], channels=info.get("channels") or [dict(name=name.upper(), scheme=name)])
-
-
-def read_case(data_dir, case_id, need_label=False):
-    """The one reader of a preprocessed case -> dict(image memmap float16 (C, X, Y, Z), body memmap
-    bool (X, Y, Z), label memmap uint8 (X, Y, Z) or None, meta). A case that is missing, incomplete,
-    truncated, of mismatched shapes, or without the label its meta (or need_label) asks for is one
-    ValueError naming the case, the file and the fix."""
+def read_case(data_dir, case_id, need_label=False, classes=None, check=True):
+    """The one reader of a preprocessed case -> dict(image float16 (C, X, Y, Z), body bool
+    (X, Y, Z), label uint8 (X, Y, Z) or None, memory-mapped; meta; identity of each file), or an
+    InputError naming the file and the fix (then verify, unless a worker re-opens the case)."""
     case_dir = Path(data_dir) / "cases" / str(case_id)
     fix = f"re-run preprocess.py on it (delete {case_dir} first)"
-    if not (case_dir / "meta.json").is_file():          # meta.json is written last: absent = incomplete
-        raise ValueError(f"{case_dir}: case {case_id!r} not found or incomplete; {fix}")
-    arrays = {}
-    for name in ("meta", "image", "body", "label"):
-        path = case_dir / f"{name}.{'json' if name == 'meta' else 'npy'}"
+    case, identity = dict(label=None), {}
+    for name in ("meta", "image", "body", "label"):     # meta.json is written last
+        path = case_dir / (name + (".json" if name == "meta" else ".npy"))
+        if name == "label" and not (path.exists() or need_label or case["meta"].get("label_file")):
+            continue
+        if not path.exists():
+            missing = f"case {case_id!r} not found or incomplete" if name == "meta" else "missing"
+            raise InputError(f"{path}: {missing}; {fix}")
         try:
-            if name == "meta":
-                meta = json.loads(path.read_text())
-            elif name != "label" or path.is_file():
-                arrays[name] = np.load(path, mmap_mode="r")
-        except (OSError, ValueError, EOFError) as e:    # deleted, truncated ("mmap length is greater than file size")
-            raise ValueError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:80]}); {fix}") from None
-    image, body, label = arrays["image"], arrays["body"], arrays.get("label")
+            case[name] = json.loads(path.read_text()) if name == "meta" else np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:    # truncated, not JSON, not an array
+            why = f"{type(e).__name__}: {str(e)[:80]}".replace("\n", " ")
+            raise InputError(f"{path}: unreadable ({why}); {fix}") from None
+        identity[path.name] = file_identity(path)
+    image = case["image"]
     if image.ndim not in (3, 4):
-        raise ValueError(f"{case_dir / 'image.npy'}: shape {image.shape}, not (X, Y, Z) or (C, X, Y, Z); {fix}")
-    image = image[None] if image.ndim == 3 else image
-    if label is None and (need_label or meta.get("label_file")):
-        raise ValueError(f"{case_dir / 'label.npy'}: missing, though case {case_id!r} is labelled; {fix}")
-    for name, a in (("body", body), ("label", label)):
-        if a is not None and a.shape != image.shape[1:]:
-            raise ValueError(f"{case_dir / (name + '.npy')}: shape {a.shape} != image {image.shape[1:]}; {fix}")
-    return dict(image=image, body=body, label=label, meta=meta)
+        raise InputError(f"{case_dir / 'image.npy'}: shape {image.shape}, not (X, Y, Z) or (C, X, Y, Z); {fix}")
+    case["image"] = image = image[None] if image.ndim == 3 else image
+    for name in ("body", "label"):
+        if case[name] is not None and case[name].shape != image.shape[1:]:
+            raise InputError(f"{case_dir / name}.npy: shape {case[name].shape} != image {image.shape[1:]}; {fix}")
+    record = case["meta"].get("arrays", {})
+    changed = [n for n, i in identity.items() if n != "meta.json" and record.get(n) != i]
+    if check and (changed or classes is not None):
+        verify(case_dir, case, changed, classes, fix)
+    return dict(case, identity=identity)
+
+
+def verify(case_dir, case, changed, classes, fix):
+    """What preprocess.py checked, checked again where it no longer holds: an array whose
+    identity differs from meta.json's record of it (changed) is read whole and refused for a
+    non-finite voxel or an empty body; a label value must be a class of `classes`."""
+    image, body, label = case["image"], case["body"], case["label"]
+    if "image.npy" in changed and not np.isfinite(image).all():
+        where = tuple(np.argwhere(~np.isfinite(image))[0].tolist())
+        raise InputError(f"{case_dir / 'image.npy'}: a non-finite voxel ({image[where]} at {where}); {fix}")
+    if "body.npy" in changed and not body.any():
+        raise InputError(f"{case_dir / 'body.npy'}: no body voxel; {fix}")
+    values = np.unique(label).tolist() if "label.npy" in changed else case["meta"].get("label_values") or []
+    wrong = [v for v in values if classes is not None and str(v) not in classes]
+    if wrong:
+        raise InputError(f"{case_dir / 'label.npy'}: label value {wrong[0]}, not a class of its dataset.json "
+                         f"({', '.join(classes)}); {fix}")
 
 
 def read_split(path, labelled):
     """A fixed split file {"train": [...], "val": [...], "test": [...]} of labelled case ids
-    (preprocess.py --demo writes one): ValueError, one line naming the case or list at fault,
+    (preprocess.py --demo writes one): InputError, one line naming the case or list at fault,
     unless the three are disjoint, every id is a labelled case, and train and test are not empty."""
     try:
         split = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"--split {path}: cannot be read ({e})") from None
+        raise InputError(f"--split {path}: cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(split, dict) or set(split) != {"train", "val", "test"} or \
             not all(isinstance(v, list) for v in split.values()):
-        raise ValueError(f"--split {path}: needs exactly the keys train, val and test, each a list of case ids")
+        raise InputError(f"--split {path}: needs exactly the keys train, val and test, each a list of case ids")
     rule, seen = f"--split {path}: train / val / test must be disjoint lists of labelled cases, train and test not empty", {}
     for part, ids in split.items():
         for c in ids:
             if c not in labelled:
-                raise ValueError(f"{rule}; case {c!r} in {part!r} is not a labelled case of the data")
+                raise InputError(f"{rule}; case {c!r} in {part!r} is not a labelled case of the data")
             if c in seen:
-                raise ValueError(f"{rule}; case {c!r} is in both {seen[c]!r} and {part!r}")
+                raise InputError(f"{rule}; case {c!r} is in both {seen[c]!r} and {part!r}")
             seen[c] = part
     for part in ("train", "test"):
         if not split[part]:
-            raise ValueError(f"{rule}; the {part!r} list is empty")
+            raise InputError(f"{rule}; the {part!r} list is empty")
     return {k: sorted(v) for k, v in split.items()}
 
 
@@ -175,7 +187,7 @@ def sample_anchor(body, rng):
         found = np.argwhere(np.asarray(body[::stride, ::stride, ::stride]))  # (M, 3)
         if len(found):
             return found[rng.integers(len(found))].astype(np.int64) * stride
-    raise ValueError("sample_pair: the body mask has no voxel; check body.npy (re-run preprocess.py)")
+    raise ValueError("sample_anchor: the body mask has no voxel (read_case refuses such a case)")
 
 
 def sample_pair(image, body, patch_size, num_voxels, rng):
@@ -217,23 +229,27 @@ def sample_pair(image, body, patch_size, num_voxels, rng):
 
 class CaseDataset(torch.utils.data.Dataset):
     """Base of the map-style datasets below: `length` items, item i from volume i % num_volumes.
-    Every case is read once here (data.read_case: a broken case is one line before any work) and
-    again lazily in each worker."""
+    Every case is read once here, in the main process (read_case: a broken case is one line before
+    any work, never in a DataLoader worker), and again lazily in each worker. `inputs` holds
+    each case's identity, for a run to record what it read."""
 
     def __init__(self, data_dir, case_ids, length, seed, patch_size, need_label=False):
-        self.data_dir, self.length, self.seed, self.patch_size = Path(data_dir), length, seed, tuple(patch_size)
-        known = list_cases(data_dir, labelled=True if need_label else None)
+        self.data_dir, self.length, self.seed = Path(data_dir), length, seed
+        self.patch_size, self.need_label, self.cases = tuple(patch_size), need_label, {}
+        info = read_dataset(data_dir)[1]
+        known = list_cases(info, labelled=True if need_label else None)
         self.case_ids = known if case_ids is None else list(case_ids)
-        missing = [c for c in self.case_ids if c not in set(known)]
-        if missing or not self.case_ids:
-            raise ValueError(f"{self.data_dir / 'dataset.json'}: no {'labelled ' if need_label else ''}case(s) "
-                             f"{missing or ''}; pick ids from data.list_cases")
-        self.need_label, self.cases = need_label, {}
-        shapes = {c: read_case(data_dir, c, need_label)["image"].shape for c in self.case_ids}
+        if not self.case_ids or set(self.case_ids) - set(known):
+            raise InputError(f"{self.data_dir / 'dataset.json'}: no {'labelled ' if need_label else ''}"
+                             f"case(s) {sorted(set(self.case_ids) - set(known)) or ''}")
+        shapes, self.inputs = {}, {}
+        for c in self.case_ids:
+            case = read_case(data_dir, c, need_label, info["labels"])
+            shapes[c], self.inputs[str(self.data_dir.resolve() / "cases" / c)] = case["image"].shape, case["identity"]
         small = [f"{c} {s[1:]}" for c, s in shapes.items() if any(n < p for n, p in zip(s[1:], self.patch_size))]
         if small:
-            print(f"note: {len(small)} case(s) smaller than the patch {self.patch_size} along some axis, "
-                  f"zero-padded: {', '.join(small[:5])}{' ...' if len(small) > 5 else ''}")
+            print(f"note: {len(small)} case(s) smaller than the patch {self.patch_size}, zero-padded: "
+                  f"{', '.join(small[:5])}{' ...' if len(small) > 5 else ''}")
         self.channels = {c: s[0] for c, s in shapes.items()}
 
     def __getstate__(self):  # a pickled memmap becomes a full in-memory copy: reopen in the worker
@@ -241,7 +257,7 @@ class CaseDataset(torch.utils.data.Dataset):
 
     def case(self, case_id):
         if case_id not in self.cases:
-            self.cases[case_id] = read_case(self.data_dir, case_id, self.need_label)
+            self.cases[case_id] = read_case(self.data_dir, case_id, self.need_label, check=False)
         return self.cases[case_id]
 
     def __len__(self):
@@ -266,11 +282,8 @@ class PairDataset(CaseDataset):
         rng = np.random.default_rng([self.seed, i])
         case_id, channel = self.volumes[i % len(self.volumes)]
         c = self.case(case_id)
-        try:
-            return [dict(sample_pair(c["image"][channel], c["body"], self.patch_size, self.num_voxels, rng),
-                         case_id=case_id) for _ in range(self.pairs_per_volume)]
-        except ValueError as e:
-            raise ValueError(f"{self.data_dir / 'cases' / case_id}: {e}") from None
+        return [dict(sample_pair(c["image"][channel], c["body"], self.patch_size, self.num_voxels, rng),
+                     case_id=case_id) for _ in range(self.pairs_per_volume)]
 
 
 def collate_pairs(items):
@@ -343,27 +356,11 @@ class LabelledPatchDataset(CaseDataset):
 
 
 # ------------------------------------------------------------------------ batches of a run
-class StepOrder(torch.utils.data.Sampler):
-    """The item indices of steps [start, steps) for rank r of W, per_rank items each: step s reads
-    items (s * W + r) * per_rank + j. Item k being a fixed function of (seed, k), a resumed run and
-    a run with another worker count see exactly the same data, and W processes see exactly the
-    batches of one. Lazy: nothing is materialised per step."""
-
-    def __init__(self, steps, per_rank, rank=0, world=1, start=0):
-        self.steps, self.per_rank, self.rank, self.world, self.start = steps, per_rank, rank, world, start
-
-    def __iter__(self):
-        for s in range(self.start, self.steps):
-            first = (s * self.world + self.rank) * self.per_rank
-            yield from range(first, first + self.per_rank)
-
-    def __len__(self):
-        return (self.steps - self.start) * self.per_rank
-
-
 def step_loader(dataset, steps, per_rank, rank=0, world=1, start=0, workers=0, collate_fn=None):
-    """A DataLoader of `per_rank` items per step over StepOrder."""
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=per_rank, sampler=StepOrder(steps, per_rank, rank, world, start), collate_fn=collate_fn,
-        num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None)
+    """`per_rank` items a step, steps [start, steps), for process `rank` of `world`: step s reads
+    items s * world * per_rank + rank + world * j (a lazy range). Item k is a function of (seed,
+    k): a resumed run, another worker count, `world` processes together see the same batches."""
+    order = range(start * world * per_rank + rank, steps * world * per_rank, world)
+    return torch.utils.data.DataLoader(dataset, per_rank, sampler=order, collate_fn=collate_fn,
+                                       num_workers=workers, pin_memory=torch.cuda.is_available(),
+                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)

@@ -20,7 +20,8 @@ import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff
 from scipy import ndimage
 
-from runtime import atomic_write, save_json
+import runtime
+from runtime import atomic, write_json
 
 
 DEMO_LABELS = ["background", "liver", "spleen", "kidney_right", "kidney_left", "gallbladder",
@@ -202,7 +203,7 @@ def multichannel_raw(raw_dir, out_dir, channels=("CT", "T2"), layout="nnunet"):
         nib.save(nib.load(raw_dir / "labelsTr" / scan.name), out_dir / "labelsTr" / scan.name)
     labels = json.loads((raw_dir / "dataset.json").read_text())["labels"]
     names = {str(c): n for c, n in enumerate(channels)}
-    save_json(out_dir / "dataset.json", dict(channel_names=names, labels={v: int(k) for k, v in labels.items()})
+    write_json(out_dir / "dataset.json", dict(channel_names=names, labels={v: int(k) for k, v in labels.items()})
               if layout == "nnunet" else dict(modality=names, labels=labels))
     return out_dir
 
@@ -224,33 +225,32 @@ def write_case(job):
         img = nib.Nifti1Image(apply_orientation(array, DEMO_RAW_ORNT), affine)
         img.set_qform(affine, code=1)
         img.set_sform(affine, code=1)
-        atomic_write(Path(job["raw_dir"]) / folder / job["name"], lambda tmp: nib.save(img, str(tmp)))
+        with atomic(Path(job["raw_dir"]) / folder / job["name"]) as tmp:
+            nib.save(img, str(tmp))
 
 
-def raw_jobs(raw_dir, num_cases, seed=0, scale=DEMO_SCALE, unlabelled=False):
+def raw_jobs(raw_dir, num_cases, seed=0, scale=DEMO_SCALE, unlabelled=False, force=False):
     """The write_case jobs of the phantoms raw_dir still lacks: the labelled set in the Decathlon
     layout (raw_dir/imagesTr, labelsTr, dataset.json), or an unlabelled corpus as a flat folder of
     scans of another seed stream (no case of it is a labelled, validation or test phantom).
-    ValueError for a folder that holds a demo made with other settings."""
+    raw_dir is one run of `preprocess.py --demo` (runtime.claim_run): one made with other
+    settings is refused unless force; the caller finishes it."""
     raw_dir = Path(raw_dir)
-    params = dict(seed=seed, num_cases=num_cases, scale=scale, **({"stream": UNLABELLED_STREAM} if unlabelled else {}))
-    record = raw_dir / (".demo-unlabelled.json" if unlabelled else "dataset.json")
-    made = json.loads(record.read_text()) if record.is_file() else None
-    made = made if unlabelled or made is None else made.get("demo")
-    if made is not None and made != params:
-        raise ValueError(f"{raw_dir}: holds a demo made with {made}, not {params}; use another folder or delete this one")
+    params = dict(seed=seed, num_cases=num_cases, scale=scale, unlabelled=unlabelled)
     names = [f"{'unlabelled' if unlabelled else 'demo'}_{i:03d}.nii.gz" for i in range(num_cases)]
+    files = {n: [n] if unlabelled else [f"imagesTr/{n}", f"labelsTr/{n}"] for n in names}
+    outputs = [f for fs in files.values() for f in fs] + ([] if unlabelled else ["dataset.json"])
+    kept = runtime.claim_run(raw_dir, "preprocess.py --demo", outputs, params, force=force, resume=not force,
+                             flag="--demo")
     for folder in ("",) if unlabelled else ("imagesTr", "labelsTr"):
         (raw_dir / folder).mkdir(parents=True, exist_ok=True)
-    if unlabelled:
-        save_json(record, params)
-    else:
-        save_json(record, dict(name="demo", description="synthetic abdomen CT (preprocess.py)", modality={"0": "CT"},
-                               labels={str(i): n for i, n in enumerate(DEMO_LABELS)}, demo=params, numTraining=num_cases,
-                               training=[dict(image=f"./imagesTr/{n}", label=f"./labelsTr/{n}") for n in names], test=[]))
-    done = lambda n: (raw_dir / n).is_file() if unlabelled else all((raw_dir / f / n).is_file() for f in ("imagesTr", "labelsTr"))
+    if not unlabelled:
+        write_json(raw_dir / "dataset.json", dict(
+            name="demo", description="synthetic abdomen CT (preprocess.py)", modality={"0": "CT"},
+            labels={str(i): n for i, n in enumerate(DEMO_LABELS)}, numTraining=num_cases, test=[],
+            training=[dict(image=f"./imagesTr/{n}", label=f"./labelsTr/{n}") for n in names]))
     return [dict(raw_dir=str(raw_dir), seed=seed, index=i, scale=scale, unlabelled=unlabelled, name=n)
-            for i, n in enumerate(names) if not done(n)]
+            for i, n in enumerate(names) if not set(files[n]) <= set(kept)]
 
 
 def demo_split(case_ids, seed=0):

@@ -12,6 +12,7 @@ own fold loop:
 """
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,10 +23,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import runtime
-from data import data_folder, fingerprint, list_cases, load_dataset_json, preprocessing, read_case, read_split
+from data import InputError, file_identity, list_cases, preprocessing, read_case, read_dataset, read_split
 from loss import dice_per_class, predict_labels
 from model import ARCHS, DEMO_ARCHS, SegmentationModel
-from runtime import non_negative_int, positive_int, save_json, world_info
+from runtime import non_negative_int, positive_int, world_info, write_json
 from weights import check_backbone_flags, expand_stem, read_backbone
 
 WEIGHT_FLOOR = 1e-3   # min Gaussian weight (of max 1), so a voxel seen only at window borders still counts
@@ -67,91 +68,84 @@ def set_backbone_trainable(model, trainable, keep_batchnorm=False):
 
 # ----------------------------------------------------------------------------- folds, and the shared start
 
-def label_names(data_dir):
-    labels = load_dataset_json(data_dir).get("labels")
-    if not labels:
-        raise ValueError(f"{data_dir}/dataset.json has no labels: this stage needs labelled cases")
-    return {int(k): v for k, v in labels.items()}
-
-
 def split_folds(case_ids, folds, seed):
     """Shuffle once with the seed, then deal the cases into `folds` test sets."""
     if folds < 2 or folds > len(case_ids):
-        raise ValueError(f"--folds {folds} needs 2 <= folds <= {len(case_ids)} labelled cases")
+        raise InputError(f"--folds {folds} needs 2 <= folds <= {len(case_ids)} labelled cases")
     order = np.random.default_rng(seed).permutation(len(case_ids))
     ids = [case_ids[i] for i in order]
     return [(sorted(c for j, c in enumerate(ids) if j % folds != k),
              sorted(c for j, c in enumerate(ids) if j % folds == k)) for k in range(folds)]
 
 
-def plan_folds(args, data_dir, test_dir):
+def plan_folds(args, data_dir, info, test_info):
     """[(fold, train_ids, test_ids)]: k-fold cross-validation, one fixed --split, or --test-data."""
-    train_all = list_cases(data_dir, labelled=True)
+    train_all = list_cases(info, labelled=True)
     if not train_all:
-        raise ValueError(f"{data_dir}: no labelled cases")
+        raise InputError(f"{data_dir}: no labelled cases")
     if args.split is not None:   # a fixed split instead of cross-validation: one "fold"
         split = read_split(data_dir / "split.json" if args.split is True else args.split, train_all)
         if not split[args.evaluate_on]:
-            raise ValueError(f"--evaluate-on {args.evaluate_on}: the split's {args.evaluate_on!r} list is empty")
+            raise InputError(f"--evaluate-on {args.evaluate_on}: the split's {args.evaluate_on!r} list is empty")
         plan = [(0, split["train"], split[args.evaluate_on])]
-    elif test_dir is not None:
-        if label_names(test_dir) != label_names(data_dir):
-            raise ValueError(f"label sets differ: {data_dir}/dataset.json {label_names(data_dir)} vs "
-                             f"{test_dir}/dataset.json {label_names(test_dir)}")
-        plan = [(0, train_all, list_cases(test_dir, labelled=True))]
+    elif args.test_data:
+        plan = [(0, train_all, list_cases(test_info, labelled=True))]
     else:
         plan = [(k, tr, te) for k, (tr, te) in enumerate(split_folds(train_all, args.folds, args.seed))]
     if args.fold is not None:
         if not 0 <= args.fold < len(plan):
-            raise ValueError(f"--fold {args.fold} out of range 0..{len(plan) - 1}")
+            raise InputError(f"--fold {args.fold} out of range 0..{len(plan) - 1}")
         plan = [plan[args.fold]]
     if args.train_cases is not None:   # label budget: the first N of a fixed shuffle of the fold's training cases
         smallest = min(len(tr) for _, tr, _ in plan)
         if not 1 <= args.train_cases <= smallest:
-            raise ValueError(f"--train-cases {args.train_cases}: must be between 1 and {smallest}, the "
+            raise InputError(f"--train-cases {args.train_cases}: must be between 1 and {smallest}, the "
                              f"training cases of the smallest fold")
         rng = np.random.default_rng(args.seed + 1 + 7919 * args.draw)   # --draw k: another draw of the same size
         plan = [(k, sorted(rng.permutation(tr)[:args.train_cases].tolist()), te) for k, tr, te in plan]
     return plan
 
 
-def prepare(args, head, script, outputs=("results.json",), settings=None, resume=False, batch_size=1):
-    """The shared start of linear_probe.py and finetune.py: the data, the folds, every case they
-    read (data.read_case), the backbone file, the device and the output folder (runtime.claim_run),
-    each problem one ValueError line before any training. -> namespace(device, data_dir, test_dir,
-    names, plan, backbone)."""
-    data_dir = data_folder(args.data)
-    test_dir = data_folder(args.test_data) if args.test_data else None
-    names = label_names(data_dir)
-    plan = plan_folds(args, data_dir, test_dir)
-    scans = {}
+def prepare(args, batch_size=1):
+    """The shared start of linear_probe.py and finetune.py, every input problem one line before
+    any training: --data and --test-data (their classes, channels and preprocessing compared),
+    the folds, every case they read (data.read_case), the backbone file and the device ->
+    namespace(device, data_dir, test_dir, names, plan, backbone, preprocessing, channels, inputs:
+    the identity of each case and of the backbone file, for the run's record)."""
+    data_dir, info = read_dataset(args.data)
+    test_dir, test_info = read_dataset(args.test_data) if args.test_data else (data_dir, info)
+    if not info.get("labels"):
+        raise InputError(f"{data_dir / 'dataset.json'} has no labels: this stage needs labelled cases")
+    for what, ours, theirs in (("classes", info["labels"], test_info["labels"]),
+                               ("preprocessing", preprocessing(info), preprocessing(test_info))):
+        if ours != theirs:      # a model scored on data made otherwise than its training data
+            raise InputError(f"--test-data {args.test_data}: its {what} ({theirs}) differ from --data "
+                             f"{args.data}'s ({ours}): test on data made as the training data")
+    plan = plan_folds(args, data_dir, info, test_info)
+    cases, inputs = {}, {}
     for _, train_ids, test_ids in plan:
-        for folder, ids in ((data_dir, train_ids), (test_dir or data_dir, test_ids)):
+        for folder, ids in ((data_dir, train_ids), (test_dir, test_ids)):
             for c in ids:
-                scans.setdefault(folder, {})[c] = read_case(folder, c, need_label=True)["meta"].get("image_file", c)
-    if test_dir is not None:     # a test set apart from the training cases, scan by scan
-        shared = sorted(c for c, scan in scans[test_dir].items() if scan in set(scans[data_dir].values()))
-        if Path(test_dir).resolve() == Path(data_dir).resolve() or shared:
-            raise ValueError(f"--test-data {args.test_data} holds training cases of --data {args.data} "
-                             f"({', '.join(shared[:5]) or 'the same folder'}): test on cases kept apart")
-    backbone, prep = None, preprocessing(data_dir)
+                case = read_case(folder, c, need_label=True, classes=info["labels"])
+                cases.setdefault(folder, {})[c] = case["meta"].get("image_file", c)
+                inputs[str(folder.resolve() / "cases" / c)] = case["identity"]
+    shared = sorted(c for c, scan in cases.get(test_dir, {}).items() if scan in set(cases[data_dir].values()))
+    if args.test_data and (test_dir.resolve() == data_dir.resolve() or shared):
+        raise InputError(f"--test-data {args.test_data} holds training cases of --data {args.data} "
+                         f"({', '.join(shared[:5]) or 'the same folder'}): test on cases kept apart")
+    backbone, prep = None, preprocessing(info)
     if args.checkpoint:
         backbone = read_backbone(args.checkpoint, verbose=False)
         check_backbone_flags(args, backbone[0], args.checkpoint)
         expand_stem(backbone[1], len(prep["channels"]), args.checkpoint)
         print(compare_preprocessing(backbone[2]["preprocessing"], prep))
-    if settings is not None:     # what a --resume must find unchanged: the data's and the backbone file's content too
-        checkpoint = Path(args.checkpoint or "")
-        settings = dict(settings, data_fingerprint=fingerprint(data_dir), test_fingerprint=args.test_data and
-                        fingerprint(test_dir), checkpoint_digest=args.checkpoint and runtime.file_digest(
-                            checkpoint / "backbone.pt" if checkpoint.is_dir() else checkpoint))
-    rank, world, device = runtime.setup_distributed(args.device)
-    if batch_size % world:
-        raise ValueError(f"--batch-size {batch_size} is the global batch: it must split evenly over {world} processes")
-    if rank == 0:   # one run per folder: claimed before anything is written into it
-        runtime.claim_run(args.out, script, outputs, settings, args.force, resume)
-    return SimpleNamespace(device=device, data_dir=data_dir, test_dir=test_dir or data_dir, names=names, plan=plan,
-                           backbone=backbone, preprocessing=prep, channels=len(prep["channels"]))
+        inputs[str(Path(args.checkpoint).resolve())] = file_identity(backbone[2]["path"])
+    device = runtime.pick_device(args.device)
+    rank, world, device = runtime.setup_distributed(device) if "RANK" in os.environ else (0, 1, device)
+    runtime.split_batch(batch_size, world)
+    return SimpleNamespace(device=device, data_dir=data_dir, test_dir=test_dir, names={int(k): v for k, v in
+                           info["labels"].items()}, plan=plan, backbone=backbone, preprocessing=prep,
+                           channels=len(prep["channels"]), inputs=inputs, rank=rank, world=world)
 
 
 def compare_preprocessing(pretrained, labelled):
@@ -284,12 +278,12 @@ def write_results(args, cfg, fold_dice, names, info, cases, started, title, extr
     results = summarise(fold_dice, names)
     results.update(checkpoint=str(args.checkpoint) if args.checkpoint else None, init=args.init or "checkpoint",
                    backbone_step=info["step"], backbone_preprocessing=info["preprocessing"],
-                   data_preprocessing=preprocessing(data_folder(args.data)),
+                   data_preprocessing=preprocessing(read_dataset(args.data)[1]),
                    args=plain(vars(args)), config=plain(cfg),
                    seconds=round(time.time() - started, 1),
                    train_cases={str(k): list(v[0]) for k, v in cases.items()},
                    test_cases={str(k): list(v[1]) for k, v in cases.items()}, **(extra or {}))
-    save_json(Path(args.out) / "results.json", results)
+    write_json(Path(args.out) / "results.json", results)
     runtime.finish_run(args.out)
     print(f"\n{title}, {args.checkpoint or 'random init'}")
     for name, d in results["per_class"].items():
@@ -338,26 +332,26 @@ def add_common_args(p):
                    help="bf16 autocast on a GPU, or on a CPU with bf16 instructions; fp32 elsewhere")
 
 
-def no_effect(flag, idle, why):
-    """A rule: `flag` given where `idle(args)` holds does nothing there, so it is refused."""
-    return lambda a: flag in a.given and idle(a) and f"--{flag.replace('_', '-')} has no effect in this run ({why}); leave it out"
+def no_effect(args, flag, idle, why):
+    """A refusal: `flag` given where it does nothing (idle) -> its message, else None."""
+    if flag in args.given and idle:
+        return f"--{flag.replace('_', '-')} has no effect in this run ({why}); leave it out"
 
 
-# Settings the probe and fine-tuning cannot honour, refused where the flags are parsed.
-RULES = [
-    lambda a: (a.checkpoint is None) == (a.init != "random") and (
-        "give exactly one of --checkpoint BACKBONE.pt (or a pretrain.py run folder) or --init random"),
-    lambda a: a.split and a.test_data and "--split and --test-data are two ways to choose the test cases: give one",
-    no_effect("folds", lambda a: a.split or a.test_data, "--split / --test-data fix one split"),
-    no_effect("evaluate_on", lambda a: not a.split, "it picks a list of --split"),
-    no_effect("draw", lambda a: a.train_cases is None, "it picks another draw of --train-cases"),
-]
+def refusals(a):
+    """Settings the probe and fine-tuning cannot honour, refused where the flags are parsed."""
+    if (a.checkpoint is None) == (a.init != "random"):
+        yield "give exactly one of --checkpoint BACKBONE.pt (or a pretrain.py run folder) or --init random"
+    if a.split and a.test_data:
+        yield "--split and --test-data are two ways to choose the test cases: give one"
+    yield no_effect(a, "folds", a.split or a.test_data, "--split / --test-data fix one split")
+    yield no_effect(a, "evaluate_on", not a.split, "it picks a list of --split")
+    yield no_effect(a, "draw", a.train_cases is None, "it picks another draw of --train-cases")
 
 
-def presets(demo_values):
-    """The preset of a downstream script: with the demo preset, its values (demo_values(args) ->
-    dict) and the demo's random-init FPN (model.DEMO_ARCHS); else the paper's FPN."""
-    def choose(args):
-        demo = runtime.is_demo(args)
-        return {**(DEMO_ARCHS if demo else ARCHS)[args.arch], **(demo_values(args) if demo else {})}
-    return choose
+def preset(args, demo):
+    """A downstream script's preset: with the demo's, its values `demo` and the demo's random-init
+    FPN (model.DEMO_ARCHS); else the paper's FPN."""
+    if runtime.is_demo(args):
+        return {**DEMO_ARCHS[args.arch], **demo}
+    return dict(ARCHS[args.arch])

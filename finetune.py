@@ -23,6 +23,7 @@ results.json, written last, finishes the run; `--resume` keeps a killed run's fi
 A variant of the training step (experiments/neighbours/) passes `hooks` to main.
 """
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -32,8 +33,9 @@ from tqdm import tqdm
 
 import downstream
 import runtime
-from data import LabelledPatchDataset, load_dataset_json, step_loader
-from downstream import announce, batchnorms, evaluate, fold_mean, new_segmenter, prepare, set_backbone_trainable
+from data import LabelledPatchDataset, read_dataset, step_loader
+from downstream import announce, batchnorms, evaluate, fold_mean, new_segmenter, no_effect, prepare
+from downstream import set_backbone_trainable
 from loss import segmentation_loss
 from model import training_bytes
 from runtime import axis, non_negative_int, positive_float, positive_int, world_info
@@ -51,8 +53,6 @@ DEMO = dict(steps=450, batch_size=2, patch_size=(32, 32, 16), eval_patch_size=(9
 DEMO_SCRATCH = dict(DEMO, freeze_steps=0, ramp_steps=0)
 CONFIG = ("steps", "batch_size", "patch_size", "eval_patch_size", "lr", "folds", "freeze_steps", "ramp_steps",
           "ramp_start_lr", "backbone_lr_scale", "warmup_steps", "frozen_bn", "aug", "mirror_axes", "bn_batches")
-# Flags that say where and how to run, not what is trained: a --resume may change them.
-RUN_FLAGS = ("out", "force", "resume", "workers", "device", "given", "preset")
 
 
 # ----------------------------------------------------------------------------- the schedule of Sec. 3.2
@@ -68,16 +68,11 @@ def backbone_lr(step, cfg):
     return scale * cfg["ramp_start_lr"] * (cfg["lr"] / cfg["ramp_start_lr"]) ** (t / cfg["ramp_steps"])
 
 
-def warmup(step, cfg):
-    """--warmup-steps W: every learning rate grows linearly over the first W steps (nnssl's warm-up)."""
-    return min(1.0, (step + 1) / cfg["warmup_steps"]) if cfg["warmup_steps"] else 1.0
-
-
 def apply_schedule(step, model, optimizer, cfg):
     """This step's learning rates. At backbone lr 0 the backbone is frozen for real (no gradients,
     BatchNorm in eval mode), except with --frozen-bn train (Lightning's train_bn, the authors'
     setting): then its BatchNorm layers keep training, at the head's lr, with batch statistics."""
-    lr, factor = backbone_lr(step, cfg), warmup(step, cfg)
+    lr, factor = backbone_lr(step, cfg), runtime.warmup(step, cfg["warmup_steps"])   # nnssl's warm-up
     bn_trains = cfg["frozen_bn"] == "train"
     if any(p.requires_grad for p in backbone_weights(model, bn=False)) != (lr > 0):
         set_backbone_trainable(model, lr > 0, keep_batchnorm=bn_trains)
@@ -136,7 +131,7 @@ def train_segmenter(model, loader, cfg, seed, device, amp_dtype, net=None, step=
         apply_schedule(s, model, optimizer, cfg)
         trains_now = tuple(p.requires_grad for p in model.parameters())
         if wrapped is None or (world > 1 and trains_now != trains):
-            trains, wrapped = trains_now, runtime.wrap_ddp(net, device)
+            trains, wrapped = trains_now, runtime.wrap_ddp(net, device) if world > 1 else net
         x = batch["image"].to(device, non_blocking=True)   # (b, C, X, Y, Z)
         y = batch["label"].to(device, non_blocking=True)   # (b, X, Y, Z)
         x, y = supervised_augment(x, y, aug_generator, cfg["aug"], cfg["mirror_axes"])
@@ -147,8 +142,12 @@ def train_segmenter(model, loader, cfg, seed, device, amp_dtype, net=None, step=
         if after_step is not None:
             after_step(model)
         losses += loss.detach()
-        if (s + 1) % 25 == 0:
-            bar.set_postfix(loss=f"{losses.item() / 25:.3f}")
+        if (s + 1) % 25 == 0 or s + 1 == cfg["steps"]:     # one host read: the mean loss since the last
+            mean, first = losses.item() / (s % 25 + 1), s - s % 25 + 1
+            if not math.isfinite(mean):
+                raise runtime.Diverged(f"{desc}: non-finite loss between steps {first} and {s + 1}; stopping, "
+                                       "nothing of this fold is saved (try a lower --lr)")
+            bar.set_postfix(loss=f"{mean:.3f}")
             losses.zero_()
         if on_step is not None:
             on_step(s + 1, model)
@@ -179,37 +178,41 @@ def reestimate_batchnorm(model, data_dir, train_ids, cfg, device, seed):
 
 # ----------------------------------------------------------------------------- main
 
-def main(args, hooks=None):
+def main(args, hooks=None, outputs=()):
     """Every fold: a fresh segmenter, trained, its BatchNorm statistics re-estimated, evaluated
     and saved; then results.json. hooks(model, cfg, args, run, fold) -> keyword arguments of
-    train_segmenter (a variant's net, step and after_step; the lab's on_step)."""
+    train_segmenter (a variant's net, step and after_step; the lab's on_step); outputs: the
+    names of other files the run writes into --out (the lab's)."""
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in CONFIG}
-    run = prepare(args, "nonlinear", "finetune.py", outputs=("results.json", "model_fold*.pt"),
-                  settings={k: v for k, v in vars(args).items() if k not in RUN_FLAGS}, resume=args.resume,
-                  batch_size=cfg["batch_size"])
-    rank, world = world_info()
-    amp_dtype = runtime.autocast_dtype(run.device, args.amp)
+    run = prepare(args, batch_size=cfg["batch_size"])
+    models = [f"model_fold{fold}.pt" for fold, _, _ in run.plan]
+    kept = runtime.claim_run(args.out, "finetune.py", ["results.json", *models, *outputs], runtime.settings(args),
+                             run.inputs, args.force, args.resume) if run.rank == 0 else None
+    if run.world > 1:           # every process skips the folds a killed run finished
+        kept = runtime.broadcast(kept)
+    amp_dtype = runtime.amp_dtype(run.device, args.amp)
     announce("fine-tune", args, cfg, run.device, amp_dtype)
     fold_dice, cases, started, out = {}, {}, time.time(), Path(args.out)
     for fold, train_ids, test_ids in run.plan:
         cases[fold] = (train_ids, test_ids)
         path = out / f"model_fold{fold}.pt"
         model, info = new_segmenter(args, run.backbone, len(run.names), "nonlinear", run.device, fold, run.channels)
-        if args.resume and path.is_file():      # a fold a killed run finished: kept
+        if path.name in kept:      # a fold a killed run finished: kept
             fold_dice[fold] = np.array(load_segmenter(path)[1]["test_dice"], dtype=np.float64)
             print(f"fold {fold}: kept from the earlier run ({path})")
             continue
-        runtime.check_memory(training_bytes(model.backbone.channels, cfg["patch_size"], cfg["batch_size"] // world),
-                             run.device, f"a step of {cfg['batch_size'] // world} {'x'.join(map(str, cfg['patch_size']))} patches")
+        per_rank = cfg["batch_size"] // run.world
+        runtime.check_memory(training_bytes(model.backbone.channels, cfg["patch_size"], per_rank), run.device,
+                             f"a step of {per_rank} {'x'.join(map(str, cfg['patch_size']))} patches")
         loader = make_loader(run.data_dir, train_ids, cfg, args.seed, args.workers)
-        amp_train = runtime.training_dtype(run.device, args.amp, model.backbone.channels, cfg["patch_size"])
+        amp_train = runtime.amp_dtype(run.device, args.amp, model.backbone.channels, cfg["patch_size"])
         train_segmenter(model, loader, cfg, args.seed, run.device, amp_train, desc=f"fold {fold}",
                         **(hooks(model, cfg, args, run, fold) if hooks else {}))
         reestimate_batchnorm(model, run.data_dir, train_ids, cfg, run.device, seed=args.seed + 1000 + fold)
-        if rank == 0:       # under torchrun, rank 0 alone evaluates and writes; the others wait
+        if run.rank == 0:       # under torchrun, rank 0 alone evaluates and writes; the others wait
             fold_dice[fold] = evaluate(model, run.test_dir, test_ids, len(run.names), cfg["eval_patch_size"],
                                        run.device, amp_dtype)
-            meta = load_dataset_json(run.data_dir)
+            meta = read_dataset(run.data_dir)[1]
             save_segmenter(path, model, labels={str(k): v for k, v in run.names.items()}, modality=meta["modality"],
                            preset=meta["preset"], channels=run.preprocessing["channels"],
                            patch_size=list(cfg["eval_patch_size"]), aug=cfg["aug"],
@@ -218,10 +221,11 @@ def main(args, hooks=None):
                            test_dice=fold_dice[fold].tolist())
             print(f"fold {fold}: {len(train_ids)} train / {len(test_ids)} test cases, "
                   f"mean Dice {fold_mean(fold_dice[fold]):.3f}")
-        if world > 1:
+        if run.world > 1:
             torch.distributed.barrier()
-    runtime.end_distributed()
-    if rank != 0:
+    if run.world > 1:
+        runtime.end_distributed()
+    if run.rank != 0:
         return None
     return downstream.write_results(args, cfg, fold_dice, run.names, info, cases, started, "fine-tune")
 
@@ -264,29 +268,37 @@ def preset(args):
     """The demo's values (DEMO, or DEMO_SCRATCH for --init random) and the demo's network; from
     scratch the whole network trains at --lr from step 0 (nothing is frozen)."""
     scratch = dict(freeze_steps=0, ramp_steps=0) if args.init == "random" else {}
-    return {**downstream.presets(lambda a: DEMO_SCRATCH if a.init == "random" else DEMO)(args), **scratch}
+    return {**downstream.preset(args, DEMO_SCRATCH if args.init == "random" else DEMO), **scratch}
 
 
 FROZEN_ONLY = ("freeze_steps", "ramp_steps", "ramp_start_lr", "frozen_bn")   # settings of a frozen backbone
-# Settings fine-tuning cannot honour, refused where the flags are parsed.
-RULES = downstream.RULES + [
-    lambda a: a.resume and a.force and "--resume continues the run in --out, --force replaces it: give one",
-    lambda a: a.warmup_steps >= a.steps and (f"--warmup-steps {a.warmup_steps} is not shorter than --steps {a.steps}: "
-                                             f"the lr would never reach --lr; give fewer than {a.steps}"),
-    *(downstream.no_effect(f, lambda a: a.init == "random", "with --init random nothing is frozen") for f in FROZEN_ONLY),
-    downstream.no_effect("frozen_bn", lambda a: a.freeze_steps == 0, "with --freeze-steps 0 nothing is frozen"),
-    downstream.no_effect("ramp_start_lr", lambda a: a.ramp_steps == 0, "with --ramp-steps 0 there is no ramp"),
-    downstream.no_effect("mirror_axes", lambda a: a.aug == "none", "with --aug none nothing is mirrored"),
-    lambda a: a.init != "random" and a.freeze_steps + a.ramp_steps > a.steps and (
-        f"--freeze-steps {a.freeze_steps} + --ramp-steps {a.ramp_steps} run past --steps {a.steps}: the backbone would "
-        f"{'never train' if a.freeze_steps >= a.steps else 'never reach --lr'}; give a shorter freeze or ramp"),
-]
+
+
+def refusals(a):
+    """Settings fine-tuning cannot honour, refused where the flags are parsed."""
+    yield from downstream.refusals(a)
+    if a.resume and a.force:
+        yield "--resume continues the run in --out, --force replaces it: give one"
+    if a.warmup_steps >= a.steps:
+        yield (f"--warmup-steps {a.warmup_steps} is not shorter than --steps {a.steps}: the lr would never "
+               f"reach --lr; give fewer than {a.steps}")
+    for flag in FROZEN_ONLY:
+        yield no_effect(a, flag, a.init == "random", "with --init random nothing is frozen")
+    yield no_effect(a, "frozen_bn", a.freeze_steps == 0, "with --freeze-steps 0 nothing is frozen")
+    yield no_effect(a, "ramp_start_lr", a.ramp_steps == 0, "with --ramp-steps 0 there is no ramp")
+    yield no_effect(a, "mirror_axes", a.aug == "none", "with --aug none nothing is mirrored")
+    if len(set(a.mirror_axes)) < len(a.mirror_axes):
+        yield f"--mirror-axes {' '.join(map(str, a.mirror_axes))}: an axis given twice"
+    if a.init != "random" and a.freeze_steps + a.ramp_steps > a.steps:
+        yield (f"--freeze-steps {a.freeze_steps} + --ramp-steps {a.ramp_steps} run past --steps {a.steps}: the "
+               f"backbone would {'never train' if a.freeze_steps >= a.steps else 'never reach --lr'}; give a "
+               "shorter freeze or ramp")
 
 
 def parse_args(argv=None):
-    return runtime.parse(build_parser(), argv, preset, RULES)
+    return runtime.parse(build_parser(), argv, preset, refusals)
 
 
 if __name__ == "__main__":
-    runtime.cli(main, parse_args, interrupted="interrupted; finished folds are kept: the same command with --resume "
-                                              "continues")
+    runtime.cli(main, parse_args, interrupted="interrupted; finished folds are kept: the same command with "
+                                              "--resume continues")

@@ -23,6 +23,7 @@ DIR/results.json holds the table (the mean over classes per volume, over volumes
 mean +- std over folds; a class absent from prediction and label is ignored in that volume).
 """
 import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -35,9 +36,11 @@ from tqdm import tqdm
 import downstream
 import runtime
 from data import read_case
+from data import InputError
 from downstream import announce, fold_mean, new_segmenter, prepare, set_backbone_trainable, write_results
 from loss import dice_per_class, predict_labels
-from runtime import non_negative_float, positive_int, world_info
+from runtime import non_negative_float, positive_int
+from weights import nonfinite
 
 # The demo's volumes are smaller than one window: each pyramid is computed whole.
 DEMO = dict(eval_patch_size=(96, 96, 48))
@@ -195,13 +198,16 @@ def evaluate_cached(head, cache, labels, test_ids, num_classes, device):
 def main(args):
     cfg = dict(voxels_per_class=args.voxels_per_class, max_steps=args.max_steps, weight_decay=args.weight_decay,
                eval_patch_size=tuple(args.eval_patch_size), folds=args.folds)
-    run = prepare(args, "linear", "linear_probe.py")
-    if world_info()[1] > 1:
-        raise ValueError("the cached-feature probe runs in one process (it trains a linear head only; torchrun gives "
-                         "it nothing)")
-    amp_dtype = runtime.autocast_dtype(run.device, args.amp)
+    run = prepare(args)
+    if run.world > 1:
+        raise InputError("the cached-feature probe runs in one process (it trains a linear head only; "
+                                 "torchrun gives it nothing)")
+    runtime.claim_run(args.out, "linear_probe.py", ["results.json"], runtime.settings(args), run.inputs, args.force)
+    amp_dtype = runtime.amp_dtype(run.device, args.amp)
     announce("linear probe", args, cfg, run.device, amp_dtype)
     fold_dice, cases, steps, started = {}, {}, {}, time.time()
+    if args.cache_dir:
+        runtime.make_folder(Path(args.cache_dir), "--cache-dir")
     with tempfile.TemporaryDirectory(prefix="probe-cache-") as work:
         cache_dir = Path(args.cache_dir or work)
         for fold, train_ids, test_ids in run.plan:
@@ -214,6 +220,9 @@ def main(args):
             model.head.set_statistics(*channel_statistics(cache, train_ids))
             n, loss = train_head(model.head, cache, read_labels(train_ids, run.data_dir), train_ids, cfg, run.device,
                                  args.seed + fold)
+            if not math.isfinite(loss) or nonfinite(model.head.state_dict()):
+                raise runtime.Diverged(f"fold {fold}: the linear head's loss ({loss}) or weights are not finite after "
+                                       f"{n} L-BFGS steps; no result is reported (try a larger --weight-decay)")
             steps[str(fold)] = dict(steps=n, final_loss=round(loss, 5))
             print(f"fold {fold}: head trained {n} steps, final loss {loss:.4f}")
             # The check that only the head trained (MAE's probe left its encoder in train mode).
@@ -232,9 +241,13 @@ def read_labels(ids, folder):
     return {c: np.asarray(read_case(folder, c, need_label=True)["label"]) for c in ids}
 
 
+def preset(args):
+    return downstream.preset(args, DEMO)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     downstream.add_common_args(p)
     # The probe's own training (on voxels sampled from the cached pyramids)
     p.add_argument("--voxels-per-class", type=positive_int, default=2048, help="training voxels sampled per class and volume")
@@ -242,7 +255,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="L2 penalty on the head's weights")
     p.add_argument("--cache-dir", help="memory-mapped pyramid cache for large data [a temporary folder]")
     p.add_argument("--cache-ram-gb", type=non_negative_float, default=4.0, help="keep the cache in memory below this size")
-    return runtime.parse(p, argv, downstream.presets(lambda args: DEMO), downstream.RULES)
+    return runtime.parse(p, argv, preset, downstream.refusals)
 
 
 if __name__ == "__main__":

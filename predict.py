@@ -18,10 +18,12 @@ Writes, each file atomically: OUT/CASE.nii.gz (the label map, uint8), with --sav
 OUT/CASE.npz ("probabilities" (K, *scan shape) float16 on the scan's grid, background 1 outside
 the body crop; "classes") and OUT/classes.json, and OUT/predictions.json (the settings; per case
 its input, output, seconds, voxels per class and status: done, skipped, or failed with a reason).
-The folder holds one run (runtime.claim_run) whose settings include a digest of every model
-file: the same models and settings continue it, skipping finished cases; others are refused
-unless --force, which first removes what the earlier run wrote. A case that fails is one FAILED
-line and the others go on; exit code 1 if a case failed, 2 if nothing could start.
+The folder holds one run (runtime.claim_run) whose settings include the input and the identity of
+every model file: the same command continues it, skipping a case only if its scan is unchanged
+since its mask was made (predictions.json keeps each scan's identity); others are refused unless
+--force, which first removes what the earlier run wrote; a file no run wrote is never replaced.
+A bad scan is one FAILED line and the others go on (exit code 1 if one failed, 2 if nothing
+could start); a bug in the code stops the run with its traceback.
 """
 import argparse
 import itertools
@@ -34,10 +36,10 @@ import torch
 from tqdm import tqdm
 
 import runtime
+from data import InputError, file_identity
 from downstream import volume_probabilities
-from preprocess import (list_nifti, preprocess_arrays, read_channels, read_dataset_description, save_nifti,
-                        to_original_grid)
-from runtime import atomic_write, below_one, non_negative_int, save_json
+from runtime import atomic, below_one, non_negative_int, read_json, write_json
+from transform import list_nifti, preprocess_arrays, read_channels, read_dataset_description, save_nifti, to_original_grid
 from weights import load_segmenter
 
 MUST_AGREE = ("labels", "modality", "preset", "channels")   # one ensemble: the same classes and preprocessing
@@ -50,19 +52,16 @@ def find_models(model, folds=None):
     model = Path(model)
     if model.is_file():
         if folds:
-            raise ValueError(f"--folds needs a run folder as --model, not the file {model}")
+            raise InputError(f"--folds needs a run folder as --model, not the file {model}")
         return [model]
     if not model.is_dir():
-        raise ValueError(f"--model {model} does not exist")
+        raise InputError(f"--model {model} does not exist")
     found = {int(m.group(1)): p for p in model.iterdir() if (m := re.fullmatch(r"model_fold(\d+)\.pt", p.name))}
     if not found:
-        raise ValueError(f"--model {model}: no model_fold<k>.pt in it (a finetune.py --out folder)")
-    twice = sorted({k for k in folds or [] if list(folds).count(k) > 1})
-    if twice:
-        raise ValueError(f"--folds: fold {' '.join(map(str, twice))} given twice (it would weigh twice in the ensemble)")
+        raise InputError(f"--model {model}: no model_fold<k>.pt in it (a finetune.py --out folder)")
     missing = sorted(set(folds or []) - set(found))
     if missing:
-        raise ValueError(f"--folds {' '.join(map(str, missing))}: {model} has folds {sorted(found)} only")
+        raise InputError(f"--folds {' '.join(map(str, missing))}: {model} has folds {sorted(found)} only")
     return [found[k] for k in sorted(folds or found)]
 
 
@@ -73,7 +72,7 @@ def load_ensemble(paths):
     for path, ckpt in zip(paths[1:], ckpts[1:]):
         for key in MUST_AGREE:
             if ckpt.get(key) != ckpts[0].get(key):
-                raise ValueError(f"{path}: its {key} differs from {paths[0]}'s "
+                raise InputError(f"{path}: its {key} differs from {paths[0]}'s "
                                  f"({ckpt.get(key)} vs {ckpts[0].get(key)}); one ensemble needs one of each")
     return list(models), list(ckpts)
 
@@ -119,7 +118,7 @@ def predict_scan(scans, models, ckpts, device, mirror_axes=(), overlap=0.5, amp_
     the scan's own grid, preprocessing meta)."""
     channels = model_channels(ckpts[0])
     if len(scans) not in (1, len(channels)):
-        raise ValueError(f"{scans[0]}: {len(scans)} channel files, the models take {len(channels)} "
+        raise InputError(f"{scans[0]}: {len(scans)} channel files, the models take {len(channels)} "
                          f"({', '.join(c['name'] for c in channels)})")
     images, affine, names = read_channels(scans, channels)
     image01, _, _, meta = preprocess_arrays(images, affine, ckpts[0]["modality"], spacing=ckpts[0]["preset"]["spacing"],
@@ -137,8 +136,8 @@ def segment_case(scans, out_dir, name, models, ckpts, device, mirror_axes, overl
     if save_probabilities:     # on the scan's grid; outside the body crop the background has probability 1
         on_grid = np.stack([to_original_grid(p.numpy(), meta, fill=1.0 if k == 0 else 0.0).astype(np.float16)
                             for k, p in enumerate(probs)])
-        atomic_write(out_dir / f"{name}.npz",
-                     lambda tmp: np.savez_compressed(tmp, probabilities=on_grid, classes=np.array(classes)))
+        with atomic(out_dir / f"{name}.npz") as tmp:
+            np.savez_compressed(tmp, probabilities=on_grid, classes=np.array(classes))
     save_nifti(labels, meta["original_affine"], out_dir / f"{name}.nii.gz")          # last: marks the case done
     counts = np.bincount(labels.ravel(), minlength=len(classes))
     return {c: int(n) for c, n in zip(classes, counts)}
@@ -152,19 +151,19 @@ def find_scans(path):
     path = Path(path)
     if path.is_file():
         if not re.search(r"\.nii(\.gz)?$", path.name):
-            raise ValueError(f"-i {path}: not a .nii or .nii.gz file")
+            raise InputError(f"-i {path}: not a .nii or .nii.gz file")
         files = [path]
     elif path.is_dir():
         files = [p for _, p in list_nifti(path)] or [p for _, p in list_nifti(path / "imagesTs")]
         if not files:
-            raise ValueError(f"-i {path}: no .nii / .nii.gz scans in it (nor in {path / 'imagesTs'})")
+            raise InputError(f"-i {path}: no .nii / .nii.gz scans in it (nor in {path / 'imagesTs'})")
     else:
-        raise ValueError(f"-i {path} does not exist")
+        raise InputError(f"-i {path} does not exist")
     cases = {}
     for f in files:
         name, channel = re.fullmatch(r"(.+?)(?:_(\d{4}))?\.nii(?:\.gz)?", f.name).groups()
         if name in cases and (channel is None or None in cases[name] or channel in cases[name]):
-            raise ValueError(f"-i: {next(iter(cases[name].values())).name} and {f.name} are both case {name!r}")
+            raise InputError(f"-i: {next(iter(cases[name].values())).name} and {f.name} are both case {name!r}")
         cases.setdefault(name, {})[channel] = f
     return [(name, [c[k] for k in sorted(c, key=lambda k: k or "")]) for name, c in cases.items()]
 
@@ -175,68 +174,59 @@ def check_channel_names(inputs, channels):
     for folder in (Path(inputs), Path(inputs).parent):
         names = read_dataset_description(folder)[1] if (folder / "dataset.json").is_file() else None
         if names and (len(names) > 1 or len(channels) > 1) and names != [c["name"] for c in channels]:
-            raise ValueError(f"{folder / 'dataset.json'} names the channels {names}, the models were trained on "
+            raise InputError(f"{folder / 'dataset.json'} names the channels {names}, the models were trained on "
                              f"{[c['name'] for c in channels]}")
-
-
-def check_output_folder(inputs, out):
-    """Refuse an output folder equal to or inside the input folder (outputs would mix with scans).
-    -> the resolved path (claimed later, once the models have loaded)."""
-    inputs = Path(inputs).resolve()
-    folder = inputs if inputs.is_dir() else inputs.parent
-    out = Path(out).resolve()
-    if out == folder or folder in out.parents:
-        raise ValueError(f"-o {out}: inside the input folder {folder}; write predictions elsewhere")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"-o {out}: exists and is not a folder")
-    return out
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    """-> exit code: 0 all done or skipped, 1 some case failed (ValueError, exit 2: nothing could start)."""
+    """-> exit code: 0 all done or skipped, 1 some case failed (bad input before any case: exit 2)."""
     scans = find_scans(args.input)
-    out_dir = check_output_folder(args.input, args.output)
+    runtime.refuse_inside(args.output, args.input, "-o", "-i")
     paths = find_models(args.model, args.folds)
     device = runtime.pick_device(args.device)
+    settings = dict(input=str(Path(args.input).resolve()), tta=args.tta, overlap=args.overlap,
+                    models={str(Path(p).resolve()): file_identity(p) for p in paths},
+                    save_probabilities=args.save_probabilities)
+    probabilities = [f"{name}.npz" for name, _ in scans] + ["classes.json"] if args.save_probabilities else []
+    outputs = ["predictions.json", *(f"{name}.nii.gz" for name, _ in scans), *probabilities]
+    out_dir = Path(args.output)
+    kept = runtime.claim_run(out_dir, "predict.py", outputs, settings, force=args.force, resume=True, flag="-o")
     models, ckpts = load_ensemble(paths)
     check_channel_names(args.input, model_channels(ckpts[0]))
     axes = trained_mirror_axes(ckpts) if args.tta is not False else ()
     if args.tta and not axes:
-        raise ValueError("--tta: the models were trained without mirroring, so no axis is known to keep their "
+        raise InputError("--tta: the models were trained without mirroring, so no axis is known to keep their "
                          "classes (a left-right flip swaps sided ones); predict without --tta")
-    settings = dict(models=[f"{Path(p).resolve()} {runtime.file_digest(p)}" for p in paths], mirror_axes=list(axes),
-                    overlap=args.overlap, save_probabilities=args.save_probabilities)
-    runtime.claim_run(out_dir, "predict.py", ("predictions.json",), settings, force=args.force, resume=True, flag="-o")
-    done_before = set(runtime.run_files(out_dir))
+    before = (read_json(out_dir / "predictions.json") or {}).get("cases", {}) if "predictions.json" in kept else {}
     why = {None: "the models' training augmentation", True: "--tta", False: "--no-tta"}[args.tta]
     print(f"predict: {len(scans)} scan(s), {len(models)} model(s) ({', '.join(p.name for p in paths)}), mirroring "
           f"{'axes ' + ' '.join(map(str, axes)) if axes else 'off'} ({why}), device {device}")
     for m in models:
         m.to(device, memory_format=torch.channels_last_3d)
-    report = dict(settings, tta=bool(axes), classes={str(k): v for k, v in sorted(ckpts[0]["labels"].items(),
-                                                                                  key=lambda kv: int(kv[0]))}, cases={})
+    classes = {str(k): v for k, v in sorted(ckpts[0]["labels"].items(), key=lambda kv: int(kv[0]))}
+    report = dict(settings, tta=bool(axes), mirror_axes=list(axes), classes=classes, cases={})
     if args.save_probabilities:
-        save_json(out_dir / "classes.json", report["classes"])
-    amp_dtype = runtime.autocast_dtype(device, args.amp)
+        write_json(out_dir / "classes.json", classes)
+    amp_dtype = runtime.amp_dtype(device, args.amp)
     for name, files in tqdm(scans, desc="predict", dynamic_ncols=True):
         record = dict(input=[str(f) for f in files] if len(files) > 1 else str(files[0]),
-                      output=str(out_dir / f"{name}.nii.gz"))
+                      output=str(out_dir / f"{name}.nii.gz"), identity=[file_identity(f) for f in files])
+        made = [f"{name}.nii.gz", *([f"{name}.npz"] if args.save_probabilities else [])]
         t0 = time.time()
-        if f"{name}.nii.gz" in done_before and (not args.save_probabilities or f"{name}.npz" in done_before):
-            record.update(status="skipped", reason="made by this run's models and settings already")
+        if set(made) <= set(kept) and before.get(name, {}).get("identity") == record["identity"]:
+            record.update(status="skipped", reason="made from this scan, as it is, by these models already")
         else:
             try:
                 counts = segment_case(files, out_dir, name, models, ckpts, device, axes, args.overlap, amp_dtype,
                                       args.save_probabilities)
                 record.update(status="done", seconds=round(time.time() - t0, 2), voxels_per_class=counts)
-            except Exception as e:   # one bad scan must not stop the others
-                lines = str(e).strip().splitlines()
-                record.update(status="failed", reason=f"{type(e).__name__}: {lines[0] if lines else ''}"[:300])
-                tqdm.write(f"FAILED {files[0]}: {record['reason']}")
+            except InputError as e:   # a bad scan: one line, and the others go on
+                record.update(status="failed", reason=str(e))
+                tqdm.write(f"FAILED {files[0]}: {e}")
         report["cases"][name] = record
-        save_json(out_dir / "predictions.json", report)
+        write_json(out_dir / "predictions.json", report)
     counts = {s: sum(r["status"] == s for r in report["cases"].values()) for s in ("done", "skipped", "failed")}
     print(f"predict: done {counts['done']} / skipped {counts['skipped']} / failed {counts['failed']} -> {out_dir}")
     runtime.finish_run(out_dir)
@@ -257,7 +247,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast on a GPU, or on a CPU with bf16 instructions; fp32 elsewhere")
-    return runtime.parse(p, argv)
+    return runtime.parse(p, argv, refusals=refusals)
+
+
+def refusals(a):
+    if a.folds and len(set(a.folds)) < len(a.folds):
+        yield f"--folds {' '.join(map(str, a.folds))}: a fold given twice (it would weigh twice in the ensemble)"
 
 
 if __name__ == "__main__":

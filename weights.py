@@ -1,7 +1,8 @@
 """The project's weight files, and the authors', in one place. Every file is read with
 torch.load(weights_only=True), so a file that would run code on loading is refused, and a file
 that is not what it should be is named for what it is (a folder, empty, a NIfTI image, text, a
-truncated torch file, another of our kinds), one ValueError line:
+truncated torch file, another of our kinds), one InputError line. Nothing non-finite is saved
+(a diverged run stops instead) and no model with non-finite weights is loaded:
 
   backbone.pt        the FPN alone, its configuration and its pretraining config (pretrain.py)
   checkpoint.pt      everything a bit-equal --resume needs, as tensors and builtins (pretrain.py)
@@ -13,17 +14,28 @@ import pickle
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from data import InputError
 from model import FPN3d, SegmentationModel
-from runtime import atomic_write, unwrap
+from runtime import Diverged, atomic
 
 FORMAT_VERSION = 2   # of backbone.pt, checkpoint.pt and model_fold<k>.pt
 
 
-def save_torch(obj, path):
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+def save_torch(obj, path, state):
+    """obj written atomically to path, unless a tensor of its `state` dict is not finite (Diverged)."""
+    bad = nonfinite(state)
+    if bad:
+        raise Diverged(f"{path}: not saved, {len(bad)} tensor(s) of the network are not finite (e.g. {bad[0]}); "
+                       "the run diverged (try a lower --lr)")
+    with atomic(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def nonfinite(state):
+    """The names of a state dict's floating tensors that hold a NaN or an infinity."""
+    return [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
 
 
 def what_file(path):
@@ -45,27 +57,27 @@ def what_file(path):
 
 
 def load_torch(path, what="checkpoint"):
-    """torch.load on the CPU with weights_only=True; ValueError naming the file and what it is for a
+    """torch.load on the CPU with weights_only=True; InputError naming the file and what it is for a
     missing file, one that is not a torch file, or one holding more than tensors and builtins (a
     pickle that could run code: refused, never retried without weights_only)."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{what} {path} does not exist")
+        raise InputError(f"{what} {path} does not exist")
     if path.is_dir() or path.stat().st_size == 0 or not path.open("rb").read(4).startswith((b"PK\x03\x04", b"\x80")):
-        raise ValueError(f"{what} {path} could not be read safely: it is {what_file(path)}")
+        raise InputError(f"{what} {path} could not be read safely: it is {what_file(path)}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise ValueError(f"{what} {path} could not be read safely: it holds objects other than tensors and plain "
+        raise InputError(f"{what} {path} could not be read safely: it holds objects other than tensors and plain "
                          "data (code could run on loading), refused") from None
-    except Exception as e:
-        raise ValueError(f"{what} {path} could not be read safely: a truncated or corrupt torch file "
+    except (RuntimeError, EOFError, OSError, ValueError) as e:     # torch's readers, on a damaged file
+        raise InputError(f"{what} {path} could not be read safely: a truncated or corrupt torch file "
                          f"({type(e).__name__})") from None
 
 
 def check_version(path, ckpt, kind, remedy):
     if ckpt.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: a {kind} of format version {ckpt.get('version')} (this code reads "
+        raise InputError(f"{path}: a {kind} of format version {ckpt.get('version')} (this code reads "
                          f"{FORMAT_VERSION}); {remedy}")
 
 
@@ -131,26 +143,26 @@ def read_backbone(path, verbose=True):
     """A backbone of any supported kind -> (backbone_config, our state dict, info). Accepted: our
     backbone.pt (or the pretrain.py run folder holding it); a raw state dict in the authors' layout
     or ours; a Lightning checkpoint, with or without the `backbone.` prefix (head keys are ignored
-    and listed); any of these saved from DDP (`module.` prefix). ValueError for anything else."""
+    and listed); any of these saved from DDP (`module.` prefix). InputError for anything else."""
     path = Path(path)
     path = path / "backbone.pt" if path.is_dir() and (path / "backbone.pt").is_file() else path
     ckpt = load_torch(path, "checkpoint")
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: holds a {type(ckpt).__name__}, not a state dict or checkpoint")
+        raise InputError(f"{path}: holds a {type(ckpt).__name__}, not a state dict or checkpoint")
     if ckpt.get("kind") == "backbone":
         check_version(path, ckpt, "backbone.pt", "re-run pretrain.py")
         pretrained = ckpt.get("pretrain_config") or {}
-        info = dict(kind="backbone.pt (pretrain.py)", step=ckpt.get("step"), arch=ckpt.get("arch"), ignored=[],
+        info = dict(kind="backbone.pt (pretrain.py)", step=ckpt.get("step"), arch=ckpt.get("arch"), ignored=[], path=path,
                     method=pretrained.get("method"), preprocessing=pretrained.get("preprocessing"))
         config, state, layout = ckpt["backbone_config"], ckpt["state_dict"], "ours (model.FPN3d)"
     elif "kind" in ckpt or "model" in ckpt and "optimizer" in ckpt:
         what = {"segmenter": "a fine-tuned model (finetune.py)"}.get(ckpt.get("kind"), "a resumable checkpoint.pt")
-        raise ValueError(f"{path} is {what}, not a backbone file; pass a pretrain.py run folder or its backbone.pt")
+        raise InputError(f"{path} is {what}, not a backbone file; pass a pretrain.py run folder or its backbone.pt")
     else:
         state, kind = (ckpt["state_dict"], "Lightning checkpoint") if isinstance(ckpt.get("state_dict"), dict) \
             else (ckpt, "raw state_dict")
         if not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{path}: not a state dict of tensors (keys {list(state)[:5]})")
+            raise InputError(f"{path}: not a state dict of tensors (keys {list(state)[:5]})")
         ignored = []
         for prefix, what in (("module.", "DDP `module.` prefix"), ("backbone.", "`backbone.` prefix")):
             if any(k.startswith(prefix) for k in state) and (prefix == "backbone." or all(k.startswith(prefix) for k in state)):
@@ -163,16 +175,19 @@ def read_backbone(path, verbose=True):
             layout, config = "ours (model.FPN3d)", layout_config(state, "stem", "down")
             names = set(key_map(config))
         else:
-            raise ValueError(f"{path}: no FPN3d found (neither first_conv.weight nor stem.weight among keys "
+            raise InputError(f"{path}: no FPN3d found (neither first_conv.weight nor stem.weight among keys "
                              f"{sorted(state)[:6]}...)")
         missing = sorted(names - set(state))
         if missing:
-            raise ValueError(f"{path}: {layout} with {config} but {len(missing)} key(s) missing, e.g. {missing[:4]}")
-        info = dict(kind=f"{kind}, {layout}", step=None, arch=None, preprocessing=None,
+            raise InputError(f"{path}: {layout} with {config} but {len(missing)} key(s) missing, e.g. {missing[:4]}")
+        info = dict(kind=f"{kind}, {layout}", step=None, arch=None, preprocessing=None, path=path,
                     ignored=sorted(ignored + [k for k in state if k not in names]))
         state = {k: v for k, v in state.items() if k in names}
         state = from_reference(state, config) if layout.startswith("reference") else state
     check_fits(path, layout, config, state)
+    bad = nonfinite(state)
+    if bad:
+        raise InputError(f"{path}: {len(bad)} tensor(s) are not finite (e.g. {bad[0]}): a diverged backbone")
     if verbose:
         print(f"{path}: {info['kind']}" + (f", method {info['method']}, step {info['step']}" if info["step"] is not None
                                            else "") + f"; FPN3d{tuple(config.values())} (in_channels, base_channels, "
@@ -181,19 +196,19 @@ def read_backbone(path, verbose=True):
 
 
 def check_fits(path, layout, config, state):
-    """ValueError unless `state` (our names) has exactly FPN3d(**config)'s keys and shapes."""
+    """InputError unless `state` (our names) has exactly FPN3d(**config)'s keys and shapes."""
     try:
         with torch.device("meta"):
             shapes = {k: v.shape for k, v in FPN3d(**config).state_dict().items()}
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {layout} with an unusable configuration {config} ({e})") from None
+        raise InputError(f"{path}: {layout} with an unusable configuration {config} ({e})") from None
     missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
     if missing or extra:
-        raise ValueError(f"{path}: {layout} with {config} but {len(missing)} key(s) missing (e.g. {missing[:3]}) "
+        raise InputError(f"{path}: {layout} with {config} but {len(missing)} key(s) missing (e.g. {missing[:3]}) "
                          f"and {len(extra)} unexpected (e.g. {extra[:3]})")
     wrong = [f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k, s in shapes.items() if state[k].shape != s]
     if wrong:
-        raise ValueError(f"{path}: {len(wrong)} tensor(s) do not fit FPN3d({config}), e.g. {wrong[:3]}")
+        raise InputError(f"{path}: {len(wrong)} tensor(s) do not fit FPN3d({config}), e.g. {wrong[:3]}")
 
 
 def check_backbone_flags(args, config, source):
@@ -201,30 +216,30 @@ def check_backbone_flags(args, config, source):
     given on the command line that contradicts it is refused."""
     for k in ("base_channels", "num_levels"):
         if k in args.given and getattr(args, k) != config[k]:
-            raise ValueError(f"--{k.replace('_', '-')} {getattr(args, k)} contradicts {source} ({config[k]})")
+            raise InputError(f"--{k.replace('_', '-')} {getattr(args, k)} contradicts {source} ({config[k]})")
     if "arch" in args.given:
-        raise ValueError(f"--arch applies to --init random; {source} decides the architecture")
+        raise InputError(f"--arch applies to --init random; {source} decides the architecture")
 
 
 def expand_stem(state, in_channels, source):
     """A single-channel backbone's first convolution repeated over `in_channels` inputs and divided
     by in_channels (nnU-Net's start from nnssl's single-channel checkpoints): C copies of one image
-    give the single-channel features. ValueError for a backbone of another channel count."""
+    give the single-channel features. InputError for a backbone of another channel count."""
     stem = state["stem.weight"]                                      # (C_0, C_in, 3, 3, 3)
     if stem.shape[1] == in_channels:
         return state
     if stem.shape[1] != 1:
-        raise ValueError(f"{source}: a {stem.shape[1]}-channel backbone cannot start a {in_channels}-channel network")
+        raise InputError(f"{source}: a {stem.shape[1]}-channel backbone cannot start a {in_channels}-channel network")
     return {**state, "stem.weight": stem.repeat(1, in_channels, 1, 1, 1) / in_channels}
 
 
 def save_backbone(path, model, cfg, step):
     """backbone.pt: the FPN alone with its configuration (what read_backbone reads)."""
-    core = unwrap(model)
-    save_torch(dict(version=FORMAT_VERSION, kind="backbone", step=step,
-                    backbone_config=dict(core.config["backbone_config"]), arch=cfg.get("arch"),
-                    pretrain_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
-                    state_dict=core.backbone.state_dict()), path)
+    state = model.backbone.state_dict()
+    save_torch(dict(version=FORMAT_VERSION, kind="backbone", step=step, state_dict=state,
+                    backbone_config=dict(model.config["backbone_config"]), arch=cfg.get("arch"),
+                    pretrain_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}),
+               path, state)
 
 
 # ----------------------------------------------------------------------------- fine-tuned models
@@ -233,7 +248,7 @@ def save_segmenter(path, model, **record):
     """model_fold<k>.pt: the network, its constructor arguments and `record` (classes, preprocessing,
     patch, augmentation, cases, Dice per test case)."""
     save_torch(dict(kind="segmenter", version=FORMAT_VERSION, model_config=model.config, state_dict=model.state_dict(),
-                    **record), path)
+                    **record), path, model.state_dict())
 
 
 def load_segmenter(path):
@@ -242,9 +257,13 @@ def load_segmenter(path):
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "segmenter":
         what = {"backbone": "a pretrained backbone (pretrain.py)"}.get(ckpt.get("kind") if isinstance(ckpt, dict) else None,
                                                                        "not a model from finetune.py")
-        raise ValueError(f"{path} is {what}, not a fine-tuned model: pass a finetune.py --out folder or its "
+        raise InputError(f"{path} is {what}, not a fine-tuned model: pass a finetune.py --out folder or its "
                          "model_fold<k>.pt")
     check_version(path, ckpt, "model", "re-run finetune.py")
+    bad = nonfinite(ckpt["state_dict"])
+    if bad:
+        raise InputError(f"{path}: {len(bad)} tensor(s) are not finite (e.g. {bad[0]}): a diverged model, it "
+                         "cannot predict; fine-tune it again")
     model = SegmentationModel(**ckpt["model_config"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt
@@ -252,42 +271,25 @@ def load_segmenter(path):
 
 # ----------------------------------------------------------------------------- checkpoint.pt
 
-def save_checkpoint(path, step, cfg, args, model, optimizer):
-    """checkpoint.pt: everything a bit-equal --resume needs, as tensors and builtins only."""
-    core = unwrap(model)
-    save_torch(dict(version=FORMAT_VERSION, step=step, config=cfg, args=args, model_config=core.config,
-                    model=core.state_dict(), optimizer=optimizer.state_dict(), rng=rng_state()), path)
+def save_checkpoint(path, step, cfg, model, optimizer):
+    """checkpoint.pt: everything a bit-equal --resume needs, as tensors and builtins only (the
+    data draw their own seeded streams, so torch's random state is the only global one)."""
+    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    save_torch(dict(version=FORMAT_VERSION, step=step, config=cfg, model_config=model.config,
+                    model=model.state_dict(), optimizer=optimizer.state_dict(), rng=rng), path, model.state_dict())
 
 
 def load_checkpoint(path, model, optimizer):
     """--resume: model, optimizer and random states from checkpoint.pt -> the step to continue from."""
     if not Path(path).exists():
-        raise ValueError(f"--resume: no checkpoint at {path}")
-    try:
-        state = load_torch(path)
-    except ValueError as e:
-        raise ValueError(f"{path}: not a checkpoint this code can read safely ({str(e).split(': ', 1)[-1]})") from None
+        raise InputError(f"--resume: no checkpoint at {path}")
+    state = load_torch(path)
     if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION:
         version = state.get("version") if isinstance(state, dict) else None
-        raise ValueError(f"{path}: checkpoint version {version}, this code writes {FORMAT_VERSION}; start a new run folder")
-    unwrap(model).load_state_dict(state["model"])
+        raise InputError(f"{path}: checkpoint version {version}, this code writes {FORMAT_VERSION}; start a new run folder")
+    model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["step"]
-
-
-def rng_state():
-    """torch's, numpy's global and CUDA's random states as tensors and builtins (weights_only
-    loads them, unlike numpy's tuple)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                numpy=dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
-                           has_gauss=int(has_gauss), gauss=float(gauss)))
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -42,7 +42,7 @@ import pretrain  # noqa: E402
 import runtime  # noqa: E402
 from model import BLOCKS_PER_STAGE  # noqa: E402
 from pretrain import build_model, training_step  # noqa: E402
-from runtime import autocast_dtype, pick_device, positive_int  # noqa: E402
+from runtime import amp_dtype, pick_device, positive_int  # noqa: E402
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16, vendor datasheets
 VOLUME_SHAPE = (320, 320, 160)
@@ -320,13 +320,14 @@ def bench_probe(checkpoint, fold=0, real_scale=1.0, max_seconds=300):
     backbone = read_backbone(checkpoint, verbose=False)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        sets = {"demo": data.data_folder("demo"), f"real size (scale {real_scale})": preprocess.build_demo(
+        sets = {"demo": data.read_dataset("demo")[0], f"real size (scale {real_scale})": preprocess.build_demo(
             Path(tmp) / "real", num_cases=3, unlabelled_cases=0, scale=real_scale)}
         for name, data_dir in sets.items():
-            ids = data.list_cases(data_dir, labelled=True)
+            info = data.read_dataset(data_dir)[1]
+            ids = data.list_cases(info, labelled=True)
             train_ids, test_ids = downstream.split_folds(ids, 3, 0)[fold]
             labels = {c: np.asarray(data.read_case(data_dir, c, need_label=True)["label"]) for c in ids}
-            num_classes = len(downstream.label_names(data_dir))
+            num_classes = len(info["labels"])
             shape = labels[test_ids[0]].shape
             rows[f"{name}: volume shape (voxels)"] = f"{shape[0]}x{shape[1]}x{shape[2]} ({np.prod(shape) / 1e6:.2f} M)"
             rows[f"{name}: train / test cases"] = f"{len(train_ids)} / {len(test_ids)}"
@@ -472,14 +473,14 @@ def main(args):
         return bench_finetune(args.config, pick_device(args.device), args.steps)
     device = pick_device(args.device)
     cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in
-           vars(pretrain.parse_args(["--data", "unused", "--preset", args.config])).items() if k not in pretrain.RUN_FLAGS}
+           vars(pretrain.parse_args(["--data", "unused", "--preset", args.config])).items() if k not in runtime.HOW_TO_RUN}
     print(f"bench: config {args.config} ({cfg['batch_pairs']} pairs of {cfg['patch_size']}, {cfg['num_voxels']} voxels "
           f"per pair, {cfg['base_channels']}x{cfg['num_levels']} FPN), device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
     rows, batch = bench_data(cfg, device, args.repeats, not args.no_reference)
     columns = {}
     if not args.no_model:   # bf16 autocast where --amp uses it on this device, and fp32
-        dtypes = {"bf16": autocast_dtype(device), "fp32": None} if autocast_dtype(device) else {"fp32": None}
+        dtypes = {"bf16": amp_dtype(device), "fp32": None} if amp_dtype(device) else {"fp32": None}
         for name, dtype in dtypes.items():
             model_rows, extra = bench_model(cfg, batch, device, args.steps, dtype, args.compile)
             step_ms = model_rows["total step (device side: augment + model + loss + optimizer)"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository: the stage files
 import runtime  # noqa: E402
+from data import InputError  # noqa: E402
 
 
 def read(path):
@@ -20,9 +21,9 @@ def read(path):
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a results.json of linear_probe.py or finetune.py ({type(e).__name__})") from None
+        raise InputError(f"{path}: not a results.json of linear_probe.py or finetune.py ({type(e).__name__})") from None
     if not isinstance(results, dict) or not {"per_class", "mean_dice"} <= set(results):
-        raise ValueError(f"{path}: not a results.json of linear_probe.py or finetune.py (no per_class / mean_dice)")
+        raise InputError(f"{path}: not a results.json of linear_probe.py or finetune.py (no per_class / mean_dice)")
     return results
 
 

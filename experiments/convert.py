@@ -16,19 +16,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository: the stage files
 import runtime  # noqa: E402
+from data import InputError  # noqa: E402
 from weights import read_backbone, save_torch, to_reference  # noqa: E402
 
 
-def check_export_target(src, dst, force):
-    """--export-reference writes a new file: never over its input, nor over an existing file
-    (a run's backbone.pt, say) unless --force."""
-    src, dst = Path(src), Path(dst)
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise ValueError(f"--export-reference: the output {dst} is the input itself; choose another file name")
-    if dst.exists() and not force:
-        raise ValueError(f"--export-reference: {dst} exists; choose another file name or pass --force")
+def check_export_target(dst):
+    """--export-reference writes a new file: never over an existing one (its input, a run's
+    backbone.pt, a file of the user's)."""
+    dst = Path(dst)
+    if dst.exists():
+        raise InputError(f"--export-reference: {dst} exists; choose another file name (nothing is "
+                         "overwritten)")
     if not dst.parent.is_dir():
-        raise ValueError(f"--export-reference: folder {dst.parent} does not exist")
+        raise InputError(f"--export-reference: folder {dst.parent} does not exist")
 
 
 def main(args):
@@ -36,9 +36,9 @@ def main(args):
         read_backbone(args.inspect)
         return
     src, dst = args.export_reference
-    check_export_target(src, dst, args.force)
+    check_export_target(dst)
     config, state, info = read_backbone(src)
-    save_torch(to_reference(state, config), dst)
+    save_torch(to_reference(state, config), dst, state)
     print(f"wrote {dst}: FPN3d({', '.join(f'{k}={v}' for k, v in config.items())}) in the reference's "
           "layout, a raw state_dict: their FPN3d(in_channels, base_channels, num_scales).load_state_dict() takes it")
 
@@ -48,7 +48,6 @@ def parse_args(argv=None):
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--inspect", metavar="FILE", help="say what FILE holds")
     g.add_argument("--export-reference", nargs=2, metavar=("OURS", "OUT"), help="write OURS's backbone in the reference layout")
-    p.add_argument("--force", action="store_true", help="--export-reference may replace an existing OUT (never OURS)")
     return runtime.parse(p, argv)
 
 

@@ -33,7 +33,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository: the stage files
 import runtime  # noqa: E402
-from data import PairDataset, data_folder, load_dataset_json, sample_pair  # noqa: E402
+from data import PairDataset, read_dataset, sample_pair  # noqa: E402
 from model import FPN3d, sample_voxels  # noqa: E402
 from runtime import positive_int  # noqa: E402
 from weights import read_backbone  # noqa: E402
@@ -153,7 +153,7 @@ def intensity_only_dice(data_dir, num_bins=1000):
     Bayes rule on a fine histogram: every intensity bin predicts its majority class over all
     body voxels of all labelled cases (fitted and scored on the same voxels: an upper bound).
     """
-    info = load_dataset_json(data_dir)
+    info = read_dataset(data_dir)[1]
     names = info["labels"]
     k = max(int(c) for c in names) + 1
     counts = np.zeros((num_bins, k), np.int64)  # (bins, classes)
@@ -180,7 +180,7 @@ def boundary_contrast(data_dir, shell=2):
     dilation of the mask minus the mask), averaged over the labelled cases where the organ is
     present. Noise SD: robust (median absolute deviation) SD of the air voxels of the cropped
     volumes (outside body.npy), i.e. measured on the preprocessed images, not assumed."""
-    info = load_dataset_json(data_dir)
+    info = read_dataset(data_dir)[1]
     names, lo, hi = info["labels"], *info["preset"]["clip"]
     steps, air = {}, []
     for case in (c for c in info["cases"] if c["labelled"]):
@@ -207,7 +207,7 @@ def main(args):
                   f"{np.round(np.median(o, 0), 3).tolist()}, mean {np.round(o.mean(0), 3).tolist()}")
         return
     if args.demo_classes:
-        data_dir = data_folder(args.demo_classes)
+        data_dir = read_dataset(args.demo_classes)[0]
         contrast, noise_sd = boundary_contrast(data_dir)
         print(f"{'class':<14} {'boundary step / noise SD':>25} {'intensity-only Dice':>20}")
         for name, dice in intensity_only_dice(data_dir).items():
@@ -215,7 +215,7 @@ def main(args):
         print(f"(noise SD measured in the air around the body: {noise_sd:.1f} HU; a step >= 2 is a visible boundary; "
               "intensity-only Dice < 1 where context is needed)")
         return
-    data_dir = data_folder(args.data)
+    data_dir = read_dataset(args.data)[0]
     config, state, _ = read_backbone(args.backbone, verbose=False)
     nets = {"pretrained": FPN3d(**config)}
     nets["pretrained"].load_state_dict(state)
@@ -235,8 +235,8 @@ def parse_args(argv=None):
     p.add_argument("--random-init", action="store_true", help="also a random FPN of the same size, for comparison")
     p.add_argument("--patch-size", type=positive_int, nargs=3, default=(24, 24, 8), help="the pretraining patch")
     p.add_argument("--pairs", type=positive_int, default=24)
-    return runtime.parse(p, argv, rules=[lambda a: not (a.geometry or a.demo_classes or a.backbone) and
-                                         "give --backbone, --geometry or --demo-classes"])
+    return runtime.parse(p, argv, refusals=lambda a: [
+        "give --backbone, --geometry or --demo-classes" if not (a.geometry or a.demo_classes or a.backbone) else None])
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository: the stage files
 import runtime  # noqa: E402
-from data import data_folder  # noqa: E402
+from data import InputError, list_cases, read_dataset  # noqa: E402
 from experiments.lab import command_lines, run_stage, shown  # noqa: E402
 
 # The pretraining recipe is the one experiments/pretrain_grid.py chose on the validation cases
@@ -113,24 +113,33 @@ def pretrain_summary(run_dir):
                 steps=rows[-1]["step"], seconds=rows[-1]["seconds"], patch_size=cfg["patch_size"])
 
 
+def data_folder(arg, demo_part=""):
+    """--data / --unlabelled: a preprocessed folder, or `demo` (data.read_dataset)."""
+    return read_dataset(arg, demo_part)[0]
+
+
+def cases_of(folder, labelled=None):
+    return list_cases(read_dataset(folder)[1], labelled)
+
+
 def check_inputs(args):
     """Before any work: the labelled set and a corpus kept apart from it, each a preprocess.py
     folder; a labelled set large enough for a training pool, a validation and a test case."""
-    from data import list_cases, read_case
+    from data import read_case
     if args.unlabelled is None:
         if args.data != "demo":
-            raise ValueError("--unlabelled UNLABELLED_DIR is needed with your own --data: pretraining reads a corpus "
+            raise InputError("--unlabelled UNLABELLED_DIR is needed with your own --data: pretraining reads a corpus "
                              "kept apart from the labelled scans (a preprocess.py output folder)")
         args.unlabelled = "demo"                    # pretrain.py --data demo: the demo's unlabelled corpus
     data, corpus = data_folder(args.data), data_folder(args.unlabelled, demo_part="unlabelled")
-    labelled = list_cases(data, labelled=True)
+    labelled = cases_of(data, labelled=True)
     if len(labelled) < 3:
-        raise ValueError(f"--data {args.data}: {len(labelled)} labelled case(s); the protocol needs a training pool, "
+        raise InputError(f"--data {args.data}: {len(labelled)} labelled case(s); the protocol needs a training pool, "
                          "a validation and a test case, at least 3")
     scans = lambda folder, ids: {read_case(folder, c)["meta"].get("image_file") for c in ids}
-    shared = scans(data, labelled) & scans(corpus, list_cases(corpus))
+    shared = scans(data, labelled) & scans(corpus, cases_of(corpus))
     if Path(data).resolve() == Path(corpus).resolve() or shared:
-        raise ValueError(f"--unlabelled {args.unlabelled} is not kept apart from --data {args.data}: "
+        raise InputError(f"--unlabelled {args.unlabelled} is not kept apart from --data {args.data}: "
                          + (f"{len(shared)} of its scans are labelled cases (e.g. {sorted(shared)[0]})" if shared else
                             "it is the same folder") + "; pretrain on a corpus without the labelled scans")
 
@@ -141,12 +150,12 @@ def claim_output(args):
     check_inputs(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
+        raise InputError(f"--out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     record = out / "evidence-args.json"
     made = dict(data=str(args.data), unlabelled=str(args.unlabelled), quick=bool(args.quick), preset=args.preset)
     if record.is_file() and json.loads(record.read_text()) != made and not args.force:
-        raise ValueError(f"{out} holds results made with {record.read_text().strip()}, not {made}; "
+        raise InputError(f"{out} holds results made with {record.read_text().strip()}, not {made}; "
                          "choose another --out or pass --force")
     record.write_text(json.dumps(made))
     return out
@@ -155,17 +164,17 @@ def claim_output(args):
 def split_file(data_arg, out):
     """The labelled set's fixed split: DATA/split.json (preprocess.py --demo writes one), else one
     made here (demo.demo_split over the labelled cases) and kept as OUT/split.json."""
-    from data import list_cases, read_split
+    from data import read_split
     from demo import demo_split
     data_dir = data_folder(data_arg)
     path = data_dir / "split.json"
     if not path.is_file():
         path = out / "split.json"
         if not path.is_file():
-            path.write_text(json.dumps(demo_split(list_cases(data_dir, labelled=True)), indent=1))
-    split = read_split(path, list_cases(data_dir, labelled=True))
+            path.write_text(json.dumps(demo_split(cases_of(data_dir, labelled=True)), indent=1))
+    split = read_split(path, cases_of(data_dir, labelled=True))
     if not split["val"]:
-        raise ValueError(f"{path}: the 'val' list is empty; the recipe grid is scored on it")
+        raise InputError(f"{path}: the 'val' list is empty; the recipe grid is scored on it")
     return path
 
 
@@ -280,10 +289,9 @@ def main(args):
 
 
 def corpus_sizes(args, split):
-    from data import list_cases
     parts = json.loads(Path(split).read_text())
-    return dict(unlabelled_cases=len(list_cases(data_folder(args.unlabelled, demo_part="unlabelled"))),
-                labelled_cases=len(list_cases(data_folder(args.data), labelled=True)),
+    return dict(unlabelled_cases=len(cases_of(data_folder(args.unlabelled, demo_part="unlabelled"))),
+                labelled_cases=len(cases_of(data_folder(args.data), labelled=True)),
                 train_pool=len(parts["train"]), val=len(parts["val"]), test=len(parts["test"]))
 
 
@@ -313,9 +321,8 @@ def offset_rows(data_arg, patch_size):
     patch, and at the paper's geometry."""
     import numpy as np
 
-    from data import load_dataset_json
     from experiments.diagnostics import PAPER_GEOMETRY, view_offsets
-    shapes = [c["shape"] for c in load_dataset_json(data_folder(data_arg))["cases"] if c["labelled"]]
+    shapes = [c["shape"] for c in read_dataset(data_arg)[1]["cases"] if c["labelled"]]
     rows = {}
     for name, volume, patch in (("this data", tuple(int(v) for v in np.median(shapes, 0)), tuple(patch_size)),
                                 ("paper", PAPER_GEOMETRY["volume"], PAPER_GEOMETRY["patch"])):
@@ -441,7 +448,7 @@ def neighbours(args):
     out = claim_output(args)
     proto = QUICK if args.quick else PROTOCOL
     if not (out / "evidence.json").is_file():
-        raise ValueError(f"--neighbours compares against the main run: run `python experiments/evidence.py` with "
+        raise InputError(f"--neighbours compares against the main run: run `python experiments/evidence.py` with "
                          f"--out {out} (and the same --data) first")
     main_run = json.loads((out / "evidence.json").read_text())
     recipes = main_run["chosen_recipe_cells"]

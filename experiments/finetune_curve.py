@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository:
 import finetune  # noqa: E402
 import runtime  # noqa: E402
 from downstream import evaluate, fold_mean  # noqa: E402
-from runtime import positive_int, save_json, world_info  # noqa: E402
+from runtime import positive_int, world_info, write_json  # noqa: E402
 
 
 def weight_change(model, initial):
@@ -39,7 +39,7 @@ def main(args):
         initial = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
         _, train_ids, test_ids = next(p for p in run.plan if p[0] == fold)
         curve = curves.setdefault(str(fold), [])
-        amp_dtype = runtime.autocast_dtype(run.device, args.amp)
+        amp_dtype = runtime.amp_dtype(run.device, args.amp)
 
         def on_step(step, m):
             if step % args.eval_every == 0 and world_info()[0] == 0:     # the test Dice of a copy with precise BN
@@ -51,18 +51,22 @@ def main(args):
                 moved[str(fold)] = weight_change(m, initial)
         return dict(on_step=on_step)
 
-    results = finetune.main(args, hooks)
+    results = finetune.main(args, hooks, outputs=["curve.json"])
     if results is not None:
-        save_json(Path(args.out) / "curve.json", dict(curve=curves, weight_change=moved))
+        write_json(Path(args.out) / "curve.json", dict(curve=curves, weight_change=moved))
     return results
+
+
+def refusals(a):
+    yield from finetune.refusals(a)
+    if a.eval_every > a.steps:
+        yield f"--eval-every {a.eval_every} is past the end of the run (--steps {a.steps}): give at most {a.steps}"
 
 
 def parse_args(argv=None):
     p = finetune.build_parser(description=__doc__.split("\n")[0])
     p.add_argument("--eval-every", type=positive_int, required=True, help="record the test Dice every this many steps")
-    return runtime.parse(p, argv, finetune.preset, finetune.RULES + [
-        lambda a: a.eval_every > a.steps and f"--eval-every {a.eval_every} is past the end of the run (--steps "
-                                             f"{a.steps}): give at most {a.steps}"])
+    return runtime.parse(p, argv, finetune.preset, refusals)
 
 
 if __name__ == "__main__":

@@ -10,38 +10,44 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository: the stage files
 import pretrain  # noqa: E402
 import runtime  # noqa: E402
-from runtime import non_negative_int, world_info  # noqa: E402
+from runtime import non_negative_int  # noqa: E402
 from weights import save_backbone  # noqa: E402
 
 
 def main(args):
     """pretrain.py's main, with the initialisation kept before the first step and a backbone after
     every kept step (rank 0 writes)."""
-    run = pretrain.setup(args)
-    writer = world_info()[0] == 0
+    kept = [f"backbone_step{step}.pt" for step in args.keep_steps]
+    run = pretrain.setup(args, outputs=pretrain.OUTPUTS + tuple(kept))
 
     def keep(model, cfg, step):
-        if writer and step in args.keep_steps:
+        if run.rank == 0 and step in args.keep_steps:
             save_backbone(run.folder / f"backbone_step{step}.pt", model, cfg, step)
 
     if run.start == 0:
         keep(run.model, run.cfg, 0)
     last = pretrain.train(run, after_step=keep)
-    if writer:
+    if run.rank == 0:
         runtime.finish_run(run.folder)
         print(f"done: {last} steps; backbones kept at steps {sorted(args.keep_steps)} in {run.folder}")
-    runtime.end_distributed()
+    if run.world > 1:
+        runtime.end_distributed()
     return run.folder
+
+
+def refusals(a):
+    yield from pretrain.refusals(a)
+    late = [s for s in a.keep_steps if s > a.steps]
+    if late:
+        yield (f"--keep-steps {' '.join(map(str, late))}: past the end of the run (--steps {a.steps}); "
+               f"give steps <= {a.steps}")
 
 
 def parse_args(argv=None):
     p = pretrain.build_parser(description=__doc__.split("\n")[0])
     p.add_argument("--keep-steps", type=non_negative_int, nargs="+", required=True,
                    help="keep OUT/backbone_step<N>.pt at these steps (0: the initialisation)")
-    return runtime.parse(p, argv, pretrain.preset, pretrain.RULES + pretrain.PAPER_RULES + [
-        lambda a: any(s > a.steps for s in a.keep_steps) and (
-            f"--keep-steps {' '.join(str(s) for s in a.keep_steps if s > a.steps)}: past the end of the run "
-            f"(--steps {a.steps}); give steps <= {a.steps}")])
+    return runtime.parse(p, argv, pretrain.preset, refusals)
 
 
 if __name__ == "__main__":

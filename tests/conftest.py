@@ -50,3 +50,49 @@ def backbone(small_demo, tmp_path_factory):
                                        "--steps", "1", "--patch-size", "16", "16", "16", "--batch-pairs", "2",
                                        "--num-voxels", "16", "--workers", "0"]))
     return out / "backbone.pt"
+
+
+# ----------------------------------------------------------------------------- tiny raw scans
+
+def _tiny_scan(rng, shape=(20, 18, 8)):
+    """A small CT-like scan: an ellipse of soft tissue (HU) in air, two label blobs -> (int16
+    image, uint8 label)."""
+    import numpy as np
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    inside = (x / 0.8) ** 2 + (y / 0.7) ** 2 < 1
+    image = np.where(inside, 40.0, -1000.0) + rng.normal(0, 10, shape)
+    label = np.zeros(shape, np.uint8)
+    label[inside & (x > 0.2)] = 1
+    label[inside & (x < -0.3) & (y > 0)] = 2
+    return image.astype(np.int16), label
+
+
+def _save(path, array, affine):
+    import nibabel as nib
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return path
+
+
+def _load_case(data_dir, case_id):
+    """A preprocessed case read plainly -> (meta, {image, body, label: arrays})."""
+    import json
+    import numpy as np
+    folder = Path(data_dir) / "cases" / case_id
+    meta = json.loads((folder / "meta.json").read_text())
+    return meta, {n: np.load(folder / f"{n}.npy") for n in ("image", "body", "label") if (folder / f"{n}.npy").is_file()}
+
+
+@pytest.fixture
+def tiny_scan():
+    return _tiny_scan
+
+
+@pytest.fixture
+def save_scan():
+    return _save
+
+
+@pytest.fixture
+def load_case():
+    return _load_case

@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+from data import InputError  # noqa: E402
 
 PATCH = (16, 16, 8)
 
@@ -30,10 +31,10 @@ def write_case(root, case_id, image, body, label=None):
     return dict(id=case_id, split="train", labelled=label is not None, shape=list(image.shape))
 
 
-def write_dataset(root, cases, version=1):
+def write_dataset(root, cases, version=1, labels=None):
     Path(root).mkdir(parents=True, exist_ok=True)
     (Path(root) / "dataset.json").write_text(json.dumps(
-        {"format_version": version, "modality": "ct", "preset": {"name": "ct"}, "labels": None,
+        {"format_version": version, "modality": "ct", "preset": {"name": "ct"}, "labels": labels,
          "cases": cases}))
     return Path(root)
 
@@ -190,21 +191,22 @@ def test_pair_dataset_on_disk_correspondence(pair_dir):
 
 
 def test_data_folder_errors(tmp_path, pair_dir):
-    with pytest.raises(ValueError, match="no such data folder"):
-        data.load_dataset_json(tmp_path / "missing")
-    with pytest.raises(ValueError, match="dataset.json: missing"):
-        data.load_dataset_json(tmp_path)
-    with pytest.raises(ValueError, match="format_version 2, this code reads 1"):
-        data.load_dataset_json(write_dataset(tmp_path / "v2", [dict(id="x")], version=2))
-    with pytest.raises(ValueError, match="no cases"):
-        data.list_cases(write_dataset(tmp_path / "empty", []))
-    with pytest.raises(ValueError, match="nope"):
+    with pytest.raises(InputError, match="missing: no such data folder"):
+        data.read_dataset(tmp_path / "missing")
+    with pytest.raises(InputError, match="dataset.json: missing"):
+        data.read_dataset(tmp_path)
+    with pytest.raises(InputError, match="format_version 2 \\(this code reads 1\\)"):
+        data.read_dataset(write_dataset(tmp_path / "v2", [dict(id="x")], version=2))
+    with pytest.raises(InputError, match="no cases"):
+        data.read_dataset(write_dataset(tmp_path / "empty", []))
+    with pytest.raises(InputError, match="nope"):
         data.read_case(pair_dir, "nope")
-    with pytest.raises(ValueError, match="nope"):
+    with pytest.raises(InputError, match="nope"):
         data.PairDataset(pair_dir, case_ids=["nope"])
-    with pytest.raises(ValueError, match="labelled"):  # the pair cases have no labels
+    with pytest.raises(InputError, match="labelled"):  # the pair cases have no labels
         data.LabelledPatchDataset(pair_dir, None, PATCH, 4)
-    assert data.list_cases(pair_dir) == ["case_0", "case_1", "case_2"] and data.list_cases(pair_dir, labelled=True) == []
+    info = data.read_dataset(pair_dir)[1]
+    assert data.list_cases(info) == ["case_0", "case_1", "case_2"] and data.list_cases(info, labelled=True) == []
 
 
 @pytest.fixture(scope="module")
@@ -262,14 +264,14 @@ def test_cases_smaller_than_the_patch_are_named(label_dir, capsys):
     root = label_dir[0]
     data.LabelledPatchDataset(root, ["big", "small"], (8, 8, 8), 4, seed=0)
     out = capsys.readouterr().out
-    assert "note: 1 case(s) smaller than the patch (8, 8, 8) along some axis, zero-padded: small (6, 5, 4)" in out
+    assert "note: 1 case(s) smaller than the patch (8, 8, 8), zero-padded: small (6, 5, 4)" in out
     assert "big" not in out
     data.LabelledPatchDataset(root, ["big"], (8, 8, 8), 4, seed=0)
     assert "smaller than the patch" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("break_it, words", [
-    ("truncate image", "image.npy: unreadable"), ("delete label", "label.npy: missing, though case 'big' is labelled"),
+    ("truncate image", "image.npy: unreadable"), ("delete label", "label.npy: missing"),
     ("bad meta", "meta.json: unreadable"), ("delete meta", "not found or incomplete"),
     ("short body", "body.npy: shape (2, 2, 2) != image (40, 40, 20)"),
     ("flat image", "image.npy: shape (4, 4), not (X, Y, Z) or (C, X, Y, Z)"),
@@ -294,7 +296,7 @@ def test_the_case_reader_names_the_case_the_file_and_the_fix(label_dir, tmp_path
         np.save(case / "image.npy", np.zeros((4, 4), np.float16))
     else:
         np.save(case / "body.npy", np.ones((2, 2, 2), bool))
-    with pytest.raises(ValueError, match="re-run preprocess.py" if break_it != "delete meta" else "incomplete") as e:
+    with pytest.raises(InputError, match="re-run preprocess.py") as e:
         data.LabelledPatchDataset(root, ["big", "small"], (8, 8, 8), 4)
     assert words in str(e.value) and "\n" not in str(e.value) and str(case) in str(e.value)
 
@@ -313,3 +315,57 @@ def test_a_multi_channel_case_is_read_as_channels(tmp_path):
     assert pairs.volumes == [("mc", 0), ("mc", 1)]
     for i, channel in enumerate((0, 1)):
         check_pair(pairs[i][0], image[channel], body, (8, 8, 8), 16)
+
+
+def test_the_reader_reads_whole_only_what_preprocess_did_not_write(label_dir, tmp_path, monkeypatch):
+    """A case's arrays carry their identity (size, time) in meta.json, recorded by preprocess.py,
+    which checked them: such a case is not read whole. An array replaced since (its identity
+    differs) is read whole once, in the main process: a non-finite voxel, an empty body and a label
+    value that is not a class of dataset.json are each one line naming the case, the file and the
+    value; a label value outside the classes is named from meta.json's record too."""
+    import shutil
+    root = tmp_path / "copy"
+    shutil.copytree(label_dir[0], root)
+    info = json.loads((root / "dataset.json").read_text())
+    info["labels"] = {"0": "background", "1": "a", "2": "b", "3": "c"}
+    (root / "dataset.json").write_text(json.dumps(info))
+    case = root / "cases" / "big"
+    meta = json.loads((case / "meta.json").read_text())
+    meta.update(arrays={n: data.file_identity(case / n) for n in ("image.npy", "body.npy", "label.npy")},
+                label_values=[0, 1, 2])
+    (case / "meta.json").write_text(json.dumps(meta))
+    real = np.isfinite
+    read_whole = []
+    monkeypatch.setattr(data.np, "isfinite", lambda a: read_whole.append(a.shape) or real(a))
+    data.LabelledPatchDataset(root, ["big"], (8, 8, 8), 4)
+    assert read_whole == []                                           # recorded, unchanged: trusted
+    image = np.load(case / "image.npy")
+    image[3, 4, 5] = np.nan
+    np.save(case / "image.npy", image)
+    with pytest.raises(InputError, match=r"big/image.npy: a non-finite voxel \(nan at \(0, 3, 4, 5\)\); re-run"):
+        data.LabelledPatchDataset(root, ["big"], (8, 8, 8), 4)
+    np.save(case / "image.npy", np.nan_to_num(image))
+    label = np.load(case / "label.npy")
+    label[0, 0, 0] = 9
+    np.save(case / "label.npy", label)
+    with pytest.raises(InputError, match=r"big/label.npy: label value 9, not a class of its dataset.json \(0, 1, 2, 3\)"):
+        data.LabelledPatchDataset(root, ["big"], (8, 8, 8), 4)
+    label[0, 0, 0] = 0
+    np.save(case / "label.npy", label)
+    np.save(case / "body.npy", np.zeros(label.shape, bool))
+    with pytest.raises(InputError, match=r"big/body.npy: no body voxel"):
+        data.PairDataset(root, (8, 8, 8), 4, case_ids=["big"])
+    del info["labels"]["2"]
+    (root / "dataset.json").write_text(json.dumps(info))
+    np.save(case / "body.npy", label > 0)
+    meta["arrays"] = {n: data.file_identity(case / n) for n in ("image.npy", "body.npy", "label.npy")}
+    (case / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"label value 2, not a class"):           # from meta.json's record
+        data.LabelledPatchDataset(root, ["big"], (8, 8, 8), 4)
+
+
+def test_a_dataset_records_the_identity_of_every_case_it_read(pair_dir):
+    inputs = data.PairDataset(pair_dir, PATCH, 32, length=4).inputs
+    assert sorted(Path(k).name for k in inputs) == ["case_0", "case_1", "case_2"]
+    case = Path(pair_dir) / "cases" / "case_0"
+    assert inputs[str(case.resolve())]["image.npy"] == data.file_identity(case / "image.npy")

@@ -9,6 +9,7 @@ import pytest
 
 import demo
 import preprocess
+from data import InputError
 
 
 def test_demo_generator_deterministic(tmp_path):
@@ -46,16 +47,19 @@ def test_demo_command(tmp_path, capsys):
     assert len(raw_u) == 3 and not any(a.shape == b.shape and np.array_equal(a, b) for a in raw_l for b in raw_u)
     # the same command again finishes at once; another demo into the same folder is a clear error, not a mix
     assert preprocess.main(args) == 0 and "done 0 / skipped 3" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="holds a demo made with"):
+    with pytest.raises(InputError, match=r"raw holds a run with other settings \(--num-cases 3 -> 4\)"):
         preprocess.main(preprocess.parse_args(["--demo", str(folder), "--num-cases", "4", "--unlabelled-cases", "0"]))
+    preprocess.main(preprocess.parse_args(["--demo", str(folder), "--num-cases", "4", "--unlabelled-cases", "0",
+                                           "--force"]))
+    assert len(json.loads((folder / "dataset.json").read_text())["cases"]) == 4
 
 
 def test_demo_of_too_few_cases_or_onto_a_file_is_one_line(tmp_path):
-    with pytest.raises(ValueError, match="--num-cases 1: the demo's split needs at least 3"):
+    with pytest.raises(InputError, match="--num-cases 1: the demo's split needs at least 3"):
         preprocess.build_demo(tmp_path / "d", num_cases=1, unlabelled_cases=0)
     assert not (tmp_path / "d").exists()
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ValueError, match="exists and is not a folder"):
+    with pytest.raises(InputError, match="cannot be a folder"):
         preprocess.build_demo(tmp_path / "file", num_cases=3, unlabelled_cases=0)
     assert (tmp_path / "file").read_text() == "x"
 

@@ -12,6 +12,7 @@ import torch
 import downstream
 import finetune
 import linear_probe
+from data import InputError
 
 FT = ["--steps", "3", "--batch-size", "1", "--patch-size", "16", "16", "8", "--workers", "0", "--bn-batches", "2",
       "--eval-patch-size", "64", "64", "32", "--preset", "demo"]       # no fold choice: with --split / --test-data
@@ -100,22 +101,24 @@ def test_fixed_split_and_draws(small_demo, tmp_path):
     pool; a split that names other cases is refused with one line."""
     split = json.loads((Path(small_demo) / "split.json").read_text())
     import data
-    ids = data.list_cases(small_demo, labelled=True)
+    info = data.read_dataset(small_demo)[1]
+    ids = data.list_cases(info, labelled=True)
+    plan = lambda a: downstream.plan_folds(a, Path(small_demo), info, info)  # noqa: E731
     assert sorted(split["train"] + split["val"] + split["test"]) == sorted(ids)
     assert split["train"] and split["val"] and split["test"]
     base = ["--data", str(small_demo), "--init", "random", "--split", str(Path(small_demo) / "split.json")]
     args = finetune.parse_args([*base, "--out", str(tmp_path / "a")])
-    assert downstream.plan_folds(args, small_demo, None) == [(0, split["train"], split["test"])]
+    assert plan(args) == [(0, split["train"], split["test"])]
     args = finetune.parse_args([*base, "--out", str(tmp_path / "a"), "--evaluate-on", "val", "--train-cases", "1"])
-    (_, train, scored), = downstream.plan_folds(args, small_demo, None)
+    (_, train, scored), = plan(args)
     assert scored == split["val"] and len(train) == 1 and train[0] in split["train"]
-    draws = {tuple(downstream.plan_folds(finetune.parse_args([*base, "--out", "o", "--train-cases", "1", "--draw", str(k)]),
-                                         small_demo, None)[0][1]) for k in range(6)}
+    draws = {tuple(plan(finetune.parse_args([*base, "--out", "o", "--train-cases", "1", "--draw", str(k)]))[0][1])
+             for k in range(6)}
     assert len(draws) == len(split["train"])                  # 6 draws of 1 case reach every pool case (2 here)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(dict(train=["nope"], val=[], test=split["test"])))
-    with pytest.raises(ValueError, match="bad.json: train / val / test must be disjoint"):
-        downstream.plan_folds(finetune.parse_args([*base[:-1], str(bad), "--out", "o"]), small_demo, None)
+    with pytest.raises(InputError, match="bad.json: train / val / test must be disjoint"):
+        plan(finetune.parse_args([*base[:-1], str(bad), "--out", "o"]))
 
 
 @pytest.mark.parametrize("split, words", [
@@ -128,7 +131,7 @@ def test_split_errors_name_the_case_or_list(small_demo, tmp_path, split, words):
     path = tmp_path / "split.json"
     path.write_text(json.dumps(split(json.loads((Path(small_demo) / "split.json").read_text()))))
     for module, flags in ((finetune, FT), (linear_probe, ["--preset", "demo", "--max-steps", "3"])):
-        with pytest.raises(ValueError, match=words):
+        with pytest.raises(InputError, match=words):
             module.main(module.parse_args(["--data", str(small_demo), "--init", "random", "--out", str(tmp_path / "o"),
                                            *flags, "--split", str(path), "--evaluate-on", "val"]))
     assert not (tmp_path / "o").exists()
@@ -152,7 +155,7 @@ def test_flags_the_downstream_scripts_cannot_honour(small_demo, tmp_path, flags,
 
 
 def test_train_cases_more_than_a_fold_holds(small_demo, tmp_path):
-    with pytest.raises(ValueError, match="--train-cases 99: must be between 1 and 2"):
+    with pytest.raises(InputError, match="--train-cases 99: must be between 1 and 2"):
         finetune.main(finetune.parse_args(["--data", str(small_demo), "--init", "random", "--out", str(tmp_path),
                                            *TINY, "--train-cases", "99"]))
     assert not tmp_path.joinpath("results.json").exists()
@@ -160,26 +163,31 @@ def test_train_cases_more_than_a_fold_holds(small_demo, tmp_path):
 
 def test_test_data_must_be_kept_apart_from_the_training_cases(small_demo, tmp_path):
     """--test-data that is --data, or holds the same scans preprocessed again elsewhere, is refused
-    naming the cases; label sets that differ are named too."""
+    naming the cases; classes, channels or a spacing that differ are named, before any work."""
     copy = tmp_path / "copy"
     shutil.copytree(small_demo, copy, ignore=shutil.ignore_patterns("raw", "unlabelled"))
     for test_data in (small_demo, copy):
-        with pytest.raises(ValueError, match=r"--test-data .* holds training cases of --data .*\(demo_000, demo_001"):
+        with pytest.raises(InputError, match=r"--test-data .* holds training cases of --data .*\(demo_000, demo_001"):
             finetune.main(finetune.parse_args(["--data", str(small_demo), "--test-data", str(test_data), "--init",
                                                "random", "--out", str(tmp_path / "o"), *FT]))
-    meta = json.loads((copy / "dataset.json").read_text())
-    meta["labels"]["1"] = "something_else"
-    (copy / "dataset.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="label sets differ"):
-        finetune.main(finetune.parse_args(["--data", str(small_demo), "--test-data", str(copy), "--init", "random",
-                                           "--out", str(tmp_path / "o"), *FT]))
+    original = json.loads((copy / "dataset.json").read_text())
+    for change, words in ((lambda m: m["labels"].update({"1": "something_else"}), "its classes .*something_else"),
+                          (lambda m: m["channels"].append(dict(name="T2", scheme="mri")), "its preprocessing .*T2"),
+                          (lambda m: m["preset"].update(spacing=[1.5, 1.5, 1.5]), "its preprocessing .*1.5")):
+        meta = json.loads(json.dumps(original))
+        change(meta)
+        (copy / "dataset.json").write_text(json.dumps(meta))
+        for module in (finetune, linear_probe):
+            with pytest.raises(InputError, match=f"--test-data {copy}: {words}.* differ from --data"):
+                module.main(module.parse_args(["--data", str(small_demo), "--test-data", str(copy), "--init",
+                                               "random", "--out", str(tmp_path / "o"), "--preset", "demo"]))
     assert not (tmp_path / "o").exists()
 
 
 def test_cuda_on_a_cpu_build_is_one_line(small_demo, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(ValueError, match="--device cuda: this torch build sees no CUDA GPU"):
+    with pytest.raises(InputError, match="--device cuda: not a device of this machine \\(cpu; torch"):
         finetune.main(finetune.parse_args(["--data", str(small_demo), "--init", "random", "--out", str(tmp_path),
                                            *TINY, "--device", "cuda"]))
 

@@ -19,6 +19,7 @@ import downstream
 import finetune
 import supervised_augment
 from model import SegmentationModel
+from data import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--steps", "3", "--batch-size", "1", "--patch-size", "16", "16", "8", "--workers", "0", "--warmup-steps", "0",
@@ -38,8 +39,6 @@ def test_backbone_lr_schedule():
 def test_backbone_lr_scale_and_warmup():
     cfg = dict(freeze_steps=0, ramp_steps=0, ramp_start_lr=3e-5, lr=3e-4, backbone_lr_scale=0.1, warmup_steps=4)
     assert finetune.backbone_lr(0, cfg) == pytest.approx(3e-5) and finetune.backbone_lr(50, cfg) == pytest.approx(3e-5)
-    assert [finetune.warmup(s, cfg) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
-    assert finetune.warmup(0, dict(cfg, warmup_steps=0)) == 1.0
 
 
 @pytest.mark.parametrize("frozen_bn", ["eval", "train"])
@@ -99,7 +98,7 @@ def test_reestimated_batchnorm_statistics_are_the_plain_average(small_demo):
     seen = []
     bn.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().mean((0, 2, 3, 4))))
     cfg = dict(patch_size=(16, 16, 8), batch_size=2, bn_batches=5)
-    ids = data.list_cases(small_demo, labelled=True)
+    ids = data.list_cases(data.read_dataset(small_demo)[1], labelled=True)
     finetune.reestimate_batchnorm(model, small_demo, ids, cfg, torch.device("cpu"), seed=0)
     assert len(seen) == 5                   # --bn-batches 5: five batches, no more
     torch.testing.assert_close(bn.running_mean, torch.stack(seen).mean(0), rtol=1e-4, atol=1e-6)
@@ -119,7 +118,8 @@ def test_paired_arms_receive_identical_inputs(small_demo, backbone, tmp_path):
             "scratch": (finetune.parse_args([*common, "--init", "random", "--out", str(tmp_path / "s")]), None)}
     seen = {}
     for name, (args, file) in arms.items():
-        (fold, train, test), = downstream.plan_folds(args, small_demo, None)
+        info = data.read_dataset(small_demo)[1]
+        (fold, train, test), = downstream.plan_folds(args, small_demo, info, info)
         model, _ = downstream.new_segmenter(args, file, 10, "nonlinear", torch.device("cpu"), fold)
         cfg = {k: getattr(args, k) for k in finetune.CONFIG}
         batches = list(finetune.make_loader(small_demo, train, cfg, args.seed, 0))
@@ -163,9 +163,19 @@ def test_a_case_without_its_label_is_one_line_before_training(small_demo, tmp_pa
     copy = tmp_path / "d"
     shutil.copytree(small_demo, copy, ignore=shutil.ignore_patterns("raw", "unlabelled"))
     (copy / "cases" / "demo_001" / "label.npy").unlink()
-    with pytest.raises(ValueError, match="demo_001/label.npy: missing, though case 'demo_001' is labelled; re-run"):
+    with pytest.raises(InputError, match="demo_001/label.npy: missing; re-run preprocess.py"):
         finetune.main(finetune.parse_args(["--data", str(copy), "--init", "random", "--out", str(tmp_path / "o"), *TINY]))
     assert not (tmp_path / "o").exists()
+
+
+def test_a_diverged_fine_tuning_stops_and_saves_nothing(small_demo, tmp_path):
+    """--lr 1e30: the loss is not finite; the fold stops with one line (exit 1 from the script),
+    and neither a model nor results.json is written, so nothing can predict with it."""
+    import runtime
+    with pytest.raises(runtime.Diverged, match=r"fold 0: non-finite loss between steps 1 and 3; stopping, nothing"):
+        finetune.main(finetune.parse_args(["--data", str(small_demo), "--init", "random", "--out", str(tmp_path),
+                                           *TINY, "--lr", "1e30"]))
+    assert not list(tmp_path.glob("model_fold*.pt")) and not (tmp_path / "results.json").exists()
 
 
 # ----------------------------------------------------------------------------- the run folder
@@ -178,7 +188,7 @@ def test_force_removes_every_fold_of_the_replaced_run(small_demo, tmp_path):
     finetune.main(finetune.parse_args(base))
     assert {p.name for p in out.glob("model_fold*.pt")} == {"model_fold0.pt", "model_fold1.pt"}
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name not in (".lock", ".run.json")}
-    with pytest.raises(ValueError, match=r"holds a finished run \(model_fold0.pt, model_fold1.pt, results.json\)"):
+    with pytest.raises(InputError, match=r"holds a finished run \(model_fold0.pt, model_fold1.pt, results.json\)"):
         finetune.main(finetune.parse_args([*base, "--fold", "0", "--base-channels", "8"]))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before
     finetune.main(finetune.parse_args([*base, "--fold", "0", "--base-channels", "8", "--force"]))

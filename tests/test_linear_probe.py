@@ -11,6 +11,7 @@ import torch
 import downstream
 import linear_probe
 from model import FPN3d, SegmentationModel
+from data import InputError
 
 PROBE = ["--eval-patch-size", "64", "64", "32", "--folds", "2", "--fold", "0", "--preset", "demo"]
 
@@ -115,7 +116,7 @@ def test_linear_probe_random_init_and_no_overwrite(small_demo, tmp_path):
                                                    "--out", str(tmp_path), *PROBE, "--max-steps", "3"]))
     assert r["init"] == "random" and r["checkpoint"] is None
     before = (tmp_path / "results.json").read_bytes()
-    with pytest.raises(ValueError, match="holds a finished run \\(results.json\\)"):
+    with pytest.raises(InputError, match="holds a finished run \\(results.json\\)"):
         linear_probe.main(linear_probe.parse_args(["--data", str(small_demo), "--init", "random", "--out",
                                                    str(tmp_path), *PROBE, "--max-steps", "3", "--seed", "3"]))
     assert (tmp_path / "results.json").read_bytes() == before
@@ -131,7 +132,7 @@ def test_bad_checkpoint_is_a_clear_error(small_demo, backbone, tmp_path, problem
         ckpt = torch.load(backbone, weights_only=True)
         ckpt["backbone_config"]["num_levels"] += 1
         torch.save(ckpt, path)
-    with pytest.raises(ValueError, match=words) as e:
+    with pytest.raises(InputError, match=words) as e:
         linear_probe.main(linear_probe.parse_args(["--data", str(small_demo), "--checkpoint", str(path),
                                                    "--out", str(tmp_path / "o"), *PROBE]))
     assert str(path) in str(e.value) and not (tmp_path / "o").exists()

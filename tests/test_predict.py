@@ -15,8 +15,10 @@ import data
 import downstream
 import predict
 import preprocess
+import transform
 import weights
 from model import SegmentationModel
+from data import InputError
 
 BACKBONE = dict(in_channels=1, base_channels=4, num_levels=3)
 PATCH = (32, 32, 16)
@@ -26,7 +28,8 @@ def make_run(folder, small_demo, folds=(0, 1, 2), aug="nnunet-like", num_classes
     """A finetune.py-style run folder of untrained models (each fold its own random weights)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    names = downstream.label_names(small_demo)
+    info = data.read_dataset(small_demo)[1]
+    names = {int(k): v for k, v in info["labels"].items()}
     if num_classes != len(names):
         names = {k: f"class{k}" for k in range(num_classes)}
     for fold in folds:
@@ -37,7 +40,7 @@ def make_run(folder, small_demo, folds=(0, 1, 2), aug="nnunet-like", num_classes
                 if isinstance(m, torch.nn.BatchNorm3d):
                     m.running_mean.uniform_(-0.1, 0.1)
                     m.running_var.uniform_(0.5, 1.5)
-        meta = data.load_dataset_json(small_demo)
+        meta = info
         weights.save_segmenter(folder / f"model_fold{fold}.pt", model, labels={str(k): v for k, v in names.items()},
                                modality=meta["modality"], preset=meta["preset"], patch_size=list(PATCH), aug=aug,
                                mirror_axes=[0, 1, 2] if aug != "none" else [], fold=fold, train_cases=["x"])
@@ -64,8 +67,8 @@ def run(*argv):
 
 def image01(small_demo, case=0):
     scan = sorted((Path(small_demo) / "raw" / "imagesTr").iterdir())[case]
-    image, affine = preprocess.load_nifti(scan)
-    return preprocess.preprocess_arrays(image, affine, "ct")[0][None]          # (1, X, Y, Z)
+    image, affine = transform.load_nifti(scan)
+    return transform.preprocess_arrays(image, affine, "ct")[0][None]          # (1, X, Y, Z)
 
 
 def test_ensemble_is_the_mean_of_the_single_models(run_dir, small_demo):
@@ -118,7 +121,7 @@ def test_outputs_probabilities_and_report(run_dir, scans, tmp_path):
     out = tmp_path / "out"
     assert run("-i", scans, "-o", out, "--model", run_dir, "--save-probabilities", "--folds", "0", "2") == 0
     report = json.loads((out / "predictions.json").read_text())
-    assert report["tta"] is True and [Path(m.split()[0]).name for m in report["models"]] == ["model_fold0.pt", "model_fold2.pt"]
+    assert report["tta"] is True and [Path(m).name for m in report["models"]] == ["model_fold0.pt", "model_fold2.pt"]
     names = sorted(report["cases"])
     assert names == sorted(p.name.replace("_0000.nii.gz", "") for p in scans.iterdir())   # _0000 dropped
     classes = json.loads((out / "classes.json").read_text())
@@ -204,16 +207,17 @@ def test_refused_before_any_work(run_dir, scans, small_demo, tmp_path, problem, 
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
     else:
-        with pytest.raises(ValueError) as e:
+        with pytest.raises(InputError) as e:
             run("-i", scans, "-o", out, "--model", model, *extra)
         err = str(e.value)
         assert "\n" not in err
-    expected = {"output_is_input": "inside the input", "output_inside_input": "inside the input",
+    expected = {"output_is_input": "is (inside) -i", "output_inside_input": "is (inside) -i",
                 "labels_differ": "labels differs", "missing_fold": "--folds 7", "no_models": "no model_fold",
                 "bad_overlap": "argument --overlap: must be in [0, 1)"}[problem]
     assert expected in err
     assert sorted(p.name for p in scans.iterdir()) == before
-    assert not (out / "predictions.json").exists() and not (out.exists() and problem != "output_is_input")
+    assert not (out / "predictions.json").exists()
+    assert problem == "output_is_input" or not out.exists() or {p.name for p in out.iterdir()} <= {".run.json", ".lock"}
 
 
 def test_a_model_replaced_under_the_same_name_redoes_its_cases(small_demo, scans, tmp_path):
@@ -227,7 +231,7 @@ def test_a_model_replaced_under_the_same_name_redoes_its_cases(small_demo, scans
     assert run("-i", scans, "-o", out, "--model", models, "--no-tta") == 0        # same models: continued, skipped
     assert all(r["status"] == "skipped" for r in json.loads((out / "predictions.json").read_text())["cases"].values())
     make_run(tmp_path / "models", small_demo, folds=(0,), seed=5)                # another model, the same file name
-    with pytest.raises(ValueError, match=r"-o .* holds a run with other settings \(--models .*--force"):
+    with pytest.raises(InputError, match=r"-o .* holds a run with other settings \(--models .*--force"):
         run("-i", scans, "-o", out, "--model", models, "--no-tta")
     assert {p.name: p.read_bytes() for p in out.glob("*.nii.gz")} == first
     assert run("-i", scans, "-o", out, "--model", models, "--no-tta", "--force") == 0
@@ -242,13 +246,14 @@ def test_predict_needs_a_finetuned_checkpoint(small_demo, tmp_path):
                                        "--base-channels", "4", "--num-levels", "3", "--patch-size", "16", "16", "8",
                                        "--batch-pairs", "2", "--num-voxels", "16", "--workers", "0"]))
     scan = sorted((Path(small_demo) / "raw" / "imagesTr").iterdir())[0]
-    with pytest.raises(ValueError, match=r"is a pretrained backbone \(pretrain.py\), not a fine-tuned model"):
+    with pytest.raises(InputError, match=r"is a pretrained backbone \(pretrain.py\), not a fine-tuned model"):
         run("-i", scan, "-o", tmp_path / "o", "--model", tmp_path / "pre" / "backbone.pt")
     notes = tmp_path / "notes.txt"
     notes.write_text("not a model")
-    with pytest.raises(ValueError, match="a text file") as e:
+    with pytest.raises(InputError, match="a text file") as e:
         run("-i", scan, "-o", tmp_path / "o", "--model", notes)
-    assert "weights_only=False" not in str(e.value) and not (tmp_path / "o").exists()
+    assert "weights_only=False" not in str(e.value)
+    assert {p.name for p in (tmp_path / "o").iterdir()} <= {".run.json", ".lock"}     # claimed, nothing written
 
 
 @pytest.mark.parametrize("problem", ["output_is_the_scan", "output_is_a_file"])
@@ -261,11 +266,12 @@ def test_predict_checks_its_output_before_any_work(small_demo, tmp_path, problem
     before = copy.read_bytes()
     output = {"output_is_the_scan": copy, "output_is_a_file": tmp_path / "taken.txt"}[problem]
     monkeypatch.setattr(predict, "load_segmenter", lambda *a: pytest.fail("work started before the output was checked"))
-    with pytest.raises(ValueError) as e:
+    (tmp_path / "model_fold0.pt").write_text("never read")
+    with pytest.raises(InputError) as e:
         run("-i", copy, "-o", output, "--model", tmp_path)
     assert str(output) in str(e.value) and "\n" not in str(e.value)
     assert copy.read_bytes() == before and (tmp_path / "taken.txt").read_text() == "mine"
-    assert not list(tmp_path.rglob(".tmp-*"))
+    assert not list(tmp_path.rglob(".tmp*"))
 
 
 def test_predict_writes_mask_on_the_original_grid(small_demo, tmp_path, monkeypatch):
@@ -282,9 +288,9 @@ def test_predict_writes_mask_on_the_original_grid(small_demo, tmp_path, monkeypa
 
     # Alignment: with an oracle in place of the network (the preprocessed label itself), the
     # mask that predict.py writes must coincide with the label on the scan's own grid.
-    image, affine = preprocess.load_nifti(scan)
+    image, affine = transform.load_nifti(scan)
     label = np.asanyarray(original.dataobj)
-    _, _, label_pre, meta = preprocess.preprocess_arrays(image, affine, "ct", label=label)
+    _, _, label_pre, meta = transform.preprocess_arrays(image, affine, "ct", label=label)
     oracle = torch.nn.functional.one_hot(torch.as_tensor(label_pre.astype(np.int64)), 9).permute(3, 0, 1, 2).float()
     monkeypatch.setattr(predict, "ensemble_probabilities", lambda *a, **k: oracle)
     before = seg.read_bytes()
@@ -292,7 +298,7 @@ def test_predict_writes_mask_on_the_original_grid(small_demo, tmp_path, monkeypa
     assert predict_one("--force") == 0
     pred = np.asanyarray(nib.load(seg).dataobj)
     # exactly the nearest-neighbour round trip of the label (the best any network could do) ...
-    np.testing.assert_array_equal(pred, preprocess.to_original_grid(label_pre, meta))
+    np.testing.assert_array_equal(pred, transform.to_original_grid(label_pre, meta))
     # ... which lies on the label: the round trip 0.86 -> 1 -> 0.86 mm loses boundary voxels of
     # the demo's few-voxel-thick organs (test_preprocess), while a one-voxel shift or a flipped
     # axis would lose far more.
@@ -344,5 +350,57 @@ def test_two_channel_scans_from_preprocess_to_a_mask(two_channel_raw, small_demo
     names = json.loads((wrong / "dataset.json").read_text())
     names["channel_names" if layout == "nnunet" else "modality"]["1"] = "ADC"
     (wrong / "dataset.json").write_text(json.dumps(names))
-    with pytest.raises(ValueError, match=r"names the channels \['CT', 'ADC'\], the models were trained on \['CT', 'T2'\]"):
+    with pytest.raises(InputError, match=r"names the channels \['CT', 'ADC'\], the models were trained on \['CT', 'T2'\]"):
         run("-i", wrong / "imagesTr", "-o", tmp_path / "pred2", "--model", tmp_path / "ft")
+
+
+def test_a_scan_replaced_under_its_name_is_redone(run_dir, scans, tmp_path):
+    """A re-run skips a case only if its scan is the one its mask was made from (the identity,
+    size and time, predictions.json keeps): a scan replaced under the same name is predicted
+    again, onto its own grid; the others are skipped."""
+    inputs = tmp_path / "in"
+    shutil.copytree(scans, inputs)
+    out = tmp_path / "out"
+    assert run("-i", inputs, "-o", out, "--model", run_dir, "--no-tta", "--folds", "0") == 0
+    first, second = sorted(p.name for p in inputs.iterdir())
+    img = nib.load(inputs / first)
+    cropped = np.asanyarray(img.dataobj)[:-3]                        # another scan: three slices fewer
+    nib.save(nib.Nifti1Image(cropped, img.affine), inputs / first)
+    assert run("-i", inputs, "-o", out, "--model", run_dir, "--no-tta", "--folds", "0") == 0
+    cases = json.loads((out / "predictions.json").read_text())["cases"]
+    name = first.replace("_0000.nii.gz", "")
+    assert cases[name]["status"] == "done" and cases[second.replace("_0000.nii.gz", "")]["status"] == "skipped"
+    assert nib.load(out / f"{name}.nii.gz").shape == cropped.shape
+
+
+def test_ground_truth_of_the_same_names_is_never_overwritten(run_dir, small_demo, tmp_path):
+    """-o a folder of labels named as the scans (labelsTr beside imagesTr): the first label of
+    no run's record is named and nothing is written over it."""
+    raw = tmp_path / "raw"
+    shutil.copytree(Path(small_demo) / "raw", raw)
+    before = {p.name: p.read_bytes() for p in (raw / "labelsTr").iterdir()}
+    with pytest.raises(InputError, match=r"labelsTr: demo_000.nii.gz is there and no run's record lists it"):
+        run("-i", raw / "imagesTr", "-o", raw / "labelsTr", "--model", run_dir)
+    assert {p.name: p.read_bytes() for p in (raw / "labelsTr").iterdir() if p.suffix == ".gz"} == before
+
+
+def test_a_bug_stops_prediction_with_its_traceback(run_dir, scans, tmp_path, monkeypatch):
+    """A bad scan is a FAILED line and the others go on; a bug in the code (here a KeyError in the
+    mapping back to the scan's grid) is not a FAILED line for every scan: it stops the run."""
+    def broken(*args, **kwargs):
+        return {}["a key the code forgot"]
+
+    monkeypatch.setattr(predict, "to_original_grid", broken)
+    with pytest.raises(KeyError, match="a key the code forgot"):
+        run("-i", scans, "-o", tmp_path / "out", "--model", run_dir, "--no-tta", "--folds", "0")
+
+
+def test_a_model_with_non_finite_weights_is_refused(small_demo, scans, tmp_path):
+    """A diverged model (NaN weights, as an older fine-tuning could save) predicts nothing."""
+    models = make_run(tmp_path / "models", small_demo, folds=(0,))
+    ckpt = torch.load(models / "model_fold0.pt", weights_only=True)
+    ckpt["state_dict"]["head.refine.5.weight"].fill_(float("nan"))
+    torch.save(ckpt, models / "model_fold0.pt")
+    with pytest.raises(InputError, match=r"model_fold0.pt: 1 tensor\(s\) are not finite \(e.g. head.refine.5.weight\)"):
+        run("-i", scans, "-o", tmp_path / "out", "--model", models)
+    assert not list((tmp_path / "out").glob("*.nii.gz"))

@@ -14,6 +14,8 @@ import torch
 
 import data
 import pretrain
+import runtime
+from data import InputError
 from model import FPN3d
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +81,7 @@ def test_resume_truncates_the_log_to_the_checkpoint(small_demo, tmp_path):
                                                 ("--seed", "5", "--seed 0 -> 5")])
 def test_resume_refuses_changed_settings(small_demo, tmp_path, flag, value, words):
     run(small_demo, tmp_path, "--steps", "1")
-    with pytest.raises(ValueError, match=f"holds a run with other settings \\({words}\\)"):
+    with pytest.raises(InputError, match=f"holds a run with other settings \\({words}\\)"):
         run(small_demo, tmp_path, "--steps", "2", "--resume", flag, value)
 
 
@@ -88,14 +90,14 @@ def test_resume_refuses_the_same_cases_in_another_folder(small_demo, tmp_path):
     run(small_demo, tmp_path / "run", "--steps", "1")
     copy = tmp_path / "copy"
     shutil.copytree(small_demo, copy, ignore=shutil.ignore_patterns("raw", "unlabelled"))
-    with pytest.raises(ValueError, match="other settings \\(--data "):
+    with pytest.raises(InputError, match="other settings \\(--data "):
         run(copy, tmp_path / "run", "--steps", "2", "--resume")
 
 
 def test_existing_run_folder_is_not_overwritten(small_demo, tmp_path):
     run(small_demo, tmp_path, "--steps", "1")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    with pytest.raises(ValueError, match="holds a finished run .*continue it with --resume"):
+    with pytest.raises(InputError, match="holds a finished run .*continue it with --resume"):
         run(small_demo, tmp_path, "--steps", "1")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != ".lock"} == before
 
@@ -119,17 +121,20 @@ def test_what_a_run_cannot_honour_is_refused_where_flags_are_parsed(small_demo, 
 
 
 def test_a_step_that_cannot_fit_is_refused_before_any_work(small_demo, tmp_path):
-    with pytest.raises(ValueError, match=r"a step of 100000 pairs of 16x16x8 patches needs at least [\d.]+ GiB, more "
+    with pytest.raises(InputError, match=r"a step of 100000 pairs of 16x16x8 patches needs at least [\d.]+ GiB, more "
                                          r"than this machine's [\d.]+ GiB of memory"):
         run(small_demo, tmp_path / "run", "--batch-pairs", "100000")
     assert not (tmp_path / "run").exists()
 
 
 def test_the_schedule_is_never_materialised():
-    """The data order of a billion-step run costs nothing before it starts (data.StepOrder)."""
-    order = data.StepOrder(10 ** 9, 4, rank=1, world=2, start=3)
+    """The data order of a billion-step run costs nothing before it starts (a lazy range): step s
+    of rank r of W reads items s * W * b + r + W * j, so W ranks together read one rank's items."""
+    order = data.step_loader([], 10 ** 9, 4, rank=1, world=2, start=3).sampler
     assert len(order) == (10 ** 9 - 3) * 4
-    assert list(zip(range(6), order)) == list(enumerate([28, 29, 30, 31, 36, 37]))
+    assert list(zip(range(6), order)) == list(enumerate([25, 27, 29, 31, 33, 35]))
+    ranks = [data.step_loader([], 5, 4, rank=r, world=2, start=3).sampler for r in (0, 1)]
+    assert sorted([*ranks[0][:4], *ranks[1][:4]]) == list(data.step_loader([], 5, 8, start=3).sampler[:8])
 
 
 def test_crafted_checkpoint_is_refused_on_resume(small_demo, tmp_path):
@@ -142,7 +147,7 @@ def test_crafted_checkpoint_is_refused_on_resume(small_demo, tmp_path):
         def __reduce__(self):
             return (open, (str(marker), "w"))
     (tmp_path / "checkpoint.pt").write_bytes(pickle.dumps({"version": 2, "x": Evil()}))
-    with pytest.raises(ValueError, match="checkpoint.pt: not a checkpoint this code can read safely"):
+    with pytest.raises(InputError, match="checkpoint.pt could not be read safely: it holds objects other than"):
         run(small_demo, tmp_path, "--steps", "2", "--resume")
     assert not marker.exists()
 
@@ -170,8 +175,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(small_demo, tmp_pa
         return real(za, zb, t, valid) * (float("nan") if calls["n"] >= 3 else 1.0)
 
     monkeypatch.setattr(pretrain, "info_nce", poisoned)
-    with pytest.raises(FloatingPointError, match=f"between steps 3 and 3; stopping. The last good checkpoint is "
-                                                 f"{tmp_path / 'checkpoint.pt'}"):
+    with pytest.raises(runtime.Diverged, match=f"between steps 3 and 3; stopping. The last good checkpoint is "
+                                               f"{tmp_path / 'checkpoint.pt'}"):
         run(small_demo, tmp_path, "--steps", "5", "--checkpoint-every", "2")
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2
@@ -182,7 +187,7 @@ def test_demo_command_reads_the_demos_pretraining_corpus(demo_is_small, tmp_path
     """`--data demo` is the demo's unlabelled corpus (data/demo/unlabelled) with the demo preset."""
     read = []
     real = data.read_case
-    monkeypatch.setattr(data, "read_case", lambda d, c, *a: read.append(Path(d).resolve()) or real(d, c, *a))
+    monkeypatch.setattr(data, "read_case", lambda d, c, *a, **k: read.append(Path(d).resolve()) or real(d, c, *a, **k))
     run_dir = pretrain.main(pretrain.parse_args(["--data", "demo", "--steps", "2", "--out", str(tmp_path),
                                                  "--workers", "0", "--num-voxels", "64"]))
     printed = capsys.readouterr().out
@@ -199,7 +204,7 @@ def test_demo_command_reads_the_demos_pretraining_corpus(demo_is_small, tmp_path
 
 def test_demo_not_built_yet_says_which_command_builds_it(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DEMO_DIR", tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="--data demo: .* is not built yet; run `python preprocess.py --demo data/demo`"):
+    with pytest.raises(InputError, match="--data demo: .* is not built yet; run `python preprocess.py --demo data/demo`"):
         pretrain.main(pretrain.parse_args(["--data", "demo", "--out", str(tmp_path / "r"), "--steps", "1"]))
 
 
@@ -221,7 +226,7 @@ def test_bad_data_folder_is_a_clear_error(tmp_path, make):
         folder.mkdir()
     if make == "old_version":
         (folder / "dataset.json").write_text(json.dumps(dict(format_version=0, cases=[])))
-    with pytest.raises(ValueError, match=str(folder)):
+    with pytest.raises(InputError, match=str(folder)):
         pretrain.main(pretrain.parse_args(["--data", str(folder), "--out", str(tmp_path / "run"), *TINY]))
 
 
@@ -278,7 +283,7 @@ def test_fast_path_matches_plain_reference_path(small_demo, tmp_path):
     from augment import augment_batch
     from loss import hybrid_loss, info_nce, reconstruction_loss
 
-    case = data.read_case(small_demo, data.list_cases(small_demo)[0])
+    case = data.read_case(small_demo, data.list_cases(data.read_dataset(small_demo)[1])[0])
     image, body, patch, n = case["image"][0], case["body"], np.array([16, 16, 8]), 64
     for seed in range(5):
         fast = data.sample_pair(image, body, patch, n, np.random.default_rng(seed))
@@ -315,7 +320,7 @@ def test_split_pretrains_on_the_training_pool_only(small_demo, tmp_path, monkeyp
     split = json.loads((Path(small_demo) / "split.json").read_text())
     read = []
     real = data.read_case
-    monkeypatch.setattr(data, "read_case", lambda d, c, *a: read.append(c) or real(d, c, *a))
+    monkeypatch.setattr(data, "read_case", lambda d, c, *a, **k: read.append(c) or real(d, c, *a, **k))
     run(small_demo, tmp_path, "--steps", "4", "--split")
     assert read and set(read) <= set(split["train"])
     cfg = torch.load(tmp_path / "backbone.pt", weights_only=True)["pretrain_config"]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import weights as convert
 from model import ARCHS, FPN3d, SegmentationModel
+from data import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,7 +156,7 @@ def test_bad_files_give_one_line(tmp_path):
     for path, message in ((truncated, "could not be read safely"), (foreign, "no FPN3d found"),
                           (partial, "skip_blocks.0.weight"), (crafted, "could not be read safely"),
                           (tmp_path / "absent.pt", "does not exist")):
-        with pytest.raises(ValueError, match=message) as e:
+        with pytest.raises(InputError, match=message) as e:
             convert.read_backbone(path)
         assert str(path) in str(e.value) and "\n" not in str(e.value)
 
@@ -163,7 +164,7 @@ def test_bad_files_give_one_line(tmp_path):
 def test_old_backbone_version_is_a_clear_error(tmp_path):
     path = tmp_path / "backbone.pt"
     torch.save(dict(kind="backbone", version=1, backbone_config={}, state_dict={}), path)
-    with pytest.raises(ValueError, match="version 1.*re-run pretrain.py"):
+    with pytest.raises(InputError, match="version 1.*re-run pretrain.py"):
         convert.read_backbone(path)
 
 
@@ -188,13 +189,13 @@ def test_a_backbone_file_decides_the_network_in_every_script(small_demo, tmp_pat
     pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(out), *tiny, "--steps", "1"]))
     backbone = str(out / "backbone.pt")
     for module in (linear_probe, finetune):
-        with pytest.raises(ValueError, match=f"--base-channels 8 contradicts {backbone} \\(4\\)"):
+        with pytest.raises(InputError, match=f"--base-channels 8 contradicts {backbone} \\(4\\)"):
             module.main(module.parse_args(["--data", str(small_demo), "--checkpoint", backbone, "--out",
                                            str(tmp_path / module.__name__), "--base-channels", "8"]))
-        with pytest.raises(ValueError, match=f"--arch applies to --init random; {backbone} decides"):
+        with pytest.raises(InputError, match=f"--arch applies to --init random; {backbone} decides"):
             module.main(module.parse_args(["--data", str(small_demo), "--checkpoint", backbone, "--out",
                                            str(tmp_path / module.__name__), "--arch", "vox2vec"]))
-    with pytest.raises(ValueError, match=f"--base-channels 8 contradicts {backbone} \\(4\\)"):
+    with pytest.raises(InputError, match=f"--base-channels 8 contradicts {backbone} \\(4\\)"):
         pretrain.main(pretrain.parse_args(["--data", str(small_demo), "--out", str(tmp_path / "again"), *tiny,
                                            "--base-channels", "8", "--init-from", backbone]))
     assert not (tmp_path / "again").exists() and not (tmp_path / "finetune").exists()
@@ -208,7 +209,7 @@ def test_segmenter_files_round_trip_and_are_named(tmp_path):
     assert not loaded.training and record["labels"]["1"] == "a" and record["fold"] == 0
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     torch.save(dict(kind="backbone", version=convert.FORMAT_VERSION), tmp_path / "backbone.pt")
-    with pytest.raises(ValueError, match="is a pretrained backbone \\(pretrain.py\\), not a fine-tuned model"):
+    with pytest.raises(InputError, match="is a pretrained backbone \\(pretrain.py\\), not a fine-tuned model"):
         convert.load_segmenter(tmp_path / "backbone.pt")
 
     class Evil:
@@ -216,7 +217,7 @@ def test_segmenter_files_round_trip_and_are_named(tmp_path):
             return (print, ("pwned",))
     crafted = tmp_path / "crafted.pt"
     crafted.write_bytes(pickle.dumps({"kind": "segmenter", "x": Evil()}))
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(InputError) as e:
         convert.load_segmenter(crafted)
     assert "code could run" in str(e.value) and "weights_only=False" not in str(e.value)
 
@@ -236,7 +237,7 @@ def test_a_file_is_named_for_what_it_is(tmp_path, make, words):
         path.write_text("lr = 3e-4\n")
     else:
         path.mkdir()
-    with pytest.raises(ValueError, match=words) as e:
+    with pytest.raises(InputError, match=words) as e:
         convert.read_backbone(path)
     assert str(path) in str(e.value) and "weights_only=False" not in str(e.value) and "\n" not in str(e.value)
 
@@ -255,5 +256,5 @@ def test_a_single_channel_backbone_starts_c_channels(channels):
         for a, b in zip(single(x), multi(x.repeat(1, channels, 1, 1, 1))):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert torch.equal(convert.expand_stem(single.state_dict(), 1, "b")["stem.weight"], single.state_dict()["stem.weight"])
-    with pytest.raises(ValueError, match="backbone.pt: a 2-channel backbone cannot start a 3-channel network"):
+    with pytest.raises(InputError, match="backbone.pt: a 2-channel backbone cannot start a 3-channel network"):
         convert.expand_stem(FPN3d(in_channels=2, base_channels=4, num_levels=3).state_dict(), 3, "backbone.pt")

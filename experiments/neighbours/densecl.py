@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository:
 import pretrain  # noqa: E402
 import runtime  # noqa: E402
 from augment import KINDS, augment_batch  # noqa: E402
+from data import InputError  # noqa: E402
 from model import FPN3d  # noqa: E402
 from experiments.neighbours.common import ema_update, frozen_copy  # noqa: E402
 from runtime import below_one, non_negative_int, positive_float, positive_int, unit_interval, unwrap  # noqa: E402
@@ -77,7 +78,7 @@ class DenseCLEncoder(nn.Module):
         self.backbone = FPN3d(**backbone_config)
         channels = self.backbone.channels
         if not 0 <= level < len(channels):
-            raise ValueError(f"--dense-level {level} outside the FPN's levels 0..{len(channels) - 1}")
+            raise InputError(f"--dense-level {level} outside the FPN's levels 0..{len(channels) - 1}")
         self.level = level
         for l in range(level):   # the decoder below `level` feeds neither loss: frozen
             for part in (self.backbone.lateral[l], self.backbone.skip[l], self.backbone.decoder[l]):
@@ -210,16 +211,22 @@ def add_arguments(p):
     p.add_argument("--ema-momentum", type=below_one, default=0.999, help="key-encoder momentum")
 
 
-RULES = [lambda a: a.queue_size < a.batch_pairs and (
-             f"--queue-size {a.queue_size} is smaller than one step's keys ({a.batch_pairs})"),
-         lambda a: a.dense_level >= a.num_levels and f"--dense-level {a.dense_level} outside the FPN's levels "
-                                                      f"0..{a.num_levels - 1}"]
+def refusals(a):
+    yield from pretrain.refusals(a)
+    if a.queue_size < a.batch_pairs:
+        yield f"--queue-size {a.queue_size} is smaller than one step's keys ({a.batch_pairs})"
+    if a.dense_level >= a.num_levels:
+        yield f"--dense-level {a.dense_level} outside the FPN's levels 0..{a.num_levels - 1}"
+
+
+def preset(args):
+    return pretrain.preset(args, {**pretrain.DEMO, **DEMO})
 
 
 def parse_args(argv=None):
     p = pretrain.build_parser(add_arguments, description=__doc__.split("\n")[0])
     p.set_defaults(method="densecl", arch="balanced")
-    return runtime.parse(p, argv, lambda a: pretrain.preset(a, {**pretrain.DEMO, **DEMO}), pretrain.RULES + RULES)
+    return runtime.parse(p, argv, preset, refusals)
 
 
 def main(args):

@@ -98,7 +98,7 @@ def genesis_step(model, batch, cfg, generator, device, amp_dtype):
 def parse_args(argv=None):
     p = pretrain.build_parser(lambda p: None, description=__doc__.split("\n")[0])
     p.set_defaults(method="genesis", arch="balanced")
-    return runtime.parse(p, argv, pretrain.preset, pretrain.RULES)
+    return runtime.parse(p, argv, pretrain.preset, pretrain.refusals)
 
 
 def main(args):

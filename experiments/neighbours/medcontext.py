@@ -93,10 +93,17 @@ def parse_args(argv=None):
     p.add_argument("--mc-mask-block", type=positive_int, nargs=3, default=(16, 16, 4), help="mask block (X, Y, Z) voxels")
     p.add_argument("--mc-mask-shape", choices=["cube", "column"], default="cube", help="blocks, or columns through all slices")
     p.add_argument("--mc-momentum", type=below_one, default=0.999, help="teacher EMA momentum")
-    rule = lambda a: mask_block_problem("--mc-mask-block", mask_block(a), a.patch_size, a.mc_mask_ratio,
-                                        "--mc-mask-ratio", given=a.mc_mask_block)
-    preset = lambda a: {**finetune.preset(a), **(DEMO if runtime.is_demo(a) else {})}
-    return runtime.parse(p, argv, preset, finetune.RULES + [rule])
+    return runtime.parse(p, argv, preset, refusals)
+
+
+def preset(args):
+    return {**finetune.preset(args), **(DEMO if runtime.is_demo(args) else {})}
+
+
+def refusals(a):
+    yield from finetune.refusals(a)
+    yield mask_block_problem("--mc-mask-block", mask_block(a), a.patch_size, a.mc_mask_ratio, "--mc-mask-ratio",
+                             given=a.mc_mask_block)
 
 
 def main(args):

@@ -70,8 +70,16 @@ def add_arguments(p):
 def parse_args(argv=None):
     p = pretrain.build_parser(add_arguments, description=__doc__.split("\n")[0])
     p.set_defaults(method="mim", arch="balanced")
-    rule = lambda a: mask_block_problem("--mask-block", a.mask_block, a.patch_size, a.mask_ratio, "--mask-ratio")
-    return runtime.parse(p, argv, lambda a: pretrain.preset(a, {**pretrain.DEMO, **DEMO}), pretrain.RULES + [rule])
+    return runtime.parse(p, argv, preset, refusals)
+
+
+def preset(args):
+    return pretrain.preset(args, {**pretrain.DEMO, **DEMO})
+
+
+def refusals(a):
+    yield from pretrain.refusals(a)
+    yield mask_block_problem("--mask-block", a.mask_block, a.patch_size, a.mask_ratio, "--mask-ratio")
 
 
 def main(args):

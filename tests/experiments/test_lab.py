@@ -17,6 +17,7 @@ import pretrain
 import runtime
 import weights
 from model import PretrainModel
+from data import InputError
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = {"experiments.bench": [], "experiments.pretrain_curve": ["--data", "d", "--keep-steps", "0"], "experiments.convert": ["--inspect", "x"], "experiments.evidence": [],
@@ -79,16 +80,16 @@ def test_export_reference_never_writes_over_its_input(small_demo, tmp_path, caps
     printed = capsys.readouterr().out
     assert "backbone.pt (pretrain.py)" in printed and "FPN3d(1, 4, 3)" in printed and "step 1" in printed
     before = (out / "backbone.pt").read_bytes()
-    with pytest.raises(ValueError, match="is the input itself"):
+    with pytest.raises(InputError, match="exists; choose another file name"):
         convert.main(convert.parse_args(["--export-reference", str(out / "backbone.pt"), str(out / "backbone.pt")]))
     (tmp_path / "taken.pt").write_bytes(b"mine")
-    with pytest.raises(ValueError, match="exists; choose another file name or pass --force"):
+    with pytest.raises(InputError, match="exists; choose another file name \\(nothing is overwritten\\)"):
         convert.main(convert.parse_args(["--export-reference", str(out / "backbone.pt"), str(tmp_path / "taken.pt")]))
     assert (out / "backbone.pt").read_bytes() == before and (tmp_path / "taken.pt").read_bytes() == b"mine"
     ckpt = torch.load(out / "backbone.pt", weights_only=True)      # tensors that do not fit their own configuration
     ckpt["state_dict"]["stem.weight"] = torch.zeros(1, 1, 1, 1, 1)
     torch.save(ckpt, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="do not fit FPN3d"):
+    with pytest.raises(InputError, match="do not fit FPN3d"):
         convert.main(convert.parse_args(["--export-reference", str(tmp_path / "bad.pt"), str(tmp_path / "x.pt")]))
     assert not (tmp_path / "x.pt").exists()
     r = subprocess.run([sys.executable, "experiments/convert.py", "--export-reference", str(out / "backbone.pt"),
