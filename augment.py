@@ -1,4 +1,4 @@
-"""Local augmentations of Sec. 2.1 (Kats et al. 2024) and the vox2vec baseline's intensity augmentations.
+"""Local augmentations of Sec. 2.1 (Kats et al. 2024), and the vox2vec baseline's intensity ones.
 
 A batch of patches is (B, C, X, Y, Z) in [0, 1]. Every function is pure and batched: it runs on
 the batch's device, draws all its randomness from the `generator` it is given, returns a new
@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 
 KINDS = ("local", "vox2vec", "none")
-LUT_SIZE = 4096  # Bezier lookup table entries: fewer cost accuracy (tests/test_augment.py), more cost time
+LUT_SIZE = 4096  # Bezier table entries: fewer cost accuracy (tests/test_augment.py), more cost time
 HU_WIDTH = 2350.0  # our CT clip window [-1350, 1000] HU; converts vox2vec's HU parameters to [0, 1]
 
 
 def _check_batch(x):
     if x.ndim != 5:
-        raise ValueError(f"augment.py: expected a batch (B, C, X, Y, Z), got shape {tuple(x.shape)}")
+        raise ValueError(f"augment.py: expected a batch (B, C, X, Y, Z), got {tuple(x.shape)}")
 
 
 def _rand(generator, *size, device):
@@ -41,7 +41,7 @@ def _rand(generator, *size, device):
 
 # ----------------------------------------------------------------------------- Sec. 2.1: shuffling
 def _shuffle_grid(dims, block_fraction):
-    """Block size b and number of cells n per axis: n cells of b voxels fit at any offset in [0, d - n*b]."""
+    """Cell size b and count n per axis: n cells of b voxels fit at any offset in [0, d - nb]."""
     block = [max(1, int(d * f + 1e-6)) for d, f in zip(dims, block_fraction)]
     if any(b > d for b, d in zip(block, dims)):
         raise ValueError(f"augment.py: shuffle block {block} larger than the patch {dims}")
@@ -50,21 +50,18 @@ def _shuffle_grid(dims, block_fraction):
 
 
 def _grid_index(ax, ay, az):
-    """Flat voxel indices from per-axis terms (x*Y*Z, y*Z, z), all combinations in (x, y, z) order."""
+    """Flat voxel indices from per-axis terms (x*Y*Z, y*Z, z): every combination, in (x, y, z)."""
     return (ax[:, None, None] + ay[None, :, None] + az[None, None, :]).reshape(-1)
 
 
-def local_pixel_shuffle(x, generator, prob=0.8, num_blocks=5000, block_fraction=(1 / 20, 1 / 20, 1 / 20),
+def local_pixel_shuffle(x, generator, prob=0.8, num_blocks=5000, block_fraction=(1 / 20,) * 3,
                         return_cells=False):
-    """Sec. 2.1 local pixel shuffling. x: (B, C, X, Y, Z) -> (B, C, X, Y, Z); each patch with probability prob.
+    """Sec. 2.1 local pixel shuffling, each patch with probability prob: (B, C, X, Y, Z) -> same.
 
-    Each patch is tiled by a grid of non-overlapping cells of (X/20, Y/20, Z/20) voxels (at least 1)
-    placed at its own random offset; min(num_blocks, n_cells) random cells per patch get their
-    voxels permuted, the rest, and the border strips the grid does not cover, stay in place.
-    All indices are computed on the device (flat voxel indices, one gather + one scatter), so the
-    call never waits for the device.
-    return_cells=True also returns cell (B, X, Y, Z) int64: the id of the shuffled cell each voxel
-    belongs to, -1 where nothing moves (for tests and figures).
+    Each patch is tiled by a grid of cells of (X/20, Y/20, Z/20) voxels (at least 1) at its own
+    random offset; min(num_blocks, cells) random cells get their voxels permuted, the rest and the
+    strips the grid leaves uncovered stay. One gather and one scatter of flat indices computed on
+    the device. return_cells: also the shuffled cell of each voxel, (B, X, Y, Z), -1 where none.
     """
     _check_batch(x)
     B, C, dims = x.shape[0], x.shape[1], tuple(x.shape[2:])
@@ -72,15 +69,16 @@ def local_pixel_shuffle(x, generator, prob=0.8, num_blocks=5000, block_fraction=
     num_cells, cell_volume = counts[0] * counts[1] * counts[2], block[0] * block[1] * block[2]
     k = min(num_blocks, num_cells)
     device, strides = x.device, (dims[1] * dims[2], dims[2], 1)  # flat index = x*Y*Z + y*Z + z
-    # Flat index of each cell's first voxel for a grid at offset 0 (n_cells,), cells in (x, y, z)
-    # order, and of each voxel of a cell relative to its first voxel (cell_volume,).
-    corner = _grid_index(*[torch.arange(n, device=device) * (b * s) for n, b, s in zip(counts, block, strides)])
+    # The flat index of each cell's first voxel for a grid at offset 0 (n_cells,), cells in
+    # (x, y, z) order, and of each voxel of a cell relative to its first voxel (cell_volume,).
+    corner = _grid_index(*[torch.arange(n, device=device) * (b * s)
+                           for n, b, s in zip(counts, block, strides)])
     within = _grid_index(*[torch.arange(b, device=device) * s for b, s in zip(block, strides)])
-    # Per-patch grid offset, uniform in [0, slack] per axis (the grid never leaves the patch), as a
-    # flat index (B,).
+    # Per patch, the grid's offset, uniform in [0, slack] per axis, as a flat index (B,).
     slack = [d - n * b for d, n, b in zip(dims, counts, block)]
     u = _rand(generator, B, 3, device=device)
-    offset = sum((u[:, a] * (slack[a] + 1)).long().clamp_max(slack[a]) * strides[a] for a in range(3))
+    offset = sum((u[:, a] * (slack[a] + 1)).long().clamp_max(slack[a]) * strides[a]
+                 for a in range(3))
     # A random subset of cells by argsort of random keys (as MAE picks its masked patches).
     chosen = _rand(generator, B, num_cells, device=device).argsort(1)[:, :k]  # (B, k)
     perm = _rand(generator, B, k, cell_volume, device=device).argsort(-1)  # (B, k, cell_volume)
@@ -89,19 +87,19 @@ def local_pixel_shuffle(x, generator, prob=0.8, num_blocks=5000, block_fraction=
 
     start = offset[:, None] + corner[chosen]  # (B, k) flat index of each chosen cell's first voxel
     target = (start[:, :, None] + within).reshape(B, 1, k * cell_volume)  # (B, 1, k*cell_volume)
-    source = (start[:, :, None] + within[perm]).reshape(B, 1, k * cell_volume)  # voxel moved to target
+    source = (start[:, :, None] + within[perm]).reshape(B, 1, k * cell_volume)  # moved to target
     flat = x.reshape(B, C, -1)  # (B, C, X*Y*Z)
     moved = flat.gather(2, source.expand(B, C, -1))  # (B, C, k*cell_volume)
     out = flat.scatter(2, target.expand(B, C, -1), moved).reshape(x.shape)
     if not return_cells:
         return out
-    ids = torch.where(apply[:, None], chosen, -1)[:, :, None].expand(B, k, cell_volume)  # (B, k, cell_volume)
+    ids = torch.where(apply[:, None], chosen, -1)[:, :, None].expand(B, k, cell_volume)
     cell = torch.full((B, flat.shape[2]), -1, dtype=torch.long, device=device)
     cell = cell.scatter(1, target[:, 0], ids.reshape(B, -1))  # (B, X*Y*Z)
     return out, cell.reshape(B, *dims)
 
 
-# ----------------------------------------------------------------------------- Sec. 2.1: in-painting
+# ---------------------------------------------------------------------------- Sec. 2.1: in-painting
 def inpaint_mask(shape, generator, device=None, num_boxes=15, size_fraction=(0.1, 0.2)):
     """Union of num_boxes random boxes per sample, fully inside the patch. -> (B, 1, X, Y, Z) bool.
 
@@ -137,13 +135,13 @@ def local_inpaint(x, generator, num_boxes=15, size_fraction=(0.1, 0.2)):
 
 # ----------------------------------------------------------------------------- Sec. 2.1: intensity
 def bezier_curve(points, num_points=LUT_SIZE):
-    """Knots of a monotone cubic Bezier curve through (0,0), P1, P2, (1,1), sampled at num_points t's.
+    """Knots of a monotone cubic Bezier curve through (0,0), P1, P2, (1,1) at num_points t's.
 
-    points: (B, 4) = (P1x, P1y, P2x, P2y) in [0, 1]. Returns xs, ys: (B, T) non-decreasing, from
-    0 to 1. As Zhou et al.'s code, xs and ys are sorted independently, which makes any curve monotone.
+    points: (B, 4) = (P1x, P1y, P2x, P2y) in [0, 1] -> xs, ys: (B, T) non-decreasing from 0 to 1.
+    As Zhou et al.'s code, xs and ys are sorted apart, which makes any curve monotone.
     """
     t = torch.linspace(0, 1, num_points, device=points.device, dtype=points.dtype)  # (T,)
-    w1, w2, w3 = 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t ** 2, t ** 3  # Bernstein weights, P0 = (0, 0)
+    w1, w2, w3 = 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t ** 2, t ** 3  # Bernstein, P0 = (0, 0)
     xs = points[:, 0:1] * w1 + points[:, 2:3] * w2 + w3  # (B, T)
     ys = points[:, 1:2] * w1 + points[:, 3:4] * w2 + w3  # (B, T)
     xs, ys = xs.clamp(0, 1).sort(1).values, ys.clamp(0, 1).sort(1).values
@@ -152,13 +150,14 @@ def bezier_curve(points, num_points=LUT_SIZE):
 
 
 def interp_knots(x, xs, ys):
-    """Per-sample piecewise-linear map (np.interp on a batch). x: (B, ...), xs, ys: (B, T) -> (B, ...).
+    """Per sample, the piecewise-linear map through (xs, ys), np.interp on a batch: x (B, ...) ->
+    (B, ...), xs, ys (B, T).
 
     A binary search per value: used on small tables only (bezier_lut), apply_lut maps whole patches.
     """
     B, T = xs.shape
     v = x.reshape(B, -1).clamp(0, 1).to(xs.dtype).contiguous()  # (B, M)
-    slope = (ys.diff(dim=1) / xs.diff(dim=1).clamp_min(torch.finfo(xs.dtype).tiny))  # (B, T-1) per segment
+    slope = ys.diff(dim=1) / xs.diff(dim=1).clamp_min(torch.finfo(xs.dtype).tiny)  # (B, T-1)
     segment = (torch.searchsorted(xs.contiguous(), v, right=True) - 1).clamp(0, T - 2)  # (B, M)
     x0, y0, y1 = xs.gather(1, segment), ys.gather(1, segment), ys.gather(1, segment + 1)
     # Clamping to the segment's [y0, y1] keeps the map exactly monotone despite rounding.
@@ -194,9 +193,10 @@ def apply_lut(x, lut):
     cell = position.int()  # (B, V) floor, as position >= 0; int32 halves the index memory of int64
     frac = position.sub_(cell)  # (B, V) in [0, 1)
     # Flat (B*T,) tables and indices b*T + cell: one index_select per table for the whole batch.
-    index = cell.add_(torch.arange(B, device=x.device, dtype=torch.int32)[:, None] * T).view(-1)  # (B*V,)
+    index = cell.add_(torch.arange(B, device=x.device, dtype=torch.int32)[:, None] * T)
+    index = index.view(-1)                                                                # (B*V,)
     # As frac < 1, frac * slope rounds at least one float step below slope, more than slope's own
-    # rounding error, so lut + frac * slope never passes the next cell's first value: exactly monotone.
+    # rounding error, so lut + frac * slope never passes the next cell's first value: monotone.
     out = frac.mul_(slope.reshape(-1).index_select(0, index).view(B, -1))
     out = out.add_(lut.reshape(-1).index_select(0, index).view(B, -1))  # (B, V)
     return out.reshape(x.shape).to(x.dtype)
@@ -244,7 +244,8 @@ def blur_or_sharpen(x, generator, prob=0.5, blur_sigma=(0.25, 1.5), sharpen_sigm
     """vox2vec: with probability prob, blur or sharpen (50/50) in the axial plane.
 
     Blur: Gaussian, sigma ~ U(blur_sigma) voxels. Sharpen (MONAI GaussianSharpen, as vox2vec):
-    b = blur(x, s1), out = b + alpha * (b - blur(b, s2)), s1 ~ U(sharpen_sigma), alpha ~ U(sharpen_alpha).
+    b = blur(x, s1), out = b + alpha * (b - blur(b, s2)), s1 ~ U(sharpen_sigma),
+    alpha ~ U(sharpen_alpha).
     Defaults *(ref)* vox2vec pretrain/data.py. x: (B, C, X, Y, Z) -> (B, C, X, Y, Z).
     """
     _check_batch(x)
@@ -255,14 +256,15 @@ def blur_or_sharpen(x, generator, prob=0.5, blur_sigma=(0.25, 1.5), sharpen_sigm
     alpha = (sharpen_alpha[0] + u[:, 3] * (sharpen_alpha[1] - sharpen_alpha[0])).to(x.dtype)
     radius = int(4 * max(blur_sigma[1], sharpen_sigma[1]) + 0.5)  # truncate at 4 sigma, as scipy
     blurred = _blur_xy(x, sigma, radius)
-    reblurred = _blur_xy(blurred, torch.full_like(sigma, sharpen_sigma_2), int(4 * sharpen_sigma_2 + 0.5))
+    radius_2 = int(4 * sharpen_sigma_2 + 0.5)
+    reblurred = _blur_xy(blurred, torch.full_like(sigma, sharpen_sigma_2), radius_2)
     sharpened = blurred + alpha[:, None, None, None, None] * (blurred - reblurred)
     out = torch.where(blur[:, None, None, None, None], blurred, sharpened)
     return torch.where(apply[:, None, None, None, None], out, x).clamp(0, 1)
 
 
 def gaussian_noise(x, generator, prob=0.5, max_std=30.0 / HU_WIDTH):
-    """vox2vec: with probability prob add N(0, std^2) noise, std ~ U(0, 30 HU). x: (B, C, X, Y, Z) -> same."""
+    """vox2vec: with probability prob, N(0, std^2) noise, std ~ U(0, 30 HU). (B, C, X, Y, Z)."""
     _check_batch(x)
     u = _rand(generator, x.shape[0], 2, device=x.device)  # apply, std
     std = torch.where(u[:, 0] < prob, u[:, 1] * max_std, 0.0).to(x.dtype)
@@ -280,7 +282,8 @@ def random_window(x, generator, prob=0.8, max_low=350.0 / HU_WIDTH, min_high=165
     u = _rand(generator, x.shape[0], 3, device=x.device)  # apply, lo, hi
     apply = u[:, 0] < prob
     low = torch.where(apply, u[:, 1] * max_low, 0.0).to(x.dtype)[:, None, None, None, None]
-    high = torch.where(apply, min_high + u[:, 2] * (1 - min_high), 1.0).to(x.dtype)[:, None, None, None, None]
+    high = torch.where(apply, min_high + u[:, 2] * (1 - min_high), 1.0)
+    high = high.to(x.dtype)[:, None, None, None, None]
     return ((x - low) / (high - low)).clamp(0, 1)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 FORMAT_VERSION = 1              # of the folder preprocess.py writes (dataset.json, meta.json)
-DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"   # `--data demo`: what `preprocess.py --demo data/demo` writes
+DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"   # `--data demo`: preprocess.py --demo
 ANCHOR_TRIES = 200              # rejection-sampling draws before the argwhere fallback
 ANCHOR_STRIDE = 4               # subsampling of the body mask for the fallback (1/64 of the voxels)
 OVERLAP_RETRIES = 10            # new crops tried when the overlap has < num_voxels body voxels
@@ -40,15 +40,15 @@ def file_identity(path):
     return [stat.st_size, stat.st_mtime_ns]
 
 
-# ------------------------------------------------------------------------ the data folder and its cases
+# -------------------------------------------------------------------- the data folder and its cases
 
 def read_dataset(arg, demo_part=""):
     """--data: a preprocessed folder, or `demo` (DEMO_DIR / demo_part) -> (folder, dataset.json)."""
     folder = DEMO_DIR / demo_part if arg == "demo" else Path(arg)
     path = folder / "dataset.json"
     if arg == "demo" and not path.is_file():
-        raise InputError(f"--data demo: {folder} is not built yet; run `python preprocess.py --demo "
-                         "data/demo` first")
+        raise InputError(f"--data demo: {folder} is not built yet; run `python preprocess.py "
+                         "--demo data/demo` first")
     try:
         info = json.loads(path.read_text())
     except (OSError, ValueError) as e:      # no folder, no file, not JSON
@@ -57,8 +57,8 @@ def read_dataset(arg, demo_part=""):
         raise InputError(f"{what}; make it with preprocess.py") from None
     version = info.get("format_version") if isinstance(info, dict) else None
     if version != FORMAT_VERSION or not info.get("cases"):
-        raise InputError(f"{path}: format_version {version} (this code reads {FORMAT_VERSION}) or no "
-                         "cases; re-run preprocess.py")
+        raise InputError(f"{path}: format_version {version} (this code reads {FORMAT_VERSION}) or "
+                         "no cases; re-run preprocess.py")
     return folder, info
 
 
@@ -87,18 +87,21 @@ def read_case(data_dir, case_id, need_label=False, classes=None, check=True):
             missing = f"case {case_id!r} not found or incomplete" if name == "meta" else "missing"
             raise InputError(f"{path}: {missing}; {fix}")
         try:
-            case[name] = json.loads(path.read_text()) if name == "meta" else np.load(path, mmap_mode="r")
+            meta = name == "meta"
+            case[name] = json.loads(path.read_text()) if meta else np.load(path, mmap_mode="r")
         except (OSError, ValueError, EOFError) as e:    # truncated, not JSON, not an array
             why = f"{type(e).__name__}: {str(e)[:80]}".replace("\n", " ")
             raise InputError(f"{path}: unreadable ({why}); {fix}") from None
         identity[path.name] = file_identity(path)
     image = case["image"]
     if image.ndim not in (3, 4):
-        raise InputError(f"{case_dir / 'image.npy'}: shape {image.shape}, not (X, Y, Z) or (C, X, Y, Z); {fix}")
+        raise InputError(f"{case_dir / 'image.npy'}: shape {image.shape}, not (X, Y, Z) or "
+                         f"(C, X, Y, Z); {fix}")
     case["image"] = image = image[None] if image.ndim == 3 else image
     for name in ("body", "label"):
         if case[name] is not None and case[name].shape != image.shape[1:]:
-            raise InputError(f"{case_dir / name}.npy: shape {case[name].shape} != image {image.shape[1:]}; {fix}")
+            raise InputError(f"{case_dir / name}.npy: shape {case[name].shape} != image "
+                             f"{image.shape[1:]}; {fix}")
     record = case["meta"].get("arrays", {})
     changed = [n for n, i in identity.items() if n != "meta.json" and record.get(n) != i]
     if check and (changed or classes is not None):
@@ -113,14 +116,16 @@ def verify(case_dir, case, changed, classes, fix):
     image, body, label = case["image"], case["body"], case["label"]
     if "image.npy" in changed and not np.isfinite(image).all():
         where = tuple(np.argwhere(~np.isfinite(image))[0].tolist())
-        raise InputError(f"{case_dir / 'image.npy'}: a non-finite voxel ({image[where]} at {where}); {fix}")
+        raise InputError(f"{case_dir / 'image.npy'}: a non-finite voxel ({image[where]} at "
+                         f"{where}); {fix}")
     if "body.npy" in changed and not body.any():
         raise InputError(f"{case_dir / 'body.npy'}: no body voxel; {fix}")
-    values = np.unique(label).tolist() if "label.npy" in changed else case["meta"].get("label_values") or []
+    values = case["meta"].get("label_values") or []                # what preprocess.py found there
+    values = np.unique(label).tolist() if "label.npy" in changed else values
     wrong = [v for v in values if classes is not None and str(v) not in classes]
     if wrong:
-        raise InputError(f"{case_dir / 'label.npy'}: label value {wrong[0]}, not a class of its dataset.json "
-                         f"({', '.join(classes)}); {fix}")
+        raise InputError(f"{case_dir / 'label.npy'}: label value {wrong[0]}, not a class of its "
+                         f"dataset.json ({', '.join(classes)}); {fix}")
 
 
 def read_split(path, labelled):
@@ -133,12 +138,15 @@ def read_split(path, labelled):
         raise InputError(f"--split {path}: cannot be read ({type(e).__name__}: {e})") from None
     if not isinstance(split, dict) or set(split) != {"train", "val", "test"} or \
             not all(isinstance(v, list) for v in split.values()):
-        raise InputError(f"--split {path}: needs exactly the keys train, val and test, each a list of case ids")
-    rule, seen = f"--split {path}: train / val / test must be disjoint lists of labelled cases, train and test not empty", {}
+        raise InputError(f"--split {path}: needs exactly the keys train, val and test, each a list "
+                         "of case ids")
+    rule, seen = (f"--split {path}: train / val / test must be disjoint lists of labelled cases, "
+                  "train and test not empty"), {}
     for part, ids in split.items():
         for c in ids:
             if c not in labelled:
-                raise InputError(f"{rule}; case {c!r} in {part!r} is not a labelled case of the data")
+                raise InputError(f"{rule}; case {c!r} in {part!r} is not a labelled case of the "
+                                 "data")
             if c in seen:
                 raise InputError(f"{rule}; case {c!r} is in both {seen[c]!r} and {part!r}")
             seen[c] = part
@@ -154,7 +162,8 @@ def read_patch(array, start, size, fill=0):
 
     start may be negative or run past the end. Only the in-volume part is sliced (a memmap reads
     just those pages) and copied into a new array of shape (..., *size)."""
-    start, size, shape = np.asarray(start, np.int64), np.asarray(size, np.int64), np.asarray(array.shape[-3:])
+    start, size = np.asarray(start, np.int64), np.asarray(size, np.int64)
+    shape = np.asarray(array.shape[-3:])
     lo, hi = np.maximum(start, 0), np.minimum(start + size, shape)
     out = np.full(array.shape[:-3] + tuple(size), fill, dtype=array.dtype)
     if np.all(hi > lo):
@@ -201,7 +210,8 @@ def sample_pair(image, body, patch_size, num_voxels, rng):
     itself in InfoNCE); the anchor guarantees n >= 1."""
     patch, shape = np.asarray(patch_size, np.int64), np.asarray(image.shape, np.int64)
     if image.shape != body.shape or patch.shape != (3,):
-        raise ValueError(f"sample_pair: image {image.shape}, body {body.shape}, patch {tuple(patch)}")
+        raise ValueError(f"sample_pair: image {image.shape}, body {body.shape}, patch "
+                         f"{tuple(patch)}")
     best = None
     for _ in range(OVERLAP_RETRIES):
         anchor = sample_anchor(body, rng)
@@ -240,16 +250,19 @@ class CaseDataset(torch.utils.data.Dataset):
         known = list_cases(info, labelled=True if need_label else None)
         self.case_ids = known if case_ids is None else list(case_ids)
         if not self.case_ids or set(self.case_ids) - set(known):
-            raise InputError(f"{self.data_dir / 'dataset.json'}: no {'labelled ' if need_label else ''}"
-                             f"case(s) {sorted(set(self.case_ids) - set(known)) or ''}")
+            raise InputError(f"{self.data_dir / 'dataset.json'}: no "
+                             f"{'labelled ' if need_label else ''}case(s) "
+                             f"{sorted(set(self.case_ids) - set(known)) or ''}")
         shapes, self.inputs = {}, {}
         for c in self.case_ids:
             case = read_case(data_dir, c, need_label, info["labels"])
-            shapes[c], self.inputs[str(self.data_dir.resolve() / "cases" / c)] = case["image"].shape, case["identity"]
-        small = [f"{c} {s[1:]}" for c, s in shapes.items() if any(n < p for n, p in zip(s[1:], self.patch_size))]
+            shapes[c] = case["image"].shape
+            self.inputs[str(self.data_dir.resolve() / "cases" / c)] = case["identity"]
+        small = [f"{c} {s[1:]}" for c, s in shapes.items()
+                 if any(n < p for n, p in zip(s[1:], self.patch_size))]
         if small:
-            print(f"note: {len(small)} case(s) smaller than the patch {self.patch_size}, zero-padded: "
-                  f"{', '.join(small[:5])}{' ...' if len(small) > 5 else ''}")
+            print(f"note: {len(small)} case(s) smaller than the patch {self.patch_size}, "
+                  f"zero-padded: {', '.join(small[:5])}{' ...' if len(small) > 5 else ''}")
         self.channels = {c: s[0] for c, s in shapes.items()}
 
     def __getstate__(self):  # a pickled memmap becomes a full in-memory copy: reopen in the worker
@@ -282,14 +295,16 @@ class PairDataset(CaseDataset):
         rng = np.random.default_rng([self.seed, i])
         case_id, channel = self.volumes[i % len(self.volumes)]
         c = self.case(case_id)
-        return [dict(sample_pair(c["image"][channel], c["body"], self.patch_size, self.num_voxels, rng),
+        volume, body = c["image"][channel], c["body"]
+        return [dict(sample_pair(volume, body, self.patch_size, self.num_voxels, rng),
                      case_id=case_id) for _ in range(self.pairs_per_volume)]
 
 
 def collate_pairs(items):
     """Flatten items (pair dicts or lists of them) into one batch of B pairs: patches_a,
     patches_b (B,1,X,Y,Z) float32; coords_a, coords_b (N,4) int64 = (pair index, x, y, z) with
-    N = total voxels over pairs (counts may differ per pair); row k of a and b is a positive pair."""
+    N = total voxels over pairs (counts may differ per pair); row k of a and b is a positive
+    pair."""
     pairs = [p for item in items for p in ([item] if isinstance(item, dict) else item)]
     out = {}
     for v in "ab":
@@ -343,7 +358,7 @@ class LabelledPatchDataset(CaseDataset):
         case_id = self.case_ids[i % len(self.case_ids)]
         c, patch = self.case(case_id), np.asarray(self.patch_size)
         shape = np.asarray(c["label"].shape)
-        lo, hi = np.minimum(0, shape - patch), np.maximum(0, shape - patch)  # starts inside the volume
+        lo, hi = np.minimum(0, shape - patch), np.maximum(0, shape - patch)  # starts in the volume
         classes = self.foreground(case_id) if rng.random() < self.foreground_prob else {}
         if classes:
             voxels = classes[list(classes)[rng.integers(len(classes))]]
@@ -363,4 +378,5 @@ def step_loader(dataset, steps, per_rank, rank=0, world=1, start=0, workers=0, c
     order = range(start * world * per_rank + rank, steps * world * per_rank, world)
     return torch.utils.data.DataLoader(dataset, per_rank, sampler=order, collate_fn=collate_fn,
                                        num_workers=workers, pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+                                       persistent_workers=workers > 0,
+                                       prefetch_factor=4 if workers else None)

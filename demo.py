@@ -29,14 +29,16 @@ DEMO_LABELS = ["background", "liver", "spleen", "kidney_right", "kidney_left", "
 # Mean HU of each tissue (portal-venous-phase-like CT). Liver and spleen share their mean (the
 # liver's vessels and coarser texture tell them apart, as does position); both kidneys are the
 # same cortex / medulla / sinus pattern and differ only in where they are.
-HU = dict(air=-1000, fat=-95, muscle=50, liver=100, spleen=100, kidney_cortex=185, kidney_medulla=125,
-          sinus_fat=-40, gallbladder=10, gallbladder_wall=60, aorta=200, ivc=150, liver_vessel=160,
-          stomach_wall=70, stomach_content=25, gas=-900, bowel_wall=60, bowel_content=20,
-          adrenal=45, cortical_bone=750, marrow=230, csf=15, disc=90)
+HU = dict(air=-1000, fat=-95, muscle=50, liver=100, spleen=100, kidney_cortex=185,
+          kidney_medulla=125, sinus_fat=-40, gallbladder=10, gallbladder_wall=60, aorta=200,
+          ivc=150, liver_vessel=160, stomach_wall=70, stomach_content=25, gas=-900, bowel_wall=60,
+          bowel_content=20, adrenal=45, cortical_bone=750, marrow=230, csf=15, disc=90)
 NOISE_HU = 15  # quantum noise SD of the raw phantom
 DEMO_SCALE = 0.3  # see the module docstring
 DEMO_RAW_ORNT = np.array([[1, -1], [2, -1], [0, 1]])  # RAS (x, y, z) -> stored (z, -x, -y)
-UNLABELLED_STREAM = 7  # seed stream of the unlabelled demo phantoms: rng([seed, 7, i]), never a labelled rng([seed, i])
+# The seed stream of the unlabelled demo phantoms: rng([seed, 7, i]), never a labelled one's
+# rng([seed, i]).
+UNLABELLED_STREAM = 7
 
 
 def ellipsoid(u, v, w, centre, radii, angle=0.0):
@@ -58,7 +60,8 @@ def smooth_field(rng, shape, size, amplitude):
 
 def noise(rng, shape, sigma_mm, spacing):
     """Unit-variance Gaussian-smoothed noise (X, Y, Z), correlation length sigma_mm."""
-    t = ndimage.gaussian_filter(rng.standard_normal(shape, np.float32), sigma_mm / np.asarray(spacing))
+    t = ndimage.gaussian_filter(rng.standard_normal(shape, np.float32),
+                                sigma_mm / np.asarray(spacing))
     return t / t.std()
 
 
@@ -81,7 +84,7 @@ def demo_phantom(rng, scale=1.0):
     offset = np.append(rng.uniform(-5, 5, 2) * scale, rng.uniform(-6, 6) * scale)
     grid = [(np.arange(n) * s - h - o).reshape([-1 if a == k else 1 for a in range(3)])
             for k, (n, s, h, o) in enumerate(zip(shape, spacing, half, offset))]
-    # random smooth deformation (mm), then normalised coordinates u (right), v (anterior), w (superior)
+    # a random smooth deformation (mm), then normalised coordinates u (right), v (anterior), w (up)
     u, v, w = [((g + smooth_field(rng, shape, (5, 5, 4), 6 * scale)) / r).astype(np.float32)
                for g, r in zip(grid, size)]
     # textures keep their size in mm (they are tissue properties, not anatomy)
@@ -91,7 +94,8 @@ def demo_phantom(rng, scale=1.0):
 
     def tissue(name):
         hu = HU[name]
-        return 40 + (hu - 40) * enhance if hu > 40 and name not in ("cortical_bone", "marrow") else hu
+        bone = name in ("cortical_bone", "marrow")
+        return 40 + (hu - 40) * enhance if hu > 40 and not bone else hu
 
     hu = np.full(shape, HU["air"], np.float32)
     label = np.zeros(shape, np.uint8)
@@ -101,7 +105,7 @@ def demo_phantom(rng, scale=1.0):
     hu[body] = HU["fat"] + 10 * medium[body]                                  # subcutaneous fat
     hu[body & (r_body > 0.985)] = 30                                          # skin
     wall = (r_body < 1 - fat_depth) & (r_body > 1 - fat_depth - 0.06)
-    hu[wall] = tissue("muscle") + 8 * fine[wall]                              # abdominal muscle wall
+    hu[wall] = tissue("muscle") + 8 * fine[wall]                     # the abdominal muscle wall
     inside = r_body < 1 - fat_depth - 0.06
     hu[inside] = HU["fat"] + 10 * medium[inside]                              # visceral fat
 
@@ -128,42 +132,51 @@ def demo_phantom(rng, scale=1.0):
     put(arch < 1, HU["cortical_bone"] * 0.8)
     put(arch < 0.5, HU["csf"] + 5 * fine)
     for side in (-1, 1):
-        psoas = ellipsoid(u, v, w, (side * 0.24, -0.6, -0.3), (0.1, 0.1, 0.9 * rng.uniform(0.9, 1.1)))
+        psoas = ellipsoid(u, v, w, (side * 0.24, -0.6, -0.3),
+                          (0.1, 0.1, 0.9 * rng.uniform(0.9, 1.1)))
         put(psoas < 1, tissue("muscle") + 8 * fine)
     # ribs: cross-sections along the posterolateral wall, upper half (cortex + marrow)
     for angle in np.radians(np.arange(-160, -10, 28) + rng.normal(0, 4)):
-        rib = ellipsoid(u, v, w, ((0.96 - fat_depth) * np.cos(angle), (0.96 - fat_depth) * np.sin(angle), 0.55),
-                        (0.045, 0.045, 0.5))
+        r = 0.96 - fat_depth
+        rib = ellipsoid(u, v, w, (r * np.cos(angle), r * np.sin(angle), 0.55), (0.045, 0.045, 0.5))
         put(rib < 1, np.where(rib > 0.6, HU["cortical_bone"], HU["marrow"]), region=body)
     # great vessels along z: aorta (labelled) left of midline, vena cava right
-    put(ellipsoid(u, v, w, jitter((0.13, -0.38, 0), 0.02), (0.09, 0.07, 99)) < 1, tissue("ivc") + 6 * fine)
+    put(ellipsoid(u, v, w, jitter((0.13, -0.38, 0), 0.02), (0.09, 0.07, 99)) < 1,
+        tissue("ivc") + 6 * fine)
     aorta = ellipsoid(u, v, w, jitter((-0.09, -0.40, 0), 0.02), grow((0.085, 0.085, 99)))
     put(aorta < 1, tissue("aorta") + 8 * fine, 6)
     # liver: two lobes, portal vessels (labelled liver, as in real ground truth), coarse texture
-    liver = np.minimum(ellipsoid(u, v, w, jitter((0.40, 0.08, 0.38)), grow((0.45, 0.55, 0.6)), rng.normal(0, 6)),
+    liver = np.minimum(ellipsoid(u, v, w, jitter((0.40, 0.08, 0.38)), grow((0.45, 0.55, 0.6)),
+                                 rng.normal(0, 6)),
                        ellipsoid(u, v, w, jitter((0.08, 0.35, 0.6)), grow((0.32, 0.24, 0.3))))
     vessels = np.abs(medium) < 0.12
-    put((liver < 1) & (spine > 1.3), np.where(vessels, tissue("liver_vessel"), tissue("liver") + 9 * coarse), 1)
+    put((liver < 1) & (spine > 1.3),
+        np.where(vessels, tissue("liver_vessel"), tissue("liver") + 9 * coarse), 1)
     # spleen: same mean as the liver, fine homogeneous texture, no vessels
-    spleen = ellipsoid(u, v, w, jitter((-0.58, -0.22, 0.45)), grow((0.2, 0.3, 0.38)), 30 + rng.normal(0, 8))
+    spleen = ellipsoid(u, v, w, jitter((-0.58, -0.22, 0.45)), grow((0.2, 0.3, 0.38)),
+                       30 + rng.normal(0, 8))
     put(spleen < 1, tissue("spleen") + 9 * fine, 2)
     # stomach: wall, fluid content, gas pocket anteriorly
     st_c, st_r = jitter((-0.36, 0.3, 0.3)), grow((0.26, 0.23, 0.3))
     stomach = ellipsoid(u, v, w, st_c, st_r, -20 + rng.normal(0, 8))
     put(stomach < 1, np.where(stomach > 0.8, tissue("stomach_wall") + 6 * fine,
-                              np.where(v > st_c[1] + 0.6 * st_r[1], HU["gas"], HU["stomach_content"] + 6 * fine)), 7)
+                              np.where(v > st_c[1] + 0.6 * st_r[1], HU["gas"],
+                                       HU["stomach_content"] + 6 * fine)), 7)
     # kidneys: identical cortex / medulla / sinus, mirrored; they differ only in position
     for cls, side in ((3, 1), (4, -1)):
         k_c = jitter((side * 0.43, -0.45, -0.22 + (0.05 if side < 0 else 0)))
         kidney = ellipsoid(u, v, w, k_c, grow((0.18, 0.22, 0.42)), side * -25 + rng.normal(0, 8))
         sinus = ellipsoid(u, v, w, k_c - (side * 0.08, 0, 0), (0.07, 0.08, 0.18))
-        put(kidney < 1, np.where(kidney > 0.72, tissue("kidney_cortex"), tissue("kidney_medulla")) + 8 * fine, cls)
+        layers = np.where(kidney > 0.72, tissue("kidney_cortex"), tissue("kidney_medulla"))
+        put(kidney < 1, layers + 8 * fine, cls)
         put((kidney < 1) & (sinus < 1), HU["sinus_fat"] + 8 * fine, cls)
     # gallbladder: bile with a thin wall, under the liver
-    gb = ellipsoid(u, v, w, jitter((0.32, 0.55, -0.2)), grow((0.14, 0.17, 0.3)), 10 + rng.normal(0, 8))
+    gb = ellipsoid(u, v, w, jitter((0.32, 0.55, -0.2)), grow((0.14, 0.17, 0.3)),
+                   10 + rng.normal(0, 8))
     put(gb < 1, np.where(gb > 0.82, tissue("gallbladder_wall"), HU["gallbladder"] + 5 * fine), 5)
     # right adrenal: a thin plate in the fat above-medial to the right kidney
-    ad = ellipsoid(u, v, w, jitter((0.27, -0.33, 0.32), 0.02), grow((0.11, 0.17, 0.3)), 40 + rng.normal(0, 8))
+    ad = ellipsoid(u, v, w, jitter((0.27, -0.33, 0.32), 0.02), grow((0.11, 0.17, 0.3)),
+                   40 + rng.normal(0, 8))
     put(ad < 1.7, HU["fat"] + 10 * medium, 0)                               # periadrenal fat
     put(ad < 1, tissue("adrenal") + 6 * fine, 8)
 
@@ -178,7 +191,7 @@ def t2_like(hu, rng):
     """A second, MRI-like contrast of a phantom (the multi-channel data of the tests and the lab): a
     fixed non-monotone map of its HU (fluid brightest, fat bright, soft tissue mid, air and bone
     dark) with noise of its own, in arbitrary units that the MRI scheme normalises."""
-    bump = lambda centre, width: np.exp(-((hu - centre) / width) ** 2)  # noqa: E731
+    bump = lambda centre, width: np.exp(-((hu - centre) / width) ** 2)
     signal = 0.9 * bump(-95, 60) + 1.0 * bump(15, 20) + 0.4 * bump(100, 50)
     return (300 * signal * (hu > -500) + rng.normal(0, 6, hu.shape)).astype(np.float32)
 
@@ -197,14 +210,17 @@ def multichannel_raw(raw_dir, out_dir, channels=("CT", "T2"), layout="nnunet"):
         case = scan.name[:-len(".nii.gz")]
         if layout == "nnunet":
             for c, array in enumerate(arrays):
-                nib.save(nib.Nifti1Image(array, img.affine), out_dir / "imagesTr" / f"{case}_{c:04d}.nii.gz")
+                nib.save(nib.Nifti1Image(array, img.affine),
+                         out_dir / "imagesTr" / f"{case}_{c:04d}.nii.gz")
         else:
-            nib.save(nib.Nifti1Image(np.stack(arrays, -1), img.affine), out_dir / "imagesTr" / scan.name)
+            nib.save(nib.Nifti1Image(np.stack(arrays, -1), img.affine),
+                     out_dir / "imagesTr" / scan.name)
         nib.save(nib.load(raw_dir / "labelsTr" / scan.name), out_dir / "labelsTr" / scan.name)
     labels = json.loads((raw_dir / "dataset.json").read_text())["labels"]
     names = {str(c): n for c, n in enumerate(channels)}
-    write_json(out_dir / "dataset.json", dict(channel_names=names, labels={v: int(k) for k, v in labels.items()})
-              if layout == "nnunet" else dict(modality=names, labels=labels))
+    nnunet = dict(channel_names=names, labels={v: int(k) for k, v in labels.items()})
+    write_json(out_dir / "dataset.json", nnunet if layout == "nnunet" else dict(modality=names,
+                                                                                labels=labels))
     return out_dir
 
 
@@ -214,7 +230,8 @@ def write_case(job):
     """Worker: phantom (seed, index) -> imagesTr/ + labelsTr/ NIfTI with a non-RAS affine; an
     unlabelled phantom (job["unlabelled"]) comes from its own seed stream, image only, flat."""
     unlabelled = job["unlabelled"]
-    rng = np.random.default_rng([job["seed"], UNLABELLED_STREAM, job["index"]] if unlabelled else [job["seed"], job["index"]])
+    stream = [job["seed"], UNLABELLED_STREAM] if unlabelled else [job["seed"]]
+    rng = np.random.default_rng([*stream, job["index"]])
     hu, label, spacing = demo_phantom(rng, job["scale"])
     canonical_affine = np.diag([*spacing, 1.0])
     canonical_affine[:3, 3] = rng.uniform(-150, 150, 3)  # scanner-style translation
@@ -240,8 +257,8 @@ def raw_jobs(raw_dir, num_cases, seed=0, scale=DEMO_SCALE, unlabelled=False, for
     names = [f"{'unlabelled' if unlabelled else 'demo'}_{i:03d}.nii.gz" for i in range(num_cases)]
     files = {n: [n] if unlabelled else [f"imagesTr/{n}", f"labelsTr/{n}"] for n in names}
     outputs = [f for fs in files.values() for f in fs] + ([] if unlabelled else ["dataset.json"])
-    kept = runtime.claim_run(raw_dir, "preprocess.py --demo", outputs, params, force=force, resume=not force,
-                             flag="--demo")
+    kept = runtime.claim_run(raw_dir, "preprocess.py --demo", outputs, params, force=force,
+                             resume=not force, flag="--demo")
     for folder in ("",) if unlabelled else ("imagesTr", "labelsTr"):
         (raw_dir / folder).mkdir(parents=True, exist_ok=True)
     if not unlabelled:
@@ -249,8 +266,8 @@ def raw_jobs(raw_dir, num_cases, seed=0, scale=DEMO_SCALE, unlabelled=False, for
             name="demo", description="synthetic abdomen CT (preprocess.py)", modality={"0": "CT"},
             labels={str(i): n for i, n in enumerate(DEMO_LABELS)}, numTraining=num_cases, test=[],
             training=[dict(image=f"./imagesTr/{n}", label=f"./labelsTr/{n}") for n in names]))
-    return [dict(raw_dir=str(raw_dir), seed=seed, index=i, scale=scale, unlabelled=unlabelled, name=n)
-            for i, n in enumerate(names) if not set(files[n]) <= set(kept)]
+    return [dict(raw_dir=str(raw_dir), seed=seed, index=i, scale=scale, unlabelled=unlabelled,
+                 name=n) for i, n in enumerate(names) if not set(files[n]) <= set(kept)]
 
 
 def demo_split(case_ids, seed=0):

@@ -23,13 +23,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import runtime
-from data import InputError, file_identity, list_cases, preprocessing, read_case, read_dataset, read_split
+from data import InputError, file_identity, list_cases, preprocessing, read_case, read_dataset
+from data import read_split
 from loss import dice_per_class, predict_labels
 from model import ARCHS, DEMO_ARCHS, SegmentationModel
 from runtime import non_negative_int, positive_int, world_info, write_json
 from weights import check_backbone_flags, expand_stem, read_backbone
 
-WEIGHT_FLOOR = 1e-3   # min Gaussian weight (of max 1), so a voxel seen only at window borders still counts
+WEIGHT_FLOOR = 1e-3   # min Gaussian weight (of max 1): a voxel seen at window borders only counts
 
 
 # ----------------------------------------------------------------------------- the segmenter
@@ -42,7 +43,8 @@ def new_segmenter(args, backbone, num_classes, head, device, fold, in_channels=1
     if backbone is not None:
         config, state, info = backbone
         model = SegmentationModel(dict(config, in_channels=in_channels), num_classes, head=head)
-        model.backbone.load_state_dict(expand_stem(state, in_channels, args.checkpoint), strict=True)
+        model.backbone.load_state_dict(expand_stem(state, in_channels, args.checkpoint),
+                                       strict=True)
     else:
         model = SegmentationModel(dict(in_channels=in_channels, base_channels=args.base_channels,
                                        num_levels=args.num_levels), num_classes, head=head)
@@ -56,7 +58,8 @@ def batchnorms(module):
 
 def set_backbone_trainable(model, trainable, keep_batchnorm=False):
     """Freeze for real: no gradients, and eval mode so BatchNorm statistics stay as pretrained.
-    keep_batchnorm: the BatchNorm layers stay trainable and in the model's mode (Lightning's train_bn)."""
+    keep_batchnorm: its BatchNorm layers stay trainable, in the model's mode (Lightning's train_bn).
+    """
     for p in model.backbone.parameters():
         p.requires_grad_(trainable)
     model.backbone.train(trainable and model.training)
@@ -66,7 +69,7 @@ def set_backbone_trainable(model, trainable, keep_batchnorm=False):
             m.train(model.training)
 
 
-# ----------------------------------------------------------------------------- folds, and the shared start
+# ---------------------------------------------------------------------- folds, and the shared start
 
 def split_folds(case_ids, folds, seed):
     """Shuffle once with the seed, then deal the cases into `folds` test sets."""
@@ -86,23 +89,26 @@ def plan_folds(args, data_dir, info, test_info):
     if args.split is not None:   # a fixed split instead of cross-validation: one "fold"
         split = read_split(data_dir / "split.json" if args.split is True else args.split, train_all)
         if not split[args.evaluate_on]:
-            raise InputError(f"--evaluate-on {args.evaluate_on}: the split's {args.evaluate_on!r} list is empty")
+            raise InputError(f"--evaluate-on {args.evaluate_on}: the split's {args.evaluate_on!r} "
+                             "list is empty")
         plan = [(0, split["train"], split[args.evaluate_on])]
     elif args.test_data:
         plan = [(0, train_all, list_cases(test_info, labelled=True))]
     else:
-        plan = [(k, tr, te) for k, (tr, te) in enumerate(split_folds(train_all, args.folds, args.seed))]
+        folds = split_folds(train_all, args.folds, args.seed)
+        plan = [(k, tr, te) for k, (tr, te) in enumerate(folds)]
     if args.fold is not None:
         if not 0 <= args.fold < len(plan):
             raise InputError(f"--fold {args.fold} out of range 0..{len(plan) - 1}")
         plan = [plan[args.fold]]
-    if args.train_cases is not None:   # label budget: the first N of a fixed shuffle of the fold's training cases
+    if args.train_cases is not None:   # a budget: the first N of a fixed shuffle of a fold's cases
         smallest = min(len(tr) for _, tr, _ in plan)
         if not 1 <= args.train_cases <= smallest:
-            raise InputError(f"--train-cases {args.train_cases}: must be between 1 and {smallest}, the "
-                             f"training cases of the smallest fold")
-        rng = np.random.default_rng(args.seed + 1 + 7919 * args.draw)   # --draw k: another draw of the same size
-        plan = [(k, sorted(rng.permutation(tr)[:args.train_cases].tolist()), te) for k, tr, te in plan]
+            raise InputError(f"--train-cases {args.train_cases}: must be between 1 and {smallest}, "
+                             "the training cases of the smallest fold")
+        rng = np.random.default_rng(args.seed + 1 + 7919 * args.draw)   # --draw k: another draw
+        plan = [(k, sorted(rng.permutation(tr)[:args.train_cases].tolist()), te)
+                for k, tr, te in plan]
     return plan
 
 
@@ -115,12 +121,14 @@ def prepare(args, batch_size=1):
     data_dir, info = read_dataset(args.data)
     test_dir, test_info = read_dataset(args.test_data) if args.test_data else (data_dir, info)
     if not info.get("labels"):
-        raise InputError(f"{data_dir / 'dataset.json'} has no labels: this stage needs labelled cases")
+        raise InputError(f"{data_dir / 'dataset.json'} has no labels: this stage needs labelled "
+                         "cases")
     for what, ours, theirs in (("classes", info["labels"], test_info["labels"]),
                                ("preprocessing", preprocessing(info), preprocessing(test_info))):
         if ours != theirs:      # a model scored on data made otherwise than its training data
-            raise InputError(f"--test-data {args.test_data}: its {what} ({theirs}) differ from --data "
-                             f"{args.data}'s ({ours}): test on data made as the training data")
+            raise InputError(f"--test-data {args.test_data}: its {what} ({theirs}) differ from "
+                             f"--data {args.data}'s ({ours}): test on data made as the training "
+                             "data")
     plan = plan_folds(args, data_dir, info, test_info)
     cases, inputs = {}, {}
     for _, train_ids, test_ids in plan:
@@ -129,10 +137,12 @@ def prepare(args, batch_size=1):
                 case = read_case(folder, c, need_label=True, classes=info["labels"])
                 cases.setdefault(folder, {})[c] = case["meta"].get("image_file", c)
                 inputs[str(folder.resolve() / "cases" / c)] = case["identity"]
-    shared = sorted(c for c, scan in cases.get(test_dir, {}).items() if scan in set(cases[data_dir].values()))
+    trained = set(cases[data_dir].values())
+    shared = sorted(c for c, scan in cases.get(test_dir, {}).items() if scan in trained)
     if args.test_data and (test_dir.resolve() == data_dir.resolve() or shared):
         raise InputError(f"--test-data {args.test_data} holds training cases of --data {args.data} "
-                         f"({', '.join(shared[:5]) or 'the same folder'}): test on cases kept apart")
+                         f"({', '.join(shared[:5]) or 'the same folder'}): test on cases kept "
+                         "apart")
     backbone, prep = None, preprocessing(info)
     if args.checkpoint:
         backbone = read_backbone(args.checkpoint, verbose=False)
@@ -140,27 +150,32 @@ def prepare(args, batch_size=1):
         expand_stem(backbone[1], len(prep["channels"]), args.checkpoint)
         print(compare_preprocessing(backbone[2]["preprocessing"], prep))
         inputs[str(Path(args.checkpoint).resolve())] = file_identity(backbone[2]["path"])
-    device = runtime.pick_device(args.device)
-    rank, world, device = runtime.setup_distributed(device) if "RANK" in os.environ else (0, 1, device)
+    device, rank, world = runtime.pick_device(args.device), 0, 1
+    if "RANK" in os.environ:                                    # launched by torchrun
+        rank, world, device = runtime.setup_distributed(device)
     runtime.split_batch(batch_size, world)
-    return SimpleNamespace(device=device, data_dir=data_dir, test_dir=test_dir, names={int(k): v for k, v in
-                           info["labels"].items()}, plan=plan, backbone=backbone, preprocessing=prep,
+    names = {int(k): v for k, v in info["labels"].items()}
+    return SimpleNamespace(device=device, data_dir=data_dir, test_dir=test_dir, names=names,
+                           plan=plan, backbone=backbone, preprocessing=prep,
                            channels=len(prep["channels"]), inputs=inputs, rank=rank, world=world)
 
 
 def compare_preprocessing(pretrained, labelled):
     """One line: how the backbone's pretraining corpus and the labelled set were preprocessed, and
     each difference named (transfer across them is a legitimate experiment: said, not refused)."""
-    mm = lambda spacing: "x".join(f"{s:g}" for s in spacing) + " mm"  # noqa: E731
-    show = lambda p: " + ".join(f"{c['name']} ({c['scheme']})" for c in p["channels"]) + ", " + mm(p["spacing"])  # noqa: E731
+    mm = lambda spacing: "x".join(f"{s:g}" for s in spacing) + " mm"
+    show = lambda p: " + ".join(f"{c['name']} ({c['scheme']})"
+                                for c in p["channels"]) + ", " + mm(p["spacing"])
     if pretrained is None:
-        return (f"preprocessing: the backbone file does not record its corpus' (the authors' weights: their CT or MRI "
-                f"preset, README); this labelled set: {show(labelled)}")
+        return ("preprocessing: the backbone file does not record its corpus' (the authors' "
+                f"weights: their CT or MRI preset, README); this labelled set: {show(labelled)}")
     seen = {c["scheme"] for c in pretrained["channels"]}
-    differences = [f"channel {c['name']} is {c['scheme'].upper()}-normalised, the backbone saw "
-                   f"{' and '.join(s.upper() for s in sorted(seen))}" for c in labelled["channels"] if c["scheme"] not in seen]
+    saw = " and ".join(s.upper() for s in sorted(seen))
+    differences = [f"channel {c['name']} is {c['scheme'].upper()}-normalised, the backbone "
+                   f"saw {saw}" for c in labelled["channels"] if c["scheme"] not in seen]
     if list(pretrained["spacing"]) != list(labelled["spacing"]):
-        differences.append(f"another spacing ({mm(labelled['spacing'])} vs {mm(pretrained['spacing'])})")
+        differences.append(f"another spacing ({mm(labelled['spacing'])} vs "
+                           f"{mm(pretrained['spacing'])})")
     return (f"preprocessing: backbone {show(pretrained)}; labelled set {show(labelled)}: "
             + ("; ".join(differences) if differences else "the same"))
 
@@ -199,21 +214,25 @@ def sliding_window(image, predict_fn, window, overlap=0.5, batch_size=2, align=1
     pyramid), or one tensor (b, K, *window). Windows start at multiples of `align` (2**(L-1) keeps
     every level of an L-level pyramid on its own grid) over the volume zero-padded to fit them; map
     l is the Gaussian-weighted average of the windows' maps, cut to ceil(size / 2**l). Returns the
-    same structure, each map (K_l, ...) float32 on image.device. Autocast and eval mode: the caller's."""
+    same structure, each map (K_l, ...) float32 on image.device. Autocast and eval mode: the
+    caller's."""
     shape, m = tuple(image.shape[1:]), align
     window = tuple(max(m, int(w) // m * m) for w in window)
     padded = tuple(max(-(-s // m) * m, w) for s, w in zip(shape, window))
-    image = F.pad(image, [0, padded[2] - shape[2], 0, padded[1] - shape[1], 0, padded[0] - shape[0]])
+    image = F.pad(image,
+                  [0, padded[2] - shape[2], 0, padded[1] - shape[1], 0, padded[0] - shape[0]])
     starts = [tuple(t // m * m for t in st) for st in tile_starts(padded, window, overlap)]
     sums = norms = single = None
     for b in range(0, len(starts), batch_size):
         chunk = starts[b:b + batch_size]
-        tiles = torch.stack([image[(slice(None),) + tuple(slice(s, s + w) for s, w in zip(st, window))] for st in chunk])
+        boxes = [(slice(None), *(slice(s, s + w) for s, w in zip(st, window))) for st in chunk]
+        tiles = torch.stack([image[box] for box in boxes])
         out = predict_fn(tiles)
         single = torch.is_tensor(out)
         out = [out] if single else out
         if sums is None:
-            sums = [torch.zeros((o.shape[1],) + tuple(p // 2 ** l for p in padded), device=image.device)
+            sums = [torch.zeros((o.shape[1],) + tuple(p // 2 ** l for p in padded),
+                                device=image.device)
                     for l, o in enumerate(out)]
             norms = [torch.zeros(s.shape[1:], device=image.device) for s in sums]
         for l, o in enumerate(out):
@@ -222,8 +241,8 @@ def sliding_window(image, predict_fn, window, overlap=0.5, batch_size=2, align=1
                 box = tuple(slice(s // 2 ** l, s // 2 ** l + n) for s, n in zip(st, o.shape[2:]))
                 sums[l][(slice(None),) + box] += pred.float() * w
                 norms[l][box] += w
-    maps = [(s / n)[(slice(None),) + tuple(slice(0, -(-d // 2 ** l)) for d in shape)] for l, (s, n) in
-            enumerate(zip(sums, norms))]
+    maps = [(s / n)[(slice(None),) + tuple(slice(0, -(-d // 2 ** l)) for d in shape)]
+            for l, (s, n) in enumerate(zip(sums, norms))]
     return maps[0] if single else maps
 
 
@@ -233,11 +252,12 @@ def volume_probabilities(model, image, window, device, amp_dtype=None, overlap=0
     (K, X, Y, Z) float32 on device."""
     model.eval()
     x = torch.as_tensor(np.asarray(image, dtype=np.float32), device=device)     # (C, X, Y, Z)
-    window = tuple(min(w, s) for w, s in zip(window, x.shape[1:]))             # no window larger than the volume
+    window = tuple(min(w, s) for w, s in zip(window, x.shape[1:]))    # none larger than the volume
 
     def probabilities(tiles):                                                    # (b, C, *window)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            return torch.softmax(model(tiles.contiguous(memory_format=torch.channels_last_3d)).float(), dim=1)
+            logits = model(tiles.contiguous(memory_format=torch.channels_last_3d))
+            return torch.softmax(logits.float(), dim=1)
 
     return sliding_window(x, probabilities, window, overlap=overlap)
 
@@ -249,13 +269,15 @@ def evaluate(model, data_dir, test_ids, num_classes, window, device, amp_dtype=N
     rows = []
     for case_id in tqdm(test_ids, desc="evaluate", leave=False):
         case = read_case(data_dir, case_id, need_label=True)
-        pred = predict_labels(volume_probabilities(model, case["image"], window, device, amp_dtype)[None])[0]
+        pred = predict_labels(volume_probabilities(model, case["image"], window, device,
+                                                   amp_dtype)[None])[0]
         rows.append(dice_per_class(pred.cpu().numpy(), np.asarray(case["label"]), num_classes))
     return np.stack(rows)
 
 
 def fold_mean(dice):
-    """(cases, K-1) Dice -> the fold's mean: over classes per volume (absent classes ignored), then volumes."""
+    """(cases, K-1) Dice -> the fold's mean: over the classes of each volume (absent ones ignored),
+    then the volumes."""
     return float(np.nanmean(np.nanmean(dice, axis=1)))
 
 
@@ -264,8 +286,8 @@ def summarise(fold_dice, names):
     over volumes per fold; mean +- std over folds. Per class: mean over all volumes of all folds."""
     fold_means = {k: fold_mean(d) for k, d in fold_dice.items()}
     all_rows = np.concatenate(list(fold_dice.values()))
-    per_class = {names[c + 1]: float(np.nanmean(all_rows[:, c])) if not np.all(np.isnan(all_rows[:, c])) else None
-                 for c in range(all_rows.shape[1])}
+    per_class = {names[c + 1]: None if np.all(np.isnan(all_rows[:, c])) else
+                 float(np.nanmean(all_rows[:, c])) for c in range(all_rows.shape[1])}
     means = np.array(list(fold_means.values()))
     return dict(mean_dice=float(means.mean()), std_dice=float(means.std()), per_class=per_class,
                 folds={str(k): v for k, v in fold_means.items()})
@@ -276,7 +298,8 @@ def write_results(args, cfg, fold_dice, names, info, cases, started, title, extr
     table, and the run folder marked finished. cases: {fold: (train_ids, test_ids)}."""
     plain = lambda d: {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
     results = summarise(fold_dice, names)
-    results.update(checkpoint=str(args.checkpoint) if args.checkpoint else None, init=args.init or "checkpoint",
+    results.update(checkpoint=str(args.checkpoint) if args.checkpoint else None,
+                   init=args.init or "checkpoint",
                    backbone_step=info["step"], backbone_preprocessing=info["preprocessing"],
                    data_preprocessing=preprocessing(read_dataset(args.data)[1]),
                    args=plain(vars(args)), config=plain(cfg),
@@ -288,48 +311,60 @@ def write_results(args, cfg, fold_dice, names, info, cases, started, title, extr
     print(f"\n{title}, {args.checkpoint or 'random init'}")
     for name, d in results["per_class"].items():
         print(f"  {name:<16} {'n/a' if d is None else f'{d:.3f}'}")
-    print(f"  {'mean':<16} {results['mean_dice']:.3f} +- {results['std_dice']:.3f} "
-          f"(over {len(results['folds'])} fold(s): {', '.join(f'{v:.3f}' for v in results['folds'].values())})")
+    print(f"  {'mean':<16} {results['mean_dice']:.3f} +- {results['std_dice']:.3f} (over "
+          f"{len(results['folds'])} fold(s): "
+          f"{', '.join(f'{v:.3f}' for v in results['folds'].values())})")
     return results
 
 
 def announce(title, args, cfg, device, amp_dtype):
     if world_info()[0] == 0:
-        print(f"{title} on {world_info()[1]} x {device} ({'bf16 autocast' if amp_dtype else 'fp32'}): "
-              f"{args.checkpoint or 'random init'}, config {json.dumps(cfg)}")
+        print(f"{title} on {world_info()[1]} x {device} "
+              f"({'bf16 autocast' if amp_dtype else 'fp32'}): {args.checkpoint or 'random init'}, "
+              f"config {json.dumps(cfg)}")
 
 
-# ----------------------------------------------------------------------------- flags, rules and presets
+# ------------------------------------------------------------------------- flags, rules and presets
 
 def add_common_args(p):
     """The flags linear_probe.py and finetune.py share."""
     # Data and protocol
     p.add_argument("--data", required=True, help="preprocessed DATA_DIR, or 'demo' (data/demo)")
-    p.add_argument("--test-data", help="evaluate on this labelled set (kept apart from --data) instead of cross-validation")
+    p.add_argument("--test-data", help="evaluate on this labelled set (apart from --data)")
     p.add_argument("--out", required=True, help="folder for results.json (and models)")
-    p.add_argument("--force", action="store_true", help="replace the run in --out (its files are removed first)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the run in --out (its files are removed first)")
     p.add_argument("--folds", type=positive_int, default=3, help="k of k-fold cross-validation")
     p.add_argument("--fold", type=non_negative_int, help="run only this fold [all]")
-    p.add_argument("--train-cases", type=positive_int, help="label budget: training cases per fold [all]")
-    p.add_argument("--draw", type=non_negative_int, default=0, help="which seeded draw of --train-cases cases")
+    p.add_argument("--train-cases", type=positive_int,
+                   help="label budget: training cases per fold [all]")
+    p.add_argument("--draw", type=non_negative_int, default=0,
+                   help="which seeded draw of --train-cases cases")
     p.add_argument("--split", nargs="?", const=True, metavar="FILE",
-                   help="a fixed split (train / val / test case ids) instead of cross-validation; without FILE, "
-                        "DATA/split.json (preprocess.py --demo writes one)")
-    p.add_argument("--evaluate-on", choices=["test", "val"], default="test", help="with --split: the cases scored")
+                   help="a fixed split (train / val / test case ids) instead of cross-validation; "
+                        "without FILE, DATA/split.json (preprocess.py --demo writes one)")
+    p.add_argument("--evaluate-on", choices=["test", "val"], default="test",
+                   help="with --split: the cases scored")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--preset", choices=["paper", "demo"],
-                   help="demo replaces some defaults with the script's DEMO [demo for --data demo, else paper]")
+                   help="demo: the script's DEMO replaces some defaults [demo for --data demo]")
     # Backbone
-    p.add_argument("--checkpoint", help="a pretrain.py run folder or its backbone.pt (or the authors' weights)")
-    p.add_argument("--init", choices=["random"], help="random-init baseline instead of --checkpoint")
-    p.add_argument("--arch", choices=sorted(ARCHS), default="balanced", help="architecture for --init random")
-    p.add_argument("--base-channels", type=positive_int, default=ARCHS["balanced"]["base_channels"], help="for --init random")
-    p.add_argument("--num-levels", type=positive_int, default=ARCHS["balanced"]["num_levels"], help="for --init random")
+    p.add_argument("--checkpoint",
+                   help="a pretrain.py run folder or its backbone.pt (or the authors' weights)")
+    p.add_argument("--init", choices=["random"],
+                   help="random-init baseline instead of --checkpoint")
+    p.add_argument("--arch", choices=sorted(ARCHS), default="balanced",
+                   help="architecture for --init random")
+    p.add_argument("--base-channels", type=positive_int,
+                   default=ARCHS["balanced"]["base_channels"], help="for --init random")
+    p.add_argument("--num-levels", type=positive_int, default=ARCHS["balanced"]["num_levels"],
+                   help="for --init random")
     # Evaluation and device
-    p.add_argument("--eval-patch-size", type=positive_int, nargs=3, default=(128, 128, 32), help="sliding-window size at evaluation")
+    p.add_argument("--eval-patch-size", type=positive_int, nargs=3, default=(128, 128, 32),
+                   help="sliding-window size at evaluation")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast on a GPU, or on a CPU with bf16 instructions; fp32 elsewhere")
+                   help="bf16 autocast on a GPU, or on a CPU with bf16 instructions, else fp32")
 
 
 def no_effect(args, flag, idle, why):
@@ -341,7 +376,8 @@ def no_effect(args, flag, idle, why):
 def refusals(a):
     """Settings the probe and fine-tuning cannot honour, refused where the flags are parsed."""
     if (a.checkpoint is None) == (a.init != "random"):
-        yield "give exactly one of --checkpoint BACKBONE.pt (or a pretrain.py run folder) or --init random"
+        yield ("give exactly one of --checkpoint BACKBONE.pt (or a pretrain.py run folder) or "
+               "--init random")
     if a.split and a.test_data:
         yield "--split and --test-data are two ways to choose the test cases: give one"
     yield no_effect(a, "folds", a.split or a.test_data, "--split / --test-data fix one split")

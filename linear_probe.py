@@ -5,7 +5,7 @@ its own 1x1x1 convolution to the class count, upsampled to full resolution and s
 (model.LinearHead); k-fold cross-validation, Dice per class on whole held-out volumes.
 
     python linear_probe.py --data demo --split --checkpoint runs/pretrain-demo --out runs/probe
-    python linear_probe.py --data demo --split --init random --out runs/probe-random   # the baseline beside it
+    python linear_probe.py --data demo --split --init random --out runs/probe-random  # the baseline
     python linear_probe.py --data DATA_DIR --checkpoint runs/ct --out DIR --folds 3
 
 The frozen backbone's pyramid is a fixed function of a volume: it is computed once per volume
@@ -37,7 +37,8 @@ import downstream
 import runtime
 from data import read_case
 from data import InputError
-from downstream import announce, fold_mean, new_segmenter, prepare, set_backbone_trainable, write_results
+from downstream import announce, fold_mean, new_segmenter, prepare, set_backbone_trainable
+from downstream import write_results
 from loss import dice_per_class, predict_labels
 from runtime import non_negative_float, positive_int
 from weights import nonfinite
@@ -56,7 +57,7 @@ def compute_pyramid(backbone, image, window, device, amp_dtype=None):
     level l lands exactly on level l's grid (downstream.sliding_window)."""
     backbone.eval()
 
-    def run(tiles):                                                          # (b, C, ...) -> pyramid
+    def run(tiles):                                                    # (b, C, ...) -> a pyramid
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             return [level.float() for level in backbone(tiles)]
 
@@ -64,11 +65,13 @@ def compute_pyramid(backbone, image, window, device, amp_dtype=None):
     if all(s <= w for s, w in zip(x.shape[1:], window)):
         levels = [p[0] for p in run(x[None])]
     else:
-        levels = downstream.sliding_window(x, run, window, overlap=0.5, batch_size=1, align=2 ** (backbone.num_levels - 1))
+        levels = downstream.sliding_window(x, run, window, overlap=0.5, batch_size=1,
+                                           align=2 ** (backbone.num_levels - 1))
     return [level.to(torch.float16).cpu().numpy() for level in levels]
 
 
-def cache_pyramids(backbone, data_dir, case_ids, window, device, cache_dir=None, ram_gb=4.0, amp_dtype=None):
+def cache_pyramids(backbone, data_dir, case_ids, window, device, cache_dir=None, ram_gb=4.0,
+                   amp_dtype=None):
     """{case id: list of (C_l, X_l, Y_l, Z_l) float16 arrays}. In memory, or (when the estimated
     size exceeds ram_gb) as memory-mapped .npy files in cache_dir, read back lazily."""
     per_voxel = 2 * sum(c / 8 ** l for l, c in enumerate(backbone.channels))      # bytes, float16
@@ -76,7 +79,8 @@ def cache_pyramids(backbone, data_dir, case_ids, window, device, cache_dir=None,
     on_disk = per_voxel * voxels > ram_gb * 2 ** 30
     cache = {}
     for case_id in tqdm(case_ids, desc="cache pyramids", leave=False):
-        levels = compute_pyramid(backbone, read_case(data_dir, case_id)["image"], window, device, amp_dtype)
+        levels = compute_pyramid(backbone, read_case(data_dir, case_id)["image"], window, device,
+                                 amp_dtype)
         if on_disk:
             folder = Path(cache_dir) / case_id
             folder.mkdir(parents=True, exist_ok=True)
@@ -93,7 +97,8 @@ def channel_statistics(cache, case_ids):
     for l in range(len(cache[case_ids[0]])):
         s = s2 = n = 0
         for c in case_ids:
-            a = np.asarray(cache[c][l], dtype=np.float64).reshape(len(cache[c][l]), -1)   # (C_l, V_l)
+            a = np.asarray(cache[c][l], dtype=np.float64)
+            a = a.reshape(len(a), -1)                                           # (C_l, V_l)
             s, s2, n = s + a.sum(1), s2 + (a * a).sum(1), n + a.shape[1]
         mean = s / n
         means.append(torch.tensor(mean, dtype=torch.float32))
@@ -108,7 +113,7 @@ def as_tensors(levels, device, crop=None):
     for l, a in enumerate(levels):
         if crop is not None:
             start, size = crop
-            a = a[(slice(None),) + tuple(slice(s // 2 ** l, (s + n) // 2 ** l) for s, n in zip(start, size))]
+            a = a[(slice(None), *(slice(s >> l, (s + n) >> l) for s, n in zip(start, size)))]
         out.append(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None].to(device))
     return out
 
@@ -121,7 +126,7 @@ def balanced_voxel_sample(label, num_classes, per_class, rng):
     coords (n, 3) int64, classes (n,) int64, voxels per class in the whole volume (num_classes,)."""
     flat = np.asarray(label).reshape(-1)
     counts = np.bincount(flat, minlength=num_classes)
-    order = np.argsort(flat, kind="stable")                                       # voxels grouped by class
+    order = np.argsort(flat, kind="stable")                             # voxels grouped by class
     picked = []
     for c, group in zip(range(num_classes), np.split(order, np.cumsum(counts)[:-1])):
         if len(group):
@@ -136,24 +141,26 @@ def gather_levels(levels, coords):
     exactly what nearest upsampling puts at those voxels."""
     out = []
     for l, a in enumerate(levels):
-        c = coords >> l                                                           # (n, 3) on level l's grid
-        out.append(torch.from_numpy(np.ascontiguousarray(np.asarray(a[:, c[:, 0], c[:, 1], c[:, 2]], dtype=np.float32).T)))
+        c = coords >> l                                                 # (n, 3) on level l's grid
+        voxels = np.asarray(a[:, c[:, 0], c[:, 1], c[:, 2]], dtype=np.float32).T     # (n, C_l)
+        out.append(torch.from_numpy(np.ascontiguousarray(voxels)))
     return out
 
 
 def train_head(head, cache, labels, train_ids, cfg, device, seed=0):
     """Fit the linear head (Sec. 3.2) on a fixed class-balanced sample of training voxels
     (--voxels-per-class per class and volume), gathered from the cached pyramids: multinomial
-    logistic regression, cross-entropy with a small L2 penalty (--weight-decay), solved by full-batch
-    L-BFGS for at most --max-steps iterations. Each voxel's loss is weighted by (its class's share of
-    the training volumes) / (its share of the sample), so the sample's class balance shapes the
-    rare classes' weights while the head still learns the volumes' class prior.
+    logistic regression, cross-entropy with a small L2 penalty (--weight-decay), solved by
+    full-batch L-BFGS for at most --max-steps iterations. Each voxel's loss is weighted by (its
+    class's share of the training volumes) / (its share of the sample), so the sample's class
+    balance shapes the rare classes' weights while the head still learns the volumes' class prior.
     Memory and time grow with the sample, not with the volumes. Returns (iterations, final loss)."""
     rng = np.random.default_rng(seed)
     num_classes = head.convs[0].out_channels
     per_level, classes, totals = [[] for _ in head.convs], [], np.zeros(num_classes)
     for case_id in train_ids:
-        coords, y, counts = balanced_voxel_sample(labels[case_id], num_classes, cfg["voxels_per_class"], rng)
+        coords, y, counts = balanced_voxel_sample(labels[case_id], num_classes,
+                                                  cfg["voxels_per_class"], rng)
         for l, f in enumerate(gather_levels(cache[case_id], coords)):
             per_level[l].append(f)
         classes.append(y)
@@ -161,10 +168,12 @@ def train_head(head, cache, labels, train_ids, cfg, device, seed=0):
     features = [torch.cat(f).to(device) for f in per_level]                      # [(N, C_l)]
     y = np.concatenate(classes)
     sampled = np.bincount(y, minlength=num_classes)
-    class_weight = np.where(sampled > 0, (totals / totals.sum()) / np.maximum(sampled / len(y), 1e-12), 0.0)
+    class_weight = np.where(sampled > 0,
+                            (totals / totals.sum()) / np.maximum(sampled / len(y), 1e-12), 0.0)
     weights = torch.as_tensor(class_weight[y], dtype=torch.float32, device=device)  # (N,)
     y = torch.from_numpy(y).to(device)
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=cfg["max_steps"], max_eval=5 * cfg["max_steps"],
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=cfg["max_steps"],
+                                  max_eval=5 * cfg["max_steps"],
                                   history_size=20, tolerance_grad=1e-7, tolerance_change=1e-10,
                                   line_search_fn="strong_wolfe")
 
@@ -196,40 +205,47 @@ def evaluate_cached(head, cache, labels, test_ids, num_classes, device):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    cfg = dict(voxels_per_class=args.voxels_per_class, max_steps=args.max_steps, weight_decay=args.weight_decay,
-               eval_patch_size=tuple(args.eval_patch_size), folds=args.folds)
+    cfg = dict(voxels_per_class=args.voxels_per_class, max_steps=args.max_steps,
+               weight_decay=args.weight_decay, eval_patch_size=tuple(args.eval_patch_size),
+               folds=args.folds)
     run = prepare(args)
     if run.world > 1:
-        raise InputError("the cached-feature probe runs in one process (it trains a linear head only; "
-                                 "torchrun gives it nothing)")
-    runtime.claim_run(args.out, "linear_probe.py", ["results.json"], runtime.settings(args), run.inputs, args.force)
+        raise InputError("the cached-feature probe runs in one process (it trains a linear head "
+                         "only; torchrun gives it nothing)")
+    runtime.claim_run(args.out, "linear_probe.py", ["results.json"], runtime.settings(args),
+                      run.inputs, args.force)
     amp_dtype = runtime.amp_dtype(run.device, args.amp)
     announce("linear probe", args, cfg, run.device, amp_dtype)
     fold_dice, cases, steps, started = {}, {}, {}, time.time()
     if args.cache_dir:
         runtime.make_folder(Path(args.cache_dir), "--cache-dir")
+    window, ram = cfg["eval_patch_size"], args.cache_ram_gb
     with tempfile.TemporaryDirectory(prefix="probe-cache-") as work:
         cache_dir = Path(args.cache_dir or work)
         for fold, train_ids, test_ids in run.plan:
             cases[fold] = (train_ids, test_ids)
-            model, info = new_segmenter(args, run.backbone, len(run.names), "linear", run.device, fold, run.channels)
+            model, info = new_segmenter(args, run.backbone, len(run.names), "linear", run.device,
+                                        fold, run.channels)
             set_backbone_trainable(model, False)          # eval mode, no gradients: frozen for real
             before = {k: v.detach().clone() for k, v in model.backbone.state_dict().items()}
-            cache = cache_pyramids(model.backbone, run.data_dir, train_ids, cfg["eval_patch_size"], run.device,
-                                   cache_dir / "train", args.cache_ram_gb, amp_dtype)
+            cache = cache_pyramids(model.backbone, run.data_dir, train_ids, window, run.device,
+                                   cache_dir / "train", ram, amp_dtype)
             model.head.set_statistics(*channel_statistics(cache, train_ids))
-            n, loss = train_head(model.head, cache, read_labels(train_ids, run.data_dir), train_ids, cfg, run.device,
+            labels = read_labels(train_ids, run.data_dir)
+            n, loss = train_head(model.head, cache, labels, train_ids, cfg, run.device,
                                  args.seed + fold)
             if not math.isfinite(loss) or nonfinite(model.head.state_dict()):
-                raise runtime.Diverged(f"fold {fold}: the linear head's loss ({loss}) or weights are not finite after "
-                                       f"{n} L-BFGS steps; no result is reported (try a larger --weight-decay)")
+                raise runtime.Diverged(f"fold {fold}: the linear head's loss ({loss}) or weights "
+                                       f"are not finite after {n} L-BFGS steps; no result is "
+                                       "reported (try a larger --weight-decay)")
             steps[str(fold)] = dict(steps=n, final_loss=round(loss, 5))
             print(f"fold {fold}: head trained {n} steps, final loss {loss:.4f}")
             # The check that only the head trained (MAE's probe left its encoder in train mode).
             assert all(torch.equal(before[k], v) for k, v in model.backbone.state_dict().items())
-            test_cache = cache_pyramids(model.backbone, run.test_dir, test_ids, cfg["eval_patch_size"], run.device,
-                                        cache_dir / "test", args.cache_ram_gb, amp_dtype)
-            fold_dice[fold] = evaluate_cached(model.head, test_cache, read_labels(test_ids, run.test_dir), test_ids,
+            test_cache = cache_pyramids(model.backbone, run.test_dir, test_ids, window, run.device,
+                                        cache_dir / "test", ram, amp_dtype)
+            labels = read_labels(test_ids, run.test_dir)
+            fold_dice[fold] = evaluate_cached(model.head, test_cache, labels, test_ids,
                                               len(run.names), run.device)
             print(f"fold {fold}: {len(train_ids)} train / {len(test_ids)} test cases, "
                   f"mean Dice {fold_mean(fold_dice[fold]):.3f}")
@@ -250,11 +266,16 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     downstream.add_common_args(p)
     # The probe's own training (on voxels sampled from the cached pyramids)
-    p.add_argument("--voxels-per-class", type=positive_int, default=2048, help="training voxels sampled per class and volume")
-    p.add_argument("--max-steps", type=positive_int, default=500, help="cap on L-BFGS iterations of the head")
-    p.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="L2 penalty on the head's weights")
-    p.add_argument("--cache-dir", help="memory-mapped pyramid cache for large data [a temporary folder]")
-    p.add_argument("--cache-ram-gb", type=non_negative_float, default=4.0, help="keep the cache in memory below this size")
+    p.add_argument("--voxels-per-class", type=positive_int, default=2048,
+                   help="training voxels sampled per class and volume")
+    p.add_argument("--max-steps", type=positive_int, default=500,
+                   help="cap on L-BFGS iterations of the head")
+    p.add_argument("--weight-decay", type=non_negative_float, default=1e-4,
+                   help="L2 penalty on the head's weights")
+    p.add_argument("--cache-dir",
+                   help="memory-mapped pyramid cache for large data [a temporary folder]")
+    p.add_argument("--cache-ram-gb", type=non_negative_float, default=4.0,
+                   help="keep the cache in memory below this size")
     return runtime.parse(p, argv, preset, downstream.refusals)
 
 

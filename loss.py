@@ -1,9 +1,9 @@
-"""Losses of Sec. 2.3 (Kats et al. 2024), and the downstream segmentation loss and metric (Sec. 3.2).
+"""Losses of Sec. 2.3 (Kats et al. 2024), and the downstream segmentation loss and metric (3.2).
 
   info_nce             Eq. 1: InfoNCE over the n sampled voxel pairs of a batch, tau = 0.1.
   reconstruction_loss  Eq. 2: MSE between the reconstructed and the un-augmented patches.
   hybrid_loss          Eq. 3: L = L_c + lambda * L_r, lambda = 10.
-  segmentation_loss    softmax cross-entropy + soft Dice (fine-tuning; the reference: per-class sigmoids).
+  segmentation_loss    softmax cross-entropy + soft Dice (fine-tuning; the reference: sigmoids).
   predict_labels       the K class scores read as one label map (argmax).
   dice_per_class       Dice per foreground class of a label map (the reported metric).
 
@@ -23,7 +23,7 @@ def _at_least_float32(*tensors):
 
 
 def info_nce(z_a, z_b, temperature=0.1, valid=None):
-    """Eq. 1. z_a, z_b: (N, D) L2-normalised embeddings; row i of z_a and row i of z_b are the same voxel.
+    """Eq. 1. z_a, z_b: (N, D) L2-normalised embeddings; row i of both is the same voxel.
     valid: optional (N,) bool; rows marked False are padding (pretrain.py pads each process's
     voxels to a fixed count before gathering them across processes): they are neither anchors
     nor negatives. A mask instead of boolean indexing keeps the shapes static (no host sync).
@@ -53,10 +53,11 @@ def info_nce(z_a, z_b, temperature=0.1, valid=None):
 
 
 def reconstruction_loss(recon_a, target_a, recon_b, target_b):
-    """Eq. 2: mean of the two views' MSE. recon_*, target_*: (B, 1, X, Y, Z), target = un-augmented patch."""
+    """Eq. 2: the two views' mean MSE. recon_*, target_* (un-augmented patches): (B, 1, X, Y, Z)."""
     if recon_a.shape != target_a.shape or recon_b.shape != target_b.shape:
-        raise ValueError(f"loss.py: reconstruction and target shapes differ: {tuple(recon_a.shape)} vs "
-                         f"{tuple(target_a.shape)}, {tuple(recon_b.shape)} vs {tuple(target_b.shape)}")
+        raise ValueError(f"loss.py: reconstruction and target shapes differ: "
+                         f"{tuple(recon_a.shape)} vs {tuple(target_a.shape)}, "
+                         f"{tuple(recon_b.shape)} vs {tuple(target_b.shape)}")
     recon_a, target_a, recon_b, target_b = _at_least_float32(recon_a, target_a, recon_b, target_b)
     return (F.mse_loss(recon_a, target_a) + F.mse_loss(recon_b, target_b)) / 2
 
@@ -92,7 +93,7 @@ def segmentation_loss(logits, label, eps=1e-5):
 
 
 def predict_labels(scores):
-    """Label map from class scores (logits or probabilities). scores: (B, K, ...) -> (B, ...) int64: argmax."""
+    """The label map of class scores (logits or probabilities): (B, K, ...) -> (B, ...) int64."""
     return scores.argmax(dim=1)
 
 
@@ -105,7 +106,8 @@ def dice_per_class(pred, label, num_classes):
         raise ValueError(f"loss.py: dice_per_class got pred {pred.shape} and label {label.shape}")
     for name, a in (("pred", pred), ("label", label)):
         if a.size and (a.min() < 0 or a.max() >= num_classes):
-            raise ValueError(f"loss.py: {name} values must be in [0, {num_classes}), got [{a.min()}, {a.max()}]")
+            raise ValueError(f"loss.py: {name} values must be in [0, {num_classes}), got "
+                             f"[{a.min()}, {a.max()}]")
     # Confusion matrix in one pass: rows = label, columns = prediction.
     pair = label.astype(np.int64).ravel() * num_classes + pred.astype(np.int64).ravel()
     confusion = np.bincount(pair, minlength=num_classes ** 2).reshape(num_classes, num_classes)

@@ -59,7 +59,8 @@ class ResBlock3d(nn.Module):
             nn.Conv3d(in_channels, out_channels, 3, padding=1),  # bias kept: the reference has it
             nn.BatchNorm3d(out_channels), nn.ReLU(inplace=True),
             nn.Conv3d(out_channels, out_channels, 3, padding=1))
-        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
+        same = in_channels == out_channels
+        self.skip = nn.Identity() if same else nn.Conv3d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.skip(x) + self.body(x)
@@ -73,8 +74,8 @@ class FPN3d(nn.Module):
     """U-Net-like 3D feature pyramid network, the same function as the authors' FPN3d (their
     weights load through weights.py's key map; tests/test_weights.py checks a forward pass written
     from their layout). forward(x (B, C_in, X, Y, Z)) -> num_levels tensors, level l
-    (B, base_channels * 2**l, ceil(X / 2**l), ...), for any input size. Stem: 3x3x3 conv C_in -> C_0.
-    Encoder level l: max-pool 2 in ceil mode (l > 0), 1x1x1 conv C_{l-1} -> C_l, two residual
+    (B, base_channels * 2**l, ceil(X / 2**l), ...), for any input size. Stem: 3x3x3 conv C_in ->
+    C_0. Encoder level l: max-pool 2 in ceil mode (l > 0), 1x1x1 conv C_{l-1} -> C_l, two residual
     blocks. Decoder level l (coarse to fine): the level above through a 1x1x1 conv to C_l,
     nearest-upsampled x2 and cropped, plus a 1x1x1 conv of the encoder's level l, then two residual
     blocks. Keeps channels_last_3d inputs channels-last; works under torch.autocast.
@@ -113,8 +114,8 @@ class FPN3d(nn.Module):
         for l in reversed(range(self.num_levels - 1)):
             # The 1x1x1 conv commutes with nearest upsampling (both act per voxel), so run it at
             # the coarse scale: the same result at 1/8 of the cost.
-            up = F.interpolate(self.lateral[l](h), scale_factor=2, mode="nearest")  # (B, C_l, 2 X_{l+1}, ...)
-            up = crop_to(up, skips[l].shape[2:])                                   # (B, C_l, X_l, Y_l, Z_l)
+            up = F.interpolate(self.lateral[l](h), scale_factor=2, mode="nearest")  # (B, C_l, ...)
+            up = crop_to(up, skips[l].shape[2:])                           # (B, C_l, X_l, Y_l, Z_l)
             h = self.decoder[l](up + self.skip[l](skips[l]))
             pyramid.insert(0, h)
         return pyramid
@@ -125,10 +126,11 @@ def crop_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return x[..., :size[0], :size[1], :size[2]]
 
 
-def training_bytes(channels: Sequence[int], patch_size: Sequence[int], patches: int, voxel_pairs: int = 0) -> int:
+def training_bytes(channels: Sequence[int], patch_size: Sequence[int], patches: int,
+                   voxel_pairs: int = 0) -> int:
     """A lower estimate of the memory a training step through an FPN of `channels` per level holds
     for its backward pass: SAVED_PER_LEVEL float32 copies of every level of `patches` patches, and
-    for InfoNCE over `voxel_pairs` pairs its (2N, 2N) logits three times (logits, softmax, gradient)."""
+    for InfoNCE over `voxel_pairs` pairs its (2N, 2N) logits thrice (logits, softmax, gradient)."""
     voxels = math.prod(patch_size)
     levels = sum(c * math.ceil(voxels / 8 ** l) for l, c in enumerate(channels))
     return 4 * (SAVED_PER_LEVEL * patches * levels + 3 * (2 * voxel_pairs) ** 2)
@@ -182,9 +184,11 @@ class PretrainModel(nn.Module):
                  embedding_dim: int = 128, hidden_dim: int = 512):
         super().__init__()
         if arch not in ARCHS:
-            raise ValueError(f"model.py PretrainModel: arch must be one of {sorted(ARCHS)}, got {arch!r}")
-        self.config = dict(backbone_config=dict(backbone_config), arch=arch, projection_dim=projection_dim,
-                           embedding_dim=embedding_dim, hidden_dim=hidden_dim)
+            raise ValueError(f"model.py PretrainModel: arch must be one of {sorted(ARCHS)}, "
+                             f"got {arch!r}")
+        self.config = dict(backbone_config=dict(backbone_config), arch=arch,
+                           projection_dim=projection_dim, embedding_dim=embedding_dim,
+                           hidden_dim=hidden_dim)
         self.arch = arch
         self.backbone = FPN3d(**backbone_config)
         channels = self.backbone.channels
@@ -202,10 +206,10 @@ class PretrainModel(nn.Module):
         self.reconstruction_head = reconstruction_head(channels[0])
 
     def voxel_features(self, pyramid: Sequence[torch.Tensor], coords: torch.Tensor) -> torch.Tensor:
-        """Voxel representation j (Sec. 2.2): (N, representation_dim), 160 (balanced) or 1008 (vox2vec)."""
+        """Voxel representation j (Sec. 2.2): (N, 160) balanced, or (N, 1008) vox2vec's."""
         sampled = sample_voxels(pyramid, coords)                    # list of (N, C_l)
-        if self.projections is not None:
-            sampled = [proj(s) for proj, s in zip(self.projections, sampled)]  # list of (N, projection_dim)
+        if self.projections is not None:                            # list of (N, projection_dim)
+            sampled = [proj(s) for proj, s in zip(self.projections, sampled)]
         return torch.cat(sampled, dim=1)
 
     def forward(self, x: torch.Tensor, coords: torch.Tensor):
@@ -226,7 +230,7 @@ def upsample_sum(pyramid: Sequence[torch.Tensor], convs: nn.ModuleList) -> torch
     out = convs[0](pyramid[0])                                      # (B, C_out, X, Y, Z)
     for l in range(1, len(pyramid)):
         up = F.interpolate(convs[l](pyramid[l]), scale_factor=2 ** l, mode="nearest")
-        out = out + crop_to(up, out.shape[2:])                      # ceil-mode levels overhang odd sizes
+        out = out + crop_to(up, out.shape[2:])       # ceil-mode levels overhang odd sizes
     return out
 
 
@@ -244,19 +248,22 @@ class LinearHead(nn.Module):
 
     def __init__(self, channels: Sequence[int], num_classes: int):
         super().__init__()
-        self.convs = nn.ModuleList(nn.Conv3d(c, num_classes, 1, bias=l == 0) for l, c in enumerate(channels))
+        self.convs = nn.ModuleList(nn.Conv3d(c, num_classes, 1, bias=l == 0)
+                                   for l, c in enumerate(channels))
         for l, c in enumerate(channels):
             self.register_buffer(f"mean{l}", torch.zeros(c))
             self.register_buffer(f"std{l}", torch.ones(c))
 
     @torch.no_grad()
-    def set_statistics(self, means: Sequence[torch.Tensor], stds: Sequence[torch.Tensor], eps: float = 1e-6):
+    def set_statistics(self, means: Sequence[torch.Tensor], stds: Sequence[torch.Tensor],
+                       eps: float = 1e-6):
         for l, (m, s) in enumerate(zip(means, stds)):
             getattr(self, f"mean{l}").copy_(m)
             getattr(self, f"std{l}").copy_(s.clamp_min(eps))
 
     def forward(self, pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
-        pyramid = [(f - getattr(self, f"mean{l}").view(1, -1, 1, 1, 1)) / getattr(self, f"std{l}").view(1, -1, 1, 1, 1)
+        s = (1, -1, 1, 1, 1)
+        pyramid = [(f - getattr(self, f"mean{l}").view(s)) / getattr(self, f"std{l}").view(s)
                    for l, f in enumerate(pyramid)]
         return upsample_sum(pyramid, self.convs)
 
@@ -267,7 +274,7 @@ class LinearHead(nn.Module):
         out = self.convs[0].bias                                        # (num_classes,)
         for l, (f, conv) in enumerate(zip(features, self.convs)):
             f = (f - getattr(self, f"mean{l}")) / getattr(self, f"std{l}")  # (N, C_l)
-            out = out + f @ conv.weight.flatten(1).T                     # (N, C_l) @ (C_l, num_classes)
+            out = out + f @ conv.weight.flatten(1).T              # (N, C_l) @ (C_l, num_classes)
         return out
 
 
@@ -280,7 +287,8 @@ class NonLinearHead(nn.Module):
     def __init__(self, channels: Sequence[int], num_classes: int, hidden: int = None):
         super().__init__()
         hidden = hidden or channels[0]  # as wide as the finest level: 32 for the paper's FPN
-        self.convs = nn.ModuleList(nn.Conv3d(c, hidden, 1, bias=l == 0) for l, c in enumerate(channels))
+        self.convs = nn.ModuleList(nn.Conv3d(c, hidden, 1, bias=l == 0)
+                                   for l, c in enumerate(channels))
         self.refine = nn.Sequential(
             nn.BatchNorm3d(hidden), nn.ReLU(inplace=True),
             nn.Conv3d(hidden, hidden, 3, padding=1, bias=False),
@@ -292,15 +300,17 @@ class NonLinearHead(nn.Module):
 
 
 class SegmentationModel(nn.Module):
-    """Backbone + segmentation head; forward(x (B, C_in, X, Y, Z)) -> logits (B, num_classes, X, Y, Z).
+    """Backbone + segmentation head: forward(x (B, C_in, X, Y, Z)) -> logits (B, K, X, Y, Z).
     Rebuild from a checkpoint with SegmentationModel(**model.config)."""
 
     def __init__(self, backbone_config: dict, num_classes: int, head: str = "linear"):
         super().__init__()
         heads = {"linear": LinearHead, "nonlinear": NonLinearHead}
         if head not in heads:
-            raise ValueError(f"model.py SegmentationModel: head must be one of {sorted(heads)}, got {head!r}")
-        self.config = dict(backbone_config=dict(backbone_config), num_classes=num_classes, head=head)
+            raise ValueError(f"model.py SegmentationModel: head must be one of {sorted(heads)}, "
+                             f"got {head!r}")
+        self.config = dict(backbone_config=dict(backbone_config), num_classes=num_classes,
+                           head=head)
         self.backbone = FPN3d(**backbone_config)
         self.head = heads[head](self.backbone.channels, num_classes)
 

@@ -1,7 +1,7 @@
 """Self-supervised pretraining of a 3D FPN with dense, hierarchically balanced voxel embeddings
 (Kats, Hirsch & Heinrich 2024, Sec. 2, Fig. 2; built on vox2vec, Goncharov et al. 2023).
 
-    python pretrain.py --data demo                        # the demo preset, its unlabelled corpus (CPU)
+    python pretrain.py --data demo                        # the demo preset and corpus (CPU)
     python pretrain.py --data DATA_DIR --out runs/ct      # the paper's config (one GPU)
     python pretrain.py --data DATA_DIR --method vox2vec   # the vox2vec baseline (Table 1, row 1)
     python pretrain.py --data DATA_DIR --out runs/ct --resume     # continue an interrupted run
@@ -37,11 +37,13 @@ from tqdm import tqdm
 
 import runtime
 from augment import KINDS, augment_batch
-from data import PairDataset, collate_pairs, list_cases, preprocessing, read_dataset, read_split, step_loader
+from data import PairDataset, collate_pairs, list_cases, preprocessing, read_dataset, read_split
+from data import step_loader
 from loss import hybrid_loss, info_nce, reconstruction_loss
 from model import ARCHS, DEMO_ARCHS, PretrainModel, training_bytes
 from runtime import non_negative_float, non_negative_int, positive_float, positive_int
-from weights import check_backbone_flags, load_checkpoint, read_backbone, save_backbone, save_checkpoint
+from weights import check_backbone_flags, load_checkpoint, read_backbone, save_backbone
+from weights import save_checkpoint
 
 # The demo preset (demo.DEMO_SCALE volumes of ~52 x 45 x 20 voxels, model.DEMO_ARCHS network).
 # The patch sets how far the two views of a pair move against each other relative to the patch:
@@ -70,18 +72,17 @@ def build_model(cfg, backbone_state=None):
 def training_step(model, batch, cfg, generator, device, amp_dtype):
     """One forward of both augmented views; L_c (Eq. 1), L_r (Eq. 2), L (Eq. 3) -> (L, its parts).
     No host-device synchronisation happens in here."""
-    B = batch["patches_a"].shape[0]
-    xa = batch["patches_a"].to(device, non_blocking=True)  # (B, 1, X, Y, Z) un-augmented: Eq. 2's target
-    xb = batch["patches_b"].to(device, non_blocking=True)
-    # View B's patches sit after view A's in the stacked batch; shifted on the host, before the copy.
-    coords = torch.cat([batch["coords_a"], batch["coords_b"] + torch.tensor([B, 0, 0, 0])])  # (2N, 4)
-    coords = coords.to(device, non_blocking=True)
+    B, N = batch["patches_a"].shape[0], batch["coords_a"].shape[0]
+    xa = batch["patches_a"].to(device, non_blocking=True)  # (B, 1, X, Y, Z) un-augmented: Eq. 2's
+    xb = batch["patches_b"].to(device, non_blocking=True)  # target
+    # View B's patches follow view A's in the stacked batch: its pair index shifted, on the host.
+    coords = torch.cat([batch["coords_a"], batch["coords_b"] + torch.tensor([B, 0, 0, 0])])
+    coords = coords.to(device, non_blocking=True)                       # (2N, 4)
     x = torch.cat([augment_batch(xa, generator, cfg["aug"]),
                    augment_batch(xb, generator, cfg["aug"])])          # (2B, 1, X, Y, Z)
     x = x.contiguous(memory_format=torch.channels_last_3d)   # faster 3D convs on GPU and CPU alike
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         z, recon = model(x, coords)                        # (2N, 128), (2B, 1, X, Y, Z)
-    N = batch["coords_a"].shape[0]
     za, zb, valid = z[:N], z[N:], None
     if dist.is_initialized():     # torchrun: InfoNCE's negatives from every process
         za, zb, valid = runtime.gather_embeddings(za, zb, cfg["num_voxels"] * B)
@@ -92,9 +93,8 @@ def training_step(model, batch, cfg, generator, device, amp_dtype):
 
 
 def learning_rate(step, cfg):
-    """The lr of step `step` (0-based): the linear warm-up over --warmup-steps every training
-    loop shares (runtime.warmup), then constant (--lr-schedule constant, the paper's) or a half
-    cosine from --lr to 0 at --steps (cosine)."""
+    """The lr of step `step` (0-based): runtime.warmup's linear warm-up over --warmup-steps, then
+    constant (the paper's) or, with --lr-schedule cosine, a half cosine to 0 at --steps."""
     lr, warm = cfg["lr"] * runtime.warmup(step, cfg["warmup_steps"]), cfg["warmup_steps"]
     if cfg["lr_schedule"] == "cosine" and step >= warm:
         return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg["steps"] - warm)))
@@ -110,7 +110,7 @@ def main(args, build=build_model, step=training_step, after_step=None):
     last = train(run, step, after_step)
     if run.rank == 0:
         runtime.finish_run(run.folder)
-        print(f"done: {last} steps; backbone for the downstream stages: {run.folder / 'backbone.pt'}")
+        print(f"done: {last} steps; the backbone: {run.folder / 'backbone.pt'}")
     if run.world > 1:
         runtime.end_distributed()
     return run.folder
@@ -119,8 +119,9 @@ def main(args, build=build_model, step=training_step, after_step=None):
 def setup(args, build=build_model, outputs=OUTPUTS):
     """Everything before the first step, every input problem one line before any work -> the
     run: namespace(cfg, model, optimizer, loader, folder, start, device, amp_dtype, rank, world)."""
-    device = runtime.pick_device(args.device)
-    rank, world, device = runtime.setup_distributed(device) if "RANK" in os.environ else (0, 1, device)
+    device, rank, world = runtime.pick_device(args.device), 0, 1
+    if "RANK" in os.environ:                                    # launched by torchrun
+        rank, world, device = runtime.setup_distributed(device)
     per_rank = runtime.split_batch(args.batch_pairs, world, args.pairs_per_volume, "--batch-pairs")
     items = per_rank // args.pairs_per_volume                  # dataset items per process and step
     data_dir, info = read_dataset(args.data, demo_part="unlabelled")
@@ -129,7 +130,7 @@ def setup(args, build=build_model, outputs=OUTPUTS):
     dataset = PairDataset(data_dir, args.patch_size, args.num_voxels, args.pairs_per_volume,
                           length=args.steps * world * items, seed=args.seed, case_ids=cases)
     cfg = dict(runtime.settings(args), data=str(data_dir.resolve()), cases=cases,
-               preprocessing=preprocessing(info))          # backbone.pt keeps how its corpus was made
+               preprocessing=preprocessing(info))         # backbone.pt keeps how its data was made
     init = None
     if args.init_from:      # ours or the authors' released weights: the file decides the FPN's size
         config, init, _ = read_backbone(args.init_from)
@@ -137,9 +138,10 @@ def setup(args, build=build_model, outputs=OUTPUTS):
         cfg.update(base_channels=config["base_channels"], num_levels=config["num_levels"])
     torch.manual_seed(args.seed)
     model = build(cfg, init)
-    runtime.check_memory(training_bytes(model.backbone.channels, args.patch_size, 2 * per_rank,
-                                        args.batch_pairs * args.num_voxels), device,
-                         f"a step of {per_rank} pairs of {'x'.join(map(str, args.patch_size))} patches")
+    needed = training_bytes(model.backbone.channels, args.patch_size, 2 * per_rank,
+                            args.batch_pairs * args.num_voxels)
+    size = "x".join(map(str, args.patch_size))
+    runtime.check_memory(needed, device, f"a step of {per_rank} pairs of {size} patches")
     folder = Path(args.out)
     if rank == 0:   # one run per folder, claimed before anything in it is read or written
         may_change = [k for k in MAY_CHANGE if k != "steps" or args.lr_schedule == "constant"]
@@ -149,13 +151,14 @@ def setup(args, build=build_model, outputs=OUTPUTS):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     start = load_checkpoint(folder / "checkpoint.pt", model, optimizer) if args.resume else 0
     if rank == 0 and start:
-        runtime.truncate_log(folder / "log.jsonl", start)      # rows after the checkpoint come again
-    loader = step_loader(dataset, args.steps, items, rank, world, start, args.workers, collate_pairs)
+        runtime.truncate_log(folder / "log.jsonl", start)   # the rows after it are logged again
+    loader = step_loader(dataset, args.steps, items, rank, world, start, args.workers,
+                         collate_pairs)
     amp_dtype = runtime.amp_dtype(device, args.amp, model.backbone.channels, args.patch_size)
     if rank == 0:
-        print(f"pretrain: {world} process(es) on {device} ({'bf16' if amp_dtype else 'fp32'}), "
-              f"run dir {folder}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
-              f"parameters, from step {start}\nconfig: {json.dumps(cfg)}")
+        print(f"pretrain: {world} process(es) on {device} ({'bf16' if amp_dtype else 'fp32'}), run "
+              f"dir {folder}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+              f"from step {start}\nconfig: {json.dumps(cfg)}")
     return SimpleNamespace(cfg=cfg, model=model, optimizer=optimizer, loader=loader, folder=folder,
                            start=start, device=device, amp_dtype=amp_dtype, rank=rank, world=world,
                            compile=args.compile)
@@ -204,7 +207,8 @@ def train(run, step=training_step, after_step=None):
         sums, count = 0, 0
         if run.rank == 0:
             runtime.append_row(run.folder / "log.jsonl", row)
-            bar.set_postfix({k.replace("loss_", ""): f"{v:.4f}" for k, v in row.items() if "loss" in k})
+            losses = {k.replace("loss_", ""): f"{v:.4f}" for k, v in row.items() if "loss" in k}
+            bar.set_postfix(losses)
         # Checkpointing: everything --resume needs, and the FPN alone for the downstream stages.
         if checkpoint and run.rank == 0:
             save_checkpoint(run.folder / "checkpoint.pt", done, cfg, model, optimizer)
@@ -244,7 +248,7 @@ def build_parser(add_method_arguments=None, description=None):
                        help="the paper's, or the vox2vec baseline (VOX2VEC)")
         p.add_argument("--arch", choices=sorted(ARCHS), default="balanced", help="Sec. 2.2")
         p.add_argument("--aug", choices=KINDS, default="local", help="augmentations (Sec. 2.1)")
-        p.add_argument("--recon-weight", type=non_negative_float, default=10.0, help="lambda, Eq. 3")
+        p.add_argument("--recon-weight", type=non_negative_float, default=10.0, help="Eq. 3's")
         p.add_argument("--contrastive-weight", type=non_negative_float, default=1.0, help="of L_c")
         p.add_argument("--temperature", type=positive_float, default=0.1, help="tau of Eq. 1")
     # Optimisation (Sec. 3.2)
@@ -280,11 +284,11 @@ def preset(args, demo=DEMO):
 def refusals(a):
     """Settings a run cannot honour, refused where the flags are parsed."""
     if a.num_voxels > math.prod(a.patch_size):
-        yield (f"--num-voxels {a.num_voxels} is more than a {'x'.join(map(str, a.patch_size))} patch "
-               f"holds ({math.prod(a.patch_size)} voxels)")
+        yield (f"--num-voxels {a.num_voxels} is more than a {'x'.join(map(str, a.patch_size))} "
+               f"patch holds ({math.prod(a.patch_size)} voxels)")
     if a.warmup_steps >= a.steps:
-        yield (f"--warmup-steps {a.warmup_steps} is not shorter than --steps {a.steps}: the lr would "
-               f"never reach --lr; give fewer than {a.steps}")
+        yield (f"--warmup-steps {a.warmup_steps} is not shorter than --steps {a.steps}: the lr "
+               f"would never reach --lr; give fewer than {a.steps}")
     if a.resume and a.force:
         yield "--resume continues the run in --out, --force replaces it: give one"
     if a.resume and a.init_from:

@@ -69,7 +69,7 @@ class Checked(NamedTuple):
 
 MAX_COUNT = 10 ** 9                 # a count above this is a typo, and would be allocated
 MAX_WORKERS = max(8, 4 * (os.cpu_count() or 1))      # processes: 4 per core, at least 8
-BIG, TINY = sys.float_info.max, math.ulp(0.0)       # the largest finite float, the smallest > 0
+BIG, TINY = sys.float_info.max, sys.float_info.min  # the largest finite, the smallest normal > 0
 BELOW_ONE = math.nextafter(1.0, 0.0)                 # the largest float < 1
 positive_int = Checked(int, 1, MAX_COUNT, ">= 1 and <= 1e9")
 non_negative_int = Checked(int, 0, MAX_COUNT, ">= 0 and <= 1e9")
@@ -109,8 +109,7 @@ HOW_TO_RUN = ("out", "resume", "force", "workers", "device", "amp", "compile", "
 
 
 def settings(args):
-    """A run's settings, which a --resume must find unchanged: every flag but those that say
-    where and how to run (HOW_TO_RUN); lists as lists, as JSON keeps them."""
+    """What a --resume must find unchanged: every flag but HOW_TO_RUN's; lists as JSON has them."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
             if k not in HOW_TO_RUN}
 
@@ -166,7 +165,8 @@ def decide(folder, record, files, script, settings, inputs, force, resume, may_c
                 path.parent.rmdir()
         return
     if not resume:
-        done = "a finished" if record.get("finished") and files == record["files"] else "an unfinished"
+        finished = record.get("finished") and files == record["files"]
+        done = "a finished" if finished else "an unfinished"
         raise InputError(f"{flag} {folder} holds {done} run ({shown}): continue it with --resume, "
                          "or pass --force to replace it")
     keys = changed(record.get("settings") or {}, settings, may_change)
@@ -184,7 +184,7 @@ def decide(folder, record, files, script, settings, inputs, force, resume, may_c
 
 
 def make_folder(folder, flag):
-    """The output folder created; InputError naming why it cannot be one."""
+    """The output folder created, or InputError naming why it cannot be one."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:            # a file of that name, a parent that cannot be written
@@ -229,7 +229,7 @@ def unlock(folder):
 
 
 def finish_run(folder):
-    """The run in `folder` is finished: said in its record; the folder is free again."""
+    """The run in `folder` is finished, said in its record; the folder is free again."""
     write_json(Path(folder) / RECORD, dict(read_json(Path(folder) / RECORD), finished=True))
     unlock(folder)
 
@@ -248,9 +248,8 @@ def refuse_inside(folder, source, flag, source_flag):
 
 @contextmanager
 def atomic(path):
-    """`with atomic(path) as tmp:` write tmp; the file appears under `path` only once complete
-    (tmp is .tmp.<name> beside it, keeping the extension; then os.replace)."""
-    tmp = Path(path).with_name(f".tmp.{Path(path).name}")
+    """`with atomic(path) as tmp:` write tmp, which becomes `path` only once complete."""
+    tmp = Path(path).with_name(f".tmp.{Path(path).name}")      # beside it, the extension kept
     try:
         yield tmp
         os.replace(tmp, path)
@@ -263,16 +262,14 @@ def write_json(path, obj):
         tmp.write_text(json.dumps(obj, indent=1))
 
 
-def read_json(path):
-    """A JSON file's content, or None for one absent or unreadable."""
+def read_json(path):      # -> a JSON file's content, or None for one absent or unreadable
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
 
 
-def append_row(path, row):
-    """One JSON row appended to a log (log.jsonl)."""
+def append_row(path, row):       # one JSON row, appended to a log (log.jsonl)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -284,7 +281,7 @@ def truncate_log(path, step):
         tmp.write_text("".join(r + "\n" for r in rows))
 
 
-# ----------------------------------------------------------------------------- device, precision, memory
+# ------------------------------------------------------------------------ device, precision, memory
 
 def pick_device(name="auto"):
     """--device: auto (CUDA if present), cpu, cuda, cuda:1, ...; InputError for one not here."""
@@ -297,11 +294,10 @@ def pick_device(name="auto"):
 
 
 def amp_dtype(device, amp=True, channels=(), patch_size=()):
-    """--amp -> torch.bfloat16 (else None: fp32) on a CUDA GPU, and on a CPU with bf16
-    instructions (avx512_bf16, AMX; elsewhere bf16 is emulated and slow) where bf16_gradient_ok
-    at every level of an FPN of `channels` on `patch_size` patches."""
-    bf16_cpu = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    cpu_ok = bf16_cpu and all(bf16_gradient_ok(c, l, patch_size) for l, c in enumerate(channels))
+    """--amp -> torch.bfloat16 (else None: fp32) on a GPU, or on a CPU with bf16 instructions
+    (elsewhere bf16 is emulated, slow) if bf16_gradient_ok at every level of the FPN."""
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    cpu_ok = bf16 and all(bf16_gradient_ok(c, l, patch_size) for l, c in enumerate(channels))
     fast = device.type == "cuda" or device.type == "cpu" and cpu_ok
     return torch.bfloat16 if amp and fast else None
 
@@ -326,8 +322,8 @@ def bf16_gradient_ok(channels, level, patch_size):
             grads.append(conv.weight.grad.clone())
         _BF16_OK[key] = bool((grads[0] - grads[1]).norm() <= 0.05 * grads[1].norm())
         if not _BF16_OK[key]:
-            print(f"note: this CPU's bf16 convolution gives a wrong weight gradient at pyramid level "
-                  f"{level} ({'x'.join(map(str, shape))} voxels, measured): training in fp32",
+            print("note: this CPU's bf16 convolution gives a wrong weight gradient at pyramid "
+                  f"level {level} ({'x'.join(map(str, shape))} voxels, measured): training in fp32",
                   file=sys.stderr)
     return _BF16_OK[key]
 
@@ -349,17 +345,14 @@ def check_memory(needed, device, what):
 def split_batch(total, world, unit=1, flag="--batch-size"):
     """A global batch over `world` processes, in multiples of `unit` -> items per process."""
     if total % (world * unit):
-        times = f" x {unit}" if unit > 1 else ""
         raise InputError(f"{flag} {total} is the global batch: it must split evenly over {world} "
-                         f"process(es){times}")
+                         f"process(es){f' x {unit}' if unit > 1 else ''}")
     return total // world
 
 
 def prepare_training(device):
-    """Denormal floats flushed on the CPU (they slow CPU steps as activations shrink); cuDNN's
-    autotuner on the GPU (a training loop's sizes are fixed)."""
-    torch.set_flush_denormal(device.type == "cpu")
-    torch.backends.cudnn.benchmark = True
+    torch.set_flush_denormal(device.type == "cpu")  # denormals slow CPU steps as activations shrink
+    torch.backends.cudnn.benchmark = True           # a training loop's sizes are fixed
 
 
 def warmup(step, steps):
@@ -370,7 +363,8 @@ def warmup(step, steps):
 # ----------------------------------------------------------------------------- torchrun
 
 def setup_distributed(device):
-    """Under torchrun: torch.distributed initialised, this process's GPU -> (rank, world, device)."""
+    """Under torchrun: torch.distributed initialised, this process's GPU -> (rank, world, device).
+    """
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)

@@ -19,7 +19,7 @@ SUPERVISED_KINDS = ("nnunet-like", "none")
 
 
 def _bg_factor(generator, batch, low, high, device):
-    """nnU-Net's BGContrast draw: half of the factors from U(low, 1), half from U(1, high). -> (B,)"""
+    """nnU-Net's BGContrast draw, (B,): half of the factors from U(low, 1), half from U(1, high)."""
     u = _rand(generator, batch, 2, device=device)
     return torch.where(u[:, 0] < 0.5, low + u[:, 1] * (1 - low), 1 + u[:, 1] * (high - 1))
 
@@ -44,10 +44,10 @@ def _rotation(angles):
     """(B, 3) angles in radians about X, Y, Z -> (B, 3, 3) rotation matrices R_z R_y R_x."""
     c, s = angles.cos(), angles.sin()
     one, zero = torch.ones_like(c[:, 0]), torch.zeros_like(c[:, 0])
-    rx = torch.stack([one, zero, zero, zero, c[:, 0], -s[:, 0], zero, s[:, 0], c[:, 0]], 1).view(-1, 3, 3)
-    ry = torch.stack([c[:, 1], zero, s[:, 1], zero, one, zero, -s[:, 1], zero, c[:, 1]], 1).view(-1, 3, 3)
-    rz = torch.stack([c[:, 2], -s[:, 2], zero, s[:, 2], c[:, 2], zero, zero, zero, one], 1).view(-1, 3, 3)
-    return rz @ ry @ rx
+    rx = torch.stack([one, zero, zero, zero, c[:, 0], -s[:, 0], zero, s[:, 0], c[:, 0]], 1)
+    ry = torch.stack([c[:, 1], zero, s[:, 1], zero, one, zero, -s[:, 1], zero, c[:, 1]], 1)
+    rz = torch.stack([c[:, 2], -s[:, 2], zero, s[:, 2], c[:, 2], zero, zero, zero, one], 1)
+    return rz.view(-1, 3, 3) @ ry.view(-1, 3, 3) @ rx.view(-1, 3, 3)
 
 
 def random_rotate_scale(x, y, generator, rotation_prob=0.2, max_angle=30.0, scale_prob=0.2,
@@ -55,24 +55,26 @@ def random_rotate_scale(x, y, generator, rotation_prob=0.2, max_angle=30.0, scal
     """Rotate (each axis by U(-max_angle, max_angle) degrees) with probability rotation_prob and
     scale (one factor s ~ U(scale_range) for all axes) with probability scale_prob, about the
     patch centre in voxel coordinates; output voxel p reads input position s * R p (s < 1 zooms in).
-    The image is resampled trilinearly (image_mode), the label by nearest neighbour, so it holds only classes
-    that were in the patch. x: (B, C, X, Y, Z), y: (B, X, Y, Z) -> the same shapes.
+    The image is resampled trilinearly (image_mode), the label by nearest neighbour, so it holds
+    only classes that were in the patch. x: (B, C, X, Y, Z), y: (B, X, Y, Z) -> the same shapes.
     Deviation from nnU-Net: it transforms a larger region and crops the patch out; here the patch
-    itself is transformed and positions outside it take the nearest border voxel (padding "border")."""
+    itself is transformed and positions outside it take the nearest border voxel ("border")."""
     _check_batch(x)
     B, dims = x.shape[0], x.shape[2:]
     u = _rand(generator, B, 6, device=x.device)  # rotate?, scale?, s, three angles
     rotate, scale = u[:, 0] < rotation_prob, u[:, 1] < scale_prob
     angles = torch.where(rotate[:, None], (2 * u[:, 3:] - 1) * max_angle * torch.pi / 180, 0.0)
     s = torch.where(scale, scale_range[0] + u[:, 2] * (scale_range[1] - scale_range[0]), 1.0)
-    # Voxel-space matrix -> affine_grid's normalised coordinates: D^-1 (s R) D with D = diag(dims / 2),
-    # then reversed to affine_grid's (Z, Y, X) order of (W, H, D).
+    # Voxel-space matrix -> affine_grid's normalised coordinates: D^-1 (s R) D with D =
+    # diag(dims / 2), then reversed to affine_grid's (Z, Y, X) order of (W, H, D).
     half = torch.tensor([d / 2 for d in dims], device=x.device, dtype=torch.float32)
-    matrix = _rotation(angles) * s.view(-1, 1, 1) * half[None, None, :] / half[None, :, None]  # (B, 3, 3)
+    matrix = _rotation(angles) * s.view(-1, 1, 1) * half[None, None, :] / half[None, :, None]
     theta = torch.cat([matrix.flip(1, 2), torch.zeros(B, 3, 1, device=x.device)], 2)  # (B, 3, 4)
     grid = F.affine_grid(theta, (B, 1, *dims), align_corners=False)  # (B, X, Y, Z, 3)
-    moved_x = F.grid_sample(x.float(), grid, mode=image_mode, padding_mode="border", align_corners=False)
-    moved_y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="border", align_corners=False)
+    moved_x = F.grid_sample(x.float(), grid, mode=image_mode, padding_mode="border",
+                            align_corners=False)
+    moved_y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="border",
+                            align_corners=False)
     keep = (~rotate & ~scale).view(-1, 1, 1, 1, 1)  # untouched patches stay bit-exact
     return (torch.where(keep, x, moved_x.to(x.dtype)),
             torch.where(keep[:, 0], y, moved_y[:, 0].round().to(y.dtype)))
@@ -94,12 +96,12 @@ def gaussian_blur(x, generator, prob=0.1, sigma=(0.5, 1.0)):
     0.2 per patch x 0.5 per channel). x: (B, C, X, Y, Z) -> the same shape."""
     _check_batch(x)
     u = _rand(generator, x.shape[0], 4, device=x.device)  # apply, three sigmas
-    sigmas = torch.where(u[:, :1] < prob, sigma[0] + u[:, 1:] * (sigma[1] - sigma[0]), 0.0)  # (B, 3)
+    sigmas = torch.where(u[:, :1] < prob, sigma[0] + u[:, 1:] * (sigma[1] - sigma[0]), 0.0)
     return _separable_blur(x, sigmas, radius=int(3 * sigma[1] + 0.5))
 
 
 def brightness(x, generator, prob=0.15, factor=(0.75, 1.25)):
-    """Multiply each patch by f ~ BGContrast(factor) with probability prob. (B, C, X, Y, Z) -> same."""
+    """Each patch times f ~ BGContrast(factor), with probability prob. (B, C, X, Y, Z) -> same."""
     _check_batch(x)
     f = _bg_factor(generator, x.shape[0], *factor, x.device)
     apply = _rand(generator, x.shape[0], device=x.device) < prob
@@ -140,7 +142,8 @@ def supervised_augment(x, y, generator, kind="nnunet-like", mirror_axes=(0, 1, 2
     plain) -> mirror along `mirror_axes` (none: no mirroring).
     x: (B, C, X, Y, Z) float, y: (B, X, Y, Z) int -> the same shapes."""
     if kind not in SUPERVISED_KINDS:
-        raise ValueError(f"supervised_augment.py: supervised kind must be one of {SUPERVISED_KINDS}, got {kind!r}")
+        raise ValueError(f"supervised_augment.py: supervised kind must be one of "
+                         f"{SUPERVISED_KINDS}, got {kind!r}")
     if kind == "none":
         return x, y
     x, y = random_rotate_scale(x, y, generator)

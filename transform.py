@@ -23,7 +23,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation
+from nibabel.orientations import ornt_transform
 from scipy import ndimage
 
 from data import InputError
@@ -55,10 +56,13 @@ def channel_schemes(names, modality):
     """[{"name", "scheme"}] per channel: with several channels each by its name ("CT": the CT
     window, any other: the MRI percentiles); a single channel by --modality."""
     names = list(names or [modality.upper()])
-    return [dict(name=n, scheme=("ct" if n.lower() == "ct" else "mri") if len(names) > 1 else modality) for n in names]
+    if len(names) == 1:
+        return [dict(name=names[0], scheme=modality)]
+    return [dict(name=n, scheme="ct" if n.lower() == "ct" else "mri") for n in names]
 
 
-def validate_case(image, affine, label=None, label_affine=None, names=("image", "label"), max_label=255):
+def validate_case(image, affine, label=None, label_affine=None, names=("image", "label"),
+                  max_label=255):
     """-> (image float32 (X, Y, Z), label uint8 (X, Y, Z) or None); raises InputError."""
     image_name, label_name = names
     image = image[..., 0] if image.ndim == 4 and image.shape[3] == 1 else image  # harmless 4th
@@ -68,13 +72,13 @@ def validate_case(image, affine, label=None, label_affine=None, names=("image", 
         raise InputError(f"{image_name}: an empty axis in shape {image.shape}")
     finite = np.all(np.isfinite(affine))
     sv = np.linalg.svd(affine[:3, :3], compute_uv=False) if finite else np.zeros(3)
-    if sv.max() == 0 or sv.min() / sv.max() < 1e-6:     # relative: a header in metres is tiny, not singular
-        raise InputError(f"{image_name}: singular or rank-deficient affine (its 3 x 3 part has determinant "
-                              f"{np.linalg.det(affine[:3, :3]) if finite else 'nan'}): no voxel size or orientation "
-                              "can be read")
+    if sv.max() == 0 or sv.min() / sv.max() < 1e-6:     # relative: a header in metres is fine
+        raise InputError(f"{image_name}: singular or rank-deficient affine (its 3 x 3 part has "
+                         f"determinant {np.linalg.det(affine[:3, :3]) if finite else 'nan'}): no "
+                         "voxel size or orientation can be read")
     if np.iscomplexobj(image):
-        raise InputError(f"{image_name}: complex-valued voxels ({image.dtype}); a scan holds real intensities "
-                              "(take the magnitude first if this is raw MRI data)")
+        raise InputError(f"{image_name}: complex-valued voxels ({image.dtype}); a scan holds real "
+                         "intensities (take the magnitude first if this is raw MRI data)")
     image = np.asarray(image, dtype=np.float32)
     bad = image.size - np.count_nonzero(np.isfinite(image))
     if bad:
@@ -85,10 +89,11 @@ def validate_case(image, affine, label=None, label_affine=None, names=("image", 
         return image, None
     label = label[..., 0] if label.ndim == 4 and label.shape[3] == 1 else label
     if label.shape != image.shape:
-        raise InputError(f"{label_name}: label shape {label.shape} differs from the image shape {image.shape}")
+        raise InputError(f"{label_name}: label shape {label.shape} differs from the image shape "
+                         f"{image.shape}")
     if label_affine is not None and not np.allclose(label_affine, affine, atol=1e-3):
-        raise InputError(f"{label_name}: label affine differs from the image affine (max abs difference "
-                              f"{np.abs(label_affine - affine).max():.4g})")
+        raise InputError(f"{label_name}: label affine differs from the image affine (max abs "
+                         f"difference {np.abs(label_affine - affine).max():.4g})")
     if not np.issubdtype(label.dtype, np.integer):
         fraction = label[~(label == np.round(label))]  # NaN fails the comparison too
         if fraction.size:
@@ -97,7 +102,8 @@ def validate_case(image, affine, label=None, label_affine=None, names=("image", 
         raise InputError(f"{label_name}: negative label values (min {label.min():g})")
     if label.max() > max_label:
         why = "the largest class in dataset.json" if max_label < 255 else "stored as uint8"
-        raise InputError(f"{label_name}: label values up to {label.max():g}, more than {max_label} ({why})")
+        raise InputError(f"{label_name}: label values up to {label.max():g}, more than {max_label} "
+                         f"({why})")
     return image, label.astype(np.uint8)
 
 
@@ -155,34 +161,37 @@ def preprocess_arrays(image, affine, modality, spacing=None, label=None, *, labe
     multi = isinstance(image, (list, tuple))
     images, image_names = (list(image), list(names[0])) if multi else ([image], [names[0]])
     schemes = schemes or [modality] * len(images)
-    checked = [validate_case(a, affine, label if c == 0 else None, label_affine, (n, names[1]), max_label)
+    checked = [validate_case(a, affine, label if c == 0 else None, label_affine, (n, names[1]),
+                             max_label)
                for c, (a, n) in enumerate(zip(images, image_names))]
     images, label = [a for a, _ in checked], checked[0][1]
     preset = make_preset(modality, spacing)
     ornt = io_orientation(affine)  # original voxel axes -> closest RAS axes
     canonical_affine = affine @ inv_ornt_aff(ornt, images[0].shape)
-    original_shape, images = list(images[0].shape), [apply_orientation(a, ornt) for a in images]  # (X, Y, Z)
+    original_shape = list(images[0].shape)
+    images = [apply_orientation(a, ornt) for a in images]                        # (X, Y, Z) each
     old_spacing, shape = nib.affines.voxel_sizes(canonical_affine), images[0].shape
     ratio = np.asarray(preset["spacing"]) / old_spacing  # new voxel i <- old coordinate i*ratio
     new_shape = resampled_shape(shape, old_spacing, preset["spacing"])
     gib = 4 * np.prod(new_shape, dtype=np.float64) / 2 ** 30
     if gib > MAX_RESAMPLED_GIB or min(new_shape) < MIN_RESAMPLED_VOXELS:
-        raise InputError(f"{image_names[0]}: spacing {np.round(old_spacing, 4).tolist()} mm x shape {shape} "
-                              f"resamples to {new_shape} at {preset['spacing']} mm, " +
-                              (f"{gib:.1f} GiB as float32 (limit {MAX_RESAMPLED_GIB} GiB)" if gib > MAX_RESAMPLED_GIB
-                               else "almost nothing") + "; is the voxel size in the header right?")
+        size = (f"{gib:.1f} GiB as float32 (limit {MAX_RESAMPLED_GIB} GiB)"
+                if gib > MAX_RESAMPLED_GIB else "almost nothing")
+        raise InputError(f"{image_names[0]}: spacing {np.round(old_spacing, 4).tolist()} mm x "
+                         f"shape {shape} resamples to {new_shape} at {preset['spacing']} mm, "
+                         f"{size}; is the voxel size in the header right?")
     scaled, body = [], None
     for channel, scheme, name in zip(images, schemes, image_names):
         resampled = resample_image(channel, ratio, new_shape)                    # step (1)
         if scheme == "ct":    # (2) the body: voxels > -500 HU; (3) the window, scaled to [0, 1]
             mask, (lo, hi) = resampled > PRESETS["ct"]["body_threshold_hu"], PRESETS["ct"]["clip"]
-        else:                 # (2) the 0.01 / 99.9 percentiles, scaled to [0, 1]; (3) the body: > 0.3
+        else:                 # (2) the 0.01 / 99.9 percentiles, scaled to [0, 1]; (3) body: > 0.3
             mask, (lo, hi) = None, np.percentile(resampled, PRESETS["mri"]["clip_percentiles"])
             if hi <= lo:
                 raise InputError(f"{name}: constant intensities ({lo:g}), nothing to scale")
         scaled.append((np.clip(resampled, lo, hi) - lo) / (hi - lo))
         mask = scaled[-1] > PRESETS["mri"]["body_threshold"] if mask is None else mask
-        body = mask if body is None else body | mask                             # the union of the channels' bodies
+        body = mask if body is None else body | mask         # the union of the channels' bodies
     box = body_box(body, image_names[0])
     crop = tuple(slice(a, b) for a, b in box)
     image01 = np.stack([s[crop] for s in scaled]) if multi else scaled[0][crop]
@@ -192,10 +201,12 @@ def preprocess_arrays(image, affine, modality, spacing=None, label=None, *, labe
         label = np.ascontiguousarray(apply_orientation(label, ornt)[np.ix_(*index)])
     final_affine = canonical_affine @ np.diag([*ratio, 1.0])
     final_affine[:3, 3] += final_affine[:3, :3] @ [b[0] for b in box]  # crop offset
-    meta = dict(modality=modality, preset=preset, original_shape=original_shape, original_affine=affine.tolist(),
-                original_spacing=nib.affines.voxel_sizes(affine).tolist(), ornt=ornt.astype(int).tolist(),
-                canonical_shape=list(shape), resampled_shape=list(new_shape), crop_box=box,
-                shape=list(image01.shape[-3:]), spacing=preset["spacing"], affine=final_affine.tolist())
+    meta = dict(modality=modality, preset=preset, original_shape=original_shape,
+                original_affine=affine.tolist(),
+                original_spacing=nib.affines.voxel_sizes(affine).tolist(),
+                ornt=ornt.astype(int).tolist(), canonical_shape=list(shape),
+                resampled_shape=list(new_shape), crop_box=box, shape=list(image01.shape[-3:]),
+                spacing=preset["spacing"], affine=final_affine.tolist())
     return image01.astype(np.float32), fill_body(body[crop]), label, meta
 
 
@@ -250,13 +261,14 @@ def read_channels(paths, channels, show=str):
         return first, affine, names[0]
     if len(paths) == 1:
         if first.ndim != 4 or first.shape[3] != len(channels):
-            raise InputError(f"{names[0]}: shape {first.shape}, expected {len(channels)} channels along its 4th "
-                                  f"axis ({', '.join(c['name'] for c in channels)})")
-        return [first[..., k] for k in range(len(channels))], affine, [f"{names[0]} ({c['name']})" for c in channels]
+            raise InputError(f"{names[0]}: shape {first.shape}, expected {len(channels)} channels "
+                             f"along its 4th axis ({', '.join(c['name'] for c in channels)})")
+        shown = [f"{names[0]} ({c['name']})" for c in channels]
+        return [first[..., k] for k in range(len(channels))], affine, shown
     for (image, a), name, c in zip(loaded[1:], names[1:], channels[1:]):
         if image.shape[:3] != first.shape[:3] or not np.allclose(a, affine, atol=1e-3):
-            raise InputError(f"{name}: channel {c['name']} is on another grid than {names[0]} (shape "
-                                  f"{image.shape[:3]} vs {first.shape[:3]}, or another affine)")
+            raise InputError(f"{name}: channel {c['name']} is on another grid than {names[0]} "
+                             f"(shape {image.shape[:3]} vs {first.shape[:3]}, or another affine)")
     return [image for image, _ in loaded], affine, names
 
 
@@ -287,9 +299,9 @@ def list_nifti(folder):
             try:
                 p.resolve(strict=True)
             except (OSError, RuntimeError) as e:
+                loop = isinstance(e, RuntimeError) or getattr(e, "errno", 0) == 40
                 print(f"skipped {p}: a symbolic link that leads nowhere ({type(e).__name__}: "
-                      f"{'a loop' if isinstance(e, RuntimeError) or getattr(e, 'errno', 0) == 40 else e.strerror})",
-                      file=sys.stderr)
+                      f"{'a loop' if loop else e.strerror})", file=sys.stderr)
                 continue
         if p.is_file():
             found.append((m.group(1), p))
@@ -298,16 +310,19 @@ def list_nifti(folder):
 
 def read_dataset_description(raw_dir):
     """Class names and channel names of a Decathlon ({"1": "liver"}, "modality") or nnU-Net v2
-    ({"liver": 1}, "channel_names") dataset.json -> (labels {"1": "liver"} or None, names or None)."""
+    ({"liver": 1}, "channel_names") dataset.json -> (labels {"1": "liver"} or None, names or
+    None)."""
     path = Path(raw_dir) / "dataset.json"
     try:
         info = json.loads(path.read_text()) if path.is_file() else {}
     except ValueError as e:
         raise InputError(f"{path}: not a valid dataset.json ({type(e).__name__}: {e})") from None
     if not isinstance(info, dict):
-        raise InputError(f"{path}: not a valid dataset.json (a {type(info).__name__}, not an object)")
+        raise InputError(f"{path}: not a valid dataset.json (a {type(info).__name__}, not an "
+                         "object)")
     labels, channels = info.get("labels"), info.get("channel_names") or info.get("modality")
-    names = [channels[k] for k in sorted(channels, key=int)] if isinstance(channels, dict) and channels else None
+    named = isinstance(channels, dict) and channels
+    names = [channels[k] for k in sorted(channels, key=int)] if named else None
     if not labels:
         return None, names
     if not isinstance(labels, dict):

@@ -6,7 +6,7 @@ truncated torch file, another of our kinds), one InputError line. Nothing non-fi
 
   backbone.pt        the FPN alone, its configuration and its pretraining config (pretrain.py)
   checkpoint.pt      everything a bit-equal --resume needs, as tensors and builtins (pretrain.py)
-  model_fold<k>.pt   a fine-tuned network, what prediction needs, and its Dice per test case (finetune.py)
+  model_fold<k>.pt   a fine-tuned network, what prediction needs, its test Dice (finetune.py)
   the authors'       vox2vec's and hierarchical-dense-ssl's released FPN3d weights (raw or Lightning
                      state dicts), read through the one key map between their names and ours
 """
@@ -24,11 +24,11 @@ FORMAT_VERSION = 2   # of backbone.pt, checkpoint.pt and model_fold<k>.pt
 
 
 def save_torch(obj, path, state):
-    """obj written atomically to path, unless a tensor of its `state` dict is not finite (Diverged)."""
+    """obj written atomically to path, unless a tensor of its `state` is not finite (Diverged)."""
     bad = nonfinite(state)
     if bad:
-        raise Diverged(f"{path}: not saved, {len(bad)} tensor(s) of the network are not finite (e.g. {bad[0]}); "
-                       "the run diverged (try a lower --lr)")
+        raise Diverged(f"{path}: not saved, {len(bad)} tensor(s) of the network are not finite "
+                       f"(e.g. {bad[0]}); the run diverged (try a lower --lr)")
     with atomic(path) as tmp:
         torch.save(obj, tmp)
 
@@ -47,7 +47,8 @@ def what_file(path):
     if size == 0:
         return "an empty file (0 bytes)"
     head = path.open("rb").read(352)
-    if path.name.endswith((".nii", ".nii.gz")) or head[:2] == b"\x1f\x8b" or head[344:348] in (b"n+1\0", b"ni1\0"):
+    nifti = path.name.endswith((".nii", ".nii.gz")) or head[344:348] in (b"n+1\0", b"ni1\0")
+    if nifti or head[:2] == b"\x1f\x8b":
         return "a NIfTI image (or another gzip file), not a checkpoint"
     try:
         head.decode("utf-8")
@@ -63,22 +64,23 @@ def load_torch(path, what="checkpoint"):
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} {path} does not exist")
-    if path.is_dir() or path.stat().st_size == 0 or not path.open("rb").read(4).startswith((b"PK\x03\x04", b"\x80")):
+    torch_file = path.is_file() and path.open("rb").read(4).startswith((b"PK\x03\x04", b"\x80"))
+    if not torch_file:       # a zip (torch.save) or a pickle (older torch): else say what it is
         raise InputError(f"{what} {path} could not be read safely: it is {what_file(path)}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise InputError(f"{what} {path} could not be read safely: it holds objects other than tensors and plain "
-                         "data (code could run on loading), refused") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:     # torch's readers, on a damaged file
-        raise InputError(f"{what} {path} could not be read safely: a truncated or corrupt torch file "
-                         f"({type(e).__name__})") from None
+        raise InputError(f"{what} {path} could not be read safely: it holds objects other than "
+                         "tensors and plain data (code could run on loading), refused") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:    # torch's readers, a damaged file
+        raise InputError(f"{what} {path} could not be read safely: a truncated or corrupt torch "
+                         f"file ({type(e).__name__})") from None
 
 
 def check_version(path, ckpt, kind, remedy):
     if ckpt.get("version") != FORMAT_VERSION:
-        raise InputError(f"{path}: a {kind} of format version {ckpt.get('version')} (this code reads "
-                         f"{FORMAT_VERSION}); {remedy}")
+        raise InputError(f"{path}: a {kind} of format version {ckpt.get('version')} (this code "
+                         f"reads {FORMAT_VERSION}); {remedy}")
 
 
 # ----------------------------------------------------------------------------- the authors' layout
@@ -104,7 +106,8 @@ def reference_key(key, num_levels):
         (r"down\.(\d+)\.(.+)", lambda m: f"down_blocks.{m[1]}.1.{m[2]}"),
         (r"lateral\.(\d+)\.(.+)", lambda m: f"up_blocks.{top - 1 - int(m[1])}.0.{m[2]}"),
         (r"skip\.(\d+)\.(.+)", lambda m: f"skip_blocks.{top - 1 - int(m[1])}.{m[2]}"),
-        (r"decoder\.(\d+)\.(\d+)\.body\.(.+)", lambda m: f"right_blocks.{top - 1 - int(m[1])}.layers.{m[2]}.layers.{m[3]}"),
+        (r"decoder\.(\d+)\.(\d+)\.body\.(.+)",
+         lambda m: f"right_blocks.{top - 1 - int(m[1])}.layers.{m[2]}.layers.{m[3]}"),
     ]
     for pattern, replace in rules:
         m = re.fullmatch(pattern, key)
@@ -134,7 +137,8 @@ def layout_config(state_dict, stem, down):
     """(in_channels, base_channels, num_levels) of an FPN3d state dict, from its tensor shapes."""
     weight = state_dict[f"{stem}.weight"]                            # (C_0, C_in, 3, 3, 3)
     downs = {int(k.split(".")[1]) for k in state_dict if k.startswith(f"{down}.")}
-    return dict(in_channels=int(weight.shape[1]), base_channels=int(weight.shape[0]), num_levels=len(downs) + 1)
+    return dict(in_channels=int(weight.shape[1]), base_channels=int(weight.shape[0]),
+                num_levels=len(downs) + 1)
 
 
 # ----------------------------------------------------------------------------- backbones
@@ -152,34 +156,42 @@ def read_backbone(path, verbose=True):
     if ckpt.get("kind") == "backbone":
         check_version(path, ckpt, "backbone.pt", "re-run pretrain.py")
         pretrained = ckpt.get("pretrain_config") or {}
-        info = dict(kind="backbone.pt (pretrain.py)", step=ckpt.get("step"), arch=ckpt.get("arch"), ignored=[], path=path,
-                    method=pretrained.get("method"), preprocessing=pretrained.get("preprocessing"))
+        info = dict(kind="backbone.pt (pretrain.py)", step=ckpt.get("step"), arch=ckpt.get("arch"),
+                    ignored=[], path=path, method=pretrained.get("method"),
+                    preprocessing=pretrained.get("preprocessing"))
         config, state, layout = ckpt["backbone_config"], ckpt["state_dict"], "ours (model.FPN3d)"
     elif "kind" in ckpt or "model" in ckpt and "optimizer" in ckpt:
-        what = {"segmenter": "a fine-tuned model (finetune.py)"}.get(ckpt.get("kind"), "a resumable checkpoint.pt")
-        raise InputError(f"{path} is {what}, not a backbone file; pass a pretrain.py run folder or its backbone.pt")
+        what = "a fine-tuned model (finetune.py)" if ckpt.get("kind") == "segmenter" else \
+            "a resumable checkpoint.pt"
+        raise InputError(f"{path} is {what}, not a backbone file; pass a pretrain.py run folder or "
+                         "its backbone.pt")
     else:
-        state, kind = (ckpt["state_dict"], "Lightning checkpoint") if isinstance(ckpt.get("state_dict"), dict) \
-            else (ckpt, "raw state_dict")
+        lightning = isinstance(ckpt.get("state_dict"), dict)
+        state = ckpt["state_dict"] if lightning else ckpt
+        kind = "Lightning checkpoint" if lightning else "raw state_dict"
         if not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise InputError(f"{path}: not a state dict of tensors (keys {list(state)[:5]})")
         ignored = []
-        for prefix, what in (("module.", "DDP `module.` prefix"), ("backbone.", "`backbone.` prefix")):
-            if any(k.startswith(prefix) for k in state) and (prefix == "backbone." or all(k.startswith(prefix) for k in state)):
-                ignored += sorted(k for k in state if not k.startswith(prefix))     # a Lightning model's heads
-                state, kind = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, f"{kind}, {what}"
+        for prefix, what in (("module.", "DDP `module.` prefix"),
+                             ("backbone.", "`backbone.` prefix")):
+            ours = [k for k in state if k.startswith(prefix)]
+            if ours and (prefix == "backbone." or len(ours) == len(state)):
+                ignored += sorted(k for k in state if not k.startswith(prefix))   # a model's heads
+                state, kind = {k[len(prefix):]: state[k] for k in ours}, f"{kind}, {what}"
         if "first_conv.weight" in state:
-            layout, config = "reference (vox2vec / hierarchical-dense-ssl FPN3d)", layout_config(state, "first_conv", "down_blocks")
+            layout = "reference (vox2vec / hierarchical-dense-ssl FPN3d)"
+            config = layout_config(state, "first_conv", "down_blocks")
             names = set(key_map(config).values())
         elif "stem.weight" in state:
             layout, config = "ours (model.FPN3d)", layout_config(state, "stem", "down")
             names = set(key_map(config))
         else:
-            raise InputError(f"{path}: no FPN3d found (neither first_conv.weight nor stem.weight among keys "
-                             f"{sorted(state)[:6]}...)")
+            raise InputError(f"{path}: no FPN3d found (neither first_conv.weight nor stem.weight "
+                             f"among keys {sorted(state)[:6]}...)")
         missing = sorted(names - set(state))
         if missing:
-            raise InputError(f"{path}: {layout} with {config} but {len(missing)} key(s) missing, e.g. {missing[:4]}")
+            raise InputError(f"{path}: {layout} with {config} but {len(missing)} key(s) missing, "
+                             f"e.g. {missing[:4]}")
         info = dict(kind=f"{kind}, {layout}", step=None, arch=None, preprocessing=None, path=path,
                     ignored=sorted(ignored + [k for k in state if k not in names]))
         state = {k: v for k, v in state.items() if k in names}
@@ -187,11 +199,13 @@ def read_backbone(path, verbose=True):
     check_fits(path, layout, config, state)
     bad = nonfinite(state)
     if bad:
-        raise InputError(f"{path}: {len(bad)} tensor(s) are not finite (e.g. {bad[0]}): a diverged backbone")
+        raise InputError(f"{path}: {len(bad)} tensor(s) are not finite (e.g. {bad[0]}): a "
+                         "diverged backbone")
     if verbose:
-        print(f"{path}: {info['kind']}" + (f", method {info['method']}, step {info['step']}" if info["step"] is not None
-                                           else "") + f"; FPN3d{tuple(config.values())} (in_channels, base_channels, "
-              f"num_levels); ignored {len(info['ignored'])} key(s)" + "".join(f", {k}" for k in info["ignored"][:8]))
+        step = f", method {info['method']}, step {info['step']}" if info["step"] is not None else ""
+        ignored = "".join(f", {k}" for k in info["ignored"][:8])
+        print(f"{path}: {info['kind']}{step}; FPN3d{tuple(config.values())} (in_channels, "
+              f"base_channels, num_levels); ignored {len(info['ignored'])} key(s){ignored}")
     return config, state, info
 
 
@@ -201,14 +215,17 @@ def check_fits(path, layout, config, state):
         with torch.device("meta"):
             shapes = {k: v.shape for k, v in FPN3d(**config).state_dict().items()}
     except (TypeError, ValueError) as e:
-        raise InputError(f"{path}: {layout} with an unusable configuration {config} ({e})") from None
+        raise InputError(f"{path}: {layout} with an unusable configuration {config} "
+                         f"({e})") from None
     missing, extra = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
     if missing or extra:
-        raise InputError(f"{path}: {layout} with {config} but {len(missing)} key(s) missing (e.g. {missing[:3]}) "
-                         f"and {len(extra)} unexpected (e.g. {extra[:3]})")
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k, s in shapes.items() if state[k].shape != s]
+        raise InputError(f"{path}: {layout} with {config} but {len(missing)} key(s) missing (e.g. "
+                         f"{missing[:3]}) and {len(extra)} unexpected (e.g. {extra[:3]})")
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k, s in shapes.items()
+             if state[k].shape != s]
     if wrong:
-        raise InputError(f"{path}: {len(wrong)} tensor(s) do not fit FPN3d({config}), e.g. {wrong[:3]}")
+        raise InputError(f"{path}: {len(wrong)} tensor(s) do not fit FPN3d({config}), "
+                         f"e.g. {wrong[:3]}")
 
 
 def check_backbone_flags(args, config, source):
@@ -216,7 +233,8 @@ def check_backbone_flags(args, config, source):
     given on the command line that contradicts it is refused."""
     for k in ("base_channels", "num_levels"):
         if k in args.given and getattr(args, k) != config[k]:
-            raise InputError(f"--{k.replace('_', '-')} {getattr(args, k)} contradicts {source} ({config[k]})")
+            raise InputError(f"--{k.replace('_', '-')} {getattr(args, k)} contradicts {source} "
+                             f"({config[k]})")
     if "arch" in args.given:
         raise InputError(f"--arch applies to --init random; {source} decides the architecture")
 
@@ -229,7 +247,8 @@ def expand_stem(state, in_channels, source):
     if stem.shape[1] == in_channels:
         return state
     if stem.shape[1] != 1:
-        raise InputError(f"{source}: a {stem.shape[1]}-channel backbone cannot start a {in_channels}-channel network")
+        raise InputError(f"{source}: a {stem.shape[1]}-channel backbone cannot start a "
+                         f"{in_channels}-channel network")
     return {**state, "stem.weight": stem.repeat(1, in_channels, 1, 1, 1) / in_channels}
 
 
@@ -238,32 +257,33 @@ def save_backbone(path, model, cfg, step):
     state = model.backbone.state_dict()
     save_torch(dict(version=FORMAT_VERSION, kind="backbone", step=step, state_dict=state,
                     backbone_config=dict(model.config["backbone_config"]), arch=cfg.get("arch"),
-                    pretrain_config={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}),
+                    pretrain_config={k: list(v) if isinstance(v, tuple) else v
+                                     for k, v in cfg.items()}),
                path, state)
 
 
 # ----------------------------------------------------------------------------- fine-tuned models
 
 def save_segmenter(path, model, **record):
-    """model_fold<k>.pt: the network, its constructor arguments and `record` (classes, preprocessing,
-    patch, augmentation, cases, Dice per test case)."""
-    save_torch(dict(kind="segmenter", version=FORMAT_VERSION, model_config=model.config, state_dict=model.state_dict(),
-                    **record), path, model.state_dict())
+    """model_fold<k>.pt: the network, its constructor arguments and `record` (classes,
+    preprocessing, patch, augmentation, cases, Dice per test case)."""
+    save_torch(dict(kind="segmenter", version=FORMAT_VERSION, model_config=model.config,
+                    state_dict=model.state_dict(), **record), path, model.state_dict())
 
 
 def load_segmenter(path):
     """A model written by finetune.py -> (SegmentationModel in eval mode, its file's dict)."""
     ckpt = load_torch(path, "model")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "segmenter":
-        what = {"backbone": "a pretrained backbone (pretrain.py)"}.get(ckpt.get("kind") if isinstance(ckpt, dict) else None,
-                                                                       "not a model from finetune.py")
-        raise InputError(f"{path} is {what}, not a fine-tuned model: pass a finetune.py --out folder or its "
-                         "model_fold<k>.pt")
+        backbone = isinstance(ckpt, dict) and ckpt.get("kind") == "backbone"
+        what = "a pretrained backbone (pretrain.py)" if backbone else "not a model from finetune.py"
+        raise InputError(f"{path} is {what}, not a fine-tuned model: pass a finetune.py --out "
+                         "folder or its model_fold<k>.pt")
     check_version(path, ckpt, "model", "re-run finetune.py")
     bad = nonfinite(ckpt["state_dict"])
     if bad:
-        raise InputError(f"{path}: {len(bad)} tensor(s) are not finite (e.g. {bad[0]}): a diverged model, it "
-                         "cannot predict; fine-tune it again")
+        raise InputError(f"{path}: {len(bad)} tensor(s) are not finite (e.g. {bad[0]}): a diverged "
+                         "model, it cannot predict; fine-tune it again")
     model = SegmentationModel(**ckpt["model_config"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt
@@ -274,19 +294,22 @@ def load_segmenter(path):
 def save_checkpoint(path, step, cfg, model, optimizer):
     """checkpoint.pt: everything a bit-equal --resume needs, as tensors and builtins only (the
     data draw their own seeded streams, so torch's random state is the only global one)."""
-    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    rng = dict(torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     save_torch(dict(version=FORMAT_VERSION, step=step, config=cfg, model_config=model.config,
-                    model=model.state_dict(), optimizer=optimizer.state_dict(), rng=rng), path, model.state_dict())
+                    model=model.state_dict(), optimizer=optimizer.state_dict(), rng=rng),
+               path, model.state_dict())
 
 
 def load_checkpoint(path, model, optimizer):
-    """--resume: model, optimizer and random states from checkpoint.pt -> the step to continue from."""
+    """--resume: model, optimizer and random states from checkpoint.pt -> the step to go on from."""
     if not Path(path).exists():
         raise InputError(f"--resume: no checkpoint at {path}")
     state = load_torch(path)
     if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION:
         version = state.get("version") if isinstance(state, dict) else None
-        raise InputError(f"{path}: checkpoint version {version}, this code writes {FORMAT_VERSION}; start a new run folder")
+        raise InputError(f"{path}: checkpoint version {version}, this code writes "
+                         f"{FORMAT_VERSION}; start a new run folder")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])

@@ -5,12 +5,13 @@
 Each argument is a run folder (or its results.json). Given in pairs (a pretrained run, then its
 baseline), the last lines are each pair's difference in mean Dice.
 """
+
 import argparse
 import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository: the stage files
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: the stage files
 import runtime  # noqa: E402
 from data import InputError  # noqa: E402
 
@@ -21,9 +22,14 @@ def read(path):
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise InputError(f"{path}: not a results.json of linear_probe.py or finetune.py ({type(e).__name__})") from None
+        raise InputError(
+            f"{path}: not a results.json of linear_probe.py or finetune.py ({type(e).__name__})"
+        ) from None
     if not isinstance(results, dict) or not {"per_class", "mean_dice"} <= set(results):
-        raise InputError(f"{path}: not a results.json of linear_probe.py or finetune.py (no per_class / mean_dice)")
+        raise InputError(
+            f"{path}: not a results.json of linear_probe.py or finetune.py (no per_class / "
+            "mean_dice)"
+        )
     return results
 
 
@@ -35,7 +41,9 @@ def main(args):
     classes = list(next(iter(runs.values()))["per_class"])
     for c in classes:
         cells = [r["per_class"].get(c) for r in runs.values()]
-        print(f"{c:<16}" + "".join(f" {'n/a' if v is None else f'{v:.3f}':>{width}}" for v in cells))
+        print(
+            f"{c:<16}" + "".join(f" {'n/a' if v is None else f'{v:.3f}':>{width}}" for v in cells)
+        )
     print(f"{'mean':<16}" + "".join(f" {r['mean_dice']:>{width}.3f}" for r in runs.values()))
     for a, b in zip(names[::2], names[1::2]):
         print(f"{a} - {b}: {runs[a]['mean_dice'] - runs[b]['mean_dice']:+.3f}")
@@ -44,7 +52,11 @@ def main(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", help="run folders (or results.json files), in pairs: pretrained, baseline")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        help="run folders (or results.json files), in pairs: pretrained, baseline",
+    )
     return runtime.parse(p, argv)
 
 

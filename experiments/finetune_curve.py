@@ -4,13 +4,15 @@ re-estimated as after training (the run itself is unchanged: tests/experiments/t
 how far training moved each backbone level, ||w - w0|| / ||w0||. Writes OUT/curve.json beside
 finetune.py's outputs; every finetune.py flag applies.
 
-    python experiments/finetune_curve.py --data demo --split --train-cases 1 --checkpoint runs/pretrain-demo --eval-every 50 --out runs/ft-curve
+    python experiments/finetune_curve.py --data demo --split --train-cases 1 --checkpoint
+    runs/pretrain-demo --eval-every 50 --out runs/ft-curve
 """
+
 import copy
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository: the stage files
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: the stage files
 import finetune  # noqa: E402
 import runtime  # noqa: E402
 from downstream import evaluate, fold_mean  # noqa: E402
@@ -28,8 +30,14 @@ def weight_change(model, initial):
         parts = name.split(".")
         level = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else 0
         moved, size = sums.get(level, (0.0, 0.0))
-        sums[level] = (moved + float((now[name].float() - w0.float()).pow(2).sum()), size + float(w0.float().pow(2).sum()))
-    return {str(level): (moved / size) ** 0.5 if size else None for level, (moved, size) in sorted(sums.items())}
+        sums[level] = (
+            moved + float((now[name].float() - w0.float()).pow(2).sum()),
+            size + float(w0.float().pow(2).sum()),
+        )
+    return {
+        str(level): (moved / size) ** 0.5 if size else None
+        for level, (moved, size) in sorted(sums.items())
+    }
 
 
 def main(args):
@@ -42,13 +50,36 @@ def main(args):
         amp_dtype = runtime.amp_dtype(run.device, args.amp)
 
         def on_step(step, m):
-            if step % args.eval_every == 0 and world_info()[0] == 0:     # the test Dice of a copy with precise BN
-                twin = finetune.reestimate_batchnorm(copy.deepcopy(m), run.data_dir, train_ids, cfg, run.device,
-                                                     args.seed + 1000 + fold)
-                curve.append([step, fold_mean(evaluate(twin, run.test_dir, test_ids, len(run.names),
-                                                       cfg["eval_patch_size"], run.device, amp_dtype))])
+            if (
+                step % args.eval_every == 0 and world_info()[0] == 0
+            ):  # the test Dice of a copy with precise BN
+                twin = finetune.reestimate_batchnorm(
+                    copy.deepcopy(m),
+                    run.data_dir,
+                    train_ids,
+                    cfg,
+                    run.device,
+                    args.seed + 1000 + fold,
+                )
+                curve.append(
+                    [
+                        step,
+                        fold_mean(
+                            evaluate(
+                                twin,
+                                run.test_dir,
+                                test_ids,
+                                len(run.names),
+                                cfg["eval_patch_size"],
+                                run.device,
+                                amp_dtype,
+                            )
+                        ),
+                    ]
+                )
             if step == cfg["steps"]:
                 moved[str(fold)] = weight_change(m, initial)
+
         return dict(on_step=on_step)
 
     results = finetune.main(args, hooks, outputs=["curve.json"])
@@ -60,12 +91,18 @@ def main(args):
 def refusals(a):
     yield from finetune.refusals(a)
     if a.eval_every > a.steps:
-        yield f"--eval-every {a.eval_every} is past the end of the run (--steps {a.steps}): give at most {a.steps}"
+        yield (f"--eval-every {a.eval_every} is past the end of the run (--steps {a.steps}): give "
+               f"at most {a.steps}")
 
 
 def parse_args(argv=None):
     p = finetune.build_parser(description=__doc__.split("\n")[0])
-    p.add_argument("--eval-every", type=positive_int, required=True, help="record the test Dice every this many steps")
+    p.add_argument(
+        "--eval-every",
+        type=positive_int,
+        required=True,
+        help="record the test Dice every this many steps",
+    )
     return runtime.parse(p, argv, finetune.preset, refusals)
 
 

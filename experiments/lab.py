@@ -2,6 +2,7 @@
 repository root, skip a command whose output exists (an interrupted protocol continues), and
 write reports whose paths are relative to the repository (a report made here reads the same on
 another machine)."""
+
 import subprocess
 import sys
 import time
@@ -29,15 +30,23 @@ def run_stage(script, *args, log, done=None, name="experiments", stop_on_failure
         return 0
     print(f"\n$ {command}", flush=True)
     t = time.time()
-    code = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT).returncode
+    code = subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT
+    ).returncode
     log.append(dict(command=command, seconds=round(time.time() - t, 1), exit_code=code))
     if code and stop_on_failure:
-        sys.exit(f"{name}: error: `{command}` failed with exit code {code} (its own message is above); fix it and "
-                 "run again: finished commands are skipped")
+        sys.exit(
+            f"{name}: error: `{command}` failed with exit code {code} (its own message is above); "
+            "fix it and run again: finished commands are skipped"
+        )
     return code
 
 
 def command_lines(log):
     """The report's list of commands, each with its seconds (none: it was done before)."""
-    return [f"    {e['command']}" + (f"    # {e['seconds']:.0f} s" if e["seconds"] else "")
-            + (f", exit {e['exit_code']}" if e.get("exit_code") else "") for e in log]
+    return [
+        f"    {e['command']}"
+        + (f"    # {e['seconds']:.0f} s" if e["seconds"] else "")
+        + (f", exit {e['exit_code']}" if e.get("exit_code") else "")
+        for e in log
+    ]

@@ -4,10 +4,11 @@ each loadable like backbone.pt. Every pretrain.py flag applies; the run itself i
 
     python experiments/pretrain_curve.py --data demo --out runs/curve --keep-steps 0 100 300 1000
 """
+
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository: the stage files
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: the stage files
 import pretrain  # noqa: E402
 import runtime  # noqa: E402
 from runtime import non_negative_int  # noqa: E402
@@ -29,7 +30,9 @@ def main(args):
     last = pretrain.train(run, after_step=keep)
     if run.rank == 0:
         runtime.finish_run(run.folder)
-        print(f"done: {last} steps; backbones kept at steps {sorted(args.keep_steps)} in {run.folder}")
+        print(
+            f"done: {last} steps; backbones kept at steps {sorted(args.keep_steps)} in {run.folder}"
+        )
     if run.world > 1:
         runtime.end_distributed()
     return run.folder
@@ -39,14 +42,21 @@ def refusals(a):
     yield from pretrain.refusals(a)
     late = [s for s in a.keep_steps if s > a.steps]
     if late:
-        yield (f"--keep-steps {' '.join(map(str, late))}: past the end of the run (--steps {a.steps}); "
-               f"give steps <= {a.steps}")
+        yield (
+            f"--keep-steps {' '.join(map(str, late))}: past the end of the run (--steps "
+            f"{a.steps}); give steps <= {a.steps}"
+        )
 
 
 def parse_args(argv=None):
     p = pretrain.build_parser(description=__doc__.split("\n")[0])
-    p.add_argument("--keep-steps", type=non_negative_int, nargs="+", required=True,
-                   help="keep OUT/backbone_step<N>.pt at these steps (0: the initialisation)")
+    p.add_argument(
+        "--keep-steps",
+        type=non_negative_int,
+        nargs="+",
+        required=True,
+        help="keep OUT/backbone_step<N>.pt at these steps (0: the initialisation)",
+    )
     return runtime.parse(p, argv, pretrain.preset, refusals)
 
 

@@ -2,6 +2,7 @@
 (the cell layout for shuffling, the box mask for in-painting, a 100,000-point Bezier + np.interp
 as Models Genesis for the intensity curve, np.interp for the lookup tables, scipy for the blur),
 and meta tensors to show that no function reads a value back from the device."""
+
 import os
 import sys
 from math import comb
@@ -77,7 +78,9 @@ def test_shuffle_only_permutes_within_cells(seed):
     B, C, X, Y, Z = SHAPE
     values = torch.randperm(B * X * Y * Z, generator=gen(99)).double() / (B * X * Y * Z)
     x = values.reshape(SHAPE)  # every voxel value unique
-    out, cell = augment.local_pixel_shuffle(x, gen(seed), prob=1.0, return_cells=True, **SMALL_BLOCKS)
+    out, cell = augment.local_pixel_shuffle(
+        x, gen(seed), prob=1.0, return_cells=True, **SMALL_BLOCKS
+    )
     assert torch.equal(out, augment.local_pixel_shuffle(x, gen(seed), prob=1.0, **SMALL_BLOCKS))
     assert cell.shape == (B, X, Y, Z)
     still = cell == -1
@@ -99,9 +102,16 @@ def test_shuffle_only_permutes_within_cells(seed):
 def test_shuffle_grid_offset_is_per_patch():
     B, C, X, Y, Z = 8, 1, 24, 24, 8
     x = torch.rand((B, C, X, Y, Z), generator=gen(4))
-    _, cell = augment.local_pixel_shuffle(x, gen(0), prob=1.0, num_blocks=10_000,
-                                          block_fraction=(1 / 6, 1 / 6, 1 / 4), return_cells=True)
-    # All 5x5x3 cells of 4x4x2 shuffled: the covered voxels are one 20x20x6 box at the grid's offset,
+    _, cell = augment.local_pixel_shuffle(
+        x,
+        gen(0),
+        prob=1.0,
+        num_blocks=10_000,
+        block_fraction=(1 / 6, 1 / 6, 1 / 4),
+        return_cells=True,
+    )
+    # All 5x5x3 cells of 4x4x2 shuffled: the covered voxels are one 20x20x6 box at the grid's
+    # offset,
     # which leaves 24 - 20 = 4 (x, y) and 8 - 6 = 2 (z) voxels of slack.
     origins = []
     for b in range(B):
@@ -109,7 +119,9 @@ def test_shuffle_grid_offset_is_per_patch():
         origin = where.min(0).values
         assert (origin <= torch.tensor([4, 4, 2])).all()
         box = torch.zeros(X, Y, Z, dtype=torch.bool)
-        box[origin[0]:origin[0] + 20, origin[1]:origin[1] + 20, origin[2]:origin[2] + 6] = True
+        box[origin[0] : origin[0] + 20, origin[1] : origin[1] + 20, origin[2] : origin[2] + 6] = (
+            True
+        )
         assert torch.equal(cell[b] >= 0, box)
         origins.append(tuple(origin.tolist()))
     assert len(set(origins)) > 1, "all patches share one grid offset"
@@ -117,7 +129,8 @@ def test_shuffle_grid_offset_is_per_patch():
 
 def test_no_host_device_sync():
     """Meta tensors hold no data, so any read back to the host (.item(), .tolist(), nonzero, a
-    boolean mask, an `if` on a value) raises: passing means the pipelines never wait for the device."""
+    boolean mask, an `if` on a value) raises: passing means the pipelines never wait for the
+    device."""
     x = torch.empty(SHAPE, device="meta")
     for kind in augment.KINDS:
         out = augment.augment_batch(x, None, kind)  # None: the (meta) default generator
@@ -128,8 +141,14 @@ def test_no_host_device_sync():
 
 def test_shuffle_cell_count_capped_by_grid():
     x = random_batch()
-    _, cell = augment.local_pixel_shuffle(x, gen(0), prob=1.0, num_blocks=10_000,
-                                          block_fraction=(1 / 6, 1 / 6, 1 / 4), return_cells=True)
+    _, cell = augment.local_pixel_shuffle(
+        x,
+        gen(0),
+        prob=1.0,
+        num_blocks=10_000,
+        block_fraction=(1 / 6, 1 / 6, 1 / 4),
+        return_cells=True,
+    )
     # 24 = 4 + 5*4 fits 5 cells at any offset in [0, 4]; 8 = 2 + 3*2 fits 3: 75 cells per sample
     assert [len(cell[b].unique()) - int((cell[b] == -1).any()) for b in range(SHAPE[0])] == [75, 75]
 
@@ -184,7 +203,9 @@ def test_interp_knots_equals_np_interp():
     values = torch.cat([torch.rand(4, 300, generator=gen(10)), xs], dim=1)  # include the knots
     ours = augment.interp_knots(values, xs, ys).numpy()
     for b in range(4):
-        reference = np.interp(values[b].double().numpy(), xs[b].double().numpy(), ys[b].double().numpy())
+        reference = np.interp(
+            values[b].double().numpy(), xs[b].double().numpy(), ys[b].double().numpy()
+        )
         np.testing.assert_allclose(ours[b], reference, atol=1e-6)
 
 
@@ -193,8 +214,13 @@ def test_apply_lut_equals_np_interp_on_uniform_grid(dtype):
     B, T = 5, 37
     lut = torch.rand(B, T, generator=gen(11), dtype=dtype).sort(1).values  # (B, T) non-decreasing
     grid = torch.linspace(0, 1, T, dtype=torch.float64)
-    values = torch.cat([torch.rand(B, 400, generator=gen(12), dtype=dtype) * 1.2 - 0.1,  # some outside [0, 1]
-                        grid.to(dtype).expand(B, T)], dim=1)  # and the grid points themselves
+    values = torch.cat(
+        [
+            torch.rand(B, 400, generator=gen(12), dtype=dtype) * 1.2 - 0.1,  # some outside [0, 1]
+            grid.to(dtype).expand(B, T),
+        ],
+        dim=1,
+    )  # and the grid points themselves
     ours = augment.apply_lut(values, lut)
     assert ours.dtype == dtype
     for b in range(B):
@@ -208,7 +234,12 @@ def test_apply_lut_exactly_monotone_at_cell_edges(dtype):
     lut = torch.rand(B, T, generator=gen(13), dtype=dtype).sort(1).values  # large steps per cell
     edges = torch.linspace(0, 1, T, dtype=dtype)
     down, up = edges.nextafter(torch.zeros_like(edges)), edges.nextafter(torch.ones_like(edges))
-    values = torch.cat([edges, down, down.nextafter(torch.zeros_like(edges)), up]).clamp(0, 1).sort().values
+    values = (
+        torch.cat([edges, down, down.nextafter(torch.zeros_like(edges)), up])
+        .clamp(0, 1)
+        .sort()
+        .values
+    )
     out = augment.apply_lut(values.expand(B, -1), lut)
     assert (out.diff(dim=1) >= 0).all()
     assert torch.equal(out[:, 0], lut[:, 0]) and torch.equal(out[:, -1], lut[:, -1])
@@ -227,14 +258,16 @@ def test_bezier_intensity_is_monotone_on_a_ramp(seed):
     assert torch.equal(out, augment.apply_lut(ramp.reshape(B, -1), augment.bezier_lut(points)))
 
 
-# ----------------------------------------------------------------------------- vox2vec augmentations
+# ----------------------------------------------------------------------------- vox2vec
+# augmentations
 @pytest.mark.parametrize("sigma", [0.25, 0.8, 1.5])
 def test_blur_matches_scipy(sigma):
     x = random_batch(dtype=torch.float64)
     radius = int(4 * sigma + 0.5)
     ours = augment._blur_xy(x, torch.full((SHAPE[0],), sigma, dtype=torch.float64), radius).numpy()
-    reference = gaussian_filter1d(gaussian_filter1d(x.numpy(), sigma, axis=2, mode="nearest"),
-                                  sigma, axis=3, mode="nearest")
+    reference = gaussian_filter1d(
+        gaussian_filter1d(x.numpy(), sigma, axis=2, mode="nearest"), sigma, axis=3, mode="nearest"
+    )
     np.testing.assert_allclose(ours, reference, atol=1e-10)
 
 
@@ -251,8 +284,10 @@ def test_noise_and_window_by_construction():
         middle = (out[b] > 0) & (out[b] < 1)
         low, high = flat[b][middle].min(), flat[b][middle].max()
         assert low <= 0.2 + 1e-3 and high >= 0.7 - 1e-3  # window inside the allowed ranges
-        slope = (out[b][middle].diff() / flat[b][middle].diff())
-        assert torch.allclose(slope, slope.mean(), rtol=1e-3) and slope.mean() >= 1  # linear stretch
+        slope = out[b][middle].diff() / flat[b][middle].diff()
+        assert (
+            torch.allclose(slope, slope.mean(), rtol=1e-3) and slope.mean() >= 1
+        )  # linear stretch
 
 
 def test_pipelines_compose_in_documented_order():

@@ -1,6 +1,7 @@
 """demo.py and `preprocess.py --demo`: the phantoms are deterministic per seed, the demo command
 builds the labelled set with its split and a separate unlabelled corpus (none of its scans is a
 labelled one), a folder made with other settings or too few cases is one line."""
+
 import json
 
 import nibabel as nib
@@ -19,38 +20,72 @@ def test_demo_generator_deterministic(tmp_path):
         img = nib.load(str(tmp_path / folder / "imagesTr" / "demo_000.nii.gz"))
         lab = nib.load(str(tmp_path / folder / "labelsTr" / "demo_000.nii.gz"))
         return np.asarray(img.dataobj).tobytes() + np.asarray(lab.dataobj).tobytes(), img.affine
+
     a, b, c = make("a", 7), make("b", 7), make("c", 8)
     assert a[0] == b[0] and np.array_equal(a[1], b[1])
     assert a[0] != c[0]
-    assert demo.raw_jobs(tmp_path / "a", 1, seed=7) == []            # made already: nothing to do
+    assert demo.raw_jobs(tmp_path / "a", 1, seed=7) == []  # made already: nothing to do
 
 
 def test_demo_command(tmp_path, capsys):
     """`preprocess.py --demo DIR` with three labelled cases (the fewest a split takes) and three
     unlabelled ones: preprocessed like real data, a fixed split, a corpus apart."""
-    args = preprocess.parse_args(["--demo", str(tmp_path / "d"), "--num-cases", "3", "--unlabelled-cases", "3",
-                                  "--workers", "1"])
+    args = preprocess.parse_args(
+        [
+            "--demo",
+            str(tmp_path / "d"),
+            "--num-cases",
+            "3",
+            "--unlabelled-cases",
+            "3",
+            "--workers",
+            "1",
+        ]
+    )
     assert preprocess.main(args) == 0
     out = capsys.readouterr().out
-    assert "done 3 / skipped 0 / failed 0" in out and "3 labelled phantoms" in out and "3 unlabelled ones" in out
+    assert (
+        "done 3 / skipped 0 / failed 0" in out
+        and "3 labelled phantoms" in out
+        and "3 unlabelled ones" in out
+    )
     folder = tmp_path / "d"
     meta = json.loads((folder / "cases" / "demo_000" / "meta.json").read_text())
     image = np.load(folder / "cases" / "demo_000" / "image.npy")
     assert list(image.shape) == meta["shape"] and meta["spacing"] == [1.0, 1.0, 2.0]
     assert 0 <= image.min() and image.max() <= 1
     split = json.loads((folder / "split.json").read_text())
-    assert sorted(sum(split.values(), [])) == ["demo_000", "demo_001", "demo_002"] and all(split.values())
+    assert sorted(sum(split.values(), [])) == ["demo_000", "demo_001", "demo_002"] and all(
+        split.values()
+    )
     info = json.loads((folder / "unlabelled" / "dataset.json").read_text())
     assert len(info["cases"]) == 3 and not any(c["labelled"] for c in info["cases"])
-    raw_l = [np.asanyarray(nib.load(p).dataobj) for p in sorted((folder / "raw" / "imagesTr").iterdir())]
-    raw_u = [np.asanyarray(nib.load(p).dataobj) for p in sorted((folder / "unlabelled").glob("raw/*.nii.gz"))]
-    assert len(raw_u) == 3 and not any(a.shape == b.shape and np.array_equal(a, b) for a in raw_l for b in raw_u)
-    # the same command again finishes at once; another demo into the same folder is a clear error, not a mix
+    raw_l = [
+        np.asanyarray(nib.load(p).dataobj) for p in sorted((folder / "raw" / "imagesTr").iterdir())
+    ]
+    raw_u = [
+        np.asanyarray(nib.load(p).dataobj)
+        for p in sorted((folder / "unlabelled").glob("raw/*.nii.gz"))
+    ]
+    assert len(raw_u) == 3 and not any(
+        a.shape == b.shape and np.array_equal(a, b) for a in raw_l for b in raw_u
+    )
+    # the same command again finishes at once; another demo into the same folder is a clear error,
+    # not a mix
     assert preprocess.main(args) == 0 and "done 0 / skipped 3" in capsys.readouterr().out
-    with pytest.raises(InputError, match=r"raw holds a run with other settings \(--num-cases 3 -> 4\)"):
-        preprocess.main(preprocess.parse_args(["--demo", str(folder), "--num-cases", "4", "--unlabelled-cases", "0"]))
-    preprocess.main(preprocess.parse_args(["--demo", str(folder), "--num-cases", "4", "--unlabelled-cases", "0",
-                                           "--force"]))
+    with pytest.raises(
+        InputError, match=r"raw holds a run with other settings \(--num-cases 3 -> 4\)"
+    ):
+        preprocess.main(
+            preprocess.parse_args(
+                ["--demo", str(folder), "--num-cases", "4", "--unlabelled-cases", "0"]
+            )
+        )
+    preprocess.main(
+        preprocess.parse_args(
+            ["--demo", str(folder), "--num-cases", "4", "--unlabelled-cases", "0", "--force"]
+        )
+    )
     assert len(json.loads((folder / "dataset.json").read_text())["cases"]) == 4
 
 

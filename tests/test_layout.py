@@ -3,6 +3,7 @@ no stage imports another stage (predict.py may import preprocess.py: prediction 
 no import circle, `import pretrain` pulls in neither NIfTI I/O nor scipy and at most 2,200 lines
 of the project, every script reports a refusal through runtime.cli, and every torch.load is
 weights_only."""
+
 import ast
 import subprocess
 import sys
@@ -43,7 +44,12 @@ def test_components_import_nothing_of_the_project():
 
 
 def test_no_stage_imports_a_stage_and_there_is_no_circle():
-    bad = sorted(f"{a} -> {b}" for a in GRAPH for b in GRAPH[a] if b in STAGES and (a, b) != ("predict", "preprocess"))
+    bad = sorted(
+        f"{a} -> {b}"
+        for a in GRAPH
+        for b in GRAPH[a]
+        if b in STAGES and (a, b) != ("predict", "preprocess")
+    )
     assert bad == []
     assert [a for a in GRAPH if a in reach(a)] == []
 
@@ -52,15 +58,20 @@ def test_import_pretrain_is_lean():
     closure = reach("pretrain") | {"pretrain"}
     lines = sum(len(FILES[f].read_text().splitlines()) for f in closure)
     assert lines <= 2200, (sorted(closure), lines)
-    code = "import sys; import pretrain; print(sorted(m for m in ('nibabel', 'scipy') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    code = ("import sys; import pretrain; "
+            "print(sorted(m for m in ('nibabel', 'scipy') if m in sys.modules))")
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "[]"
 
 
 def test_every_script_reports_through_the_one_wrapper():
     for name in STAGES:
         tree = ast.parse(FILES[name].read_text())
-        main_block = next(n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test))
+        main_block = next(
+            n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)
+        )
         assert "runtime.cli(main, parse_args" in ast.unparse(main_block), name
         assert "sys.exit" not in FILES[name].read_text(), name
 
@@ -71,6 +82,8 @@ def test_every_torch_load_is_weights_only():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
                 loads += 1
-                assert any(k.arg == "weights_only" and ast.unparse(k.value) == "True" for k in node.keywords), \
-                    (path.name, ast.unparse(node))
+                assert any(
+                    k.arg == "weights_only" and ast.unparse(k.value) == "True"
+                    for k in node.keywords
+                ), (path.name, ast.unparse(node))
     assert loads >= 2

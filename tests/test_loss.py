@@ -1,4 +1,5 @@
 """loss.py against naive implementations: Eq. 1 as a loop, autograd, hand computations."""
+
 import math
 import os
 import sys
@@ -66,13 +67,17 @@ def test_info_nce_rejects_mismatched_views():
 
 def test_reconstruction_and_hybrid_by_hand():
     recon_a = torch.tensor([0.0, 1.0, 2.0, 3.0]).view(1, 1, 4, 1, 1)
-    target_a = torch.tensor([1.0, 1.0, 0.0, 3.0]).view(1, 1, 4, 1, 1)  # squared errors 1, 0, 4, 0 -> 1.25
+    target_a = torch.tensor([1.0, 1.0, 0.0, 3.0]).view(
+        1, 1, 4, 1, 1
+    )  # squared errors 1, 0, 4, 0 -> 1.25
     recon_b = torch.full((1, 1, 2, 1, 1), 0.5)
     target_b = torch.zeros(1, 1, 2, 1, 1)  # squared errors 0.25, 0.25 -> 0.25
     l_r = loss.reconstruction_loss(recon_a, target_a, recon_b, target_b)
     assert l_r.item() == pytest.approx((1.25 + 0.25) / 2)
     assert loss.hybrid_loss(torch.tensor(2.0), l_r).item() == pytest.approx(2.0 + 10 * 0.75)
-    assert loss.hybrid_loss(2.0, 0.75, recon_weight=3.0, contrastive_weight=0.5) == pytest.approx(1.0 + 2.25)
+    assert loss.hybrid_loss(2.0, 0.75, recon_weight=3.0, contrastive_weight=0.5) == pytest.approx(
+        1.0 + 2.25
+    )
 
 
 def naive_segmentation_loss(logits, label, eps=1e-5):
@@ -87,7 +92,9 @@ def naive_segmentation_loss(logits, label, eps=1e-5):
     dice = []
     for c in range(1, K):
         g = (label == c).double()
-        dice.append((2 * (p[:, c] * g).sum().item() + eps) / (p[:, c].sum().item() + g.sum().item() + eps))
+        dice.append(
+            (2 * (p[:, c] * g).sum().item() + eps) / (p[:, c].sum().item() + g.sum().item() + eps)
+        )
     return ce / label.numel() + 1 - np.mean(dice)
 
 
@@ -110,7 +117,9 @@ def test_segmentation_loss_near_zero_for_confident_perfect_logits():
 
 
 def test_predict_labels_by_hand():
-    scores = torch.tensor([[2.0, -1.0, -2.0], [0.0, 0.5, 2.0], [0.1, 3.0, 1.0], [0.3, -0.1, 0.2]]).T[None]  # (1, K=3, 4)
+    scores = torch.tensor(
+        [[2.0, -1.0, -2.0], [0.0, 0.5, 2.0], [0.1, 3.0, 1.0], [0.3, -0.1, 0.2]]
+    ).T[None]  # (1, K=3, 4)
     assert loss.predict_labels(scores).tolist() == [[0, 2, 1, 0]]
 
 
@@ -133,7 +142,7 @@ def test_dice_per_class_rejects_out_of_range_labels():
 
 
 def test_info_nce_padding_mask_equals_dropping_the_rows():
-    """pretrain.py pads each process's voxels before gathering; the mask must make padding invisible."""
+    """pretrain.py pads each process's voxels before gathering: the mask makes padding invisible."""
     g = torch.Generator().manual_seed(3)
     za = F.normalize(torch.randn(7, 5, generator=g), dim=1)
     zb = F.normalize(torch.randn(7, 5, generator=g), dim=1)

@@ -1,8 +1,9 @@
-"""Tests for model.py: each piece against a reference (naive loops, F.conv3d, 
+"""Tests for model.py: each piece against a reference (naive loops, F.conv3d,
 the reference parameter count). Tiny configs; runs in seconds on CPU.
 
     python -m pytest -q tests/test_model.py
 """
+
 import sys
 from pathlib import Path
 
@@ -11,8 +12,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import (ARCHS, FPN3d, LinearHead, NonLinearHead, PretrainModel, ResBlock3d,  # noqa: E402
-                   SegmentationModel, sample_voxels)
+from model import (
+    ARCHS,
+    FPN3d,
+    LinearHead,
+    NonLinearHead,
+    PretrainModel,
+    ResBlock3d,  # noqa: E402
+    SegmentationModel,
+    sample_voxels,
+)
 
 TINY = dict(in_channels=1, base_channels=4, num_levels=3)
 TINY_PATCH = (16, 16, 8)  # (X, Y, Z)
@@ -20,8 +29,10 @@ TINY_PATCH = (16, 16, 8)  # (X, Y, Z)
 
 def random_pyramid(batch, shape, channels, generator, dtype=torch.float32):
     """Level l: (B, C_l, X/2**l, Y/2**l, Z/2**l) of random numbers."""
-    return [torch.randn(batch, c, *(s // 2 ** l for s in shape), generator=generator, dtype=dtype)
-            for l, c in enumerate(channels)]
+    return [
+        torch.randn(batch, c, *(s // 2**l for s in shape), generator=generator, dtype=dtype)
+        for l, c in enumerate(channels)
+    ]
 
 
 def random_coords(n, batch, shape, generator):
@@ -33,6 +44,7 @@ def random_coords(n, batch, shape, generator):
 
 
 # ----------------------------------------------------------------------------- voxel sampling
+
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_sample_voxels_matches_naive_loop(channels_last):
@@ -46,8 +58,10 @@ def test_sample_voxels_matches_naive_loop(channels_last):
     for l, level in enumerate(pyramid):
         assert sampled[l].shape == (len(coords), channels[l])
         for k, (b, x, y, z) in enumerate(coords.tolist()):
-            f = 2 ** l
-            torch.testing.assert_close(sampled[l][k], level[b, :, x // f, y // f, z // f], rtol=0, atol=0)
+            f = 2**l
+            torch.testing.assert_close(
+                sampled[l][k], level[b, :, x // f, y // f, z // f], rtol=0, atol=0
+            )
 
 
 def test_sampling_geometry_matches_max_pool_and_nearest_upsampling():
@@ -62,7 +76,7 @@ def test_sampling_geometry_matches_max_pool_and_nearest_upsampling():
     sampled = sample_voxels(pyramid, coords)
     for l in range(1, 4):
         assert (sampled[l] >= sampled[0]).all()
-        up = F.interpolate(pyramid[l], scale_factor=2 ** l, mode="nearest")
+        up = F.interpolate(pyramid[l], scale_factor=2**l, mode="nearest")
         b, x, y, z = coords.unbind(1)
         torch.testing.assert_close(sampled[l], up[b, :, x, y, z], rtol=0, atol=0)
 
@@ -72,15 +86,21 @@ def test_projection_after_sampling_equals_conv_before():
     shape, channels = (8, 8, 16), [4, 8, 16]
     pyramid = random_pyramid(2, shape, channels, g, dtype=torch.float64)
     coords = random_coords(40, 2, shape, g)
-    model = PretrainModel(dict(base_channels=4, num_levels=3), arch="balanced", projection_dim=6).double()
+    model = PretrainModel(
+        dict(base_channels=4, num_levels=3), arch="balanced", projection_dim=6
+    ).double()
     # the 1x1x1 conv over whole levels first, then sampling: level l (B, 6, X/2**l, Y/2**l, Z/2**l)
-    convs = [F.conv3d(level, proj.weight[:, :, None, None, None], proj.bias)
-             for proj, level in zip(model.projections, pyramid)]
-    expected = sample_voxels(convs, coords)                                # list of (N, 6)
+    convs = [
+        F.conv3d(level, proj.weight[:, :, None, None, None], proj.bias)
+        for proj, level in zip(model.projections, pyramid)
+    ]
+    expected = sample_voxels(convs, coords)  # list of (N, 6)
     got = [proj(s) for proj, s in zip(model.projections, sample_voxels(pyramid, coords))]
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
-    torch.testing.assert_close(model.voxel_features(pyramid, coords), torch.cat(expected, dim=1))  # (N, 3 * 6)
+    torch.testing.assert_close(
+        model.voxel_features(pyramid, coords), torch.cat(expected, dim=1)
+    )  # (N, 3 * 6)
 
 
 def test_sample_voxels_rejects_bad_coords():
@@ -89,6 +109,7 @@ def test_sample_voxels_rejects_bad_coords():
 
 
 # ----------------------------------------------------------------------------- backbone
+
 
 def test_resblock_skip_paths():
     """With the body's last conv zeroed a block is its skip: identity, or the 1x1x1 conv."""
@@ -108,7 +129,9 @@ def test_fpn_shapes_for_both_presets(preset):
     levels = ARCHS[preset]["num_levels"]
     m = 2 ** (levels - 1)
     shape = (m, 2 * m, m)  # the smallest non-cubic input this depth accepts
-    fpn = FPN3d(in_channels=1, base_channels=2, num_levels=levels).to(memory_format=torch.channels_last_3d)
+    fpn = FPN3d(in_channels=1, base_channels=2, num_levels=levels).to(
+        memory_format=torch.channels_last_3d
+    )
     x = torch.randn(2, 1, *shape).contiguous(memory_format=torch.channels_last_3d)
     # torch 2.13's single-threaded CPU 1x1x1 conv returns NCDHW (measured: OMP_NUM_THREADS=1), a
     # kernel choice outside this code; check our layers with the multi-threaded kernels.
@@ -118,10 +141,10 @@ def test_fpn_shapes_for_both_presets(preset):
         pyramid = fpn(x)
     finally:
         torch.set_num_threads(threads)
-    assert fpn.channels == [2 * 2 ** l for l in range(levels)]
+    assert fpn.channels == [2 * 2**l for l in range(levels)]
     assert len(pyramid) == levels
     for l, p in enumerate(pyramid):
-        assert p.shape == (2, 2 * 2 ** l, *(s // 2 ** l for s in shape))
+        assert p.shape == (2, 2 * 2**l, *(s // 2**l for s in shape))
         assert p.is_contiguous(memory_format=torch.channels_last_3d)  # no NCDHW copies on the way
 
 
@@ -129,7 +152,8 @@ def test_fpn_shapes_for_both_presets(preset):
 def test_parameter_counts_equal_the_reference(preset, expected):
     with torch.device("meta"):
         fpn = FPN3d(**ARCHS[preset])
-    # Counted by building the authors' FPN3d(1, 32, 5) and FPN3d(1, 16, 6) (README, "Use the authors' weights").
+    # Counted by building the authors' FPN3d(1, 32, 5) and FPN3d(1, 16, 6) (README, "Use the
+    # authors' weights").
     assert sum(p.numel() for p in fpn.parameters()) == expected
 
 
@@ -137,7 +161,7 @@ def test_odd_input_sizes_give_ceil_mode_levels():
     fpn = FPN3d(**TINY)
     pyramid = fpn(torch.zeros(1, 1, 17, 16, 7))
     for l, p in enumerate(pyramid):
-        assert p.shape[2:] == tuple(-(-s // 2 ** l) for s in (17, 16, 7))
+        assert p.shape[2:] == tuple(-(-s // 2**l) for s in (17, 16, 7))
     with pytest.raises(ValueError, match="expected input"):
         fpn(torch.zeros(1, 2, 16, 16, 8))
 
@@ -147,7 +171,7 @@ def test_representation_dims():
         balanced = PretrainModel(ARCHS["balanced"], arch="balanced")
         vox2vec = PretrainModel(ARCHS["vox2vec"], arch="vox2vec")
     assert balanced.representation_dim == 5 * 32
-    assert vox2vec.representation_dim == sum(16 * 2 ** l for l in range(6)) == 1008
+    assert vox2vec.representation_dim == sum(16 * 2**l for l in range(6)) == 1008
     assert balanced.projector[0].in_features == 160 and vox2vec.projector[0].in_features == 1008
     # and on real features of a tiny model
     g = torch.Generator().manual_seed(4)
@@ -205,6 +229,7 @@ def test_pretrain_forward_under_autocast_channels_last():
 
 # ----------------------------------------------------------------------------- downstream heads
 
+
 def test_linear_head_is_linear_classifier_on_sampled_levels():
     g = torch.Generator().manual_seed(8)
     channels, shape, k = [4, 8, 16], (8, 8, 16), 3
@@ -213,9 +238,14 @@ def test_linear_head_is_linear_classifier_on_sampled_levels():
     pyramid = random_pyramid(2, shape, channels, g, dtype=torch.float64)
     logits = head(pyramid)
     assert logits.shape == (2, k, *shape)
-    grid = torch.stack(torch.meshgrid(*[torch.arange(n) for n in (2, *shape)], indexing="ij"), -1).reshape(-1, 4)
-    sampled = sample_voxels(pyramid, grid)                                # list of (N, C_l)
-    expected = sum(s @ conv.weight.flatten(1).T for s, conv in zip(sampled, head.convs)) + head.convs[0].bias
+    grid = torch.stack(
+        torch.meshgrid(*[torch.arange(n) for n in (2, *shape)], indexing="ij"), -1
+    ).reshape(-1, 4)
+    sampled = sample_voxels(pyramid, grid)  # list of (N, C_l)
+    expected = (
+        sum(s @ conv.weight.flatten(1).T for s, conv in zip(sampled, head.convs))
+        + head.convs[0].bias
+    )
     b, x, y, z = grid.unbind(1)
     torch.testing.assert_close(logits.permute(0, 2, 3, 4, 1)[b, x, y, z], expected)
 
@@ -245,7 +275,12 @@ def test_training_bytes_on_a_hand_worked_case():
     """channels (2, 4) on a 2 x 2 x 2 patch: level 0 holds 2 x 8 values, level 1 4 x 1; 11 float32
     copies of both for 3 patches, and InfoNCE's (2N)^2 logits three times for N = 5 pairs."""
     import model
+
     assert model.SAVED_PER_LEVEL == 11
     assert model.training_bytes((2, 4), (2, 2, 2), 3) == 4 * 11 * 3 * (2 * 8 + 4 * 1)
-    assert model.training_bytes((2, 4), (2, 2, 2), 3, voxel_pairs=5) == 4 * (11 * 3 * 20 + 3 * 10 ** 2)
-    assert model.training_bytes((2, 4), (3, 2, 2), 1) == 4 * 11 * (2 * 12 + 4 * 2)    # ceil-mode: 3 -> 2 at level 1
+    assert model.training_bytes((2, 4), (2, 2, 2), 3, voxel_pairs=5) == 4 * (
+        11 * 3 * 20 + 3 * 10**2
+    )
+    assert model.training_bytes((2, 4), (3, 2, 2), 1) == 4 * 11 * (
+        2 * 12 + 4 * 2
+    )  # ceil-mode: 3 -> 2 at level 1

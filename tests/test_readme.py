@@ -3,6 +3,7 @@ X.py ...` line in its code blocks (and in those of the docs/ pages and the lab's
 the history page, whose commands are those of their day) must be accepted by that script's own
 argument parser; the reading guide, within the README's first 80 lines, and its call sequence of
 one pretraining step name functions that exist."""
+
 import importlib
 import re
 import shlex
@@ -11,8 +12,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", ROOT / "experiments" / "README.md",
-         *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "history.md")]
+PAGES = [
+    ROOT / "README.md",
+    ROOT / "experiments" / "README.md",
+    *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "history.md"),
+]
 
 
 def readme_commands(pages=PAGES):
@@ -20,8 +24,12 @@ def readme_commands(pages=PAGES):
     for page in pages:
         text = page.read_text()
         for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-            lines += [l.split("#")[0].strip() for l in block.splitlines() if not l.lstrip().startswith("#")]
-        lines += re.findall(r"`(python [\w/]+\.py[^`]*)`", text)          # commands in tables and prose
+            lines += [
+                l.split("#")[0].strip()
+                for l in block.splitlines()
+                if not l.lstrip().startswith("#")
+            ]
+        lines += re.findall(r"`(python [\w/]+\.py[^`]*)`", text)  # commands in tables and prose
     return [l for l in lines if re.match(r"(python|torchrun) ", l) and ".py" in l]
 
 
@@ -37,15 +45,19 @@ def test_readme_has_commands():
 def test_readme_command_parses(command):
     words = shlex.split(command)
     i = next(k for k, w in enumerate(words) if w.endswith(".py"))
-    module = importlib.import_module(words[i][:-3].replace("/", "."))   # neighbours/x.py -> neighbours.x
-    args = module.parse_args(words[i + 1:])   # argparse exits (SystemExit) on an unknown flag or a broken rule
+    module = importlib.import_module(
+        words[i][:-3].replace("/", ".")
+    )  # neighbours/x.py -> neighbours.x
+    args = module.parse_args(
+        words[i + 1 :]
+    )  # argparse exits (SystemExit) on an unknown flag or a broken rule
     assert args is not None
 
 
 def guide():
     text = (ROOT / "README.md").read_text()
     start = text.index("## Reading guide")
-    return text[start:text.index("\n## ", start + 1)], text[:start].count("\n") + 1
+    return text[start : text.index("\n## ", start + 1)], text[:start].count("\n") + 1
 
 
 def test_the_reading_guide_comes_first_and_names_what_exists():
@@ -59,7 +71,7 @@ def test_the_reading_guide_comes_first_and_names_what_exists():
     for path, name in refs:
         target = importlib.import_module(path[:-3].replace("/", "."))
         for part in name.split("."):
-            target = getattr(target, part)            # AttributeError if it is not there
+            target = getattr(target, part)  # AttributeError if it is not there
         assert target is not None
 
 
@@ -68,6 +80,7 @@ def test_the_call_sequence_follows_the_code():
     is named in the source of the line it is indented under (a module's forward is called as the
     module, so it is not looked for)."""
     import inspect
+
     section, _ = guide()
     block = re.search(r"```text\n(.*?)```", section, flags=re.S).group(1)
     lines = [l for l in block.splitlines() if re.search(r"\.py:", l)]

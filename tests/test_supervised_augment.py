@@ -2,6 +2,7 @@
 aligned, flips are exact, zero strength is the identity, each transform's draws follow its
 parameters, no class appears that was not in the patch, meta tensors (no host sync), and the
 blur against scipy."""
+
 import os
 import sys
 
@@ -33,13 +34,17 @@ def test_spatial_transform_keeps_image_and_label_aligned():
     y = blob_label()
     x = y[:, None].float()
     for seed in range(3):
-        xr, yr = augment.random_rotate_scale(x, y, gen(seed), rotation_prob=1, scale_prob=1, image_mode="nearest")
+        xr, yr = augment.random_rotate_scale(
+            x, y, gen(seed), rotation_prob=1, scale_prob=1, image_mode="nearest"
+        )
         assert torch.equal(xr[:, 0], yr.float())
-        assert (yr != y).any()                            # it did move
+        assert (yr != y).any()  # it did move
         xr, yr = augment.random_rotate_scale(x, y, gen(seed), rotation_prob=1, scale_prob=1)
         assert ((xr[:, 0] - yr).abs() < 0.5).float().mean() > 0.9
     # the check can fail: a label moved without its image is far from it
-    _, y_other = augment.random_rotate_scale(x, y, gen(99), rotation_prob=1, scale_prob=1, image_mode="nearest")
+    _, y_other = augment.random_rotate_scale(
+        x, y, gen(99), rotation_prob=1, scale_prob=1, image_mode="nearest"
+    )
     assert not torch.equal(xr[:, 0].round(), y_other.float())
 
 
@@ -49,8 +54,10 @@ def test_rotation_by_the_same_draw_as_a_naive_resampler():
     y = blob_label(batch=1, shape=(10, 8, 6))
     x = torch.rand(1, 1, 10, 8, 6, generator=gen(5))
     g = gen(7)
-    u = torch.rand(1, 6, generator=gen(7))                # the draws random_rotate_scale makes first
-    xr, _ = augment.random_rotate_scale(x, y, g, rotation_prob=1, scale_prob=1, image_mode="nearest")
+    u = torch.rand(1, 6, generator=gen(7))  # the draws random_rotate_scale makes first
+    xr, _ = augment.random_rotate_scale(
+        x, y, g, rotation_prob=1, scale_prob=1, image_mode="nearest"
+    )
     angles = ((2 * u[0, 3:] - 1) * 30 * np.pi / 180).double().numpy()
     s = 0.7 + u[0, 2].item() * 0.7
     cx, sx = np.cos(angles), np.sin(angles)
@@ -61,10 +68,10 @@ def test_rotation_by_the_same_draw_as_a_naive_resampler():
     dims = np.array(x.shape[2:])
     src, out, near = x[0, 0].numpy(), xr[0, 0].numpy(), 0
     for p in np.ndindex(*dims):
-        q = m @ (np.array(p) + 0.5 - dims / 2) + dims / 2 - 0.5     # voxel-centre coordinates
-        i = np.clip(np.floor(q + 0.5).astype(int), 0, dims - 1)      # nearest, border replicated
-        frac = np.abs(q + 0.5 - np.floor(q + 0.5) - 0.5)             # distance from a rounding tie
-        if frac.max() < 0.499:                                       # away from ties (float rounding)
+        q = m @ (np.array(p) + 0.5 - dims / 2) + dims / 2 - 0.5  # voxel-centre coordinates
+        i = np.clip(np.floor(q + 0.5).astype(int), 0, dims - 1)  # nearest, border replicated
+        frac = np.abs(q + 0.5 - np.floor(q + 0.5) - 0.5)  # distance from a rounding tie
+        if frac.max() < 0.499:  # away from ties (float rounding)
             assert out[p] == src[tuple(i)], p
             near += 1
     assert near > 0.9 * dims.prod()
@@ -80,8 +87,12 @@ def test_flips_are_exact_and_move_the_label_too():
     xf, yf = augment.random_flip(x, y, gen(4), prob=0.5)
     combos = [tuple(a for a, f in zip((0, 1, 2), bits) if f) for bits in np.ndindex(2, 2, 2)]
     seen = set()
-    for b in range(8):   # each patch is exactly one of the 8 flip combinations, its label the same one
-        match = [c for c in combos if torch.equal(xf[b], x[b].flip([1 + a for a in c]) if c else x[b])]
+    for b in range(
+        8
+    ):  # each patch is exactly one of the 8 flip combinations, its label the same one
+        match = [
+            c for c in combos if torch.equal(xf[b], x[b].flip([1 + a for a in c]) if c else x[b])
+        ]
         assert len(match) == 1
         c = match[0]
         assert torch.equal(yf[b], y[b].flip([a for a in c]) if c else y[b])
@@ -97,7 +108,8 @@ ZERO_STRENGTH = {
     "noise": lambda x, g: augment.additive_noise(x, g, prob=1, variance=(0.0, 0.0)),
     "blur": lambda x, g: augment.gaussian_blur(x, g, prob=1, sigma=(0.0, 0.0)),
     "rotate/scale": lambda x, g: augment.random_rotate_scale(
-        x, torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.long), g, 1, 0.0, 1, (1.0, 1.0))[0],
+        x, torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.long), g, 1, 0.0, 1, (1.0, 1.0)
+    )[0],
 }
 
 
@@ -121,9 +133,9 @@ def test_brightness_statistics():
     applied = f[(f - 1).abs() > 1e-7]
     assert proportion_ok(len(applied), n, 0.15)
     assert applied.min() >= 0.75 and applied.max() <= 1.25
-    assert proportion_ok(int((applied < 1).sum()), len(applied), 0.5)         # BGContrast: half below 1
-    assert abs(applied[applied < 1].mean().item() - 0.875) < 0.02             # U(0.75, 1) mean
-    assert abs(applied[applied > 1].mean().item() - 1.125) < 0.02             # U(1, 1.25) mean
+    assert proportion_ok(int((applied < 1).sum()), len(applied), 0.5)  # BGContrast: half below 1
+    assert abs(applied[applied < 1].mean().item() - 0.875) < 0.02  # U(0.75, 1) mean
+    assert abs(applied[applied > 1].mean().item() - 1.125) < 0.02  # U(1, 1.25) mean
 
 
 def test_gamma_statistics():
@@ -150,12 +162,15 @@ def test_contrast_statistics_and_range():
     flat_x, flat_o = x.reshape(n, -1), out.reshape(n, -1)
     changed = (flat_o != flat_x).any(1)
     assert proportion_ok(int(changed.sum()), n, 0.15)
-    assert (flat_o.min(1).values >= flat_x.min(1).values).all() and (flat_o.max(1).values <= flat_x.max(1).values).all()
+    assert (flat_o.min(1).values >= flat_x.min(1).values).all() and (
+        flat_o.max(1).values <= flat_x.max(1).values
+    ).all()
     # unclipped voxels: deviation from the mean scaled by one factor in [0.75, 1.25]
     m = flat_x.mean(1, keepdim=True)
     f = ((flat_o - m) / (flat_x - m))[changed]
-    inside = (flat_o[changed] > flat_x[changed].min(1, keepdim=True).values) & \
-             (flat_o[changed] < flat_x[changed].max(1, keepdim=True).values)
+    inside = (flat_o[changed] > flat_x[changed].min(1, keepdim=True).values) & (
+        flat_o[changed] < flat_x[changed].max(1, keepdim=True).values
+    )
     assert f[inside].min() >= 0.75 - 1e-4 and f[inside].max() <= 1.25 + 1e-4
 
 
@@ -164,10 +179,10 @@ def test_noise_statistics():
     n = 3000
     x = torch.rand(n, 1, 8, 8, 8, generator=gen(5))
     out = augment.additive_noise(x, gen(6), prob=0.1)
-    v = ((out - x).reshape(n, -1).var(1) / x.reshape(n, -1).var(1))
+    v = (out - x).reshape(n, -1).var(1) / x.reshape(n, -1).var(1)
     applied = v[v > 0]
     assert proportion_ok(len(applied), n, 0.1)
-    assert applied.max() < 0.1 * 1.4                      # 512 voxels: a few % sampling error
+    assert applied.max() < 0.1 * 1.4  # 512 voxels: a few % sampling error
     assert abs(applied.mean().item() - 0.05) < 0.01
 
 
@@ -178,13 +193,15 @@ def test_blur_matches_scipy():
     for b in range(3):
         ref = x[b, 0].numpy()
         for axis in range(3):
-            ref = gaussian_filter1d(ref, 0.5 + u[b, 1 + axis].item() * 0.5, axis=axis, mode="nearest", radius=3)
+            ref = gaussian_filter1d(
+                ref, 0.5 + u[b, 1 + axis].item() * 0.5, axis=axis, mode="nearest", radius=3
+            )
         np.testing.assert_allclose(out[b, 0].numpy(), ref, atol=1e-6)
 
 
 def test_no_transform_creates_a_class():
     y = blob_label(batch=6)
-    y[y == 1] = 0                                        # classes 0, 3, 4 only
+    y[y == 1] = 0  # classes 0, 3, 4 only
     x = torch.rand(6, 1, *y.shape[1:], generator=gen(9))
     for seed in range(10):
         _, out = augment.supervised_augment(x, y, gen(seed))
@@ -193,7 +210,9 @@ def test_no_transform_creates_a_class():
         assert set(out.unique().tolist()) <= {0, 3, 4}
     # also where a patch holds no background at all
     full = torch.full((2, 8, 8, 4), 3, dtype=torch.long)
-    _, out = augment.random_rotate_scale(torch.rand(2, 1, 8, 8, 4), full, gen(0), rotation_prob=1, scale_prob=1)
+    _, out = augment.random_rotate_scale(
+        torch.rand(2, 1, 8, 8, 4), full, gen(0), rotation_prob=1, scale_prob=1
+    )
     assert torch.equal(out, full)
 
 
@@ -212,9 +231,12 @@ def test_reproducible_from_the_seed_and_independent_per_patch():
 
 
 def test_supervised_augment_on_meta_tensors():
-    """Meta tensors have no values: any read-back to the host (.item(), a data-dependent shape) fails."""
+    """Meta tensors have no values: any read-back to the host (.item(), a data-dependent shape)
+    fails."""
     x = torch.empty(2, 1, 16, 16, 8, device="meta")
     y = torch.empty(2, 16, 16, 8, dtype=torch.long, device="meta")
     xo, yo = augment.supervised_augment(x, y, None)
-    assert xo.shape == x.shape and yo.shape == y.shape and xo.device.type == yo.device.type == "meta"
+    assert (
+        xo.shape == x.shape and yo.shape == y.shape and xo.device.type == yo.device.type == "meta"
+    )
     assert yo.dtype == torch.long

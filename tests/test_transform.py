@@ -3,6 +3,7 @@ arithmetic, scipy.ndimage.map_coordinates, np.percentile, on tiny synthetic scan
 
 Run: python -m pytest -q tests/test_transform.py
 """
+
 import itertools
 import json
 import sys
@@ -19,7 +20,8 @@ import preprocess  # noqa: E402
 import transform  # noqa: E402
 from data import InputError  # noqa: E402
 
-DEMO_SCALE = 0.6  # twice the demo scale: round-trip Dice is measured on organs of realistic voxel size; 3 cases
+# twice the demo scale: round-trip Dice is measured on organs of realistic voxel size; 3 cases
+DEMO_SCALE = 0.6
 # a permuted, flipped, anisotropic, translated affine (like DICOM-derived LPS data)
 AFFINE = np.array([[0.0, -1.5, 0, 30], [0, 0, -1.5, 20], [3.0, 0, 0, -40], [0, 0, 0, 1]])
 
@@ -27,7 +29,9 @@ AFFINE = np.array([[0.0, -1.5, 0, 30], [0, 0, -1.5, 20], [3.0, 0, 0, -40], [0, 0
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("demo")
-    return preprocess.build_demo(data_dir, num_cases=3, unlabelled_cases=0, seed=1, scale=DEMO_SCALE)
+    return preprocess.build_demo(
+        data_dir, num_cases=3, unlabelled_cases=0, seed=1, scale=DEMO_SCALE
+    )
 
 
 def dice(a, b):
@@ -47,8 +51,11 @@ def test_round_trip_demo_labels(demo, tmp_path, load_case):
         print(case_id, "round-trip Dice per class", np.round(scores, 3), np.mean(scores))
         assert np.mean(scores) >= 0.95
         assert arrays["body"][arrays["label"] > 0].all()  # gas inside organs counts as body
-    path = transform.save_nifti(transform.to_original_grid(arrays["label"], meta), meta["original_affine"],
-                                 tmp_path / "pred.nii.gz")
+    path = transform.save_nifti(
+        transform.to_original_grid(arrays["label"], meta),
+        meta["original_affine"],
+        tmp_path / "pred.nii.gz",
+    )
     written = nib.load(str(path))
     assert written.shape == original.shape and np.allclose(written.affine, raw.affine)
     assert written.get_data_dtype() == np.uint8
@@ -62,8 +69,10 @@ def naive_original_values(array, meta, voxel, fill):
     world = np.asarray(meta["original_affine"]) @ [*voxel, 1]
     c = np.linalg.solve(np.asarray(meta["affine"]), world)[:3]  # preprocessed voxel coords
     start = np.array([b[0] for b in meta["crop_box"]])
-    options = [{np.floor(x + 0.5)} | ({np.floor(x), np.ceil(x)} if abs(x % 1 - 0.5) < 1e-6
-                                      else set()) for x in c + start]  # resampled grid
+    options = [
+        {np.floor(x + 0.5)} | ({np.floor(x), np.ceil(x)} if abs(x % 1 - 0.5) < 1e-6 else set())
+        for x in c + start
+    ]  # resampled grid
     values = set()
     for m in itertools.product(*options):
         m = np.clip(m, 0, np.array(meta["resampled_shape"]) - 1) - start
@@ -88,11 +97,14 @@ def test_inverse_mapping_exact_demo(demo, load_case):
     check_inverse_exact(meta, np.random.default_rng(0))
 
 
-@pytest.mark.parametrize("affine", [
-    AFFINE,
-    np.diag([0.7, 0.7, 5.0, 1.0]),
-    np.array([[-0.9, 0, 0, 5], [0, 0, 2.5, -3], [0, 1.1, 0, 8], [0, 0, 0, 1.0]]),
-])
+@pytest.mark.parametrize(
+    "affine",
+    [
+        AFFINE,
+        np.diag([0.7, 0.7, 5.0, 1.0]),
+        np.array([[-0.9, 0, 0, 5], [0, 0, 2.5, -3], [0, 1.1, 0, 8], [0, 0, 0, 1.0]]),
+    ],
+)
 def test_inverse_mapping_exact_synthetic(affine, tiny_scan):
     rng = np.random.default_rng(1)
     image, label = tiny_scan(rng, (24, 20, 10))
@@ -106,8 +118,12 @@ def test_inverse_mapping_exact_synthetic(affine, tiny_scan):
         c = np.linalg.solve(canonical.affine, world)[:3]
         r = (v + start) * np.asarray(meta["spacing"]) / nib.affines.voxel_sizes(canonical.affine)
         assert np.allclose(c, r)
-        assert label_out[tuple(v)] == np.asarray(canonical.dataobj)[
-            tuple(np.minimum(np.floor(c + 0.5).astype(int), np.array(canonical.shape) - 1))]
+        assert (
+            label_out[tuple(v)]
+            == np.asarray(canonical.dataobj)[
+                tuple(np.minimum(np.floor(c + 0.5).astype(int), np.array(canonical.shape) - 1))
+            ]
+        )
 
 
 def test_resample_matches_map_coordinates():
@@ -127,7 +143,7 @@ def test_mri_preset():
     rng = np.random.default_rng(3)
     shape = (30, 26, 14)
     x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-    image = np.where(x ** 2 + (y - 0.2) ** 2 + z ** 2 < 0.5, 400.0, 5.0) + rng.normal(0, 20, shape)
+    image = np.where(x**2 + (y - 0.2) ** 2 + z**2 < 0.5, 400.0, 5.0) + rng.normal(0, 20, shape)
     image[3, 4, 5] = 1e5  # an outlier, removed by the percentile clip
     affine = np.diag([1.2, 1.2, 2.0, 1.0])
     image01, body, label, meta = transform.preprocess_arrays(image, affine, "mri")
@@ -145,17 +161,26 @@ def test_mri_preset():
     assert np.array_equal(body | (image01 > 0.3), body)
 
 
-@pytest.mark.parametrize("labels, message", [
-    ({"background": 0, "liver": 1, "spleen": 2}, None),                           # nnU-Net v2
-    ({"background": 0, "liver": [1, 2], "tumour": 2}, r"region-based labels \(liver\)"),
-    ("not json{", "not a valid dataset.json"),
-])
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        ({"background": 0, "liver": 1, "spleen": 2}, None),  # nnU-Net v2
+        ({"background": 0, "liver": [1, 2], "tumour": 2}, r"region-based labels \(liver\)"),
+        ("not json{", "not a valid dataset.json"),
+    ],
+)
 def test_nnunet_v2_and_malformed_dataset_json(tmp_path, labels, message):
     path = tmp_path / "dataset.json"
-    path.write_text(labels if isinstance(labels, str) else json.dumps({"labels": labels, "file_ending": ".nii.gz",
-                                                                         "channel_names": {"0": "CT"}}))
+    path.write_text(
+        labels
+        if isinstance(labels, str)
+        else json.dumps({"labels": labels, "file_ending": ".nii.gz", "channel_names": {"0": "CT"}})
+    )
     if message is None:
-        assert transform.read_dataset_description(tmp_path) == ({"0": "background", "1": "liver", "2": "spleen"}, ["CT"])
+        assert transform.read_dataset_description(tmp_path) == (
+            {"0": "background", "1": "liver", "2": "spleen"},
+            ["CT"],
+        )
     else:
         with pytest.raises(InputError, match=message) as e:
             transform.read_dataset_description(tmp_path)
@@ -164,7 +189,9 @@ def test_nnunet_v2_and_malformed_dataset_json(tmp_path, labels, message):
 
 def test_zero_length_axis_is_named(tmp_path):
     with pytest.raises(InputError, match=r"scan.nii.gz: an empty axis in shape \(20, 0, 8\)"):
-        transform.validate_case(np.zeros((20, 0, 8), np.int16), AFFINE, names=("scan.nii.gz", "label"))
+        transform.validate_case(
+            np.zeros((20, 0, 8), np.int16), AFFINE, names=("scan.nii.gz", "label")
+        )
 
 
 def test_a_spacing_that_is_no_spacing_is_a_bug_here():

@@ -1,9 +1,11 @@
 """Pieces two neighbouring methods share (nothing of the paper's method uses them):
-- block_mask, mask_block_problem: masked-image-modelling masks (mim.py; medcontext.py masks the same way);
+- block_mask, mask_block_problem: masked-image-modelling masks (mim.py; medcontext.py masks the
+same way);
 - RestorativeModel: the FPN with a reconstruction head (genesis.py, mim.py);
 - ema_update / frozen_copy: an exponential-moving-average copy of a network (DenseCL's key
   encoder, MedContext's teacher).
 """
+
 import copy
 import math
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository: the stage files
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: the stage files
 from model import FPN3d, reconstruction_head  # noqa: E402
 
 
@@ -28,28 +30,31 @@ def block_mask(shape, generator, ratio, block, device=None):
     cells = [-(-d // b) for d, b in zip(dims, block)]
     n = cells[0] * cells[1] * cells[2]
     k = int(round(ratio * n))
-    order = torch.rand(batch, n, generator=generator, device=device).argsort(1)      # (B, n)
+    order = torch.rand(batch, n, generator=generator, device=device).argsort(1)  # (B, n)
     masked = torch.zeros(batch, n, dtype=torch.bool, device=device).scatter(1, order[:, :k], True)
     masked = masked.view(batch, *cells)
     for a, b in enumerate(block):
         masked = masked.repeat_interleave(b, dim=1 + a)
-    return masked[:, None, :dims[0], :dims[1], :dims[2]]
+    return masked[:, None, : dims[0], : dims[1], : dims[2]]
 
 
 def mask_block_problem(flag, block, patch_size, ratio, ratio_flag, given=None):
     """Why a mask block cannot honour the asked ratio (a flag rule's message), or None: larger than
-    the patch (block_mask would cut it to the patch), or so large that the patch holds too few blocks
+    the patch (block_mask would cut it to the patch), or so large that the patch holds too few
+    blocks
     for round(ratio * blocks) / blocks to come within 0.1 of the ratio. `given`: the flag's value
     as the user wrote it, when `block` was derived from it."""
     shown = f"{flag} {' '.join(map(str, given if given is not None else block))}"
-    patch = 'x'.join(map(str, patch_size))
+    patch = "x".join(map(str, patch_size))
     too_big = [f"{'XYZ'[a]} {b} > {p}" for a, (b, p) in enumerate(zip(block, patch_size)) if b > p]
     if too_big:
-        return f"{shown}: the block is larger than the {patch} patch ({', '.join(too_big)}); give a block that fits in the patch"
+        return (f"{shown}: the block is larger than the {patch} patch ({', '.join(too_big)}); "
+                "give a block that fits in the patch")
     cells = math.prod(-(-p // max(1, b)) for b, p in zip(block, patch_size))
     masked = round(ratio * cells) / cells
     if abs(masked - ratio) > 0.1:
-        return f"{shown} in a {patch} patch masks {masked:.0%} of it, not the {ratio:.0%} of {ratio_flag}: give a smaller block"
+        return (f"{shown} in a {patch} patch masks {masked:.0%} of it, not the {ratio:.0%} of "
+                f"{ratio_flag}: give a smaller block")
     return None
 
 

@@ -21,6 +21,7 @@ augmentations, as for ours: only the matching differs. No shuffle-BN.
 
 Every pretrain.py flag applies; writes the same backbone.pt for linear_probe.py and finetune.py.
 """
+
 import sys
 from pathlib import Path
 
@@ -29,14 +30,15 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository: the stage files
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: the stage files
 import pretrain  # noqa: E402
 import runtime  # noqa: E402
 from augment import KINDS, augment_batch  # noqa: E402
 from data import InputError  # noqa: E402
 from model import FPN3d  # noqa: E402
 from experiments.neighbours.common import ema_update, frozen_copy  # noqa: E402
-from runtime import below_one, non_negative_int, positive_float, positive_int, unit_interval, unwrap  # noqa: E402
+# noqa: E402
+from runtime import below_one, non_negative_int, positive_float, positive_int, unit_interval, unwrap
 
 # The demo's budget: level 2 (level 3 of a demo patch leaves 32 locations), a queue of 256 (4 keys
 # per step: full after 64 steps), momentum 0.99 (at 0.999 the key encoder would keep 74% of its
@@ -45,6 +47,7 @@ DEMO = dict(dense_level=2, queue_size=256, ema_momentum=0.99)
 
 
 # ----------------------------------------------------------------------------- network
+
 
 class Queue(nn.Module):
     """A first-in-first-out queue of K unit vectors (MoCo's negatives), held as buffers so it is
@@ -61,7 +64,9 @@ class Queue(nn.Module):
     def enqueue(self, keys: torch.Tensor) -> None:
         size = self.keys.shape[0]
         if keys.shape[0] > size:
-            raise ValueError(f"Queue: {keys.shape[0]} keys at once, more than the queue size {size}")
+            raise ValueError(
+                f"Queue: {keys.shape[0]} keys at once, more than the queue size {size}"
+            )
         index = (self.ptr + torch.arange(keys.shape[0], device=keys.device)) % size
         self.keys[index] = keys.detach().to(self.keys.dtype)
         self.ptr.copy_((self.ptr + keys.shape[0]) % size)
@@ -78,20 +83,26 @@ class DenseCLEncoder(nn.Module):
         self.backbone = FPN3d(**backbone_config)
         channels = self.backbone.channels
         if not 0 <= level < len(channels):
-            raise InputError(f"--dense-level {level} outside the FPN's levels 0..{len(channels) - 1}")
+            raise InputError(
+                f"--dense-level {level} outside the FPN's levels 0..{len(channels) - 1}"
+            )
         self.level = level
-        for l in range(level):   # the decoder below `level` feeds neither loss: frozen
+        for l in range(level):  # the decoder below `level` feeds neither loss: frozen
             for part in (self.backbone.lateral[l], self.backbone.skip[l], self.backbone.decoder[l]):
                 part.requires_grad_(False)
-        self.global_head = nn.Sequential(nn.Linear(channels[-1], hidden_dim), nn.ReLU(inplace=True),
-                                         nn.Linear(hidden_dim, dim))
-        self.dense_head = nn.Sequential(nn.Conv3d(channels[level], hidden_dim, 1), nn.ReLU(inplace=True),
-                                        nn.Conv3d(hidden_dim, dim, 1))
+        self.global_head = nn.Sequential(
+            nn.Linear(channels[-1], hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, dim)
+        )
+        self.dense_head = nn.Sequential(
+            nn.Conv3d(channels[level], hidden_dim, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(hidden_dim, dim, 1),
+        )
 
     def forward(self, x: torch.Tensor):
         pyramid = self.backbone(x)
-        g = F.normalize(self.global_head(pyramid[-1].mean((2, 3, 4))).float(), dim=1)     # (B, D)
-        d = F.normalize(self.dense_head(pyramid[self.level]).flatten(2).float(), dim=1)   # (B, D, S)
+        g = F.normalize(self.global_head(pyramid[-1].mean((2, 3, 4))).float(), dim=1)  # (B, D)
+        d = F.normalize(self.dense_head(pyramid[self.level]).flatten(2).float(), dim=1)  # (B, D, S)
         return g, d, pyramid[self.level].flatten(2)
 
 
@@ -99,10 +110,22 @@ class DenseCLModel(nn.Module):
     """Query encoder (trained), key encoder (its EMA), and the global and dense queues.
     `backbone` is the query encoder's FPN (what backbone.pt holds)."""
 
-    def __init__(self, backbone_config: dict, level: int, queue_size: int, dim: int = 128, hidden_dim: int = 512):
+    def __init__(
+        self,
+        backbone_config: dict,
+        level: int,
+        queue_size: int,
+        dim: int = 128,
+        hidden_dim: int = 512,
+    ):
         super().__init__()
-        self.config = dict(backbone_config=dict(backbone_config), level=level, queue_size=queue_size, dim=dim,
-                           hidden_dim=hidden_dim)
+        self.config = dict(
+            backbone_config=dict(backbone_config),
+            level=level,
+            queue_size=queue_size,
+            dim=dim,
+            hidden_dim=hidden_dim,
+        )
         self.query = DenseCLEncoder(backbone_config, level, dim, hidden_dim)
         self.key = frozen_copy(self.query)
         self.queue_global = Queue(queue_size, dim)
@@ -127,6 +150,7 @@ class DenseCLModel(nn.Module):
 
 # ----------------------------------------------------------------------------- loss
 
+
 def moco_loss(q, k, queue, temperature=0.2):
     """MoCo's InfoNCE: each query's positive is its key, its negatives the queue.
     q, k: (N, D) unit vectors; queue: (K, D). -> mean over the N queries of
@@ -134,8 +158,8 @@ def moco_loss(q, k, queue, temperature=0.2):
     with torch.autocast(device_type=q.device.type, enabled=False):
         dtype = torch.promote_types(q.dtype, torch.float32)
         q, k, queue = q.to(dtype), k.to(dtype), queue.to(dtype)
-        positive = (q * k).sum(1, keepdim=True)                    # (N, 1)
-        logits = torch.cat([positive, q @ queue.T], 1) / temperature   # (N, 1 + K)
+        positive = (q * k).sum(1, keepdim=True)  # (N, 1)
+        logits = torch.cat([positive, q @ queue.T], 1) / temperature  # (N, 1 + K)
         return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
@@ -147,14 +171,23 @@ def dense_matches(features_q, features_k):
     return torch.einsum("bcs,bct->bst", fq, fk).argmax(2)
 
 
-def densecl_loss(q_global, k_global, queue_global, q_dense, k_dense, match, queue_dense,
-                 temperature=0.2, dense_weight=0.5):
+def densecl_loss(
+    q_global,
+    k_global,
+    queue_global,
+    q_dense,
+    k_dense,
+    match,
+    queue_dense,
+    temperature=0.2,
+    dense_weight=0.5,
+):
     """DenseCL Eq. 3-4: (1 - lambda) * global MoCo loss + lambda * dense loss, the dense positive of
     query location s being key location match[b, s]. q_global, k_global: (B, D); q_dense,
     k_dense: (B, D, S) unit vectors along D; match: (B, S_q). -> (loss, global, dense)."""
     l_global = moco_loss(q_global, k_global, queue_global, temperature)
-    positive = k_dense.gather(2, match[:, None, :].expand(-1, k_dense.shape[1], -1))   # (B, D, S_q)
-    flat = lambda t: t.permute(0, 2, 1).reshape(-1, t.shape[1])                       # (B * S, D)
+    positive = k_dense.gather(2, match[:, None, :].expand(-1, k_dense.shape[1], -1))  # (B, D, S_q)
+    flat = lambda t: t.permute(0, 2, 1).reshape(-1, t.shape[1])  # (B * S, D)
     l_dense = moco_loss(flat(q_dense), flat(positive), queue_dense, temperature)
     return (1 - dense_weight) * l_global + dense_weight * l_dense, l_global, l_dense
 
@@ -169,29 +202,44 @@ def gather_keys(k):
     return torch.cat(parts)
 
 
-# ----------------------------------------------------------------------------- the plug into pretrain.py
+# ----------------------------------------------------------------------------- the plug into
+# pretrain.py
+
 
 def build_model(cfg, backbone_state=None):
-    model = DenseCLModel(dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"]),
-                         level=cfg["dense_level"], queue_size=cfg["queue_size"])
+    model = DenseCLModel(
+        dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"]),
+        level=cfg["dense_level"],
+        queue_size=cfg["queue_size"],
+    )
     if backbone_state is not None:
         model.backbone.load_state_dict(backbone_state)
-        model.reset_key()                    # the key encoder starts as the query encoder
+        model.reset_key()  # the key encoder starts as the query encoder
     return model
 
 
 def densecl_step(model, batch, cfg, generator, device, amp_dtype):
-    """DenseCL's step: global MoCo + dense loss with similarity-matched positives; the keys queued."""
+    """DenseCL's step: global MoCo + a dense loss of similarity-matched positives; keys queued."""
     core = unwrap(model)
     xq = augment_batch(batch["patches_a"].to(device, non_blocking=True), generator, cfg["aug"])
     xk = augment_batch(batch["patches_b"].to(device, non_blocking=True), generator, cfg["aug"])
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         (q_global, q_dense, f_q), (k_global, k_dense, f_k) = model(
-            xq.contiguous(memory_format=torch.channels_last_3d), xk.contiguous(memory_format=torch.channels_last_3d))
-    match = dense_matches(f_q.detach(), f_k)                                # (B, S_q)
-    loss, l_global, l_dense = densecl_loss(q_global, k_global, core.queue_global.keys.clone(), q_dense, k_dense,
-                                           match, core.queue_dense.keys.clone(), cfg["temperature"],
-                                           cfg["dense_weight"])
+            xq.contiguous(memory_format=torch.channels_last_3d),
+            xk.contiguous(memory_format=torch.channels_last_3d),
+        )
+    match = dense_matches(f_q.detach(), f_k)  # (B, S_q)
+    loss, l_global, l_dense = densecl_loss(
+        q_global,
+        k_global,
+        core.queue_global.keys.clone(),
+        q_dense,
+        k_dense,
+        match,
+        core.queue_dense.keys.clone(),
+        cfg["temperature"],
+        cfg["dense_weight"],
+    )
     core.queue_global.enqueue(gather_keys(k_global))
     core.queue_dense.enqueue(gather_keys(F.normalize(k_dense.mean(2), dim=1)))
     return loss, dict(loss_global=l_global, loss_dense=l_dense)
@@ -203,10 +251,21 @@ def momentum_update(model, cfg, step=None):
 
 
 def add_arguments(p):
-    p.add_argument("--aug", choices=KINDS, default="local", help="augmentations of both views (Sec. 2.1)")
-    p.add_argument("--temperature", type=positive_float, default=0.2, help="tau of both MoCo losses")
-    p.add_argument("--dense-level", type=non_negative_int, default=3, help="FPN level of the dense head and matching")
-    p.add_argument("--dense-weight", type=unit_interval, default=0.5, help="lambda, weight of the dense loss")
+    p.add_argument(
+        "--aug", choices=KINDS, default="local", help="augmentations of both views (Sec. 2.1)"
+    )
+    p.add_argument(
+        "--temperature", type=positive_float, default=0.2, help="tau of both MoCo losses"
+    )
+    p.add_argument(
+        "--dense-level",
+        type=non_negative_int,
+        default=3,
+        help="FPN level of the dense head and matching",
+    )
+    p.add_argument(
+        "--dense-weight", type=unit_interval, default=0.5, help="lambda, weight of the dense loss"
+    )
     p.add_argument("--queue-size", type=positive_int, default=65_536, help="negatives per queue")
     p.add_argument("--ema-momentum", type=below_one, default=0.999, help="key-encoder momentum")
 

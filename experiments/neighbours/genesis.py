@@ -10,20 +10,23 @@ Adapted: our FPN + the paper's reconstruction head, our data, optimiser and budg
 3D U-Net and schedule of Models Genesis.
 
     python experiments/neighbours/genesis.py --data demo --out runs/genesis-demo
-    python experiments/neighbours/genesis.py --data DATA_DIR --out runs/genesis       # paper-scale settings
+    python experiments/neighbours/genesis.py --data DATA_DIR --out runs/genesis       # paper-scale
+    settings
 
 Every pretrain.py flag applies (data, network, optimisation, resume, torchrun); writes the same
 backbone.pt for linear_probe.py and finetune.py.
 """
+
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository: the stage files
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: the stage files
 import pretrain  # noqa: E402
 import runtime  # noqa: E402
-from augment import _check_batch, _rand, bezier_intensity, inpaint_mask, local_pixel_shuffle  # noqa: E402
+# noqa: E402
+from augment import _check_batch, _rand, bezier_intensity, inpaint_mask, local_pixel_shuffle
 from experiments.neighbours.common import RestorativeModel  # noqa: E402
 
 
@@ -37,10 +40,10 @@ def outpaint_box(shape, generator, device=None, keep_fraction=(3 / 7, 4 / 7)):
     for a, d in enumerate(dims):
         low = max(1, int(round(d * keep_fraction[0])))
         high = max(low, int(round(d * keep_fraction[1])))
-        size = (low + (u_size[:, a] * (high - low + 1)).long()).clamp_max(high)      # (B,)
-        start = (u_start[:, a] * (d - size + 1)).long().minimum(d - size)            # (B,)
+        size = (low + (u_size[:, a] * (high - low + 1)).long()).clamp_max(high)  # (B,)
+        start = (u_start[:, a] * (d - size + 1)).long().minimum(d - size)  # (B,)
         coord = torch.arange(d, device=device)
-        axis = (coord >= start[:, None]) & (coord < (start + size)[:, None])         # (B, d)
+        axis = (coord >= start[:, None]) & (coord < (start + size)[:, None])  # (B, d)
         view = [batch, 1, 1, 1]
         view[1 + a] = d
         inside = axis.view(view) if inside is None else inside & axis.view(view)
@@ -56,7 +59,9 @@ def local_outpaint(x, generator, keep_fraction=(3 / 7, 4 / 7)):
     return torch.where(keep, x, noise)
 
 
-def genesis_corrupt(x, generator, shuffle_prob=0.5, bezier_prob=0.9, paint_prob=0.9, outpaint_prob=0.8):
+def genesis_corrupt(
+    x, generator, shuffle_prob=0.5, bezier_prob=0.9, paint_prob=0.9, outpaint_prob=0.8
+):
     """Models Genesis' corruption. x: (B, C, X, Y, Z) -> (B, C, X, Y, Z)."""
     _check_batch(x)
     B, device = x.shape[0], x.device
@@ -79,7 +84,9 @@ def both_views(batch, device):
 
 
 def build_model(cfg, backbone_state=None):
-    model = RestorativeModel(dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"]))
+    model = RestorativeModel(
+        dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"])
+    )
     if backbone_state is not None:
         model.backbone.load_state_dict(backbone_state)
     return model
@@ -90,7 +97,7 @@ def genesis_step(model, batch, cfg, generator, device, amp_dtype):
     x = both_views(batch, device)
     corrupted = genesis_corrupt(x, generator).contiguous(memory_format=torch.channels_last_3d)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        recon = model(corrupted)                                   # (2B, 1, X, Y, Z)
+        recon = model(corrupted)  # (2B, 1, X, Y, Z)
     l_r = torch.nn.functional.mse_loss(recon.float(), x.float())
     return l_r, dict(loss_recon=l_r)
 

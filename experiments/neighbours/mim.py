@@ -13,31 +13,37 @@ which a 3x3x3 convolution cannot bridge by interpolation. What still passes is t
 (the network knows where the holes are, as SimMIM's token does).
 
     python experiments/neighbours/mim.py --data demo --out runs/mim-demo
-    python experiments/neighbours/mim.py --data DATA_DIR --out runs/mim --mask-ratio 0.75 --mask-block 8 8 4
+    python experiments/neighbours/mim.py --data DATA_DIR --out runs/mim --mask-ratio 0.75
+    --mask-block 8 8 4
 
 Every pretrain.py flag applies; writes the same backbone.pt for linear_probe.py and finetune.py.
 """
+
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # the repository: the stage files
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: the stage files
 import pretrain  # noqa: E402
 import runtime  # noqa: E402
 from runtime import open_fraction, positive_int  # noqa: E402
-from experiments.neighbours.common import RestorativeModel, block_mask, mask_block_problem  # noqa: E402
+# noqa: E402
+from experiments.neighbours.common import RestorativeModel, block_mask, mask_block_problem
 from experiments.neighbours.genesis import both_views  # noqa: E402
 
-DEMO = dict(mask_block=(4, 4, 2))   # 8 x 8 x 4 mm blocks: a 24 x 24 x 8 demo patch is 144 of them
+DEMO = dict(mask_block=(4, 4, 2))  # 8 x 8 x 4 mm blocks: a 24 x 24 x 8 demo patch is 144 of them
 
 
 def masked_l1(pred, target, mask):
-    """SimMIM's loss: mean |pred - target| over the masked voxels only. pred, target: (B, C, X, Y, Z);
+    """SimMIM's loss: mean |pred - target| over the masked voxels only. pred, target: (B, C, X, Y,
+    Z);
     mask: (B, 1, X, Y, Z) bool, True = masked. 0 if nothing is masked."""
     if pred.shape != target.shape or mask.shape[2:] != pred.shape[2:]:
-        raise ValueError(f"masked_l1 got pred {tuple(pred.shape)}, target {tuple(target.shape)}, "
-                         f"mask {tuple(mask.shape)}")
+        raise ValueError(
+            f"masked_l1 got pred {tuple(pred.shape)}, target {tuple(target.shape)}, mask "
+            f"{tuple(mask.shape)}"
+        )
     dtype = torch.promote_types(pred.dtype, torch.float32)
     pred, target = pred.to(dtype), target.to(dtype)
     weight = mask.to(pred.dtype).expand_as(pred)
@@ -45,8 +51,10 @@ def masked_l1(pred, target, mask):
 
 
 def build_model(cfg, backbone_state=None):
-    model = RestorativeModel(dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"]),
-                             mask_token=True)
+    model = RestorativeModel(
+        dict(in_channels=1, base_channels=cfg["base_channels"], num_levels=cfg["num_levels"]),
+        mask_token=True,
+    )
     if backbone_state is not None:
         model.backbone.load_state_dict(backbone_state)
     return model
@@ -55,7 +63,9 @@ def build_model(cfg, backbone_state=None):
 def mim_step(model, batch, cfg, generator, device, amp_dtype):
     """Masked image modelling's step: predict the masked blocks (masked L1)."""
     x = both_views(batch, device)
-    mask = block_mask(x.shape, generator, cfg["mask_ratio"], cfg["mask_block"], device)   # (2B, 1, X, Y, Z)
+    mask = block_mask(
+        x.shape, generator, cfg["mask_ratio"], cfg["mask_block"], device
+    )  # (2B, 1, X, Y, Z)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         recon = model(x, mask)
     l1 = masked_l1(recon, x, mask)
@@ -63,8 +73,12 @@ def mim_step(model, batch, cfg, generator, device, amp_dtype):
 
 
 def add_arguments(p):
-    p.add_argument("--mask-ratio", type=open_fraction, default=0.75, help="fraction of blocks masked")
-    p.add_argument("--mask-block", type=positive_int, nargs=3, default=(8, 8, 4), help="block (X, Y, Z) voxels")
+    p.add_argument(
+        "--mask-ratio", type=open_fraction, default=0.75, help="fraction of blocks masked"
+    )
+    p.add_argument(
+        "--mask-block", type=positive_int, nargs=3, default=(8, 8, 4), help="block (X, Y, Z) voxels"
+    )
 
 
 def parse_args(argv=None):
@@ -79,7 +93,9 @@ def preset(args):
 
 def refusals(a):
     yield from pretrain.refusals(a)
-    yield mask_block_problem("--mask-block", a.mask_block, a.patch_size, a.mask_ratio, "--mask-ratio")
+    yield mask_block_problem(
+        "--mask-block", a.mask_block, a.patch_size, a.mask_ratio, "--mask-ratio"
+    )
 
 
 def main(args):
