@@ -56,6 +56,7 @@ DEMO = dict(steps=1260, batch_pairs=8, num_voxels=128, patch_size=(24, 24, 8), l
 VOX2VEC = dict(arch="vox2vec", aug="vox2vec", recon_weight=0.0)   # --method vox2vec: the baseline
 OUTPUTS = ("log.jsonl", "checkpoint.pt", "backbone.pt")           # what a run writes into --out
 MAY_CHANGE = ("steps", "log_every", "checkpoint_every")          # on a --resume
+WORKERS = min(4, max(1, (os.cpu_count() or 2) - 1))      # processes, a core left to the training
 
 
 # ----------------------------------------------------------------------------- the method (Sec. 2)
@@ -225,17 +226,14 @@ def build_parser(add_method_arguments=None, description=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 allow_abbrev=False)
     # Data and run folder
-    p.add_argument("--data", required=True, help="preprocessed DATA_DIR, or 'demo' (data/demo/"
-                   "unlabelled); C channels are read as C volumes")
-    p.add_argument("--split", nargs="?", const=True, metavar="FILE",
-                   help="only the 'train' cases of this split (no FILE: DATA/split.json)")
+    p.add_argument("--data", required=True, help="preprocessed DATA_DIR, or demo (its corpus)")
+    p.add_argument("--split", nargs="?", const=True, help="only a split's 'train' cases [DATA's]")
     p.add_argument("--out", default="runs/pretrain", help="run folder (demo: runs/pretrain-demo)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--force", action="store_true", help="replace the run in --out")
     p.add_argument("--init-from", help="start from these weights (our backbone.pt or the authors')")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--workers", type=runtime.worker_count, help="DataLoader processes",
-                   default=min(4, max(1, (os.cpu_count() or 2) - 1)))
+    p.add_argument("--workers", type=runtime.worker_count, default=WORKERS, help="DataLoader's")
     p.add_argument("--preset", choices=["paper", "demo"], help="demo: DEMO [for --data demo]")
     # Network (model.ARCHS; the demo preset: model.DEMO_ARCHS)
     p.add_argument("--base-channels", type=positive_int, default=32, help="FPN width, level 0")
@@ -244,8 +242,7 @@ def build_parser(add_method_arguments=None, description=None):
     if add_method_arguments is not None:
         add_method_arguments(p)
     else:
-        p.add_argument("--method", choices=["ours", "vox2vec"], default="ours",
-                       help="the paper's, or the vox2vec baseline (VOX2VEC)")
+        p.add_argument("--method", choices=["ours", "vox2vec"], default="ours", help="or VOX2VEC")
         p.add_argument("--arch", choices=sorted(ARCHS), default="balanced", help="Sec. 2.2")
         p.add_argument("--aug", choices=KINDS, default="local", help="augmentations (Sec. 2.1)")
         p.add_argument("--recon-weight", type=non_negative_float, default=10.0, help="Eq. 3's")
@@ -259,8 +256,7 @@ def build_parser(add_method_arguments=None, description=None):
     p.add_argument("--patch-size", type=positive_int, nargs=3, default=(128, 128, 32))
     p.add_argument("--lr", type=non_negative_float, default=3e-4, help="Adam's (a schedule's peak)")
     p.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear lr warm-up")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
-                   help="after the warm-up: constant, or a half cosine to 0 at --steps")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     p.add_argument("--grad-clip", type=positive_float, default=1.0, help="the reference's")
     # Logging, checkpoints and speed
     p.add_argument("--log-every", type=positive_int, default=50, help="steps between host syncs")

@@ -1,16 +1,7 @@
-"""The boundary every script shares, so that a stage file reads as its stage:
-
-- the one wrapper around every script's main (`cli`): bad input, an InputError that only the
-  boundary's checks raise, is one line and exit 2; a diverged run is one line and exit 1; any
-  other exception is a bug and keeps its traceback;
-- the command line: checked flag types (a number of the wrong kind or size exits 2 where it is
-  parsed) and one parse (`parse`: the paper's values are the defaults, a preset such as the
-  demo's replaces some, the flags given beat both, then the script's refusals);
-- the run folder (`claim_run`): one run at a time, recorded in its .run.json (the script, its
-  settings, the identity of what it read, the names of what it writes); an earlier run is
-  continued, replaced or refused by that record, and a run removes or overwrites only files a
-  record lists;
-- the device, its precision and memory; torchrun.
+"""The boundary every script shares, so that a stage file reads as its stage: the one wrapper
+around every main (cli: bad input is one line, a bug keeps its traceback), the command line
+(checked flag types; parse: paper defaults, a preset, the flags given, the refusals), the run
+folder and its record (claim_run), the device, its precision and memory, and torchrun.
 """
 import argparse
 import atexit
@@ -303,10 +294,9 @@ def amp_dtype(device, amp=True, channels=(), patch_size=()):
 
 
 def bf16_gradient_ok(channels, level, patch_size):
-    """Does a bf16 3x3x3 convolution on this CPU give the weight gradient fp32 gives (within 5%)
-    at pyramid level `level` of `patch_size` patches? Some CPUs' bf16 kernels do not at some
-    sizes (an AMD EPYC with torch 2.13: wherever X is 2). Measured once per shape (~0.5 ms), on at
-    most 32 channels and an X of at most 8, which are enough to show it."""
+    """Does a bf16 3x3x3 convolution on this CPU give fp32's weight gradient (within 5%) at
+    pyramid level `level`? Some CPUs' kernels do not at some sizes (an AMD EPYC, torch 2.13: where
+    X is 2). Measured once per shape, on at most 32 channels and X <= 8: enough to show it."""
     shape = [math.ceil(p / 2 ** level) for p in patch_size]
     key = (min(channels, 32), min(shape[0], 8), *shape[1:])
     if key not in _BF16_OK:
@@ -399,11 +389,6 @@ def wrap_ddp(module, device):
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
-def unwrap(model):
-    """The model inside DistributedDataParallel (or the model itself)."""
-    return model.module if hasattr(model, "module") else model
-
-
 class _GatherRows(torch.autograd.Function):
     """all_gather along dim 0, differentiable: the backward sums the gradient over processes and
     keeps this process's rows (what a loss over the global batch needs)."""
@@ -422,11 +407,10 @@ class _GatherRows(torch.autograd.Function):
 
 
 def gather_embeddings(za, zb, max_voxels):
-    """All processes' embeddings, differentiably, so InfoNCE sees the global batch's negatives:
-    each process pads its (N, D) rows to the static max_voxels (a pair can yield fewer voxels than
-    asked) and marks the padding in `valid`, so no sizes are exchanged; DDP's averaging of
-    parameter gradients then gives exactly the single-process gradient. -> (za, zb, valid) with
-    (W * max_voxels, D) rows."""
+    """All processes' embeddings, differentiably, so InfoNCE sees the global batch's negatives.
+    Each process pads its (N, D) rows to max_voxels and marks the padding in `valid` (no sizes
+    are exchanged); DDP's gradient averaging then gives the single-process gradient.
+    -> (za, zb, valid) of W * max_voxels rows."""
     valid = torch.arange(max_voxels, device=za.device) < za.shape[0]            # (max_voxels,)
     pad = (0, 0, 0, max_voxels - za.shape[0])
     za, zb = torch.nn.functional.pad(za, pad), torch.nn.functional.pad(zb, pad)   # (max_voxels, D)

@@ -1,8 +1,7 @@
-"""The project's weight files, and the authors', in one place. Every file is read with
-torch.load(weights_only=True), so a file that would run code on loading is refused, and a file
-that is not what it should be is named for what it is (a folder, empty, a NIfTI image, text, a
-truncated torch file, another of our kinds), one InputError line. Nothing non-finite is saved
-(a diverged run stops instead) and no model with non-finite weights is loaded:
+"""The project's weight files, and the authors', in one place: read with weights_only=True (a
+file that would run code is refused), named for what they are when they are not what they
+should be (a folder, empty, NIfTI, text, truncated, another of our kinds); nothing non-finite is
+saved or loaded:
 
   backbone.pt        the FPN alone, its configuration and its pretraining config (pretrain.py)
   checkpoint.pt      everything a bit-equal --resume needs, as tensors and builtins (pretrain.py)

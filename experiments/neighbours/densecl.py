@@ -38,7 +38,7 @@ from data import InputError  # noqa: E402
 from model import FPN3d  # noqa: E402
 from experiments.neighbours.common import ema_update, frozen_copy  # noqa: E402
 # noqa: E402
-from runtime import below_one, non_negative_int, positive_float, positive_int, unit_interval, unwrap
+from runtime import below_one, non_negative_int, positive_float, positive_int, unit_interval
 
 # The demo's budget: level 2 (level 3 of a demo patch leaves 32 locations), a queue of 256 (4 keys
 # per step: full after 64 steps), momentum 0.99 (at 0.999 the key encoder would keep 74% of its
@@ -216,6 +216,11 @@ def build_model(cfg, backbone_state=None):
         model.backbone.load_state_dict(backbone_state)
         model.reset_key()  # the key encoder starts as the query encoder
     return model
+
+
+def unwrap(model):
+    """The model inside DistributedDataParallel (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
 
 
 def densecl_step(model, batch, cfg, generator, device, amp_dtype):
