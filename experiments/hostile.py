@@ -23,8 +23,10 @@ from runtime import non_negative_int  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = r"(?<![\w/.])((?:experiments/)?\w+\.py)"
-PRE = ("--preset demo --base-channels 4 --num-levels 3 --patch-size 16 16 8 --batch-pairs 2 "
-       "--num-voxels 32 --workers 0")
+PRE = (
+    "--preset demo --base-channels 4 --num-levels 3 --patch-size 16 16 8 --batch-pairs 2 "
+    "--num-voxels 32 --workers 0"
+)
 FT = (
     "--preset demo --steps 3 --batch-size 1 --patch-size 16 16 8 --workers 0 --bn-batches 2 "
     "--eval-patch-size 64 64 32"
@@ -46,21 +48,25 @@ SETUP = [
     f"finetune.py --data data/demo --checkpoint runs/pre {FTC0} --out runs/ftc",
     "python -c \"import demo; demo.multichannel_raw('data/demo/raw', 'one', ('CT',))\"",
 ]
-TRUNC = ("python -c \"import sys; p = sys.argv[1]; b = open(p, 'rb').read(); "
-         "open(p, 'wb').write(b[:len(b) // 2])\"")
+TRUNC = (
+    "python -c \"import sys; p = sys.argv[1]; b = open(p, 'rb').read(); "
+    "open(p, 'wb').write(b[:len(b) // 2])\""
+)
 NAN = (
     'python -c "import sys, numpy as np; p = sys.argv[1]; a = np.load(p); a.flat[a.size // 2] = '
     'np.nan; np.save(p, a)"'
 )
-LABEL9 = ('python -c "import sys, numpy as np; p = sys.argv[1]; a = np.load(p); a.flat[0] = 12; '
-          'np.save(p, a)"')
+LABEL9 = (
+    'python -c "import sys, numpy as np; p = sys.argv[1]; a = np.load(p); a.flat[0] = 12; '
+    'np.save(p, a)"'
+)
 NOBODY = (
     'python -c "import sys, numpy as np; p = sys.argv[1]; np.save(p, np.zeros_like(np.load(p)))"'
 )
 NANPT = (
     'python -c "import sys, torch; p, q = sys.argv[1:]; s = torch.load(p, weights_only=True); '
     "[t.fill_(float('nan')) for k, t in s['state_dict'].items() if k.endswith('weight')][:1]; "
-    "torch.save(s, q)\""
+    'torch.save(s, q)"'
 )
 EVIL = (
     "python -c \"import torch, os; R = type('R', (), {'__reduce__': lambda s: (os.system, ('touch "
@@ -69,6 +75,16 @@ EVIL = (
 # (kind, command, expected exit code, words the last line holds ("" any), words no line may hold,
 #  and, for a bug, words the traceback must hold: its file and line; any other row's traceback is
 # BAD)
+
+
+def at(copy, name, start, shift=0):
+    """What a traceback through the copy `copy` of `name` shows for the first line of the product
+    that begins with `start` (found here, so that an edit of the product moves the expectation)."""
+    lines = (ROOT / name).read_text().splitlines()
+    number = next(i for i, line in enumerate(lines, 1) if line.startswith(start)) + shift
+    return f'{copy}/{name}", line {number}'
+
+
 CASES = [
     ("run folder", f"finetune.py {FTR} --out runs/ft", 2, "holds a finished run", ""),
     ("run folder", f"finetune.py {FTR} --out runs/ft --resume", 0, "", ""),
@@ -492,7 +508,7 @@ CASES = [
         1,
         "ValueError: cannot reshape array of size 8192 into shape (7,)",
         "",
-        'e1/loss.py", line 40',
+        at("e1", "loss.py", "    n = z_a.shape[0]"),
     ),
     (
         "whose error",
@@ -502,7 +518,7 @@ CASES = [
         1,
         "ValueError: too many values to unpack (expected 2)",
         "",
-        'e2/data.py", line 204',
+        at("e2", "data.py", "    best = None"),
     ),
     (
         "whose error",
@@ -512,40 +528,41 @@ CASES = [
         1,
         "ValueError: too many values to unpack (expected 2)",
         "",
-        'e3/data.py", line 204',
+        at("e3", "data.py", "    best = None"),
     ),
     (
         "whose error",
         "cp -r repo e4 && sed -i 's/^    classes = \\[ckpts/    open(out_dir \\/ "
-        "\"predictons.json\"); classes = [ckpts/' e4/predict.py && python e4/predict.py -i scans "
+        '"predictons.json"); classes = [ckpts/\' e4/predict.py && python e4/predict.py -i scans '
         "-o e4r --model runs/ft",
         1,
         "FileNotFoundError",
         "FAILED",
-        'e4/predict.py", line 135',
+        at("e4", "predict.py", "    classes = [ckpts"),
     ),
     (
         "whose error",
         "cp -r repo e5 && sed -i 's/^    preset = make_preset(modality, spacing)$/    preset = "
         "make_preset(modality, "
         'spacing)["nmae"]/\' e5/transform.py && python e5/preprocess.py --input data/demo/raw '
-        '--output e5r --modality ct '
+        "--output e5r --modality ct "
         "--workers 2",
         1,
         "KeyError: 'nmae'",
         "FAILED",
-        'e5/transform.py", line 161',
+        at("e5", "transform.py", "    preset = make_preset(modality, spacing)"),
     ),
     (
         "whose error",
         "cp -r repo e6 && sed -i 's/^        x = local_pixel_shuffle(x, generator)$/        x = "
-        "local_pixel_shuffle(x, generator) * math.sqrt(-1)/' e6/augment.py && sed -i '1a import "
-        "math' e6/augment.py && python e6/pretrain.py --data data/demo/unlabelled --out e6r "
+        "local_pixel_shuffle(x, generator) * math.sqrt(-1)/' e6/augment.py && "
+        "sed -i '/^import torch$/i import math' e6/augment.py && "
+        "python e6/pretrain.py --data data/demo/unlabelled --out e6r "
         f"--steps 2 {PRE}",
         1,
         "ValueError: math domain error",
         "",
-        'e6/augment.py", line',
+        at("e6", "augment.py", "        x = local_pixel_shuffle(x, generator)", shift=1),
     ),
     (
         "whose error",
