@@ -199,15 +199,16 @@ def main(args):
     runtime.refuse_inside(args.output, args.input, "-o", "-i")
     paths = find_models(args.model, args.folds)
     device = runtime.pick_device(args.device)
+    identities = {str(p): file_identity(p) for p in paths}     # a model replaced: refused
     settings = dict(input=str(Path(args.input).resolve()), tta=args.tta, overlap=args.overlap,
-                    models={str(Path(p).resolve()): file_identity(p) for p in paths},
+                    models=[str(Path(p).resolve()) for p in paths],
                     save_probabilities=args.save_probabilities)
     probabilities = [f"{name}.npz" for name, _ in scans] + ["classes.json"]
     outputs = ["predictions.json", *(f"{name}.nii.gz" for name, _ in scans),
                *(probabilities if args.save_probabilities else [])]
     out_dir = Path(args.output)
     kept = runtime.claim_run(out_dir, "predict.py", outputs, settings, force=args.force,
-                             resume=True, flag="-o")
+                             resume=True, flag="-o", inputs=identities)
     models, ckpts = load_ensemble(paths)
     check_channel_names(args.input, model_channels(ckpts[0]))
     axes = trained_mirror_axes(ckpts) if args.tta is not False else ()
@@ -224,7 +225,8 @@ def main(args):
     for m in models:
         m.to(device, memory_format=torch.channels_last_3d)
     classes = {str(k): v for k, v in sorted(ckpts[0]["labels"].items(), key=lambda kv: int(kv[0]))}
-    report = dict(settings, tta=bool(axes), mirror_axes=list(axes), classes=classes, cases={})
+    report = dict(settings, tta=bool(axes), mirror_axes=list(axes), classes=classes,
+                  model_identities=identities, cases={})
     if args.save_probabilities:
         write_json(out_dir / "classes.json", classes)
     amp_dtype = runtime.amp_dtype(device, args.amp)

@@ -201,6 +201,7 @@ def train(run, step=training_step, after_step=None):
         if not all(map(math.isfinite, mean)):
             last = run.folder / "checkpoint.pt"
             kept = f"The last good checkpoint is {last}" if last.exists() else "No checkpoint yet"
+            bar.close()                                 # so that the one line is the last one
             raise runtime.Diverged(f"non-finite loss between steps {done - count + 1} and {done}; "
                                    f"stopping. {kept} (try a lower --lr)")
         row = dict(step=done, **dict(zip(["loss", *parts], mean)),

@@ -170,8 +170,8 @@ def decide(folder, record, files, script, settings, inputs, force, resume, may_c
     if read:
         more = f" (and {len(read) - 1} more)" if len(read) > 1 else ""
         raise InputError(f"{flag} {folder} holds a run that read other inputs: {read[0]} changed, "
-                         f"came or went since{more}; continue it on the same data, or pass --force "
-                         "to replace it")
+                         f"came or went since{more}; continue it on the same inputs, or pass "
+                         "--force to replace it")
 
 
 def make_folder(folder, flag):
@@ -179,7 +179,8 @@ def make_folder(folder, flag):
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:            # a file of that name, a parent that cannot be written
-        raise InputError(f"{flag} {folder}: cannot be a folder ({e.strerror})") from None
+        why = "a file of that name exists" if folder.exists() else e.strerror
+        raise InputError(f"{flag} {folder}: cannot be a folder ({why})") from None
     if not os.access(folder, os.W_OK):
         raise InputError(f"{flag} {folder}: folder is not writable")
 

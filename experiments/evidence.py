@@ -207,9 +207,7 @@ def claim_output(args):
     with other data or another --quick would mix into its tables: refused unless --force."""
     check_inputs(args)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    runtime.make_folder(out, "--out")
     record = out / "evidence-args.json"
     made = dict(
         data=str(args.data),

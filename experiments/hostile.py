@@ -56,6 +56,9 @@ NAN = (
     'python -c "import sys, numpy as np; p = sys.argv[1]; a = np.load(p); a.flat[a.size // 2] = '
     'np.nan; np.save(p, a)"'
 )
+HALF = (  # the image's values halved: another content, still finite, in [0, 1]
+    'python -c "import sys, numpy as np; p = sys.argv[1]; np.save(p, np.load(p) / 2)"'
+)
 LABEL9 = (
     'python -c "import sys, numpy as np; p = sys.argv[1]; a = np.load(p); a.flat[0] = 12; '
     'np.save(p, a)"'
@@ -162,7 +165,7 @@ CASES = [
         "run folder",
         "touch afile && finetune.py --data data/demo --init random --out afile",
         2,
-        "not a folder",
+        "--out afile: cannot be a folder (a file of that name exists)",
         "",
     ),
     (
@@ -669,7 +672,17 @@ CASES = [
         f"{NAN} i1/cases/unlabelled_001/image.npy && pretrain.py --data i1 --out i1r --steps 4 "
         f"{PRE} --resume",
         2,
-        "unlabelled_001 changed",
+        "i1/cases/unlabelled_001/image.npy: a non-finite voxel",
+        "",
+        "",
+    ),
+    (
+        "inputs by content",
+        f"cp -r data/demo/unlabelled i0 && pretrain.py --data i0 --out i0r --steps 2 {PRE} && "
+        f"{HALF} i0/cases/unlabelled_001/image.npy && pretrain.py --data i0 --out i0r --steps 4 "
+        f"{PRE} --resume",
+        2,
+        "i0/cases/unlabelled_001 changed",
         "",
         "",
     ),
@@ -686,8 +699,9 @@ CASES = [
     (
         "inputs by content",
         "cp -r data/demo/raw i3 && preprocess.py --input i3 --output i3p --modality ct --workers "
-        "1 && cp i3/imagesTr/demo_001.nii.gz i3/imagesTr/demo_000.nii.gz && preprocess.py --input "
-        "i3 --output i3p --modality ct --workers 1",
+        "1 && cp i3/imagesTr/demo_001.nii.gz i3/imagesTr/demo_000.nii.gz && cp "
+        "i3/labelsTr/demo_001.nii.gz i3/labelsTr/demo_000.nii.gz && preprocess.py --input i3 "
+        "--output i3p --modality ct --workers 1",
         0,
         "done 1 / skipped 5 / failed 0",
         "",
@@ -959,6 +973,7 @@ SHORT = [
     ("$NANPT", NANPT),
     ("$NAN", NAN),
     ("$LABEL9", LABEL9),
+    ("$HALF", HALF),
     ("$NOBODY", NOBODY),
 ]
 

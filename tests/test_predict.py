@@ -266,9 +266,10 @@ def test_refused_before_any_work(run_dir, scans, small_demo, tmp_path, problem, 
 
 
 def test_a_model_replaced_under_the_same_name_redoes_its_cases(small_demo, scans, tmp_path):
-    """The prediction records a digest of every model file: after a model is replaced (finetune.py
-    --force into the same folder), a re-run into the earlier prediction folder is refused, and with
-    --force every case is redone by the new model, never skipped as if current."""
+    """The prediction records every model file's size and time: after a model is replaced
+    (finetune.py --force into the same folder), a re-run into the earlier prediction folder is
+    refused naming the file, and with --force every case is redone by the new model, never
+    skipped as if current."""
     models = make_run(tmp_path / "models", small_demo, folds=(0,))
     out = tmp_path / "pred"
     assert run("-i", scans, "-o", out, "--model", models, "--no-tta") == 0
@@ -284,7 +285,7 @@ def test_a_model_replaced_under_the_same_name_redoes_its_cases(small_demo, scans
         tmp_path / "models", small_demo, folds=(0,), seed=5
     )  # another model, the same file name
     with pytest.raises(
-        InputError, match=r"-o .* holds a run with other settings \(--models .*--force"
+        InputError, match=r"-o .* holds a run that read other inputs: .*model_fold0.pt changed"
     ):
         run("-i", scans, "-o", out, "--model", models, "--no-tta")
     assert {p.name: p.read_bytes() for p in out.glob("*.nii.gz")} == first

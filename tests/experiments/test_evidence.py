@@ -212,7 +212,7 @@ def test_evidence_refuses_a_corpus_that_is_not_apart_or_a_set_too_small(
     )
     assert (
         onto.returncode == 2
-        and "exists and is not a folder" in onto.stderr
+        and "cannot be a folder (a file of that name exists)" in onto.stderr
         and taken.read_text() == "mine"
     )
     for r in (same, mixed, tiny, onto):
