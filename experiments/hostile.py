@@ -104,7 +104,7 @@ CASES = [
         f"cp -r runs/ft f2 && predict.py -i scans -o p2 --model f2 && finetune.py {FTR} --out f2 "
         "--force --seed 1 && predict.py -i scans -o p2 --model f2",
         2,
-        "other settings",
+        "holds a run that read other inputs: f2/model_fold0.pt changed",
         "",
     ),
     ("run folder", "predict.py -i scans -o p2 --model f2 --force", 0, "done 2", ""),
@@ -757,7 +757,7 @@ CASES = [
         f"cp -r runs/ft i7 && predict.py -i scans -o i7p --model i7 && finetune.py {FTR} --out i7 "
         "--force --seed 2 && predict.py -i scans -o i7p --model i7",
         2,
-        "holds a run with other settings (--models",
+        "holds a run that read other inputs: i7/model_fold0.pt changed",
         "",
         "",
     ),
